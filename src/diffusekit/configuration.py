@@ -1,0 +1,189 @@
+"""Config system shared by models, schedulers and pipelines.
+
+A configurable class declares its config as the keyword arguments of ``__init__`` and decorates ``__init__`` with
+:func:`register_to_config`. The bound arguments (defaults filled in) become ``self.config``: a :class:`FrozenConfig`,
+a read-only ``dict`` with attribute access. Files are diffusers' JSON format (``config.json`` /
+``scheduler_config.json`` with ``_class_name`` and ``_diffusers_version``), so both libraries read each other's.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import __version__
+from ._io import atomic_write_text
+from .hub import resolve_file
+
+logger = logging.getLogger(__name__)
+
+# Written into saved configs so diffusers accepts the files; the value diffusers reads is informational only.
+DIFFUSERS_COMPAT_VERSION = "0.30.0"
+
+
+class FrozenConfig(dict):
+    """A read-only mapping with attribute access: ``config["sample_size"] == config.sample_size``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no attribute {name!r}; known keys: {sorted(self)}") from None
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(
+            "a config is frozen: build a new object instead, e.g. `Cls.from_config(obj.config, key=value)`"
+        )
+
+    __setitem__ = __delitem__ = __setattr__ = __delattr__ = _refuse
+    clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore[assignment]
+
+    def __deepcopy__(self, memo):
+        return FrozenConfig(self)
+
+    def __reduce__(self):
+        return (FrozenConfig, (dict(self),))
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):  # numpy arrays / torch tensors (e.g. trained_betas)
+        return value.tolist()
+    return value
+
+
+def register_to_config(init):
+    """Decorate ``__init__`` so its bound keyword arguments become the frozen ``self.config``.
+
+    The signature is read once, when the class is defined.
+    """
+    signature = inspect.signature(init)
+    params = [p for name, p in signature.parameters.items() if name != "self"]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise TypeError(f"{init.__qualname__}: configurable __init__ may not take *args")
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        ignore = set(getattr(type(self), "ignore_for_config", ()))
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        config = {}
+        for name, value in list(bound.arguments.items())[1:]:
+            param = signature.parameters[name]
+            if param.kind is param.VAR_KEYWORD:
+                continue  # extra keys are handled by from_config, never stored blindly
+            if name not in ignore:
+                config[name] = value
+        self._config = FrozenConfig(config)
+        init(self, *args, **kwargs)
+
+    wrapper._config_params = tuple(p.name for p in params if p.kind is not p.VAR_KEYWORD)  # type: ignore[attr-defined]
+    return wrapper
+
+
+class ConfigMixin:
+    """Adds ``config``, ``from_config``, ``load_config`` and ``save_config`` to a class with a registered ``__init__``."""
+
+    config_name: str = "config.json"
+    ignore_for_config: tuple[str, ...] = ()
+    _config: FrozenConfig
+
+    @property
+    def config(self) -> FrozenConfig:
+        return self._config
+
+    @classmethod
+    def _config_params(cls) -> tuple[str, ...]:
+        params = getattr(cls.__init__, "_config_params", None)
+        if params is None:
+            raise TypeError(f"{cls.__name__}.__init__ is not decorated with @register_to_config")
+        return params
+
+    @classmethod
+    def extract_init_kwargs(cls, config: Mapping[str, Any], warn_unknown: bool = False) -> dict[str, Any]:
+        """Keep the keys of ``config`` that ``__init__`` takes.
+
+        Metadata keys (``_class_name`` …) are dropped. Other unknown keys are ignored; with ``warn_unknown`` they
+        are named in one warning (used when a file written for this very class carries keys we do not know).
+        """
+        params = set(cls._config_params())
+        kwargs = {k: v for k, v in config.items() if k in params}
+        unknown = sorted(k for k in config if k not in params and not k.startswith("_"))
+        if unknown and warn_unknown:
+            logger.warning("%s: ignoring config keys it does not use: %s", cls.__name__, ", ".join(unknown))
+        return kwargs
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides):
+        """Build from another object's config (any compatible class's: foreign keys are ignored quietly).
+
+        ``overrides`` replace config values: ``Scheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)``.
+        """
+        if config is None:
+            config = {}
+        elif isinstance(config, ConfigMixin):
+            config = config.config
+        elif not isinstance(config, Mapping):
+            raise TypeError(f"{cls.__name__}.from_config expects a config mapping, got {type(config).__name__}")
+        params = set(cls._config_params())
+        bad = sorted(k for k in overrides if k not in params)
+        if bad:
+            raise TypeError(
+                f"{cls.__name__}.from_config got unknown argument(s) {bad}; it accepts: {sorted(params)}"
+            )
+        kwargs = cls.extract_init_kwargs(config)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def load_config(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        **hub_kwargs,
+    ) -> dict[str, Any]:
+        """Read the JSON config file of a folder or hub repo into a plain dict."""
+        path = resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder=subfolder, **hub_kwargs)
+        return read_json(path, what="config")
+
+    def save_config(self, save_directory: str | os.PathLike) -> Path:
+        """Write the config as diffusers-format JSON (atomically) and return the file path."""
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        data = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
+        data["_diffusekit_version"] = __version__
+        data.update(_to_jsonable(dict(self.config)))
+        path = save_directory / self.config_name
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return path
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON") -> dict[str, Any]:
+    """Read a JSON object from ``path`` with an error naming the file on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise OSError(f"cannot read {what} file {path}: {err.strerror or err}") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{what} file {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            "fix or re-save the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} file {path} must hold a JSON object, found {type(data).__name__}")
+    return data

@@ -1,0 +1,113 @@
+"""Finding files: a local folder, or a Hugging Face Hub repo id resolved through ``huggingface_hub`` and its cache.
+
+``HF_HUB_OFFLINE=1``, ``local_files_only``, ``cache_dir``, ``revision`` and ``token`` behave as in diffusers. A file
+that cannot be found raises :class:`EntryNotFound` (a ``FileNotFoundError``) with the repo, subfolder and file named;
+a cache miss without network raises one ``OSError`` that says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
+
+
+class EntryNotFound(FileNotFoundError):
+    """The folder or repo exists but holds no such file."""
+
+
+def split_hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the hub options out of ``kwargs`` (in place) and return them."""
+    return {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+
+
+def is_local(name_or_path: str | os.PathLike) -> bool:
+    """True for an existing folder; raise for something that is plainly a path but does not exist."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return True
+    text = os.fspath(name_or_path)
+    if path.exists():
+        raise NotADirectoryError(f"{text} is a file; pass the folder that holds the model (its config and weights)")
+    if text.startswith((".", "/", "~", "\\")) or os.path.isabs(text) or text.count("/") > 1:
+        raise FileNotFoundError(f"model folder {text} does not exist (no such directory)")
+    return False
+
+
+def _location(name_or_path, subfolder: str | None) -> str:
+    return f"{name_or_path}/{subfolder}" if subfolder else os.fspath(name_or_path)
+
+
+def resolve_file(
+    name_or_path: str | os.PathLike,
+    filename: str,
+    subfolder: str | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+    force_download: bool = False,
+) -> Path:
+    """Return the local path of ``filename`` in a folder or hub repo (downloading it into the hub cache if needed)."""
+    if is_local(name_or_path):
+        path = Path(name_or_path).expanduser() / (subfolder or "") / filename
+        if not path.is_file():
+            folder = path.parent
+            present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
+            hint = f"it holds: {present}" if present is not None else "that folder does not exist"
+            raise EntryNotFound(f"{_location(name_or_path, subfolder)}: no file {filename} ({hint})")
+        return path
+    return _hub_download(os.fspath(name_or_path), filename, subfolder, revision, cache_dir, local_files_only, token,
+                         force_download)
+
+
+def _hub_download(repo_id, filename, subfolder, revision, cache_dir, local_files_only, token, force_download) -> Path:
+    # imported here: huggingface_hub costs import time and most uses are local folders
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    offline = bool(local_files_only) or constants.HF_HUB_OFFLINE
+    where = _location(repo_id, subfolder)
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id,
+                filename,
+                subfolder=subfolder or None,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=offline,
+                token=token,
+                force_download=force_download,
+                library_name="diffusekit",
+            )
+        )
+    except hf_errors.HFValidationError as err:
+        raise ValueError(
+            f"{repo_id!r} is neither an existing local folder nor a valid hub repo id ('org/name'): {err}"
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise OSError(
+            f"{repo_id} is not a local folder nor a repo on the Hub (or it is private: pass token=)"
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise OSError(f"{repo_id}: revision {revision!r} does not exist") from None
+    except hf_errors.EntryNotFoundError as err:
+        # LocalEntryNotFoundError is a subclass in some versions: a cache miss is not proof of absence
+        if isinstance(err, hf_errors.LocalEntryNotFoundError):
+            raise _cache_miss(where, filename, repo_id, offline) from None
+        raise EntryNotFound(f"{where}: the repo has no file {filename}") from None
+    except hf_errors.LocalEntryNotFoundError:
+        raise _cache_miss(where, filename, repo_id, offline) from None
+
+
+def _cache_miss(where: str, filename: str, repo_id: str, offline: bool) -> OSError:
+    reason = "offline mode (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "the Hub cannot be reached"
+    return EntryNotFound(
+        f"{where}: {filename} is not in the local Hugging Face cache and {reason}. "
+        f"Download it where there is network (`hf download {repo_id}`), pass cache_dir= to the cache that holds it, "
+        "or pass the path of a local folder instead of a repo id."
+    )

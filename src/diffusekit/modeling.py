@@ -1,0 +1,351 @@
+"""``ModelMixin``: diffusers-format ``from_pretrained`` / ``save_pretrained`` for ``torch.nn.Module`` models.
+
+Loading builds the model on the meta device (no random init, no memory), checks the checkpoint's keys and shapes
+against it strictly, and moves the checkpoint's tensors into the model with ``assign=True``: one copy of the weights
+in memory, never two. Module paths equal checkpoint keys, so no renaming happens on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ._io import atomic_path
+from .configuration import ConfigMixin, read_json
+from .hub import EntryNotFound, resolve_file, split_hub_kwargs
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be used: corrupt, unsafe, or not matching the model."""
+
+
+def with_variant(filename: str, variant: str | None) -> str:
+    """``diffusion_pytorch_model.safetensors`` + ``fp16`` -> ``diffusion_pytorch_model.fp16.safetensors``."""
+    if not variant:
+        return filename
+    stem, ext = filename.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def _index_name(weights_file: str, variant: str | None) -> str:
+    # diffusers: diffusion_pytorch_model.safetensors.index.json, variant -> ....safetensors.index.fp16.json
+    return with_variant(f"{weights_file}.index.json", variant)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def read_safetensors(path: Path, keys: Iterable[str] | None = None) -> StateDict:
+    """Read a safetensors file (optionally only ``keys``), with an error naming the file if it is damaged."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
+            names = handle.keys() if keys is None else keys
+            return {name: handle.get_tensor(name) for name in names}
+    except Exception as err:  # safetensors raises its own error type for every kind of damage
+        raise CheckpointError(
+            f"cannot read weights file {path}: {err}. The file is truncated or corrupt: re-download or re-save it"
+        ) from None
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape from a safetensors header, without reading any tensor data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot read weights file {path}: {err}. The file is truncated or corrupt: re-download or re-save it"
+        ) from None
+
+
+def read_torch_bin(path: Path) -> StateDict:
+    """Read a pickled ``.bin`` state dict with ``weights_only=True``: tensors and plain containers only."""
+    import pickle
+
+    try:
+        data = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors ({str(err).splitlines()[0]}). "
+            "Only plain state dicts load safely; convert it to safetensors with a trusted tool"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read weights file {path}: {err}. Re-download or re-save it") from None
+    if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(data)
+
+
+def read_weights(path: Path) -> StateDict:
+    return read_safetensors(path) if path.suffix == ".safetensors" else read_torch_bin(path)
+
+
+def state_dict_diff(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], limit: int = 20
+) -> str:
+    """A readable account of missing keys, unexpected keys and shape mismatches ('' when they agree)."""
+
+    def listing(title, items):
+        items = sorted(items)
+        more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+        return f"  {title} ({len(items)}):\n" + "\n".join(f"    {i}" for i in items[:limit]) + more
+
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    mismatched = [
+        f"{k}: checkpoint {list(found[k])} vs model {list(expected[k])}"
+        for k in set(expected) & set(found)
+        if tuple(found[k]) != tuple(expected[k])
+    ]
+    parts = []
+    if missing:
+        parts.append(listing("missing from the checkpoint", missing))
+    if unexpected:
+        parts.append(listing("in the checkpoint but not in the model", unexpected))
+    if mismatched:
+        parts.append(listing("shape mismatches", mismatched))
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------- the mixin
+
+
+class ModelMixin(torch.nn.Module, ConfigMixin):
+    """Base class of every diffusekit model.
+
+    Subclasses set the file names (diffusers' by default; transformers-format models such as CLIP override them) and
+    may override :meth:`_config_kwargs_from_file` or :meth:`_adapt_state_dict` for format quirks.
+    """
+
+    config_name = "config.json"
+    safetensors_name = "diffusion_pytorch_model.safetensors"
+    bin_name = "diffusion_pytorch_model.bin"
+    # regexes of checkpoint keys to drop silently (e.g. buffers older writers saved)
+    _ignore_unexpected_keys: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ hooks
+
+    @classmethod
+    def _config_kwargs_from_file(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return cls.extract_init_kwargs(data, warn_unknown=True)
+
+    @classmethod
+    def _adapt_state_dict(cls, state_dict: StateDict) -> StateDict:
+        return state_dict
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        *,
+        use_safetensors: bool | None = None,
+        variant: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs,
+    ):
+        """Load a model from a diffusers-format folder or hub repo.
+
+        ``use_safetensors``: True requires ``.safetensors``; False also allows a ``.bin``; None prefers safetensors.
+        ``variant`` picks ``*.{variant}.safetensors`` files; ``torch_dtype`` casts floating-point weights.
+        Hub options: ``revision``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download``.
+        Remaining keyword arguments override config values.
+        """
+        hub = split_hub_kwargs(kwargs)
+        for legacy in ("low_cpu_mem_usage", "device_map", "resume_download", "proxies", "output_loading_info"):
+            kwargs.pop(legacy, None)  # accepted for diffusers compatibility; loading is always low-memory here
+        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+            raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")
+        source = pretrained_model_name_or_path
+        config_path = resolve_file(source, cls.config_name, subfolder, **hub)
+        data = read_json(config_path, what="config")
+        init_kwargs = cls._config_kwargs_from_file(data)
+        unknown = sorted(k for k in kwargs if k not in cls._config_params())
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword argument(s) {unknown}")
+        init_kwargs.update(kwargs)
+
+        files = cls._find_weight_files(source, subfolder, use_safetensors, variant, hub)
+        with torch.device("meta"):
+            model = cls(**init_kwargs)
+        model.load_weight_files(files, dtype=torch_dtype)
+        return model.eval()
+
+    @classmethod
+    def _find_weight_files(cls, source, subfolder, use_safetensors, variant, hub) -> list[Path]:
+        kinds = []
+        if use_safetensors is not False:
+            kinds.append(cls.safetensors_name)
+        if use_safetensors is not True:
+            kinds.append(cls.bin_name)
+        tried = []
+        for weights in kinds:
+            single = with_variant(weights, variant)
+            tried.append(single)
+            try:
+                return [resolve_file(source, single, subfolder, **hub)]
+            except EntryNotFound as err:
+                last_error = err
+            index = _index_name(weights, variant)
+            tried.append(index)
+            try:
+                index_path = resolve_file(source, index, subfolder, **hub)
+            except EntryNotFound:
+                continue
+            weight_map = read_json(index_path, what="shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"shard index {index_path} has no 'weight_map' object")
+            return [resolve_file(source, name, subfolder, **hub) for name in sorted(set(weight_map.values()))]
+        where = f"{source}/{subfolder}" if subfolder else os.fspath(source)
+        advice = []
+        if use_safetensors is True:
+            advice.append("pass use_safetensors=False to allow a .bin file")
+        if variant:
+            advice.append(f"drop variant={variant!r} to load the default weights")
+        hint = ("; " + "; ".join(advice)) if advice else ""
+        detail = f" ({last_error})" if "cache" in str(last_error) else ""
+        raise EntryNotFound(f"{where}: no weights file found, looked for {', '.join(tried)}{hint}{detail}")
+
+    def load_weight_files(self, files: list[Path], dtype: torch.dtype | None = None) -> None:
+        """Strictly load checkpoint files into this (possibly meta-device) model, taking ownership of the tensors."""
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        ignore = [re.compile(p) for p in self._ignore_unexpected_keys]
+
+        if all(f.suffix == ".safetensors" for f in files):
+            # check keys and shapes from the headers before reading any data
+            shapes: dict[str, tuple[int, ...]] = {}
+            for f in files:
+                shapes.update(safetensors_shapes(f))
+            self._check(expected, self._adapted_shapes(shapes), ignore, files)
+            state_dict: StateDict = {}
+            for f in files:
+                state_dict.update(read_safetensors(f))
+        else:
+            state_dict = {}
+            for f in files:
+                state_dict.update(read_weights(f))
+        state_dict = self._adapt_state_dict(state_dict)
+        state_dict = {k: v for k, v in state_dict.items() if not any(p.search(k) for p in ignore) or k in expected}
+        self._check(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, ignore, files)
+
+        target = dtype or torch.get_default_dtype()
+        for key, value in state_dict.items():
+            if value.is_floating_point() and value.dtype != target:
+                state_dict[key] = value.to(target)
+        self.load_state_dict(state_dict, strict=True, assign=True)
+        left_on_meta = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left_on_meta:  # a non-persistent buffer the model forgot to rebuild: a bug in the model class
+            raise RuntimeError(f"{type(self).__name__}: tensors not restored from the checkpoint: {left_on_meta}")
+
+    @classmethod
+    def _adapted_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        # run the key adapter over placeholder tensors so header checks see the final key names
+        fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+        return {k: tuple(v.shape) for k, v in cls._adapt_state_dict(fake).items()}
+
+    def _check(self, expected, found, ignore, files) -> None:
+        found = {k: s for k, s in found.items() if k in expected or not any(p.search(k) for p in ignore)}
+        diff = state_dict_diff(expected, found)
+        if diff:
+            names = ", ".join(os.fspath(f) for f in files)
+            raise CheckpointError(
+                f"{names} does not match {type(self).__name__} built from its config:\n{diff}\n"
+                "Check that the config.json beside the weights belongs to them, and that the class is the right one."
+            )
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        **_ignored,
+    ) -> None:
+        """Write ``config.json`` and the weights in diffusers' layout; every file is written atomically."""
+        save_directory = Path(save_directory)
+        if save_directory.is_file():
+            raise NotADirectoryError(f"cannot save into {save_directory}: it is a file")
+        save_directory.mkdir(parents=True, exist_ok=True)
+        state_dict = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        base = self.safetensors_name if safe_serialization else self.bin_name
+        shards = _split_shards(state_dict, _parse_size(max_shard_size))
+        if len(shards) == 1:
+            names = [with_variant(base, variant)]
+        else:
+            stem, ext = base.rsplit(".", 1)
+            names = [with_variant(f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}", variant) for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            with atomic_path(save_directory / name) as tmp:
+                if safe_serialization:
+                    from safetensors.torch import save_file
+
+                    save_file(shard, os.fspath(tmp), metadata={"format": "pt"})
+                else:
+                    torch.save(shard, tmp)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state_dict.values())},
+                "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
+            }
+            with atomic_path(save_directory / _index_name(base, variant)) as tmp:
+                tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        self.save_config(save_directory)
+
+
+def _parse_size(size: int | str | None) -> int | None:
+    if size is None or isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes as an int or a string like '5GB' or '500MB'")
+    unit = match.group(2).upper()
+    scale = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+def _split_shards(state_dict: StateDict, limit: int | None) -> list[StateDict]:
+    if limit is None:
+        return [state_dict]
+    shards: list[StateDict] = [{}]
+    size = 0
+    for key, value in state_dict.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    return shards
