@@ -1,0 +1,131 @@
+"""Multi-head attention with diffusers' checkpoint layout (``to_q``, ``to_k``, ``to_v``, ``to_out.0``, ``group_norm``).
+
+One class serves three uses:
+
+* spatial self-attention in UNet / VAE blocks: input ``(B, C, H, W)``, optional ``group_norm`` before the
+  projections, ``residual_connection=True`` and ``rescale_output_factor``;
+* self-attention over tokens: input ``(B, N, C)``;
+* cross-attention: ``encoder_hidden_states`` ``(B, M, cross_attention_dim)`` supply keys and values.
+
+The product is computed by :func:`torch.nn.functional.scaled_dot_product_attention` (default scale
+``1 / sqrt(dim_head)``). ``upcast_attention`` (or ``upcast_softmax``) runs that product in float32 when the inputs are
+half precision, and casts the result back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head (self or cross) attention.
+
+    Args:
+        query_dim: channels of ``hidden_states``.
+        cross_attention_dim: channels of ``encoder_hidden_states``; ``None`` means self-attention (``query_dim``).
+        heads, dim_head: number of heads and channels per head; the inner width is ``heads * dim_head``.
+        dropout: dropout after the output projection (``to_out.1``).
+        bias: bias on ``to_q``/``to_k``/``to_v``. ``out_bias``: bias on ``to_out.0``.
+        upcast_attention / upcast_softmax: compute the attention product in float32 for half-precision inputs.
+        norm_num_groups: if set, a ``GroupNorm(norm_num_groups, query_dim, eps)`` is applied to the input first.
+        rescale_output_factor: the output (after the residual, if any) is divided by this.
+        residual_connection: add the block's input to its output.
+        out_dim: output channels of ``to_out.0`` (defaults to ``query_dim``).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        cross_attention_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        bias: bool = False,
+        upcast_attention: bool = False,
+        upcast_softmax: bool = False,
+        out_bias: bool = True,
+        norm_num_groups: int | None = None,
+        eps: float = 1e-5,
+        rescale_output_factor: float = 1.0,
+        residual_connection: bool = False,
+        out_dim: int | None = None,
+    ):
+        super().__init__()
+        if heads < 1 or dim_head < 1:
+            raise ValueError(f"Attention needs heads >= 1 and dim_head >= 1, got heads={heads}, dim_head={dim_head}")
+        self.heads = heads
+        self.dim_head = dim_head
+        self.inner_dim = heads * dim_head
+        self.query_dim = query_dim
+        self.cross_attention_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.is_cross_attention = cross_attention_dim is not None
+        self.upcast = upcast_attention or upcast_softmax
+        self.rescale_output_factor = rescale_output_factor
+        self.residual_connection = residual_connection
+        self.out_dim = out_dim if out_dim is not None else query_dim
+
+        if norm_num_groups is not None:
+            self.group_norm = nn.GroupNorm(num_groups=norm_num_groups, num_channels=query_dim, eps=eps, affine=True)
+        else:
+            self.group_norm = None
+        self.to_q = nn.Linear(query_dim, self.inner_dim, bias=bias)
+        self.to_k = nn.Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
+        self.to_v = nn.Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, self.out_dim, bias=out_bias), nn.Dropout(dropout)])
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, N, heads * dim_head) -> (B, heads, N, dim_head)
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.heads, -1).transpose(1, 2)
+
+    def _prepare_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Bring a mask to a shape ``scaled_dot_product_attention`` broadcasts: ``(B, 1 or heads, 1 or Nq, Nk)``.
+
+        Accepts ``(B, Nk)``, ``(B, 1 or Nq, Nk)`` or ``(B, 1 or heads, 1 or Nq, Nk)``. A boolean mask marks the
+        positions to attend to; a floating mask is an additive bias (diffusers' convention: 0 keep, -10000 drop).
+        """
+        if mask.ndim == 2:
+            mask = mask[:, None, None, :]
+        elif mask.ndim == 3:
+            mask = mask[:, None, :, :]
+        elif mask.ndim != 4:
+            raise ValueError(f"attention_mask must have 2, 3 or 4 dimensions, got shape {tuple(mask.shape)}")
+        return mask if mask.dtype == torch.bool else mask.to(dtype)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        spatial = hidden_states.ndim == 4
+        if spatial:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # (B, HW, C)
+
+        if self.group_norm is not None:
+            # GroupNorm wants channels first: (B, N, C) -> (B, C, N) -> norm -> (B, N, C)
+            hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # (B, M, C_ctx)
+        query = self._split_heads(self.to_q(hidden_states))  # (B, heads, N, d)
+        key = self._split_heads(self.to_k(context))  # (B, heads, M, d)
+        value = self._split_heads(self.to_v(context))  # (B, heads, M, d)
+        out_dtype = query.dtype
+
+        if self.upcast and out_dtype in (torch.float16, torch.bfloat16):
+            query, key, value = query.float(), key.float(), value.float()
+        mask = None if attention_mask is None else self._prepare_mask(attention_mask, query.dtype)
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # (B, heads, N, d)
+        batch_size, _, length, _ = attended.shape
+        attended = attended.transpose(1, 2).reshape(batch_size, length, self.inner_dim).to(out_dtype)  # (B, N, inner)
+
+        hidden_states = self.to_out[1](self.to_out[0](attended))  # (B, N, out_dim)
+        if spatial:
+            hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, height, width)  # (B, C, H, W)
+        if self.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / self.rescale_output_factor
