@@ -7,7 +7,10 @@ a cache miss without network raises one ``OSError`` that says what to do.
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,7 @@ def _hub_download(repo_id, filename, subfolder, revision, cache_dir, local_files
     from huggingface_hub import errors as hf_errors
 
     offline = bool(local_files_only) or constants.HF_HUB_OFFLINE
+    unreachable = not offline and not _hub_reachable(constants.ENDPOINT)
     where = _location(repo_id, subfolder)
     try:
         return Path(
@@ -79,7 +83,7 @@ def _hub_download(repo_id, filename, subfolder, revision, cache_dir, local_files
                 subfolder=subfolder or None,
                 revision=revision,
                 cache_dir=cache_dir,
-                local_files_only=offline,
+                local_files_only=offline or unreachable,
                 token=token,
                 force_download=force_download,
                 library_name="diffusekit",
@@ -102,6 +106,22 @@ def _hub_download(repo_id, filename, subfolder, revision, cache_dir, local_files
         raise EntryNotFound(f"{where}: the repo has no file {filename}") from None
     except hf_errors.LocalEntryNotFoundError:
         raise _cache_miss(where, filename, repo_id, offline) from None
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """One quick TCP connect per process and endpoint.
+
+    Without it, a cache miss with no network makes huggingface_hub retry with back-off for ~20 s before failing; we
+    go straight to the cache instead and say that the Hub is unreachable.
+    """
+    parsed = urllib.parse.urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _cache_miss(where: str, filename: str, repo_id: str, offline: bool) -> OSError:

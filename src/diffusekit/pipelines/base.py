@@ -1,0 +1,233 @@
+"""``DiffusionPipeline``: loading, saving and moving a set of components described by ``model_index.json``.
+
+A pipeline subclass lists its components as the parameters of ``__init__`` (diffusers' names) and calls
+``self.register_modules(...)``. ``model_index.json`` maps each name to ``[library, ClassName]``; the class names are
+resolved through diffusekit's own exports, so ``["transformers", "CLIPTextModel"]`` loads diffusekit's CLIP.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ..configuration import DIFFUSERS_COMPAT_VERSION, FrozenConfig, read_json
+from ..hub import resolve_file, split_hub_kwargs
+from ..modeling import ModelMixin
+from ..outputs import BaseOutput
+from .._io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model_index.json"
+
+
+@dataclasses.dataclass
+class ImagePipelineOutput(BaseOutput):
+    """``images``: a list of PIL images, a numpy array (B, H, W, C) or a tensor (B, C, H, W), per ``output_type``."""
+
+    images: Any
+
+
+def _resolve_class(class_name: str, where: str) -> type:
+    import diffusekit
+
+    try:
+        return getattr(diffusekit, class_name)
+    except AttributeError:
+        raise ValueError(
+            f"{where}: class {class_name!r} is not implemented by diffusekit. Load that component yourself and pass "
+            "it as a keyword argument, or pass None if the pipeline can do without it"
+        ) from None
+
+
+class DiffusionPipeline:
+    """Base class of all pipelines. Subclasses define ``__init__(self, <components>, <options>)``.
+
+    ``component_names`` lists the component parameters of ``__init__``; those in ``_optional_components`` may be
+    None. ``_option_names`` are plain (non-component) config values such as ``requires_safety_checker``, stored in
+    ``model_index.json`` beside the components.
+    """
+
+    config_name = INDEX_NAME
+    component_names: tuple[str, ...] = ()
+    _optional_components: tuple[str, ...] = ()
+    _option_names: tuple[str, ...] = ()
+    _progress_bar_config: dict[str, Any]
+
+    # ------------------------------------------------------------------ components
+
+    def register_modules(self, **components: Any) -> None:
+        for name, component in components.items():
+            setattr(self, name, component)
+        self._component_names = tuple(dict.fromkeys((*getattr(self, "_component_names", ()), *components)))
+
+    def register_options(self, **options: Any) -> None:
+        self._options = {**getattr(self, "_options", {}), **options}
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The pipeline's components by name, ready to build another pipeline: ``Other(**pipe.components)``."""
+        return {name: getattr(self, name) for name in self._component_names}
+
+    @property
+    def config(self) -> FrozenConfig:
+        entries: dict[str, Any] = {name: list(_library_and_class(c)) for name, c in self.components.items()}
+        entries.update(getattr(self, "_options", {}))
+        return FrozenConfig(entries)
+
+    def _modules(self) -> Iterable[tuple[str, torch.nn.Module]]:
+        return ((n, c) for n, c in self.components.items() if isinstance(c, torch.nn.Module))
+
+    # ------------------------------------------------------------------ device / dtype
+
+    def to(self, *args, **kwargs) -> "DiffusionPipeline":
+        """Move every torch module: ``pipe.to("cuda")``, ``pipe.to(torch.float16)``, ``pipe.to("cpu", torch.float32)``."""
+        for _, module in self._modules():
+            module.to(*args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        for _, module in self._modules():
+            return next(module.parameters()).device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for _, module in self._modules():
+            return next(module.parameters()).dtype
+        return torch.float32
+
+    # ------------------------------------------------------------------ progress
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for tqdm (e.g. ``disable=True``, ``leave=False``, ``desc=...``)."""
+        self._progress_bar_config = dict(kwargs)
+
+    def progress_bar(self, iterable: Iterable | None = None, total: int | None = None):
+        from tqdm.auto import tqdm
+
+        config = getattr(self, "_progress_bar_config", {})
+        return tqdm(iterable, total=total, **config)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        use_safetensors: bool | None = None,
+        variant: str | None = None,
+        **kwargs: Any,
+    ) -> "DiffusionPipeline":
+        """Load every component listed in ``model_index.json``; keyword arguments replace components or options.
+
+        On ``DiffusionPipeline`` itself, the pipeline class is the one named by ``_class_name`` in the index.
+        """
+        hub = split_hub_kwargs(kwargs)
+        for legacy in ("low_cpu_mem_usage", "device_map", "resume_download", "proxies"):
+            kwargs.pop(legacy, None)
+        source = pretrained_model_name_or_path
+        index_path = resolve_file(source, INDEX_NAME, **hub)
+        index = read_json(index_path, what="pipeline index")
+        pipeline_cls = cls._pipeline_class(index, index_path)
+
+        names = pipeline_cls.component_names
+        unknown = sorted(set(kwargs) - set(names) - set(pipeline_cls._option_names))
+        if unknown:
+            raise TypeError(
+                f"{pipeline_cls.__name__}.from_pretrained got unknown argument(s) {unknown}; components are "
+                f"{list(names)}, options are {list(pipeline_cls._option_names)}"
+            )
+        init_kwargs: dict[str, Any] = {}
+        for name in names:
+            if name in kwargs:  # passed in by the caller (a component object, or None to leave it out)
+                init_kwargs[name] = kwargs.pop(name)
+                continue
+            entry = index.get(name)
+            if entry is None or (isinstance(entry, list) and entry[-1] is None):
+                if name not in pipeline_cls._optional_components:
+                    raise ValueError(
+                        f"{index_path}: component {name!r} is missing, and {pipeline_cls.__name__} needs it; "
+                        f"add it to the folder or pass {name}=... to from_pretrained"
+                    )
+                init_kwargs[name] = None
+                continue
+            if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+                raise ValueError(f"{index_path}: entry {name!r} must be [library, ClassName], found {entry!r}")
+            component_cls = _resolve_class(entry[1], f"{index_path}: component {name!r}")
+            init_kwargs[name] = _load_component(
+                component_cls, source, name, hub, torch_dtype=torch_dtype, use_safetensors=use_safetensors,
+                variant=variant,
+            )
+        for option in pipeline_cls._option_names:
+            if option in kwargs:
+                init_kwargs[option] = kwargs.pop(option)
+            elif option in index:
+                init_kwargs[option] = index[option]
+        return pipeline_cls(**init_kwargs)
+
+    @classmethod
+    def _pipeline_class(cls, index: dict[str, Any], index_path: Path) -> type["DiffusionPipeline"]:
+        if cls is not DiffusionPipeline:
+            return cls
+        name = index.get("_class_name")
+        if not isinstance(name, str):
+            raise ValueError(f"{index_path}: no '_class_name' naming the pipeline class")
+        pipeline_cls = _resolve_class(name, f"{index_path}: pipeline")
+        if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, DiffusionPipeline)):
+            raise ValueError(f"{index_path}: {name!r} is not a pipeline class")
+        return pipeline_cls
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None) -> None:
+        """Write each component into its subfolder and ``model_index.json`` last (each file atomically)."""
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        for name, component in self.components.items():
+            if component is None:
+                continue
+            if isinstance(component, ModelMixin):
+                component.save_pretrained(save_directory / name, safe_serialization=safe_serialization,
+                                          variant=variant)
+            elif hasattr(component, "save_pretrained"):
+                component.save_pretrained(save_directory / name)
+            else:
+                raise TypeError(f"component {name!r} ({type(component).__name__}) cannot be saved")
+        index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
+        index.update({k: (list(v) if isinstance(v, list) else v) for k, v in self.config.items()})
+        atomic_write_text(save_directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    # ------------------------------------------------------------------ per-call state
+
+    def _fresh_scheduler(self):
+        """A private copy of the scheduler for one call, so concurrent calls never share run state."""
+        return copy.copy(self.scheduler)
+
+
+def _library_and_class(component: Any) -> tuple[str | None, str | None]:
+    if component is None:
+        return (None, None)
+    cls = type(component)
+    return (getattr(cls, "_library_name", "diffusers"), cls.__name__)
+
+
+def _load_component(component_cls: type, source, name: str, hub: dict[str, Any], **model_options: Any) -> Any:
+    if isinstance(component_cls, type) and issubclass(component_cls, ModelMixin):
+        return component_cls.from_pretrained(source, subfolder=name, **model_options, **hub)
+    loader = getattr(component_cls, "from_pretrained", None)
+    if loader is None:
+        raise TypeError(f"component {name!r}: {component_cls.__name__} has no from_pretrained")
+    return loader(source, subfolder=name, **hub)
+

@@ -1,0 +1,30 @@
+"""Shared test setup: deterministic, quiet, and small enough for 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    import torch
+
+    torch.manual_seed(0)
+    yield
+
+
+def assert_close(actual, expected, rtol: float = 1e-5, atol: float = 1e-5, msg: str = "") -> None:
+    """``torch.testing.assert_close`` on tensors or arrays, with our default fp32 parity tolerance."""
+    import numpy as np
+    import torch
+
+    if isinstance(actual, np.ndarray):
+        actual = torch.from_numpy(actual)
+    if isinstance(expected, np.ndarray):
+        expected = torch.from_numpy(expected)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg or None)
