@@ -164,7 +164,15 @@ class DiffusionPipeline:
                 continue
             if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
                 raise ValueError(f"{index_path}: entry {name!r} must be [library, ClassName], found {entry!r}")
-            component_cls = _resolve_class(entry[1], f"{index_path}: component {name!r}")
+            try:
+                component_cls = _resolve_class(entry[1], f"{index_path}: component {name!r}")
+            except ValueError:
+                if name not in pipeline_cls._optional_components:
+                    raise
+                logger.warning("%s: optional component %r (%s) is not implemented by diffusekit; loading "
+                               "the pipeline without it", index_path, name, entry[1])
+                init_kwargs[name] = None
+                continue
             init_kwargs[name] = _load_component(
                 component_cls, source, name, hub, torch_dtype=torch_dtype, use_safetensors=use_safetensors,
                 variant=variant,

@@ -29,17 +29,20 @@ def numpy_to_pil(images: np.ndarray) -> list:
     return [Image.fromarray(image) for image in images]
 
 
-def postprocess(images: torch.Tensor, output_type: str = "pil", denormalize: bool = True) -> Any:
+def postprocess(images: torch.Tensor, output_type: str = "pil", denormalize: bool | list[bool] = True) -> Any:
     """Turn a (B, C, H, W) batch from the model's [-1, 1] range into ``output_type``.
 
     "pt": a float tensor (B, C, H, W) in [0, 1]; "np": float32 array (B, H, W, C) in [0, 1]; "pil": a list of
-    PIL images; "latent": the input unchanged.
+    PIL images; "latent": the input unchanged. ``denormalize`` may be a list with one flag per image (images the
+    safety checker blacked out are left as they are).
     """
     output_type = check_output_type(output_type)
     if output_type == "latent":
         return images
-    if denormalize:
-        images = (images / 2 + 0.5).clamp(0, 1)
+    if isinstance(denormalize, bool):
+        denormalize = [denormalize] * images.shape[0]
+    if any(denormalize):
+        images = torch.stack([(im / 2 + 0.5).clamp(0, 1) if d else im for im, d in zip(images, denormalize)])
     if output_type == "pt":
         return images
     array = images.detach().cpu().permute(0, 2, 3, 1).float().numpy()

@@ -1,0 +1,299 @@
+"""Stable Diffusion text-to-image: CLIP text encoder + UNet2DConditionModel + AutoencoderKL + any scheduler.
+
+Differences from diffusers, on purpose:
+- ``clip_skip`` applies to the negative prompt too (diffusers encodes the negative prompt from the last layer
+  whatever ``clip_skip`` says, so positive and negative embeddings come from different layers).
+- A VAE whose config sets ``shift_factor`` gets ``latents / scaling_factor + shift_factor`` before decoding
+  (diffusers' SD pipeline ignores the shift). SD 1.x/2.x VAEs have no shift, so their numbers are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..random import Generator, randn_tensor
+from .base import DiffusionPipeline
+from .image_processor import check_output_type, postprocess
+from ..outputs import BaseOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StableDiffusionPipelineOutput(BaseOutput):
+    """``images`` per ``output_type``; ``nsfw_content_detected``: a flag per image, or None without a checker."""
+
+    images: Any
+    nsfw_content_detected: list[bool] | None
+
+
+def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Rescale guided noise to the text branch's std (Lin et al. 2023, sec. 3.4), mixed by ``guidance_rescale``."""
+    dims = list(range(1, noise_pred_text.ndim))
+    std_text = noise_pred_text.std(dim=dims, keepdim=True)
+    std_cfg = noise_cfg.std(dim=dims, keepdim=True)
+    rescaled = noise_cfg * (std_text / std_cfg)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding of guidance scales (B,) -> (B, embedding_dim), for UNets with ``time_cond_proj_dim``."""
+    w = w * 1000.0
+    half = embedding_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w.to(dtype)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, embedding_dim % 2))
+
+
+class StableDiffusionPipeline(DiffusionPipeline):
+    """``pipe(prompt, ...).images``: text-to-image with classifier-free guidance.
+
+    Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``; ``safety_checker`` and
+    ``feature_extractor`` may be None (``nsfw_content_detected`` is then None).
+    """
+
+    component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
+    _optional_components = ("safety_checker", "feature_extractor")
+    _option_names = ("requires_safety_checker",)
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker: bool = True):
+        if safety_checker is None and requires_safety_checker:
+            logger.warning(
+                "%s runs without a safety checker: generated images are not screened for unsafe content",
+                type(self).__name__,
+            )
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              scheduler=scheduler, safety_checker=safety_checker,
+                              feature_extractor=feature_extractor)
+        self.register_options(requires_safety_checker=requires_safety_checker)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ prompt encoding
+
+    def _encode_text(self, texts: list[str], max_length: int, clip_skip: int | None) -> torch.Tensor:
+        """Token ids -> (B, seq, dim) embeddings, from the last layer or ``clip_skip`` layers before it."""
+        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                                return_tensors="pt")
+        ids = tokens.input_ids.to(self.text_encoder.device)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self.text_encoder.device)
+        if clip_skip is None:
+            return self.text_encoder(ids, attention_mask=mask)[0]
+        hidden = self.text_encoder(ids, attention_mask=mask, output_hidden_states=True)[-1][-(clip_skip + 1)]
+        return self.text_encoder.text_model.final_layer_norm(hidden)  # the last layer's norm, as the top layer has
+
+    def _warn_truncation(self, prompts: list[str]) -> None:
+        limit = self.tokenizer.model_max_length
+        for prompt in prompts:
+            ids = self.tokenizer(prompt).input_ids
+            if len(ids) > limit:
+                dropped = self.tokenizer.decode(ids[limit - 1 : -1])
+                logger.warning("prompt truncated to %d CLIP tokens; dropped: %r", limit, dropped)
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return ``(prompt_embeds, negative_prompt_embeds)``, each repeated ``num_images_per_prompt`` times."""
+        device = device or self.device
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            self._warn_truncation(prompts)
+            prompt_embeds = self._encode_text(prompts, self.tokenizer.model_max_length, clip_skip)
+        batch = prompt_embeds.shape[0]
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+        if negative_prompt_embeds is None:
+            if negative_prompt is None:
+                negatives = [""] * batch
+            elif isinstance(negative_prompt, str):
+                negatives = [negative_prompt] * batch
+            else:
+                negatives = list(negative_prompt)
+            negative_prompt_embeds = self._encode_text(negatives, prompt_embeds.shape[1], clip_skip)
+        negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
+        return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+    # ------------------------------------------------------------------ checks
+
+    def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                     num_inference_steps, num_images_per_prompt) -> None:
+        if height % 8 or width % 8:
+            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt and prompt_embeds")
+        if prompt is not None and not (isinstance(prompt, str) or
+                                       (isinstance(prompt, Sequence) and all(isinstance(p, str) for p in prompt))):
+            raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and len(prompt) == 0:
+            raise ValueError("prompt is an empty list")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds")
+        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != batch:
+            raise ValueError(
+                f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch}: give one per prompt"
+            )
+        width_expected = self.unet.config.cross_attention_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is None:
+                continue
+            if embeds.ndim != 3 or embeds.shape[-1] != width_expected:
+                raise ValueError(
+                    f"{name} must have shape (batch, tokens, {width_expected}) to match the UNet's "
+                    f"cross_attention_dim, got {tuple(embeds.shape)}"
+                )
+        if prompt_embeds is not None and negative_prompt_embeds is not None and \
+                prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(
+                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+            )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+
+    # ------------------------------------------------------------------ latents
+
+    def prepare_latents(self, batch: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
+                        generator: Generator, latents: torch.Tensor | None, init_noise_sigma: float) -> torch.Tensor:
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images: pass one generator per image")
+        if latents is None:
+            latents = randn_tensor(shape, generator, device, dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this size and batch, got {tuple(latents.shape)}")
+        return latents.to(device) * init_noise_sigma
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 4, h, w) -> images (B, 3, H, W) in about [-1, 1]."""
+        config = self.vae.config
+        latents = latents / config.scaling_factor
+        if config.get("shift_factor") is not None:
+            latents = latents + config.shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+
+    def run_safety_checker(self, images: torch.Tensor) -> tuple[torch.Tensor, list[bool] | None]:
+        if self.safety_checker is None:
+            return images, None
+        pixels = postprocess(images, "pil")
+        clip_input = self.feature_extractor(pixels, return_tensors="pt").pixel_values.to(self.device)
+        return self.safety_checker(images=images, clip_input=clip_input.to(images.dtype))
+
+    # ------------------------------------------------------------------ call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          num_inference_steps, num_images_per_prompt)
+        output_type = check_output_type(output_type)
+        allowed_callback_inputs = {"latents", "prompt_embeds", "negative_prompt_embeds"}
+        if not set(callback_on_step_end_tensor_inputs) <= allowed_callback_inputs:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {sorted(allowed_callback_inputs)}")
+        device = self.device
+        scheduler = self._fresh_scheduler()
+        # classifier-free guidance needs a scale above 1; guidance-distilled UNets (time_cond_proj_dim) take it as input
+        cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            clip_skip,
+        )
+        custom = _custom_schedule(timesteps, sigmas)
+        scheduler.set_timesteps(None if custom else num_inference_steps, device=device, **custom)
+        batch = prompt_embeds.shape[0]
+        latents = self.prepare_latents(batch, height, width, prompt_embeds.dtype, device, generator, latents,
+                                       scheduler.init_noise_sigma)
+        step_kwargs: dict[str, Any] = {"generator": generator}
+        if getattr(scheduler, "accepts_eta", False):
+            step_kwargs["eta"] = eta
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            w = torch.tensor(guidance_scale - 1).repeat(batch)
+            timestep_cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim).to(device, latents.dtype)
+
+        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
+            context = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds  # (2B or B, L, D)
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=context, timestep_cond=timestep_cond,
+                                   return_dict=False)[0]
+            if cfg:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                if guidance_rescale > 0.0:
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                           "negative_prompt_embeds": negative_prompt_embeds}
+                returned = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                returned = returned or {}
+                latents = returned.get("latents", latents)
+                prompt_embeds = returned.get("prompt_embeds", prompt_embeds)
+                negative_prompt_embeds = returned.get("negative_prompt_embeds", negative_prompt_embeds)
+
+        nsfw = None
+        if output_type == "latent":
+            images = latents
+        else:
+            images, nsfw = self.run_safety_checker(self.decode_latents(latents))
+            images = postprocess(images, output_type, [True] * len(images) if nsfw is None else [not n for n in nsfw])
+        if not return_dict:
+            return (images, nsfw)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
+
+def _custom_schedule(timesteps, sigmas) -> dict[str, Any]:
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass at most one of timesteps and sigmas")
+    if timesteps is not None:
+        return {"timesteps": list(timesteps)}
+    if sigmas is not None:
+        return {"sigmas": list(sigmas)}
+    return {}
