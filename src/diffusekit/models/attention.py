@@ -14,6 +14,8 @@ half precision, and casts the result back.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,3 +131,22 @@ class Attention(nn.Module):
         if self.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / self.rescale_output_factor
+
+
+# ---------------------------------------------------------------------------------------------------- legacy keys
+
+# Checkpoints written before diffusers 0.14 (e.g. the google/ddpm-* and early VAE repos) name the projections of the
+# UNet / VAE spatial attention blocks ``query``/``key``/``value``/``proj_attn``. They map one to one onto ours.
+LEGACY_ATTENTION_KEYS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_KEY = re.compile(r"^(?P<block>(?:.+\.)?attentions\.\d+)\.(?P<name>query|key|value|proj_attn)\.(?P<p>weight|bias)$")
+
+
+def rename_legacy_attention_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename ``<...>.attentions.N.{query,key,value,proj_attn}.*`` to ``to_q/to_k/to_v/to_out.0``; other keys pass."""
+    renamed = {}
+    for key, value in state_dict.items():
+        match = _LEGACY_KEY.match(key)
+        if match:
+            key = f"{match['block']}.{LEGACY_ATTENTION_KEYS[match['name']]}.{match['p']}"
+        renamed[key] = value
+    return renamed

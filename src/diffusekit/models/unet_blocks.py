@@ -1,0 +1,470 @@
+"""UNet and VAE stages (down / mid / up blocks), registered by their config names.
+
+Models never pick a block with an if-chain: they call ``get_block(kind, name, config_key)`` (see
+:mod:`diffusekit.models.registry`) and construct the class with **one uniform set of keyword arguments**, so every
+block of a kind fits the same call. Blocks declare the keywords they use and take the rest in ``**extra``, which
+they ignore (a cross-attention block consumes ``cross_attention_dim``; a plain block ignores it).
+
+Construction (keyword-only):
+
+* ``kind="down"``: ``in_channels, out_channels, temb_channels, num_layers, add_downsample, resnet_eps,
+  resnet_act_fn, resnet_groups, attention_head_dim, downsample_padding, resnet_time_scale_shift, dropout, **extra``
+  (``extra`` as passed by the UNets: ``downsample_type``, ``cross_attention_dim``, ``num_attention_heads``,
+  ``transformer_layers_per_block``, ``use_linear_projection``, ``only_cross_attention``, ``upcast_attention``, ...).
+* ``kind="up"``: the same, with ``prev_output_channel`` (channels coming from the block below) and ``add_upsample``
+  instead of ``add_downsample``/``downsample_padding``; ``in_channels`` is the width of the skip connection of the
+  last layer. ``extra``: ``upsample_type``, ``resolution_idx``, cross-attention keys.
+* ``kind="mid"``: ``in_channels, temb_channels, num_layers, resnet_eps, resnet_act_fn, resnet_groups,
+  attention_head_dim, resnet_time_scale_shift, dropout, output_scale_factor, **extra`` (``extra``: ``attn_groups``,
+  ``add_attention``, cross-attention keys).
+
+``temb_channels=None`` builds blocks without a time embedding (the VAE). ``attention_head_dim`` is the width of one
+head; heads = channels // attention_head_dim (``None``: one head spanning all channels, as diffusers).
+
+Calls:
+
+* down: ``block(hidden_states, temb) -> (hidden_states, res_samples)`` where ``res_samples`` is a tuple of the
+  skip tensors it produced (one per layer, plus one after the downsampler). VAE encoder blocks return only
+  ``hidden_states``.
+* up: ``block(hidden_states, res_hidden_states_tuple, temb, upsample_size=None) -> hidden_states``; it pops one skip
+  tensor per layer from the end of the tuple. VAE decoder blocks: ``block(hidden_states, temb=None)``.
+* mid: ``block(hidden_states, temb) -> hidden_states``.
+
+Each block has a class attribute ``has_cross_attention``; blocks with ``True`` are also given
+``encoder_hidden_states`` (and masks) by the conditional UNet.
+
+Key names (``resnets.N``, ``attentions.N``, ``downsamplers.0.conv``, ``upsamplers.0.conv``) are diffusers'.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .registry import register_block
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+
+def _resnet(
+    in_channels: int,
+    out_channels: int,
+    temb_channels: int | None,
+    resnet_eps: float,
+    resnet_groups: int,
+    dropout: float,
+    resnet_time_scale_shift: str,
+    resnet_act_fn: str,
+    output_scale_factor: float,
+    **kwargs,
+) -> ResnetBlock2D:
+    return ResnetBlock2D(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        temb_channels=temb_channels,
+        eps=resnet_eps,
+        groups=resnet_groups,
+        dropout=dropout,
+        time_embedding_norm=resnet_time_scale_shift,
+        non_linearity=resnet_act_fn,
+        output_scale_factor=output_scale_factor,
+        **kwargs,
+    )
+
+
+def _spatial_attention(
+    channels: int, attention_head_dim: int | None, norm_groups: int | None, eps: float, output_scale_factor: float
+) -> Attention:
+    """Self-attention over the pixels of a feature map, with its own GroupNorm and a residual connection."""
+    head_dim = attention_head_dim if attention_head_dim is not None else channels
+    if channels % head_dim:
+        raise ValueError(f"attention_head_dim={head_dim} does not divide the block's {channels} channels")
+    return Attention(
+        channels,
+        heads=channels // head_dim,
+        dim_head=head_dim,
+        rescale_output_factor=output_scale_factor,
+        eps=eps,
+        norm_num_groups=norm_groups,
+        residual_connection=True,
+        bias=True,
+        upcast_softmax=True,
+    )
+
+
+def _up_in_channels(i: int, num_layers: int, in_channels: int, prev_output_channel: int, out_channels: int):
+    """(hidden channels, skip channels) entering layer ``i`` of an up block."""
+    skip = in_channels if i == num_layers - 1 else out_channels
+    hidden = prev_output_channel if i == 0 else out_channels
+    return hidden, skip
+
+
+# ---------------------------------------------------------------------------------------------------- down
+
+
+@register_block("down")
+class DownBlock2D(nn.Module):
+    """``num_layers`` resnets, then an optional stride-2 conv."""
+
+    has_cross_attention = False
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        num_layers: int = 1,
+        add_downsample: bool = True,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        attention_head_dim: int | None = None,
+        downsample_padding: int = 1,
+        resnet_time_scale_shift: str = "default",
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+        **extra,
+    ):
+        super().__init__()
+        common = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
+        self.resnets = nn.ModuleList(
+            _resnet(in_channels if i == 0 else out_channels, out_channels, *common, output_scale_factor)
+            for i in range(num_layers)
+        )
+        self.downsamplers = (
+            nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
+            if add_downsample
+            else None
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        res_samples: tuple[torch.Tensor, ...] = ()
+        for resnet in self.resnets:
+            hidden_states = resnet(hidden_states, temb)  # (B, C_out, H, W)
+            res_samples += (hidden_states,)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states)  # (B, C_out, H/2, W/2)
+            res_samples += (hidden_states,)
+        return hidden_states, res_samples
+
+
+@register_block("down")
+class AttnDownBlock2D(nn.Module):
+    """``num_layers`` x (resnet -> spatial self-attention), then a downsampler.
+
+    ``downsample_type``: ``"conv"`` (stride-2 conv, default) or ``"resnet"`` (a resnet with ``down=True``).
+    """
+
+    has_cross_attention = False
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        num_layers: int = 1,
+        add_downsample: bool = True,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        attention_head_dim: int | None = 1,
+        downsample_padding: int = 1,
+        resnet_time_scale_shift: str = "default",
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+        downsample_type: str | None = "conv",
+        **extra,
+    ):
+        super().__init__()
+        common = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
+        self.resnets = nn.ModuleList(
+            _resnet(in_channels if i == 0 else out_channels, out_channels, *common, output_scale_factor)
+            for i in range(num_layers)
+        )
+        self.attentions = nn.ModuleList(
+            _spatial_attention(out_channels, attention_head_dim, resnet_groups, resnet_eps, output_scale_factor)
+            for _ in range(num_layers)
+        )
+        downsample_type = (downsample_type or "conv") if add_downsample else None
+        if downsample_type == "conv":
+            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
+        elif downsample_type == "resnet":
+            self.downsamplers = nn.ModuleList([_resnet(out_channels, out_channels, *common, output_scale_factor, down=True)])
+        elif downsample_type is None:
+            self.downsamplers = None
+        else:
+            raise ValueError(f"unknown downsample_type {downsample_type!r}; expected 'conv' or 'resnet'")
+        self.downsample_type = downsample_type
+
+    def forward(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        res_samples: tuple[torch.Tensor, ...] = ()
+        for resnet, attn in zip(self.resnets, self.attentions):
+            hidden_states = attn(resnet(hidden_states, temb))  # (B, C_out, H, W)
+            res_samples += (hidden_states,)
+        if self.downsamplers is not None:
+            down = self.downsamplers[0]
+            hidden_states = down(hidden_states, temb) if self.downsample_type == "resnet" else down(hidden_states)
+            res_samples += (hidden_states,)
+        return hidden_states, res_samples
+
+
+@register_block("down")
+class DownEncoderBlock2D(nn.Module):
+    """VAE encoder stage: ``num_layers`` resnets without time embedding, then an optional stride-2 conv."""
+
+    has_cross_attention = False
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None = None,
+        num_layers: int = 1,
+        add_downsample: bool = True,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        attention_head_dim: int | None = None,
+        downsample_padding: int = 1,
+        resnet_time_scale_shift: str = "default",
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+        **extra,
+    ):
+        super().__init__()
+        common = (None, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
+        self.resnets = nn.ModuleList(
+            _resnet(in_channels if i == 0 else out_channels, out_channels, *common, output_scale_factor)
+            for i in range(num_layers)
+        )
+        self.downsamplers = (
+            nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
+            if add_downsample
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        for resnet in self.resnets:
+            hidden_states = resnet(hidden_states, None)  # (B, C_out, H, W)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states)  # (B, C_out, H/2, W/2)
+        return hidden_states
+
+
+# ---------------------------------------------------------------------------------------------------- mid
+
+
+@register_block("mid")
+class UNetMidBlock2D(nn.Module):
+    """resnet, then ``num_layers`` x (spatial self-attention -> resnet), at constant resolution.
+
+    ``attn_groups`` (GroupNorm groups of the attentions) defaults to ``resnet_groups`` with
+    ``resnet_time_scale_shift="default"`` and to *no* attention norm otherwise, as diffusers.
+    ``resnet_groups=None`` means ``min(in_channels // 4, 32)``. ``add_attention=False`` keeps only the resnets.
+    """
+
+    has_cross_attention = False
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        temb_channels: int | None,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int | None = 32,
+        attention_head_dim: int | None = 1,
+        resnet_time_scale_shift: str = "default",
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+        attn_groups: int | None = None,
+        add_attention: bool = True,
+        **extra,
+    ):
+        super().__init__()
+        resnet_groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
+        if attn_groups is None:
+            attn_groups = resnet_groups if resnet_time_scale_shift == "default" else None
+        common = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
+        self.add_attention = add_attention
+        self.resnets = nn.ModuleList(
+            _resnet(in_channels, in_channels, *common, output_scale_factor) for _ in range(num_layers + 1)
+        )
+        # without attention, diffusers keeps a list of None placeholders; an empty list has the same keys
+        self.attentions = nn.ModuleList(
+            _spatial_attention(in_channels, attention_head_dim, attn_groups, resnet_eps, output_scale_factor)
+            for _ in range(num_layers if add_attention else 0)
+        )
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = self.resnets[0](hidden_states, temb)  # (B, C, H, W)
+        for i, resnet in enumerate(self.resnets[1:]):
+            if self.add_attention:
+                hidden_states = self.attentions[i](hidden_states)
+            hidden_states = resnet(hidden_states, temb)
+        return hidden_states
+
+
+# ---------------------------------------------------------------------------------------------------- up
+
+
+@register_block("up")
+class UpBlock2D(nn.Module):
+    """``num_layers`` resnets, each on ``cat(hidden, skip)``, then an optional 2x upsampler."""
+
+    has_cross_attention = False
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int | None,
+        num_layers: int = 1,
+        add_upsample: bool = True,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        attention_head_dim: int | None = None,
+        resnet_time_scale_shift: str = "default",
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+        **extra,
+    ):
+        super().__init__()
+        common = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
+        resnets = []
+        for i in range(num_layers):
+            hidden, skip = _up_in_channels(i, num_layers, in_channels, prev_output_channel, out_channels)
+            resnets.append(_resnet(hidden + skip, out_channels, *common, output_scale_factor))
+        self.resnets = nn.ModuleList(resnets)
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        res_hidden_states_tuple: tuple[torch.Tensor, ...],
+        temb: torch.Tensor | None = None,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        for resnet in self.resnets:
+            skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
+            hidden_states = resnet(torch.cat([hidden_states, skip], dim=1), temb)  # (B, C_out, H, W)
+        if self.upsamplers is not None:
+            hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C_out, 2H, 2W)
+        return hidden_states
+
+
+@register_block("up")
+class AttnUpBlock2D(nn.Module):
+    """``num_layers`` x (resnet on ``cat(hidden, skip)`` -> spatial self-attention), then an upsampler.
+
+    ``upsample_type``: ``"conv"`` (nearest 2x + conv, default) or ``"resnet"`` (a resnet with ``up=True``).
+    """
+
+    has_cross_attention = False
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int | None,
+        num_layers: int = 1,
+        add_upsample: bool = True,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        attention_head_dim: int | None = 1,
+        resnet_time_scale_shift: str = "default",
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+        upsample_type: str | None = "conv",
+        **extra,
+    ):
+        super().__init__()
+        common = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
+        resnets = []
+        for i in range(num_layers):
+            hidden, skip = _up_in_channels(i, num_layers, in_channels, prev_output_channel, out_channels)
+            resnets.append(_resnet(hidden + skip, out_channels, *common, output_scale_factor))
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(
+            _spatial_attention(out_channels, attention_head_dim, resnet_groups, resnet_eps, output_scale_factor)
+            for _ in range(num_layers)
+        )
+        upsample_type = (upsample_type or "conv") if add_upsample else None
+        if upsample_type == "conv":
+            self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)])
+        elif upsample_type == "resnet":
+            self.upsamplers = nn.ModuleList([_resnet(out_channels, out_channels, *common, output_scale_factor, up=True)])
+        elif upsample_type is None:
+            self.upsamplers = None
+        else:
+            raise ValueError(f"unknown upsample_type {upsample_type!r}; expected 'conv' or 'resnet'")
+        self.upsample_type = upsample_type
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        res_hidden_states_tuple: tuple[torch.Tensor, ...],
+        temb: torch.Tensor | None = None,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        for resnet, attn in zip(self.resnets, self.attentions):
+            skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
+            hidden_states = attn(resnet(torch.cat([hidden_states, skip], dim=1), temb))  # (B, C_out, H, W)
+        if self.upsamplers is not None:
+            up = self.upsamplers[0]
+            hidden_states = up(hidden_states, temb) if self.upsample_type == "resnet" else up(hidden_states)
+        return hidden_states
+
+
+@register_block("up")
+class UpDecoderBlock2D(nn.Module):
+    """VAE decoder stage: ``num_layers`` resnets (no skip connections), then an optional 2x upsampler."""
+
+    has_cross_attention = False
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        prev_output_channel: int | None = None,
+        temb_channels: int | None = None,
+        num_layers: int = 1,
+        add_upsample: bool = True,
+        resnet_eps: float = 1e-6,
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        attention_head_dim: int | None = None,
+        resnet_time_scale_shift: str = "default",
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+        **extra,
+    ):
+        super().__init__()
+        common = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
+        self.resnets = nn.ModuleList(
+            _resnet(in_channels if i == 0 else out_channels, out_channels, *common, output_scale_factor)
+            for i in range(num_layers)
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        for resnet in self.resnets:
+            hidden_states = resnet(hidden_states, temb)  # (B, C_out, H, W)
+        if self.upsamplers is not None:
+            hidden_states = self.upsamplers[0](hidden_states)  # (B, C_out, 2H, 2W)
+        return hidden_states
