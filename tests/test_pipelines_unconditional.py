@@ -68,12 +68,12 @@ def test_list_of_generators_seeds_each_image(ddpm_folder):
     # DDIM with eta=0 is deterministic after the initial noise, so image 2 of a pair seeded [1, 2] must equal a
     # lone image seeded 2
     ddim = quiet(diffusekit.DDIMPipeline.from_pretrained(ddpm_folder))
-    pair = ddim(batch_size=2, num_inference_steps=3, output_type="np",
-                generator=[torch.manual_seed(1), torch.manual_seed(2)]).images
-    single = ddim(batch_size=1, num_inference_steps=3, output_type="np", generator=torch.manual_seed(2)).images
+    seeded = lambda s: torch.Generator().manual_seed(s)  # noqa: E731  (torch.manual_seed returns one global object)
+    pair = ddim(batch_size=2, num_inference_steps=3, output_type="np", generator=[seeded(1), seeded(2)]).images
+    single = ddim(batch_size=1, num_inference_steps=3, output_type="np", generator=seeded(2)).images
     np.testing.assert_allclose(pair[1], single[0], atol=1e-5)
     with pytest.raises(ValueError, match="generators"):
-        ddim(batch_size=3, num_inference_steps=2, generator=[torch.manual_seed(1), torch.manual_seed(2)])
+        ddim(batch_size=3, num_inference_steps=2, generator=[seeded(1), seeded(2)])
 
 
 def test_output_types_and_return_dict(ddpm_folder):
