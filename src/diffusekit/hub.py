@@ -26,6 +26,23 @@ def split_hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
 
 
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+
+
+def bundled_models() -> list[str]:
+    """Names of the models that ship inside the package (usable as ``from_pretrained("<name>")``)."""
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "model_index.json").is_file() or (p / "config.json").is_file())
+
+
+def local_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The folder that ``name_or_path`` names on this machine: a path, or a bundled model's name; else None."""
+    if isinstance(name_or_path, str) and "/" not in name_or_path and (BUNDLED_DIR / name_or_path).is_dir():
+        return BUNDLED_DIR / name_or_path
+    return Path(name_or_path).expanduser() if is_local(name_or_path) else None
+
+
 def is_local(name_or_path: str | os.PathLike) -> bool:
     """True for an existing folder; raise for something that is plainly a path but does not exist."""
     path = Path(name_or_path).expanduser()
@@ -55,8 +72,9 @@ def resolve_file(
     force_download: bool = False,
 ) -> Path:
     """Return the local path of ``filename`` in a folder or hub repo (downloading it into the hub cache if needed)."""
-    if is_local(name_or_path):
-        path = Path(name_or_path).expanduser() / (subfolder or "") / filename
+    folder = local_folder(name_or_path)
+    if folder is not None:
+        path = folder / (subfolder or "") / filename
         if not path.is_file():
             folder = path.parent
             present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
