@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..configuration import FrozenConfig
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -49,3 +54,342 @@ def postprocess(images: torch.Tensor, output_type: str = "pil", denormalize: boo
     if output_type == "np":
         return array
     return numpy_to_pil(array)
+
+
+# ====================================================================================================================
+# preprocessing: user images and masks -> model tensors
+# ====================================================================================================================
+
+#: resampling filters by diffusers' names (PIL inputs only; arrays and tensors are resized with nearest neighbour)
+RESAMPLE_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "linear": 2, "bicubic": 3}
+RESIZE_MODES = ("default", "fill", "crop")
+
+
+def _pil():
+    from PIL import Image
+
+    return Image
+
+
+def _is_pil(x: Any) -> bool:
+    try:
+        return isinstance(x, _pil().Image)
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        return False
+
+
+def image_kind(image: Any) -> str | None:
+    """``"pil"``, ``"np"`` or ``"pt"`` for one image / a batch / a list of one kind; None for anything else."""
+    items = image if isinstance(image, (list, tuple)) else [image]
+    if len(items) == 0:
+        return None
+    for kind, check in (("pil", _is_pil), ("np", lambda x: isinstance(x, np.ndarray)),
+                        ("pt", lambda x: isinstance(x, torch.Tensor))):
+        if all(check(x) for x in items):
+            if kind != "pil" and not all(x.ndim in (2, 3, 4) for x in items):
+                return None
+            return kind
+    return None
+
+
+def image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of a pipeline image input as given (PIL, numpy (H, W[, C]) / (B, H, W, C), torch
+    (C, H, W) / (B, C, H, W)); for a list, of its first item."""
+    first = image[0] if isinstance(image, (list, tuple)) else image
+    if _is_pil(first):
+        return first.height, first.width
+    if isinstance(first, np.ndarray):
+        if first.ndim == 4 or (first.ndim == 3 and first.shape[-1] in (1, 3, 4)):
+            return tuple(first.shape[-3:-1])
+        return tuple(first.shape[-2:])
+    return tuple(first.shape[-2:])
+
+
+class VaeImageProcessor:
+    """Images and masks for the VAE, with the options and numerics of diffusers' ``VaeImageProcessor``.
+
+    ``preprocess`` takes a PIL image, a numpy array ((H, W), (H, W, C) or (B, H, W, C), values in [0, 1]), a torch
+    tensor ((C, H, W) or (B, C, H, W), values in [0, 1]) or a list of one of these, and returns a float tensor
+    (B, C, H, W): resized so that H and W are multiples of ``vae_scale_factor`` (PIL images with ``resample``,
+    arrays and tensors with nearest neighbour, as diffusers), mapped to [-1, 1] when ``do_normalize`` (a tensor that
+    already has negative values is taken to be in [-1, 1] and left as it is), thresholded at 0.5 to {0, 1} when
+    ``do_binarize``. A tensor with ``vae_latent_channels`` channels is taken to be latents and returned unchanged.
+
+    The mask processor of the inpainting pipeline is ``VaeImageProcessor(do_normalize=False, do_binarize=True,
+    do_convert_grayscale=True)``; ``pipe.mask_processor.blur(mask, blur_factor=33)`` softens a PIL mask first.
+
+    Differences from diffusers, on purpose: uint8 arrays and tensors are divided by 255 (diffusers would treat
+    0..255 values as [0, 1] ones); a list mixing kinds of input, or an empty list, is a ``TypeError`` naming them.
+    """
+
+    def __init__(self, do_resize: bool = True, vae_scale_factor: int = 8, vae_latent_channels: int = 4,
+                 resample: str = "lanczos", reducing_gap: int | None = None, do_normalize: bool = True,
+                 do_binarize: bool = False, do_convert_rgb: bool = False, do_convert_grayscale: bool = False):
+        if do_convert_rgb and do_convert_grayscale:
+            raise ValueError("do_convert_rgb and do_convert_grayscale cannot both be True")
+        if resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"resample={resample!r}; expected one of {sorted(RESAMPLE_FILTERS)}")
+        self.config = FrozenConfig({
+            "do_resize": do_resize, "vae_scale_factor": vae_scale_factor,
+            "vae_latent_channels": vae_latent_channels, "resample": resample, "reducing_gap": reducing_gap,
+            "do_normalize": do_normalize, "do_binarize": do_binarize, "do_convert_rgb": do_convert_rgb,
+            "do_convert_grayscale": do_convert_grayscale,
+        })
+
+    def __repr__(self) -> str:
+        return f"VaeImageProcessor({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
+
+    # ------------------------------------------------------------------ conversions
+
+    numpy_to_pil = staticmethod(numpy_to_pil)
+
+    @staticmethod
+    def pil_to_numpy(images) -> np.ndarray:
+        """PIL image(s) -> float32 array (B, H, W[, C]) in [0, 1]."""
+        images = images if isinstance(images, (list, tuple)) else [images]
+        return np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+
+    @staticmethod
+    def numpy_to_pt(images: np.ndarray) -> torch.Tensor:
+        """(B, H, W[, C]) array -> (B, C, H, W) tensor."""
+        if images.ndim == 3:
+            images = images[..., None]
+        return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+    @staticmethod
+    def pt_to_numpy(images: torch.Tensor) -> np.ndarray:
+        return images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+
+    @staticmethod
+    def normalize(images):
+        """[0, 1] -> [-1, 1]."""
+        return 2.0 * images - 1.0
+
+    @staticmethod
+    def denormalize(images):
+        """[-1, 1] -> [0, 1], clamped."""
+        return (images * 0.5 + 0.5).clamp(0, 1)
+
+    @staticmethod
+    def binarize(images):
+        """Values below 0.5 -> 0, the rest -> 1 (a new tensor)."""
+        return (images >= 0.5).to(images.dtype)
+
+    @staticmethod
+    def blur(image, blur_factor: int = 4):
+        """Gaussian blur of a PIL image (a soft mask edge); radius ``blur_factor``."""
+        from PIL import ImageFilter
+
+        return image.filter(ImageFilter.GaussianBlur(blur_factor))
+
+    # ------------------------------------------------------------------ sizes
+
+    def get_default_height_width(self, image, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """``height``/``width`` or the image's own size, rounded down to multiples of ``vae_scale_factor``.
+
+        ``image``: a PIL image, a (B, C, H, W) tensor or a (B, H, W[, C]) array.
+        """
+        if _is_pil(image):
+            size = (image.height, image.width)
+        elif isinstance(image, torch.Tensor):
+            size = tuple(image.shape[2:4])
+        else:
+            size = tuple(image.shape[1:3])
+        height = size[0] if height is None else height
+        width = size[1] if width is None else width
+        factor = self.config.vae_scale_factor
+        return height - height % factor, width - width % factor
+
+    def _filter(self) -> int:
+        return RESAMPLE_FILTERS[self.config.resample]
+
+    def resize(self, image, height: int, width: int, resize_mode: str = "default"):
+        """Resize to (height, width). PIL: ``resize_mode`` "default" (stretch), "fill" (fit inside, pad by stretching
+        the edge rows/columns) or "crop" (cover, centre crop); arrays (B, H, W, C) and tensors (B, C, H, W):
+        nearest-neighbour interpolation, "default" only."""
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode={resize_mode!r}; expected one of {list(RESIZE_MODES)}")
+        if not _is_pil(image):
+            if resize_mode != "default":
+                raise ValueError(f"resize_mode={resize_mode!r} needs PIL images; got {type(image).__name__}")
+            if isinstance(image, np.ndarray):
+                return self.pt_to_numpy(self.resize(self.numpy_to_pt(image), height, width))
+            return torch.nn.functional.interpolate(image, size=(height, width))
+        if resize_mode == "default":
+            return image.resize((width, height), resample=self._filter(), reducing_gap=self.config.reducing_gap)
+        if resize_mode == "fill":
+            return _resize_and_fill(image, width, height, self._filter())
+        return _resize_and_crop(image, width, height, self._filter())
+
+    # ------------------------------------------------------------------ preprocess / postprocess
+
+    def preprocess(self, image, height: int | None = None, width: int | None = None, resize_mode: str = "default",
+                   crops_coords: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """Pipeline input -> float tensor (B, C, H, W); see the class docstring."""
+        kind = image_kind(image)
+        if kind is None:
+            kinds = sorted({type(x).__name__ for x in (image if isinstance(image, (list, tuple)) else [image])})
+            raise TypeError(
+                "image must be a PIL image, a numpy array or a torch tensor (2-4 dims), or a non-empty list of one "
+                f"of these kinds; got {', '.join(kinds) or 'an empty list'}"
+            )
+        cfg = self.config
+        single = not isinstance(image, (list, tuple))
+        items = [image] if single else list(image)
+        if kind == "pil":
+            if crops_coords is not None:
+                items = [im.crop(crops_coords) for im in items]
+            if cfg.do_resize:
+                height, width = self.get_default_height_width(items[0], height, width)
+                items = [self.resize(im, height, width, resize_mode) for im in items]
+            if cfg.do_convert_rgb:
+                items = [im.convert("RGB") for im in items]
+            elif cfg.do_convert_grayscale:
+                items = [im.convert("L") for im in items]
+            sizes = {im.size for im in items}
+            if len(sizes) > 1:
+                raise ValueError(f"the images of a batch must have one size; got {sorted(sizes)} (w, h)")
+            images = self.numpy_to_pt(self.pil_to_numpy(items))
+        elif kind == "np":
+            items = [_unit_range(x) for x in items]
+            if cfg.do_convert_grayscale and single and items[0].ndim == 3:
+                # one (H, W, 1) image, or a batch of (H, W) masks: give it a batch / channel axis
+                items = [items[0][None] if items[0].shape[-1] == 1 else items[0][..., None]]
+            images = np.concatenate(items) if items[0].ndim == 4 else np.stack(items)
+            images = self.numpy_to_pt(images)
+            height, width = self.get_default_height_width(images, height, width)
+            if cfg.do_resize:
+                images = self.resize(images, height, width)
+        else:
+            items = [_unit_range(x) for x in items]
+            if cfg.do_convert_grayscale and single and items[0].ndim == 3:
+                items = [items[0].unsqueeze(1)]  # one tensor of (B, H, W) masks: add the channel axis
+            if items[0].ndim == 2:
+                items = [x[None] for x in items]  # (H, W) -> (1, H, W)
+            images = torch.cat(items) if items[0].ndim == 4 else torch.stack(items)
+            if images.shape[1] == cfg.vae_latent_channels:
+                return images  # latents: no resizing, no normalisation
+            height, width = self.get_default_height_width(images, height, width)
+            if cfg.do_resize:
+                images = self.resize(images, height, width)
+        if cfg.do_normalize:
+            if images.min() < 0:
+                logger.warning(
+                    "image values are in [%.3g, %.3g]: taken to be in [-1, 1] already and not normalised; pass "
+                    "images in [0, 1]", float(images.min()), float(images.max()),
+                )
+            else:
+                images = self.normalize(images)
+        if cfg.do_binarize:
+            images = self.binarize(images)
+        return images
+
+    def postprocess(self, image: torch.Tensor, output_type: str = "pil", do_denormalize: list[bool] | None = None):
+        """(B, C, H, W) tensor -> ``output_type`` ("pil", "np", "pt" or "latent")."""
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"postprocess takes a torch tensor (B, C, H, W), got {type(image).__name__}")
+        return postprocess(image, output_type, self.config.do_normalize if do_denormalize is None else do_denormalize)
+
+    # ------------------------------------------------------------------ inpainting crops
+
+    @staticmethod
+    def get_crop_region(mask_image, width: int, height: int, pad: int = 0) -> tuple[int, int, int, int]:
+        """The box (x1, y1, x2, y2) around the mask's non-zero pixels, grown by ``pad`` on every side and then
+        widened (or heightened) to the aspect ratio ``width / height``, kept inside the image.
+
+        An all-black mask gives the whole image (diffusers divides by zero there).
+        """
+        mask = np.asarray(mask_image.convert("L"))
+        h, w = mask.shape
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        if len(rows) == 0:
+            return 0, 0, w, h
+        x1, x2 = max(int(cols[0]) - pad, 0), min(int(cols[-1]) + 1 + pad, w)
+        y1, y2 = max(int(rows[0]) - pad, 0), min(int(rows[-1]) + 1 + pad, h)
+        target_ratio = width / height
+        if (x2 - x1) / (y2 - y1) > target_ratio:
+            y1, y2 = _grow_span(y1, y2, (x2 - x1) / target_ratio, h)
+        else:
+            x1, x2 = _grow_span(x1, x2, (y2 - y1) * target_ratio, w)
+        return x1, y1, x2, y2
+
+    def apply_overlay(self, mask, init_image, image, crop_coords: tuple[int, int, int, int] | None = None):
+        """Paste the generated ``image`` (of the crop ``crop_coords``, or of the whole picture) over ``init_image``
+        where ``mask`` is white, keeping ``init_image``'s pixels where it is black (PIL images)."""
+        from PIL import Image, ImageOps
+
+        width, height = init_image.size
+        # the original, premultiplied by the inverted mask, so it composites over the generated pixels
+        kept = Image.new("RGBa", (width, height))
+        kept.paste(init_image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+        kept = kept.convert("RGBA")
+        if crop_coords is not None:
+            x1, y1, x2, y2 = crop_coords
+            canvas = Image.new("RGBA", (width, height))
+            canvas.paste(self.resize(image, height=y2 - y1, width=x2 - x1, resize_mode="crop"), (x1, y1))
+            image = canvas.convert("RGB")
+        image = image.convert("RGBA")
+        image.alpha_composite(kept)
+        return image.convert("RGB")
+
+
+def _unit_range(x):
+    """uint8 arrays / tensors -> float32 in [0, 1]; bool -> float32 {0, 1}; other dtypes unchanged."""
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.uint8:
+            return x.astype(np.float32) / 255.0
+        return x.astype(np.float32) if x.dtype == np.bool_ else x
+    if x.dtype == torch.uint8:
+        return x.float() / 255.0
+    return x.float() if x.dtype == torch.bool else x
+
+
+def _grow_span(lo: int, hi: int, wanted: float, limit: int) -> tuple[int, int]:
+    """Grow [lo, hi) about its centre to ``int(wanted)`` long, then shift it back inside [0, limit)."""
+    extra = int(wanted - (hi - lo))
+    lo, hi = lo - extra // 2, hi + extra - extra // 2
+    if hi >= limit:  # past the far edge: shift back
+        lo, hi = lo - (hi - limit), limit
+    if lo < 0:  # past the near edge: shift forward
+        lo, hi = 0, hi - lo
+    return lo, min(hi, limit)
+
+
+def _resize_and_crop(image, width: int, height: int, resample: int):
+    """Scale ``image`` to cover (width, height) keeping its aspect ratio, centred; the overflow is cut off."""
+    from PIL import Image
+
+    wide = width / height > image.width / image.height  # the target is wider than the image
+    scaled_w = width if wide else image.width * height // image.height
+    scaled_h = height if not wide else image.height * width // image.width
+    scaled = image.resize((scaled_w, scaled_h), resample=resample)
+    out = Image.new("RGB", (width, height))
+    out.paste(scaled, box=(width // 2 - scaled_w // 2, height // 2 - scaled_h // 2))
+    return out
+
+
+def _resize_and_fill(image, width: int, height: int, resample: int):
+    """Scale ``image`` to fit inside (width, height) keeping its aspect ratio, centred; the empty bands are filled
+    by stretching the image's outermost row (top/bottom) or column (left/right)."""
+    from PIL import Image
+
+    target, source = width / height, image.width / image.height
+    scaled_w = width if target < source else image.width * height // image.height
+    scaled_h = height if target >= source else image.height * width // image.width
+    scaled = image.resize((scaled_w, scaled_h), resample=resample)
+    out = Image.new("RGB", (width, height))
+    out.paste(scaled, box=(width // 2 - scaled_w // 2, height // 2 - scaled_h // 2))
+    if target < source:  # bands above and below
+        band = height // 2 - scaled_h // 2
+        if band > 0:
+            out.paste(scaled.resize((width, band), box=(0, 0, width, 0)), box=(0, 0))
+            out.paste(scaled.resize((width, band), box=(0, scaled.height, width, scaled.height)),
+                      box=(0, band + scaled_h))
+    elif target > source:  # bands left and right
+        band = width // 2 - scaled_w // 2
+        if band > 0:
+            out.paste(scaled.resize((band, height), box=(0, 0, 0, height)), box=(0, 0))
+            out.paste(scaled.resize((band, height), box=(scaled.width, 0, scaled.width, height)),
+                      box=(band + scaled_w, 0))
+    return out
