@@ -58,6 +58,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
     """
 
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
+    #: tensors a ``callback_on_step_end`` may ask for (and replace)
+    _callback_tensor_inputs: tuple[str, ...] = ("latents", "prompt_embeds", "negative_prompt_embeds")
     _optional_components = ("safety_checker", "feature_extractor")
     _option_names = ("requires_safety_checker",)
 
@@ -139,6 +141,12 @@ class StableDiffusionPipeline(DiffusionPipeline):
                      num_inference_steps, num_images_per_prompt) -> None:
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
+                                 num_images_per_prompt)
+
+    def check_prompt_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                            num_inference_steps, num_images_per_prompt) -> None:
+        """The checks of every SD pipeline that do not depend on the image size."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of prompt and prompt_embeds")
         if prompt is not None and not (isinstance(prompt, str) or
@@ -172,6 +180,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+
+    def check_callback_inputs(self, names: Sequence[str]) -> None:
+        if not set(names) <= set(self._callback_tensor_inputs):
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {list(self._callback_tensor_inputs)}")
 
     # ------------------------------------------------------------------ latents
 
@@ -232,9 +244,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           num_inference_steps, num_images_per_prompt)
         output_type = check_output_type(output_type)
-        allowed_callback_inputs = {"latents", "prompt_embeds", "negative_prompt_embeds"}
-        if not set(callback_on_step_end_tensor_inputs) <= allowed_callback_inputs:
-            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {sorted(allowed_callback_inputs)}")
+        self.check_callback_inputs(callback_on_step_end_tensor_inputs)
         device = self.device
         scheduler = self._fresh_scheduler()
         # classifier-free guidance needs a scale above 1; guidance-distilled UNets (time_cond_proj_dim) take it as input
@@ -249,44 +259,96 @@ class StableDiffusionPipeline(DiffusionPipeline):
         batch = prompt_embeds.shape[0]
         latents = self.prepare_latents(batch, height, width, prompt_embeds.dtype, device, generator, latents,
                                        scheduler.init_noise_sigma)
+        timestep_cond = self.guidance_condition(guidance_scale, batch, device, latents.dtype)
+        latents = self.denoise(
+            scheduler, scheduler.timesteps, latents, prompt_embeds, negative_prompt_embeds, do_cfg=cfg,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, eta=eta,
+            timestep_cond=timestep_cond, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        images, nsfw = self.latents_to_images(latents, output_type)
+        if not return_dict:
+            return (images, nsfw)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
+    # ------------------------------------------------------------------ pieces shared by the SD-family pipelines
+
+    def guidance_condition(self, guidance_scale: float, batch: int, device: torch.device,
+                           dtype: torch.dtype) -> torch.Tensor | None:
+        """The guidance-scale embedding a guidance-distilled UNet (``time_cond_proj_dim``) takes; None otherwise."""
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is None:
+            return None
+        w = torch.tensor(guidance_scale - 1).repeat(batch)
+        return guidance_scale_embedding(w, dim).to(device, dtype)
+
+    def denoise(
+        self,
+        scheduler,
+        timesteps: torch.Tensor,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        *,
+        do_cfg: bool,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
+        generator: Generator = None,
+        eta: float = 0.0,
+        timestep_cond: torch.Tensor | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        conditioning: dict[str, torch.Tensor] | None = None,
+        after_step: Callable[..., torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The sampling loop of the SD-family pipelines: for each ``t`` of ``timesteps``, the UNet (both guidance
+        branches in one batch when ``do_cfg``), guidance, then ``scheduler.step``.
+
+        ``conditioning``: extra tensors by name, concatenated in order to the scaled model input along the channels
+        (inpainting's ``mask`` and ``masked_image_latents``, depth2img's ``depth_mask``; already one copy per
+        guidance branch). ``after_step(i, t, latents, tensors)`` returns the latents to go on with (inpainting with
+        a 4-channel UNet puts back the kept region there). ``callback_on_step_end(pipe, i, t, tensors)`` sees the
+        tensors named in ``callback_on_step_end_tensor_inputs`` (latents, the prompt embeddings, the conditioning)
+        and may return replacements.
+        """
         step_kwargs: dict[str, Any] = {"generator": generator}
         if getattr(scheduler, "accepts_eta", False):
             step_kwargs["eta"] = eta
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            w = torch.tensor(guidance_scale - 1).repeat(batch)
-            timestep_cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim).to(device, latents.dtype)
-
-        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
-            context = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds  # (2B or B, L, D)
-            model_input = torch.cat([latents] * 2) if cfg else latents
+        tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                   "negative_prompt_embeds": negative_prompt_embeds, **(conditioning or {})}
+        extra = tuple(conditioning or ())
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            latents = tensors["latents"]
+            context = (torch.cat([tensors["negative_prompt_embeds"], tensors["prompt_embeds"]]) if do_cfg
+                       else tensors["prompt_embeds"])  # (2B or B, L, D)
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
+            if extra:
+                model_input = torch.cat([model_input, *(tensors[name] for name in extra)], dim=1)
             noise_pred = self.unet(model_input, t, encoder_hidden_states=context, timestep_cond=timestep_cond,
                                    return_dict=False)[0]
-            if cfg:
+            if do_cfg:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
                 if guidance_rescale > 0.0:
                     noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
+            if after_step is not None:
+                latents = after_step(i, t, latents, tensors)
+            tensors["latents"] = latents
             if callback_on_step_end is not None:
-                tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
-                           "negative_prompt_embeds": negative_prompt_embeds}
                 returned = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
-                returned = returned or {}
-                latents = returned.get("latents", latents)
-                prompt_embeds = returned.get("prompt_embeds", prompt_embeds)
-                negative_prompt_embeds = returned.get("negative_prompt_embeds", negative_prompt_embeds)
+                tensors.update({k: v for k, v in (returned or {}).items() if k in tensors})
+        return tensors["latents"]
 
-        nsfw = None
+    def latents_to_images(self, latents: torch.Tensor, output_type: str) -> tuple[Any, list[bool] | None]:
+        """Decode, screen with the safety checker (flagged images come back black) and convert to ``output_type``;
+        returns ``(images, nsfw_content_detected)``. ``output_type="latent"`` returns the latents unchanged."""
         if output_type == "latent":
-            images = latents
-        else:
-            images, nsfw = self.run_safety_checker(self.decode_latents(latents))
-            images = postprocess(images, output_type, [True] * len(images) if nsfw is None else [not n for n in nsfw])
-        if not return_dict:
-            return (images, nsfw)
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+            return latents, None
+        images, nsfw = self.run_safety_checker(self.decode_latents(latents))
+        images = postprocess(images, output_type, [True] * len(images) if nsfw is None else [not n for n in nsfw])
+        return images, nsfw
 
 
 def _custom_schedule(timesteps, sigmas) -> dict[str, Any]:
