@@ -242,6 +242,7 @@ CALL_OPTIONS = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:`max_length` is ignored")  # transformers' own warning for padding=True
 @pytest.mark.parametrize("options", CALL_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
 def test_batch_padding_and_truncation_match_transformers(pairs, name, options):
