@@ -119,6 +119,8 @@ class SchedulerMixin(ConfigMixin):
     order: int = 1
     init_noise_sigma: float | torch.Tensor = 1.0
     _compatibles: Sequence[str] | None = None  # None: the KARRAS_DIFFUSION_SCHEDULERS family
+    # attribute names of containers that are replaced but never mutated: shared (not copied) by __copy__
+    _shared_state: frozenset[str] = frozenset({"_positions", "_prev_list", "_config"})
 
     # per-run state defaults (instances overwrite them)
     timesteps: torch.Tensor
@@ -171,10 +173,17 @@ class SchedulerMixin(ConfigMixin):
     # ---- copies ----------------------------------------------------------------------------------------------------
 
     def __copy__(self):
-        """A scheduler with independent run state: lists/dicts are copied, tensors shared (never written in place)."""
+        """A scheduler with independent run state: lists/dicts (solver history) are copied, tensors shared.
+
+        Tensors are never written in place by any scheduler. Containers named in ``_shared_state`` are lookup tables
+        that are replaced, never mutated, so they are shared too. Subclasses keeping other mutable objects must
+        override this (call ``super().__copy__()`` and copy them).
+        """
         new = self.__class__.__new__(self.__class__)
         state = self.__dict__.copy()
         for key, value in state.items():
+            if key in self._shared_state:
+                continue
             if isinstance(value, list):
                 state[key] = list(value)
             elif isinstance(value, dict):
@@ -231,6 +240,21 @@ class SchedulerMixin(ConfigMixin):
         self._begin_index = None
 
     # ---- helpers for subclasses --------------------------------------------------------------------------------------
+
+    def _init_train_schedule(
+        self,
+        num_train_timesteps: int,
+        beta_start: float,
+        beta_end: float,
+        beta_schedule: str,
+        trained_betas=None,
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
+        """Set ``betas``, ``alphas`` and ``alphas_cumprod`` (float32, computed in float64; see core.make_betas)."""
+        self.betas, self.alphas, self.alphas_cumprod = core.make_train_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
+            owner=type(self).__name__,
+        )
 
     def _check_set_timesteps_args(
         self,
@@ -290,28 +314,76 @@ class SchedulerMixin(ConfigMixin):
         return core.ve_add_noise(original_samples, noise, sigma)
 
 
+class SigmaSchedulerMixin:
+    """Shared pieces of k-diffusion (sigma) schedulers: Euler, Heun, LMS, KDPM2, DPM-Solver ...
+
+    They keep ``sigmas`` (float32, one more than the steps: the final sigma, usually 0) next to float32
+    ``timesteps``; the model input is scaled by ``1 / sqrt(sigma**2 + 1)``; ``step_index`` counts the steps taken.
+    """
+
+    is_scale_input_called: bool = False
+
+    @property
+    def init_noise_sigma(self) -> torch.Tensor:
+        """Standard deviation of the initial noise (see :func:`core.init_noise_sigma_for`)."""
+        return core.init_noise_sigma_for(self.sigmas, self.config.timestep_spacing)
+
+    def _input_sigma(self) -> torch.Tensor:
+        """The sigma the model input is scaled for at the current step (KDPM2 overrides)."""
+        return self.sigmas[self._step_index]
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """Scale the sample to the model's input: ``sample / sqrt(sigma**2 + 1)``."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sigma = self._input_sigma()
+        self.is_scale_input_called = True
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """``x0 + sigma(t) * noise`` for ``timesteps`` taken from ``self.timesteps`` (img2img start)."""
+        return self._add_noise_by_sigma(original_samples, noise, timesteps)
+
+    @staticmethod
+    def _reject_integer_timestep(owner: str, timestep) -> None:
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError(
+                f"{owner}.step got an integer index as timestep (e.g. from enumerate(timesteps)); pass one of "
+                "`scheduler.timesteps` instead"
+            )
+
+
 class DiscreteTimestepMixin:
     """Schedule bookkeeping for schedulers that step between integer timesteps (DDPM, DDIM, LCM ...).
 
-    ``_set_schedule(int_timesteps, device)`` stores ``timesteps`` (int64, on ``device``) and a table mapping each
-    timestep to the one it steps to: the next entry of the schedule, ``-1`` (the final alpha) for the last. This is
-    the schedule-array rule of :func:`core.previous_timesteps`; no stride formula anywhere.
+    ``_set_schedule(int_timesteps, device)`` stores ``timesteps`` (int64, on ``device``) and, on the CPU, each
+    timestep's position and the timestep it steps to: the next entry of the schedule, ``-1`` (the final alpha) for
+    the last. This is the schedule-array rule of :func:`core.previous_timesteps`; no stride formula anywhere.
+    The lookups are by value, so ``step`` stays a function of ``timestep`` (img2img may start anywhere).
     """
 
-    _prev_table: dict[int, int]
+    _positions: dict[int, int]
+    _prev_list: list[int]
 
     def _set_schedule(self, timesteps: np.ndarray, device=None) -> None:
         timesteps = np.asarray(timesteps, dtype=np.int64)
         self.timesteps = torch.from_numpy(timesteps.copy()).to(device)
-        self._prev_table = dict(zip(timesteps.tolist(), core.previous_timesteps(timesteps).tolist()))
+        # never mutated after this point (rebuilt by the next set_timesteps), so copies may share them
+        self._positions = {t: i for i, t in enumerate(timesteps.tolist())}
+        self._prev_list = core.previous_timesteps(timesteps).tolist()
+
+    def _position(self, timestep) -> int:
+        t = int(timestep)
+        try:
+            return self._positions[t]
+        except KeyError:
+            shown = self.timesteps.tolist()
+            shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-3:]
+            raise ValueError(
+                f"{type(self).__name__}: timestep {t} is not in the current schedule {shown}; pass one of "
+                "`scheduler.timesteps`"
+            ) from None
 
     def previous_timestep(self, timestep) -> int:
         """The timestep ``step`` moves ``timestep`` to (``-1``: past the end, i.e. the final alpha)."""
-        t = int(timestep)
-        try:
-            return self._prev_table[t]
-        except KeyError:
-            raise ValueError(
-                f"{type(self).__name__}: timestep {t} is not in the current schedule "
-                f"({self.timesteps.tolist()[:8]}...); pass one of `scheduler.timesteps`"
-            ) from None
+        return self._prev_list[self._position(timestep)]

@@ -242,13 +242,18 @@ def interp_sigmas(timesteps: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
 def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional timestep(s) of ``sigma`` by linear interpolation in log-sigma over ``log_sigmas`` (ascending).
 
-    Vectorised over ``sigma``. Sigmas outside the training range clamp to the first / last timestep.
+    Vectorised over ``sigma``. Sigmas outside the training range clamp to the first / last timestep. The lower
+    bracket is the last entry with ``log_sigmas[i] <= log(sigma)`` (0 when there is none), as in diffusers.
     """
     sigma = np.asarray(sigma)
     log_sigmas = np.asarray(log_sigmas)
     log_sigma = np.log(np.maximum(sigma, 1e-10)).reshape(-1)
-    dists = log_sigma[None, :] - log_sigmas[:, None]  # (T, n)
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    if np.all(np.diff(log_sigmas) >= 0):  # the usual case: O(n log T)
+        low = np.searchsorted(log_sigmas, log_sigma, side="right") - 1
+        low = np.clip(low, 0, log_sigmas.shape[0] - 2)
+    else:  # a non-monotone trained schedule: the general (dense) form
+        dists = log_sigma[None, :] - log_sigmas[:, None]  # (T, n)
+        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     high = low + 1
     lo, hi = log_sigmas[low], log_sigmas[high]
     w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
@@ -358,14 +363,17 @@ def discrete_sigma_schedule(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     timesteps: Sequence[float] | None = None,
+    interpolation_type: str = "linear",
     owner: str = "scheduler",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The common k-diffusion inference schedule of a discrete-time model.
 
     Returns ``(timesteps, sigmas, log_sigmas)``: ``n`` descending (fractional) timesteps, their ``n`` sigmas (no final
     sigma appended) and the float32 log of the training sigmas. Timesteps come from ``timestep_spacing`` (or the
-    given custom ``timesteps``); sigmas are interpolated in t over the training sigmas; with ``sigma_kind`` the sigmas
-    are re-spaced (karras / exponential / beta) and the timesteps recomputed from them by log-sigma interpolation.
+    given custom ``timesteps``); sigmas are interpolated in t over the training sigmas (``interpolation_type=
+    "linear"``) or, with ``"log_linear"``, spaced evenly in log-sigma over the whole training range (diffusers'
+    ``EulerDiscreteScheduler`` option, which yields ``n + 1`` sigmas); with ``sigma_kind`` the sigmas are re-spaced
+    (karras / exponential / beta) and the timesteps recomputed from them by log-sigma interpolation.
     """
     num_train = alphas_cumprod.shape[0]
     if timesteps is not None:
@@ -374,7 +382,13 @@ def discrete_sigma_schedule(
         ts = spaced_timesteps(num_train, num_inference_steps, timestep_spacing, steps_offset, owner).astype(np.float32)
     sig_train = train_sigmas(alphas_cumprod)
     log_sigmas = np.log(sig_train)
-    sigmas = interp_sigmas(ts, sig_train)
+    if interpolation_type == "linear":
+        sigmas = interp_sigmas(ts, sig_train)
+    elif interpolation_type == "log_linear":
+        # float32 like diffusers (torch.linspace default dtype)
+        sigmas = torch.linspace(float(log_sigmas[-1]), float(log_sigmas[0]), len(ts) + 1).exp().numpy()
+    else:
+        raise ValueError(f"{owner}: interpolation_type={interpolation_type!r}; choose 'linear' or 'log_linear'")
     if sigma_kind is not None:
         sigmas = convert_sigmas(sigma_kind, sigmas, len(ts), sigma_min, sigma_max)
         ts = sigma_to_t(sigmas, log_sigmas)
@@ -444,6 +458,33 @@ def ve_x0(model_output: torch.Tensor, sample: torch.Tensor, sigma, prediction_ty
     if prediction_type == "sample":
         return model_output
     raise ValueError(f"prediction_type={prediction_type!r}; choose one of {list(PREDICTION_TYPES)}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# VP transfers between two timesteps (alphas_cumprod values a_t -> a_prev)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def posterior_variance(alpha_prod_t, alpha_prod_t_prev):
+    """Variance of q(x_prev | x_t, x0): ``(1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)`` (DDPM's beta tilde; DDIM's
+    sigma_t**2 at eta=1)."""
+    return (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+
+
+def ddpm_posterior_mean(x0: torch.Tensor, sample: torch.Tensor, alpha_prod_t, alpha_prod_t_prev) -> torch.Tensor:
+    """Mean of q(x_prev | x_t, x0) (Ho et al. 2020, eq. 7) for a step between two arbitrary timesteps."""
+    beta_prod_t = 1 - alpha_prod_t
+    current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+    current_beta_t = 1 - current_alpha_t
+    x0_coeff = (alpha_prod_t_prev**0.5 * current_beta_t) / beta_prod_t
+    sample_coeff = current_alpha_t**0.5 * (1 - alpha_prod_t_prev) / beta_prod_t
+    return x0_coeff * x0 + sample_coeff * sample
+
+
+def ddim_transfer(x0: torch.Tensor, eps: torch.Tensor, alpha_prod_t_prev, std_dev_t=0.0) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) without its noise term: ``sqrt(a_prev) x0 + sqrt(1 - a_prev - std**2) eps``."""
+    direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * eps
+    return alpha_prod_t_prev**0.5 * x0 + direction
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -542,6 +583,14 @@ def vp_velocity(
     return expand_to(a_t**0.5, sample.ndim) * noise - expand_to((1 - a_t) ** 0.5, sample.ndim) * sample
 
 
+def ve_velocity(sample: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target at noise level ``sigma`` (``alpha_t = 1 / sqrt(sigma**2 + 1)``, ``sigma_t =
+    sigma * alpha_t``): ``alpha_t * noise - sigma_t * x0`` (``sample`` is x0)."""
+    sigma = expand_to(sigma.to(device=sample.device, dtype=sample.dtype), sample.ndim)
+    alpha_t = 1 / (sigma**2 + 1) ** 0.5
+    return alpha_t * noise - sigma * alpha_t * sample
+
+
 def ve_add_noise(original_samples: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """k-diffusion forward process ``x0 + sigma * noise`` (``sigma`` per batch entry, or one for all)."""
     sigma = sigma.to(device=original_samples.device, dtype=original_samples.dtype)
@@ -562,6 +611,16 @@ def ancestral_split(sigma_from, sigma_to, eta: float = 1.0):
         sigma_up = torch.minimum(torch.as_tensor(sigma_to), torch.as_tensor(sigma_up))
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_up, sigma_down
+
+
+def to_d(sample: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
+    """The probability-flow ODE derivative ``dx/dsigma = (x - x0) / sigma`` (k-diffusion ``to_d``)."""
+    return (sample - x0) / sigma
+
+
+def geometric_mean_sigma(sigma_a: torch.Tensor, sigma_b: torch.Tensor) -> torch.Tensor:
+    """``exp((log a + log b) / 2)``: the log-space midpoint KDPM2 evaluates at (elementwise, float32 like diffusers)."""
+    return sigma_a.log().lerp(sigma_b.log(), 0.5).exp()
 
 
 def lms_coefficient(sigmas: Sequence[float], index: int, order: int, current_order: int) -> float:
