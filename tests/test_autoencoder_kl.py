@@ -133,7 +133,7 @@ def test_slicing_runs_items_alone_with_same_result(pair):
     assert seen == [1, 1, 1, 1, 1, 1]  # the decoder saw one item at a time
 
 
-@pytest.mark.parametrize("size", [(40, 36), (32, 32), (20, 44)])
+@pytest.mark.parametrize("size", [(40, 36), (20, 44)])
 @torch.no_grad()
 def test_tiling_matches_diffusers(pair, size):
     """Small tiles (16 px / 8 latents) so that tiling triggers on small inputs; seams are blended as diffusers."""
@@ -145,9 +145,9 @@ def test_tiling_matches_diffusers(pair, size):
         model.enable_tiling()
         model.tile_sample_min_size, model.tile_latent_min_size = 16, 8
     try:
-        enc = ours.encode(x).latent_dist
-        torch.testing.assert_close(enc.mean, ref.encode(x).latent_dist.mean, **TOL)
-        torch.testing.assert_close(enc.logvar, ref.encode(x).latent_dist.logvar, **TOL)
+        enc, ref_enc = ours.encode(x).latent_dist, ref.encode(x).latent_dist
+        torch.testing.assert_close(enc.mean, ref_enc.mean, **TOL)
+        torch.testing.assert_close(enc.logvar, ref_enc.logvar, **TOL)
         dec = ours.decode(z).sample
         torch.testing.assert_close(dec, ref.decode(z).sample, **TOL)
         assert enc.mean.shape == plain_enc.shape and dec.shape == plain_dec.shape
