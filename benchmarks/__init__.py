@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of diffusekit against diffusers on the same weights (see BENCHMARKS.md)."""
