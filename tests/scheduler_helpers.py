@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 
@@ -73,10 +74,27 @@ def assert_close(a, b, tol: float, what: str = "") -> None:
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
 
 
-def check_parity(ours_cls, theirs_cls, config: dict, set_kwargs: dict, step_kwargs=None, model=dummy_model):
-    """Schedule and full-loop parity with diffusers, in both the shared-schedule and own-schedule modes."""
+def make_theirs(theirs_cls, config: dict):
+    """diffusers' scheduler for ``config``. Several diffusers constructors run a 1000-step ``set_timesteps``, which
+    with ``use_beta_sigmas`` means 1000 scipy quantile calls (seconds): build those without the flag and switch it
+    on afterwards (only ``set_timesteps`` reads it)."""
+    if config.get("use_beta_sigmas"):
+        theirs = theirs_cls(**{**config, "use_beta_sigmas": False})
+        theirs.register_to_config(use_beta_sigmas=True)
+        assert theirs.config.use_beta_sigmas
+        return theirs
+    return theirs_cls(**config)
+
+
+def check_parity(ours_cls, theirs_cls, config: dict, set_kwargs: dict, step_kwargs=None, model=dummy_model,
+                 own_tol: float | None = None):
+    """Schedule and full-loop parity with diffusers, in both the shared-schedule and own-schedule modes.
+
+    ``own_tol`` loosens the own-schedule comparison for ill-conditioned configurations (see callers).
+    """
     quiet()
-    ours, theirs = ours_cls(**config), theirs_cls(**config)
+    ours, theirs = ours_cls(**config), make_theirs(theirs_cls, config)
+    fresh_ours, fresh_theirs = copy.deepcopy(ours), copy.deepcopy(theirs)  # some diffusers inits are slow
     # training schedule: ours is float64-then-cast, so equal to ~float32 cumprod rounding
     assert_close(ours.alphas_cumprod, theirs.alphas_cumprod, 2e-5, "alphas_cumprod")
 
@@ -100,7 +118,7 @@ def check_parity(ours_cls, theirs_cls, config: dict, set_kwargs: dict, step_kwar
     assert torch.isfinite(b).all()
     assert_close(a, b, EXACT, "final sample (shared training schedule)")
 
-    a = run_loop(ours_cls(**config), set_kwargs, step_kwargs, model)
-    b = run_loop(theirs_cls(**config), set_kwargs, step_kwargs, model)
-    assert_close(a, b, OWN, "final sample (own training schedules)")
+    a = run_loop(fresh_ours, set_kwargs, step_kwargs, model)
+    b = run_loop(fresh_theirs, set_kwargs, step_kwargs, model)
+    assert_close(a, b, OWN if own_tol is None else own_tol, "final sample (own training schedules)")
     return a
