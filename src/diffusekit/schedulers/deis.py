@@ -17,7 +17,8 @@ from .multistep import (
 )
 
 # algorithm / solver names of the other multistep schedulers: a config written for them loads as DEIS log-rho
-_FOREIGN_ALGORITHMS = ("dpmsolver", "dpmsolver++")
+# (diffusers maps the ODE names only and refuses the SDE ones)
+_FOREIGN_ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
 _FOREIGN_SOLVER_TYPES = ("midpoint", "heun", "bh1", "bh2")
 
 
