@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffusekit import UNet2DModel, UNet2DOutput
 from diffusekit.models.attention import Attention
 from diffusekit.models.embeddings import GaussianFourierProjection, TimestepEmbedding, timestep_embedding
 from diffusekit.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -148,7 +149,6 @@ def test_timestep_mlp_matches_diffusers():
 
 # ---------------------------------------------------------------------------------------------------- UNet2DModel
 
-from diffusekit import UNet2DModel, UNet2DOutput  # noqa: E402
 
 # config.json of google/ddpm-cat-256 (also ddpm-celebahq-256, -church-256, -bedroom-256: same architecture)
 DDPM_256_CONFIG = {

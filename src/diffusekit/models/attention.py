@@ -138,7 +138,9 @@ class Attention(nn.Module):
 # Checkpoints written before diffusers 0.14 (e.g. the google/ddpm-* and early VAE repos) name the projections of the
 # UNet / VAE spatial attention blocks ``query``/``key``/``value``/``proj_attn``. They map one to one onto ours.
 LEGACY_ATTENTION_KEYS = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_LEGACY_KEY = re.compile(r"^(?P<block>(?:.+\.)?attentions\.\d+)\.(?P<name>query|key|value|proj_attn)\.(?P<p>weight|bias)$")
+_LEGACY_KEY = re.compile(
+    r"^(?P<block>(?:.+\.)?attentions\.\d+)\.(?P<name>query|key|value|proj_attn)\.(?P<p>weight|bias)$"
+)
 
 
 def rename_legacy_attention_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

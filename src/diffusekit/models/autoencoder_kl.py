@@ -63,7 +63,8 @@ class DiagonalGaussianDistribution:
         if other is None:
             terms = self.mean.pow(2) + self.var - 1.0 - self.logvar
         else:
-            terms = (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar
+            ratio = self.var / other.var
+            terms = (self.mean - other.mean).pow(2) / other.var + ratio - 1.0 - self.logvar + other.logvar
         return 0.5 * terms.sum(dim=[1, 2, 3])
 
     def nll(self, sample: torch.Tensor, dims: tuple[int, ...] = (1, 2, 3)) -> torch.Tensor:
@@ -90,7 +91,7 @@ class DecoderOutput(BaseOutput):
 
 
 class Encoder(nn.Module):
-    """conv_in -> down blocks (stride-2 each but the last) -> mid block (resnet/attention/resnet) -> norm/act/conv_out."""
+    """conv_in -> down blocks (stride 2 but the last) -> mid block (resnet/attention/resnet) -> norm/act/conv_out."""
 
     def __init__(
         self,

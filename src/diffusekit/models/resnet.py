@@ -141,7 +141,8 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         if time_embedding_norm not in ("default", "scale_shift"):
             raise ValueError(
-                f"ResnetBlock2D: unsupported time_embedding_norm {time_embedding_norm!r}; use 'default' or 'scale_shift'"
+                f"ResnetBlock2D: unsupported time_embedding_norm {time_embedding_norm!r}; "
+                "use 'default' or 'scale_shift'"
             )
         if kernel not in (None, "sde_vp"):
             raise ValueError(f"ResnetBlock2D: unsupported resampling kernel {kernel!r}")

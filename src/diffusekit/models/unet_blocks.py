@@ -193,7 +193,8 @@ class AttnDownBlock2D(nn.Module):
         if downsample_type == "conv":
             self.downsamplers = nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
         elif downsample_type == "resnet":
-            self.downsamplers = nn.ModuleList([_resnet(out_channels, out_channels, *common, output_scale_factor, down=True)])
+            resnet = _resnet(out_channels, out_channels, *common, output_scale_factor, down=True)
+            self.downsamplers = nn.ModuleList([resnet])
         elif downsample_type is None:
             self.downsamplers = None
         else:
@@ -407,7 +408,8 @@ class AttnUpBlock2D(nn.Module):
         if upsample_type == "conv":
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)])
         elif upsample_type == "resnet":
-            self.upsamplers = nn.ModuleList([_resnet(out_channels, out_channels, *common, output_scale_factor, up=True)])
+            resnet = _resnet(out_channels, out_channels, *common, output_scale_factor, up=True)
+            self.upsamplers = nn.ModuleList([resnet])
         elif upsample_type is None:
             self.upsamplers = None
         else:
