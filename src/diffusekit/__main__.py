@@ -3,6 +3,8 @@
   generate MODEL [--prompt TEXT] ...   run the pipeline in a diffusers-format folder or hub repo, write a PNG grid
   demo [--out DIR]                     build tiny random-weight models, save them in diffusers format, load them
                                        back and generate: a smoke test of the whole stack that needs no download
+  train unconditional|text-to-image    train on Fashion-MNIST, export in diffusers format (diffusekit.training)
+  eval ...                             measure sample quality (diffusekit train --help, diffusekit eval --help)
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ def _demo(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["train"], ["eval"]):  # the training tools parse their own arguments (imported only here)
+        from .training.cli import main as training_main
+
+        return training_main(argv)
     parser = argparse.ArgumentParser(prog="diffusekit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
