@@ -120,7 +120,7 @@ class SchedulerMixin(ConfigMixin):
     init_noise_sigma: float | torch.Tensor = 1.0
     _compatibles: Sequence[str] | None = None  # None: the KARRAS_DIFFUSION_SCHEDULERS family
     # attribute names of containers that are replaced but never mutated: shared (not copied) by __copy__
-    _shared_state: frozenset[str] = frozenset({"_positions", "_prev_list", "_config"})
+    _shared_state: frozenset[str] = frozenset({"_positions", "_prev_list", "_config", "_sigma_values", "_froms", "_tos"})
 
     # per-run state defaults (instances overwrite them)
     timesteps: torch.Tensor

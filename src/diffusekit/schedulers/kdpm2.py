@@ -18,13 +18,13 @@ def repeat_evaluations(values: torch.Tensor) -> torch.Tensor:
 
 
 def interleaved_timesteps(
-    ts: np.ndarray, sigmas_interpol: torch.Tensor, log_sigmas: np.ndarray, device, ancestral: bool
+    ts: np.ndarray, sigmas_interpol: torch.Tensor, log_sigmas: np.ndarray, ancestral: bool
 ) -> torch.Tensor:
     """Evaluation timesteps of KDPM2 / KDPM2 ancestral: each step's start interleaved with the timestep of its
     midpoint sigma (found by log-sigma interpolation); float32."""
-    ts_t = torch.from_numpy(np.asarray(ts, dtype=np.float32)).to(device)
-    ts_interpol = core.sigma_to_t(sigmas_interpol.cpu().numpy(), log_sigmas)
-    ts_interpol = torch.from_numpy(np.asarray(ts_interpol, dtype=np.float32)).to(device)
+    ts_t = torch.from_numpy(np.asarray(ts, dtype=np.float32))
+    ts_interpol = core.sigma_to_t(sigmas_interpol.numpy(), log_sigmas)
+    ts_interpol = torch.from_numpy(np.asarray(ts_interpol, dtype=np.float32))
     mids = ts_interpol[:-2] if ancestral else ts_interpol[1:-1]
     return torch.cat([ts_t[:1], torch.stack((mids[:, None], ts_t[1:, None]), dim=-1).flatten()])
 
@@ -57,7 +57,8 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
         self._init_train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self.set_timesteps(num_train_timesteps)
 
-    def _schedule(self, num_inference_steps: int, device):
+    def _schedule(self, num_inference_steps: int):
+        """CPU arrays ``(timesteps, sigmas with final 0, log_sigmas)``; callers move their results to the device."""
         cfg = self.config
         kind = self._sigma_kind()
         ts, sig, log_sigmas = core.discrete_sigma_schedule(
@@ -67,8 +68,7 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
         if kind == "karras":
             ts = np.round(ts)  # as diffusers does for karras sigmas (only)
         self.num_inference_steps = num_inference_steps
-        self.log_sigmas = torch.from_numpy(log_sigmas).to(device)
-        return ts, core.sigmas_to_tensor(sig, 0.0, device), log_sigmas
+        return ts, core.sigmas_to_tensor(sig, 0.0), log_sigmas
 
     def set_timesteps(
         self,
@@ -81,11 +81,12 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
     ) -> None:
         """Set ``num_inference_steps`` steps (two evaluations each)."""
         self._check_set_timesteps_args(num_inference_steps, timesteps, sigmas)
-        ts, sig, log_sigmas = self._schedule(num_inference_steps, device)
+        ts, sig, log_sigmas = self._schedule(num_inference_steps)
         sigmas_interpol = core.geometric_mean_sigma(sig, sig.roll(1))
-        self.timesteps = interleaved_timesteps(ts, sigmas_interpol, log_sigmas, device, ancestral=False)
-        self.sigmas = repeat_evaluations(sig)
-        self.sigmas_interpol = repeat_evaluations(sigmas_interpol)
+        self.log_sigmas = torch.from_numpy(log_sigmas).to(device)
+        self.timesteps = interleaved_timesteps(ts, sigmas_interpol, log_sigmas, ancestral=False).to(device)
+        self.sigmas = repeat_evaluations(sig).to(device)
+        self.sigmas_interpol = repeat_evaluations(sigmas_interpol).to(device)
         self.sample = None
         self._reset_run_state()
 

@@ -49,17 +49,18 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
     ) -> None:
         """Set ``num_inference_steps`` steps (two evaluations each)."""
         self._check_set_timesteps_args(num_inference_steps, timesteps, sigmas)
-        ts, sig, log_sigmas = self._schedule(num_inference_steps, device)
+        ts, sig, log_sigmas = self._schedule(num_inference_steps)
         sigmas_next = torch.cat([sig[1:], sig.new_zeros(1)])
         sigmas_up, sigmas_down = core.ancestral_split(sig, sigmas_next)
         sigmas_down = torch.cat([sigmas_down[:-1], sigmas_down.new_zeros(1)])
         sigmas_interpol = core.geometric_mean_sigma(sig, sigmas_down)
         sigmas_interpol = torch.cat([sigmas_interpol[:-2], sigmas_interpol.new_zeros(2)])
-        self.timesteps = interleaved_timesteps(ts, sigmas_interpol, log_sigmas, device, ancestral=True)
-        self.sigmas = repeat_evaluations(sig)
-        self.sigmas_interpol = repeat_evaluations(sigmas_interpol)
-        self.sigmas_up = repeat_evaluations(sigmas_up)
-        self.sigmas_down = repeat_evaluations(sigmas_down)
+        self.log_sigmas = torch.from_numpy(log_sigmas).to(device)
+        self.timesteps = interleaved_timesteps(ts, sigmas_interpol, log_sigmas, ancestral=True).to(device)
+        self.sigmas = repeat_evaluations(sig).to(device)
+        self.sigmas_interpol = repeat_evaluations(sigmas_interpol).to(device)
+        self.sigmas_up = repeat_evaluations(sigmas_up).to(device)
+        self.sigmas_down = repeat_evaluations(sigmas_down).to(device)
         self.sample = None
         self._reset_run_state()
 

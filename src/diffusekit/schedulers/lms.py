@@ -60,8 +60,9 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
             owner=type(self).__name__,
         )
         self.num_inference_steps = num_inference_steps
-        self.sigmas = core.sigmas_to_tensor(sig, 0.0, device)
-        self._sigma_values = self.sigmas.tolist()  # CPU floats for the coefficients
+        sigmas = core.sigmas_to_tensor(sig, 0.0)
+        self._sigma_values = sigmas.tolist()  # CPU floats for the coefficients
+        self.sigmas = sigmas.to(device)
         self.timesteps = torch.from_numpy(np.asarray(ts, dtype=np.float32)).to(device=device)
         self.derivatives: list[torch.Tensor] = []
         self._reset_run_state()
