@@ -237,7 +237,8 @@ def test_seeded_noise_reproduces_and_depends_on_seed(cls):
     kwargs = {"eta": 1.0} if cls is DDIMScheduler else {}
     a = run_loop(cls(), step_kwargs=kwargs, seed=0)
     b = run_loop(cls(), step_kwargs=kwargs, seed=0)
-    c = run_loop(cls(), step_kwargs=kwargs, seed=1, start=torch.randn(SHAPE, generator=torch.Generator().manual_seed(1234)))
+    other_start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1234))
+    c = run_loop(cls(), step_kwargs=kwargs, seed=1, start=other_start)
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 

@@ -6,8 +6,8 @@ A scheduler class:
   names and defaults, so ``scheduler_config.json`` files interchange both ways;
 * keeps the training schedule (``betas``, ``alphas``, ``alphas_cumprod``) as tensors that are never written in place,
   and the per-run state (``timesteps``, ``sigmas``, ``num_inference_steps``, step index, solver history lists) small:
-  ``copy.copy(scheduler)`` gives an independent run state sharing the schedule tensors (:meth:`SchedulerMixin.__copy__`);
-  pipelines copy their scheduler at the start of each call;
+  ``copy.copy(scheduler)`` gives an independent run state sharing the schedule tensors
+  (:meth:`SchedulerMixin.__copy__`); pipelines copy their scheduler at the start of each call;
 * implements ``set_timesteps(num_inference_steps=None, device=None, timesteps=None, sigmas=None)``,
   ``scale_model_input(sample, timestep)``, ``step(model_output, timestep, sample, ..., generator=None,
   return_dict=True)`` returning :class:`SchedulerOutput` (or a tuple), ``add_noise(original, noise, timesteps)`` and
@@ -120,7 +120,9 @@ class SchedulerMixin(ConfigMixin):
     init_noise_sigma: float | torch.Tensor = 1.0
     _compatibles: Sequence[str] | None = None  # None: the KARRAS_DIFFUSION_SCHEDULERS family
     # attribute names of containers that are replaced but never mutated: shared (not copied) by __copy__
-    _shared_state: frozenset[str] = frozenset({"_positions", "_prev_list", "_config", "_sigma_values", "_froms", "_tos"})
+    _shared_state: frozenset[str] = frozenset(
+        {"_positions", "_prev_list", "_config", "_sigma_values", "_froms", "_tos"}
+    )
 
     # per-run state defaults (instances overwrite them)
     timesteps: torch.Tensor
@@ -145,7 +147,9 @@ class SchedulerMixin(ConfigMixin):
         params = set(cls._config_params())
         bad = sorted(k for k in kwargs if k not in params)
         if bad:
-            raise TypeError(f"{cls.__name__}.from_pretrained got unknown argument(s) {bad}; config keys: {sorted(params)}")
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained got unknown argument(s) {bad}; config keys: {sorted(params)}"
+            )
         data = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
         init_kwargs = cls.extract_init_kwargs(data, warn_unknown=data.get("_class_name") == cls.__name__)
         init_kwargs.update(kwargs)

@@ -46,7 +46,9 @@ def sigma_schedule_kind(
     """Return ``"karras"``, ``"exponential"``, ``"beta"`` or ``None``; more than one flag set is a ``ValueError``."""
     chosen = [
         kind
-        for kind, flag in (("karras", use_karras_sigmas), ("exponential", use_exponential_sigmas), ("beta", use_beta_sigmas))
+        for kind, flag in (
+            ("karras", use_karras_sigmas), ("exponential", use_exponential_sigmas), ("beta", use_beta_sigmas)
+        )
         if flag
     ]
     if len(chosen) > 1:
@@ -208,7 +210,8 @@ def check_custom_timesteps(owner: str, timesteps: Sequence, num_train_timesteps:
         raise ValueError(f"{owner}: custom timesteps must be strictly descending, got {arr.tolist()}")
     if arr[0] >= num_train_timesteps or arr[-1] < 0:
         raise ValueError(
-            f"{owner}: custom timesteps must lie in [0, {num_train_timesteps}) (num_train_timesteps), got {arr.tolist()}"
+            f"{owner}: custom timesteps must lie in [0, {num_train_timesteps}) (num_train_timesteps), "
+            f"got {arr.tolist()}"
         )
     return arr
 
@@ -286,7 +289,8 @@ def _betainc(a: float, b: float, x: np.ndarray) -> np.ndarray:
     aa = np.where(flip, b, a)
     bb = np.where(flip, a, b)
     xx = np.where(flip, 1 - xi, xi)
-    log_front = aa * np.log(xx) + bb * np.log1p(-xx) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)) - np.log(aa)
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    log_front = aa * np.log(xx) + bb * np.log1p(-xx) - log_beta - np.log(aa)
     tiny = 1e-300
     c = np.ones_like(xx)
     d = 1 - (aa + bb) * xx / (aa + 1)

@@ -20,8 +20,9 @@ class DDIMScheduler(DiscreteTimestepMixin, SchedulerMixin):
     ``t - num_train_timesteps // num_inference_steps``, which is only right for evenly strided schedules
     (diffusers issue #9261). Results are therefore identical to diffusers for ``leading`` spacing and for
     ``trailing`` spacing when ``num_inference_steps`` divides ``num_train_timesteps``, and differ (we are right) for
-    ``linspace`` spacing and for ``trailing`` spacing with other step counts (there diffusers' last step lands on
-    ``alphas_cumprod[0]``-ish timesteps instead of the final alpha). ``set_timesteps`` also accepts custom
+    ``linspace`` spacing and for ``trailing`` spacing with other step counts (there diffusers' steps land one
+    timestep off the schedule and its last step lands on timestep 0 instead of the final alpha, e.g. 1000 train
+    steps, 7 inference steps: 999 -> 857 while the schedule's next entry is 856). ``set_timesteps`` also accepts custom
     descending ``timesteps`` (diffusers' DDIM does not); the same rule applies to them.
     """
 
