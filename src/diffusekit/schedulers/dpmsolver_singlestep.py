@@ -57,8 +57,8 @@ class DPMSolverSinglestepScheduler(MultistepSchedulerBase):
     ``algorithm_type``: ``dpmsolver++`` (default), ``sde-dpmsolver++`` (stochastic) or ``dpmsolver``;
     ``solver_order`` 1-3; ``solver_type`` ``midpoint`` / ``heun``. The timesteps are the multistep ones; the orders
     per step come from :func:`singlestep_orders`. As in diffusers, ``lower_order_final`` is switched on for the run
-    when the step count is not a multiple of the order or the final sigma is zero (a warning says so; the config is
-    left as given).
+    when the final sigma is zero or the step count is not a multiple of the order (the latter with a warning);
+    unlike diffusers the config is left as given.
     """
 
     @register_to_config
@@ -138,14 +138,15 @@ class DPMSolverSinglestepScheduler(MultistepSchedulerBase):
         self._store_schedule(timesteps, sigmas, final, device)
 
         lower_order_final = cfg.lower_order_final
+        if not lower_order_final and cfg.final_sigmas_type == "zero":
+            # the default config: a last step to sigma 0 must be first order (diffusers warns and edits its config)
+            logger.debug("%s: final_sigmas_type='zero' implies lower_order_final=True", owner)
+            lower_order_final = True
         if not lower_order_final and num_inference_steps % cfg.solver_order != 0:
             logger.warning(
                 "%s: %d steps is not a multiple of solver_order=%d; using lower_order_final=True for this run",
                 owner, num_inference_steps, cfg.solver_order,
             )
-            lower_order_final = True
-        if not lower_order_final and cfg.final_sigmas_type == "zero":
-            logger.warning("%s: final_sigmas_type='zero' needs lower_order_final=True; using it for this run", owner)
             lower_order_final = True
         self._lower_order_final = lower_order_final
         self.order_list = self.get_order_list(num_inference_steps)

@@ -161,7 +161,7 @@ class LCMScheduler(SchedulerMixin):
             self._init_step_index(timestep)
         i = self._step_index
         cfg = self.config
-        alpha_prod_t = self.alphas_cumprod[timestep]
+        alpha_prod_t = self.alphas_cumprod[int(timestep)]  # int: the schedule may live on another device
         c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(timestep)
         x0, _ = core.vp_x0_eps(model_output, sample, alpha_prod_t.sqrt(), (1 - alpha_prod_t).sqrt(),
                                cfg.prediction_type)
@@ -170,7 +170,7 @@ class LCMScheduler(SchedulerMixin):
         denoised = c_out * x0 + c_skip * sample
         if i != self.num_inference_steps - 1:
             prev_t = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else timestep  # strength < 1: ends early
-            alpha_prod_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+            alpha_prod_prev = self.alphas_cumprod[int(prev_t)] if prev_t >= 0 else self.final_alpha_cumprod
             noise = core.randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                       dtype=denoised.dtype)
             prev_sample = alpha_prod_prev.sqrt() * denoised + (1 - alpha_prod_prev).sqrt() * noise

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -486,14 +487,13 @@ class MultistepSchedulerBase(SchedulerMixin):
         cfg = self.config
         owner = type(self).__name__
         self._check_common_options()
-        if cfg.get("solver_order", 1) < 1 or int(cfg.get("solver_order", 1)) != cfg.get("solver_order", 1):
-            raise ValueError(f"{owner}: solver_order must be a positive integer, got {cfg.solver_order!r}")
+        order = cfg.get("solver_order", 1)
+        if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 1:
+            raise ValueError(f"{owner}: solver_order must be a positive integer, got {order!r}")
         if "final_sigmas_type" in cfg:
             core.check_choice(owner, "final_sigmas_type", cfg.final_sigmas_type, FINAL_SIGMAS_TYPES)
         if cfg.get("use_dynamic_shifting", False):
             core.check_choice(owner, "time_shift_type", cfg.get("time_shift_type"), self._time_shift_types())
-        if cfg.get("prediction_type") == "flow_prediction" and cfg.get("thresholding"):
-            pass  # allowed, as in diffusers
         self._init_train_schedule(
             cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas,
             cfg.get("rescale_betas_zero_snr", False),
