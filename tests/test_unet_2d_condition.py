@@ -233,7 +233,9 @@ CLASS_EMBEDDINGS = {
         lambda: torch.randn(2, 6),
     ),
     "simple_projection_concat": (
-        dict(class_embed_type="simple_projection", projection_class_embeddings_input_dim=6, class_embeddings_concat=True),
+        dict(
+            class_embed_type="simple_projection", projection_class_embeddings_input_dim=6, class_embeddings_concat=True
+        ),
         lambda: torch.randn(2, 6),
     ),
 }
@@ -354,6 +356,7 @@ def test_wrong_text_width_is_a_clear_error(tmp_path):
     [
         ("addition_embed_type", "text_time", NotImplementedError),
         ("encoder_hid_dim", 16, NotImplementedError),
+        ("encoder_hid_dim_type", "text_proj", NotImplementedError),
         ("dual_cross_attention", True, NotImplementedError),
         ("attention_type", "gated", NotImplementedError),
         ("num_attention_heads", 8, ValueError),
@@ -400,6 +403,36 @@ SD15_CONFIG = {
     "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
+
+
+# SD 2.1 (768-v): 64-wide heads given as per-stage head counts, linear projections, upcast attention, 1024-wide text
+SD21_CONFIG = dict(
+    SD15_CONFIG, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
+    upcast_attention=True, sample_size=96,
+)
+# SD x4-upscaler-like: class-embedded noise level, cross-attention-only transformers in three stages, 7 inputs
+UPSCALER_CONFIG = dict(
+    SD21_CONFIG, attention_head_dim=8, block_out_channels=[256, 512, 512, 1024], in_channels=7, num_class_embeds=1000,
+    only_cross_attention=[True, True, True, False], upcast_attention=False,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+)
+FULL_SIZE = {
+    "sd15": SD15_CONFIG,
+    "sd21": SD21_CONFIG,
+    "x4_upscaler": UPSCALER_CONFIG,
+    "lcm_sd15": dict(SD15_CONFIG, time_cond_proj_dim=256),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE))
+def test_full_size_configs_have_diffusers_keys_and_shapes(name):
+    """Real architectures built on the meta device (no memory, no time): every checkpoint key and shape agrees."""
+    with torch.device("meta"):
+        ref = diffusers.UNet2DConditionModel(**FULL_SIZE[name])
+        ours = UNet2DConditionModel(**FULL_SIZE[name])
+    shapes = lambda model: {k: tuple(v.shape) for k, v in model.state_dict().items()}  # noqa: E731
+    assert shapes(ours) == shapes(ref)
 
 
 @pytest.mark.slow

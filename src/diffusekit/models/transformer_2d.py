@@ -44,7 +44,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         inner_dim = dim * mult
-        self.net = nn.ModuleList([GEGLU(dim, inner_dim, bias=bias), nn.Dropout(dropout), nn.Linear(inner_dim, dim, bias=bias)])
+        self.net = nn.ModuleList(
+            [GEGLU(dim, inner_dim, bias=bias), nn.Dropout(dropout), nn.Linear(inner_dim, dim, bias=bias)]
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -73,11 +75,17 @@ class BasicTransformerBlock(nn.Module):
     ):
         super().__init__()
         self.only_cross_attention = only_cross_attention
-        attention = dict(heads=num_attention_heads, dim_head=attention_head_dim, dropout=dropout, bias=attention_bias,
-                         upcast_attention=upcast_attention)
+        attention = dict(
+            heads=num_attention_heads,
+            dim_head=attention_head_dim,
+            dropout=dropout,
+            bias=attention_bias,
+            upcast_attention=upcast_attention,
+        )
+        self_or_text = cross_attention_dim if only_cross_attention else None  # what attn1 attends to
 
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn1 = Attention(dim, cross_attention_dim=cross_attention_dim if only_cross_attention else None, **attention)
+        self.attn1 = Attention(dim, cross_attention_dim=self_or_text, **attention)
         if cross_attention_dim is not None:
             self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
             self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **attention)

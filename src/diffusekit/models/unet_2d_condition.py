@@ -139,8 +139,9 @@ class UNet2DConditionModel(ModelMixin):
             )
         if addition_embed_type is not None:
             _refuse("addition_embed_type", addition_embed_type, "SDXL / Kandinsky added embeddings")
-        if encoder_hid_dim is not None or encoder_hid_dim_type is not None:
-            _refuse("encoder_hid_dim", encoder_hid_dim, "projection of encoder_hidden_states")
+        for key, value in (("encoder_hid_dim", encoder_hid_dim), ("encoder_hid_dim_type", encoder_hid_dim_type)):
+            if value is not None:
+                _refuse(key, value, "projection of encoder_hidden_states (Kandinsky, IP-Adapter)")
         if dual_cross_attention:
             _refuse("dual_cross_attention", dual_cross_attention, "DualTransformer2DModel")
         if attention_type != "default":
@@ -177,20 +178,22 @@ class UNet2DConditionModel(ModelMixin):
         elif time_embedding_type == "fourier":
             time_embed_dim = time_embedding_dim or width * 2
             if time_embed_dim % 2:
-                raise ValueError(f"time_embedding_type='fourier' needs an even time embedding width, got {time_embed_dim}")
+                raise ValueError(f"time_embedding_type='fourier' needs an even time_embedding_dim: {time_embed_dim}")
             self.time_proj = GaussianFourierProjection(
                 time_embed_dim // 2, set_W_to_weight=False, log=False, flip_sin_to_cos=flip_sin_to_cos
             )
             time_features = time_embed_dim
         else:
             raise ValueError(f"unknown time_embedding_type {time_embedding_type!r}; expected 'positional' or 'fourier'")
-        self.time_embedding = TimestepEmbedding(
-            time_features, time_embed_dim, act_fn=act_fn, post_act_fn=timestep_post_act, cond_proj_dim=time_cond_proj_dim
+        self.time_embedding = TimestepEmbedding(  # (+ cond_proj: LCM's guidance-scale embedding)
+            time_features, time_embed_dim, act_fn, post_act_fn=timestep_post_act, cond_proj_dim=time_cond_proj_dim
         )
 
         # ---- class embedding (summed with, or concatenated to, the time embedding)
-        if class_embed_type is None:
-            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds is not None else None
+        if class_embed_type is None and num_class_embeds is None:
+            self.class_embedding = None
+        elif class_embed_type is None:  # a learned table of num_class_embeds labels
+            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim)
         elif class_embed_type == "timestep":  # labels go through time_proj first
             self.class_embedding = TimestepEmbedding(time_features, time_embed_dim, act_fn=act_fn)
         elif class_embed_type == "identity":  # labels are embeddings already
@@ -393,7 +396,7 @@ class UNet2DConditionModel(ModelMixin):
         if cross_attention_kwargs:
             unused = sorted(k for k in cross_attention_kwargs if k != "scale")
             if unused:
-                logger.warning("UNet2DConditionModel: ignoring cross_attention_kwargs %s (no attention processors)", unused)
+                logger.warning("UNet2DConditionModel: ignoring cross_attention_kwargs %s (no processors)", unused)
         self._check_context(encoder_hidden_states)
 
         # 0. sizes not divisible by 2**num_upsamplers: upsample to the skip tensors' sizes instead of exactly 2x
@@ -417,9 +420,10 @@ class UNet2DConditionModel(ModelMixin):
 
         # adapter residuals: ControlNet gives both down and mid; down alone is the T2I-Adapter spelling
         is_controlnet = down_block_additional_residuals is not None and mid_block_additional_residual is not None
-        intrablock = None if down_intrablock_additional_residuals is None else list(down_intrablock_additional_residuals)
-        if not is_controlnet and down_block_additional_residuals is not None and intrablock is None:
-            intrablock = list(down_block_additional_residuals)
+        intrablock = down_intrablock_additional_residuals
+        if intrablock is None and not is_controlnet:
+            intrablock = down_block_additional_residuals
+        intrablock = None if intrablock is None else list(intrablock)  # a copy: popped below
 
         # 2. down: collect the skip tensors, (B, C0, H, W) first
         sample = self.conv_in(sample)  # (B, C0, H, W)
