@@ -53,11 +53,31 @@ def test_frozen_config_copies_and_pickles():
         assert isinstance(clone, FrozenConfig) and clone == config
 
 
-def test_from_config_ignores_foreign_keys_and_applies_overrides():
-    other = Other(size=5)
+def test_from_config_keeps_foreign_keys_unused_and_applies_overrides():
+    other = Other(size=5, extra=0.25)
     thing = Thing.from_config(other.config, mode="z")
     assert thing.config.size == 5 and thing.config.mode == "z"
-    assert "extra" not in thing.config
+    assert thing.config.extra == 0.25  # carried along, unused: Other.from_config(thing.config) gets it back
+    assert Other.from_config(thing.config).config.extra == 0.25
+
+
+def test_defaults_of_the_source_class_do_not_override_own_defaults():
+    class A(ConfigMixin):
+        @register_to_config
+        def __init__(self, shared: int = 1, flag: bool = True):
+            pass
+
+    class B(ConfigMixin):
+        @register_to_config
+        def __init__(self, shared: int = 2, flag: bool = False):
+            pass
+
+    a = A(flag=True)  # flag given, shared left at A's default
+    assert a.config.defaults_used == {"shared"}
+    b = B.from_config(a.config)
+    assert b.config.shared == 2 and b.config.flag is True
+    # diffusers writes the same information as a `_use_default_values` key
+    assert B.from_config({"shared": 1, "flag": True, "_use_default_values": ["shared"]}).config.shared == 2
 
 
 def test_from_config_rejects_unknown_override():

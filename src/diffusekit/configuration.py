@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from . import __version__
 from ._io import atomic_write_text
@@ -27,7 +27,15 @@ DIFFUSERS_COMPAT_VERSION = "0.30.0"
 
 
 class FrozenConfig(dict):
-    """A read-only mapping with attribute access: ``config["sample_size"] == config.sample_size``."""
+    """A read-only mapping with attribute access: ``config["sample_size"] == config.sample_size``.
+
+    ``defaults_used`` names the keys whose values were the class defaults rather than given (diffusers'
+    ``_use_default_values``): another class built ``from_config`` this one uses its own defaults for them.
+    """
+
+    def __init__(self, data=(), defaults_used: Iterable[str] = ()):
+        super().__init__(data)
+        object.__setattr__(self, "defaults_used", frozenset(defaults_used))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -44,10 +52,10 @@ class FrozenConfig(dict):
     clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore[assignment]
 
     def __deepcopy__(self, memo):
-        return FrozenConfig(self)
+        return FrozenConfig(self, self.defaults_used)
 
     def __reduce__(self):
-        return (FrozenConfig, (dict(self),))
+        return (FrozenConfig, (dict(self), self.defaults_used))
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -78,6 +86,7 @@ def register_to_config(init):
     def wrapper(self, *args, **kwargs):
         ignore = set(getattr(type(self), "ignore_for_config", ()))
         bound = signature.bind(self, *args, **kwargs)
+        given = set(bound.arguments)
         bound.apply_defaults()
         config = {}
         for name, value in list(bound.arguments.items())[1:]:
@@ -86,7 +95,7 @@ def register_to_config(init):
                 continue  # extra keys are handled by from_config, never stored blindly
             if name not in ignore:
                 config[name] = value
-        self._config = FrozenConfig(config)
+        self._config = FrozenConfig(config, defaults_used=[name for name in config if name not in given])
         init(self, *args, **kwargs)
 
     wrapper._config_params = tuple(p.name for p in params if p.kind is not p.VAR_KEYWORD)  # type: ignore[attr-defined]
@@ -111,19 +120,38 @@ class ConfigMixin:
             raise TypeError(f"{cls.__name__}.__init__ is not decorated with @register_to_config")
         return params
 
+    @staticmethod
+    def _given_values(config: Mapping[str, Any]) -> dict[str, Any]:
+        """``config`` less the values that were only defaults of the class that wrote it (and metadata keys)."""
+        defaults = set(getattr(config, "defaults_used", ())) | set(config.get("_use_default_values") or ())
+        return {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")}
+
     @classmethod
     def extract_init_kwargs(cls, config: Mapping[str, Any], warn_unknown: bool = False) -> dict[str, Any]:
         """Keep the keys of ``config`` that ``__init__`` takes.
 
-        Metadata keys (``_class_name`` …) are dropped. Other unknown keys are ignored; with ``warn_unknown`` they
-        are named in one warning (used when a file written for this very class carries keys we do not know).
+        Metadata keys (``_class_name`` …) and values that were only another class's defaults are dropped. Other
+        unknown keys are not used; with ``warn_unknown`` they are named in one warning (used when a file written for
+        this very class carries keys we do not know).
         """
         params = set(cls._config_params())
-        kwargs = {k: v for k, v in config.items() if k in params}
-        unknown = sorted(k for k in config if k not in params and not k.startswith("_"))
+        given = cls._given_values(config)
+        kwargs = {k: v for k, v in given.items() if k in params}
+        unknown = sorted(k for k in given if k not in params)
         if unknown and warn_unknown:
             logger.warning("%s: ignoring config keys it does not use: %s", cls.__name__, ", ".join(unknown))
         return kwargs
+
+    def _keep_foreign_keys(self, config: Mapping[str, Any]) -> None:
+        """Carry the keys of ``config`` that this class does not use in ``self.config``, unused.
+
+        As diffusers does: swapping schedulers A -> B -> A keeps A's settings (e.g. ``set_alpha_to_one``), and a
+        newer file's keys survive a load/save round trip.
+        """
+        params = set(self._config_params())
+        foreign = {k: v for k, v in self._given_values(config).items() if k not in params}
+        if foreign:
+            self._config = FrozenConfig({**foreign, **self._config}, self._config.defaults_used)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None = None, **overrides):
@@ -145,7 +173,9 @@ class ConfigMixin:
             )
         kwargs = cls.extract_init_kwargs(config)
         kwargs.update(overrides)
-        return cls(**kwargs)
+        instance = cls(**kwargs)
+        instance._keep_foreign_keys(config)
+        return instance
 
     @classmethod
     def load_config(

@@ -199,6 +199,8 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         files = cls._find_weight_files(source, subfolder, use_safetensors, variant, hub)
         with torch.device("meta"):
             model = cls(**init_kwargs)
+        if cls._config_kwargs_from_file.__func__ is ModelMixin._config_kwargs_from_file.__func__:
+            model._keep_foreign_keys(data)  # diffusers-format configs keep unknown keys, as diffusers does
         model.load_weight_files(files, dtype=torch_dtype)
         return model.eval()
 

@@ -11,7 +11,8 @@ A scheduler class:
 * implements ``set_timesteps(num_inference_steps=None, device=None, timesteps=None, sigmas=None)``,
   ``scale_model_input(sample, timestep)``, ``step(model_output, timestep, sample, ..., generator=None,
   return_dict=True)`` returning :class:`SchedulerOutput` (or a tuple), ``add_noise(original, noise, timesteps)`` and
-  ``__len__`` (number of training timesteps);
+  ``__len__`` (number of training timesteps). Every ``step`` takes ``generator`` (deterministic ones ignore it), so
+  pipelines pass it without looking at the signature; a scheduler whose step takes ``eta`` sets ``accepts_eta``;
 * exposes ``order``, ``init_noise_sigma``, ``timesteps`` (int64 for discrete-timestep schedulers, float32 for sigma
   schedulers), ``sigmas`` where diffusers has them, ``step_index``, ``begin_index`` and ``set_begin_index``.
 
@@ -117,6 +118,7 @@ class SchedulerMixin(ConfigMixin):
 
     config_name = SCHEDULER_CONFIG_NAME
     order: int = 1
+    accepts_eta: bool = False  # True where step() takes DDIM's eta
     init_noise_sigma: float | torch.Tensor = 1.0
     _compatibles: Sequence[str] | None = None  # None: the KARRAS_DIFFUSION_SCHEDULERS family
     # attribute names of containers that are replaced but never mutated: shared (not copied) by __copy__
@@ -151,9 +153,8 @@ class SchedulerMixin(ConfigMixin):
                 f"{cls.__name__}.from_pretrained got unknown argument(s) {bad}; config keys: {sorted(params)}"
             )
         data = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        init_kwargs = cls.extract_init_kwargs(data, warn_unknown=data.get("_class_name") == cls.__name__)
-        init_kwargs.update(kwargs)
-        return cls(**init_kwargs)
+        cls.extract_init_kwargs(data, warn_unknown=data.get("_class_name") == cls.__name__)  # warns only
+        return cls.from_config(data, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
         """Write ``scheduler_config.json`` into ``save_directory`` (diffusers reads it); return its path."""
