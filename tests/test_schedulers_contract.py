@@ -370,3 +370,17 @@ def test_config_is_frozen():
     with pytest.raises(TypeError, match="frozen"):
         s.config["eta"] = 1  # type: ignore[index]
     assert "DDIMScheduler(" in repr(s)
+
+
+def test_every_step_takes_a_generator_and_only_ddim_takes_eta():
+    """Pipelines pass generator= to every scheduler and eta= where accepts_eta says so: no signature probing."""
+    import inspect
+
+    import diffusekit
+    from diffusekit.schedulers.base import _SCHEDULER_MODULES
+
+    for name in [*_SCHEDULER_MODULES, "LCMScheduler"]:
+        cls = getattr(diffusekit, name)
+        params = inspect.signature(cls.step).parameters
+        assert "generator" in params, name
+        assert ("eta" in params) == cls.accepts_eta, name

@@ -27,6 +27,7 @@ class DDIMScheduler(DiscreteTimestepMixin, SchedulerMixin):
     """
 
     order = 1
+    accepts_eta = True  # pipelines pass their `eta` argument on to step()
 
     @register_to_config
     def __init__(

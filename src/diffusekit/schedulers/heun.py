@@ -82,7 +82,8 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
         return self.dt is None
 
     def step(
-        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+        generator: torch.Generator | None = None,
     ) -> SchedulerOutput | tuple:
         """Predictor (Euler) or corrector (average of the two slopes) evaluation, alternately."""
         if self._step_index is None:

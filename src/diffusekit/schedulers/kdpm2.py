@@ -100,7 +100,8 @@ class KDPM2DiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
         return self.sigmas[i] if self.state_in_first_order else self.sigmas_interpol[i]
 
     def step(
-        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+        generator: torch.Generator | None = None,
     ) -> SchedulerOutput | tuple:
         """First evaluation: Euler to the midpoint sigma. Second: the full step with the midpoint slope."""
         if self._step_index is None:

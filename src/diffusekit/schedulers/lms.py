@@ -78,6 +78,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
         sample: torch.Tensor,
         order: int = 4,
         return_dict: bool = True,
+        generator: torch.Generator | None = None,
     ) -> SchedulerOutput | tuple:
         """One linear multistep step of order ``min(order, steps so far + 1)``."""
         if not self.is_scale_input_called:

@@ -128,7 +128,8 @@ class PNDMScheduler(SchedulerMixin):
         self._reset_run_state()
 
     def step(
-        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+        generator: torch.Generator | None = None,
     ) -> SchedulerOutput | tuple:
         """Advance one model evaluation (Runge-Kutta sub-step during warm-up, else a PLMS step)."""
         if self.num_inference_steps is None:
