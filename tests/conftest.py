@@ -10,8 +10,15 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    import torch
+
+    # tiny models: thread start-up costs more than it saves, and CI has 2 cores
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     import torch
 
     torch.manual_seed(0)

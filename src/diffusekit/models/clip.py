@@ -222,6 +222,8 @@ def _accepts_config_object(init):
 class _CLIPTextBase(ModelMixin):
     """Shared by both classes: config, file format and the transformer in ``self.text_model``."""
 
+    _library_name = "transformers"  # model_index.json entry: ["transformers", "CLIPTextModel"]
+
     safetensors_name = "model.safetensors"
     bin_name = "pytorch_model.bin"
     # older writers kept the position_ids buffer; a full CLIPModel checkpoint also holds the vision tower

@@ -80,6 +80,8 @@ class CLIPTokenizer:
     max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids``.
     """
 
+    _library_name = "transformers"  # model_index.json entry: ["transformers", "CLIPTokenizer"]
+
     def __init__(
         self,
         vocab: Mapping[str, int],
