@@ -54,6 +54,9 @@ _EXPORTS: dict[str, str] = {
     "DDIMPipeline": "pipelines.ddim",
     "StableDiffusionPipeline": "pipelines.stable_diffusion",
     "StableDiffusionPipelineOutput": "pipelines.stable_diffusion",
+    "StableDiffusionImg2ImgPipeline": "pipelines.stable_diffusion_img2img",
+    "StableDiffusionInpaintPipeline": "pipelines.stable_diffusion_inpaint",
+    "VaeImageProcessor": "pipelines.image_processor",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -10,6 +10,7 @@ Differences from diffusers, on purpose:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from typing import Any, Callable, Sequence
 
@@ -299,24 +300,27 @@ class StableDiffusionPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         conditioning: dict[str, torch.Tensor] | None = None,
+        concat: Sequence[str] | None = None,
         after_step: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The sampling loop of the SD-family pipelines: for each ``t`` of ``timesteps``, the UNet (both guidance
         branches in one batch when ``do_cfg``), guidance, then ``scheduler.step``.
 
-        ``conditioning``: extra tensors by name, concatenated in order to the scaled model input along the channels
-        (inpainting's ``mask`` and ``masked_image_latents``, depth2img's ``depth_mask``; already one copy per
-        guidance branch). ``after_step(i, t, latents, tensors)`` returns the latents to go on with (inpainting with
-        a 4-channel UNet puts back the kept region there). ``callback_on_step_end(pipe, i, t, tensors)`` sees the
-        tensors named in ``callback_on_step_end_tensor_inputs`` (latents, the prompt embeddings, the conditioning)
-        and may return replacements.
+        ``conditioning``: extra tensors by name (inpainting's ``mask`` and ``masked_image_latents``, depth2img's
+        ``depth_mask``; already one copy per guidance branch); those named in ``concat`` (default: all, in order)
+        are concatenated to the scaled model input along the channels. ``after_step(i, t, latents, tensors)``
+        returns the latents to go on with (inpainting with a 4-channel UNet puts back the kept region there).
+        ``callback_on_step_end(pipe, i, t, tensors)`` sees the tensors named in
+        ``callback_on_step_end_tensor_inputs`` (latents, the prompt embeddings, the conditioning) and may return
+        replacements.
         """
-        step_kwargs: dict[str, Any] = {"generator": generator}
-        if getattr(scheduler, "accepts_eta", False):
+        accepted = inspect.signature(scheduler.step).parameters  # as diffusers' prepare_extra_step_kwargs
+        step_kwargs: dict[str, Any] = {"generator": generator} if "generator" in accepted else {}
+        if getattr(scheduler, "accepts_eta", False) or "eta" in accepted:
             step_kwargs["eta"] = eta
         tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
                    "negative_prompt_embeds": negative_prompt_embeds, **(conditioning or {})}
-        extra = tuple(conditioning or ())
+        extra = tuple(conditioning or ()) if concat is None else tuple(concat)
         for i, t in enumerate(self.progress_bar(timesteps)):
             latents = tensors["latents"]
             context = (torch.cat([tensors["negative_prompt_embeds"], tensors["prompt_embeds"]]) if do_cfg

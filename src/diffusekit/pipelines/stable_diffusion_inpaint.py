@@ -1,0 +1,227 @@
+"""Stable Diffusion inpainting: repaint the white part of a mask, keep the black part.
+
+Two kinds of UNet work:
+
+- a dedicated inpainting UNet (9 input channels: latents, the mask at latent size, and the latents of the image with
+  the masked part blacked out), as in ``stable-diffusion-inpainting``;
+- an ordinary text-to-image UNet (4 input channels): after each step the kept region is put back, taken from the
+  image latents noised to the next timestep (the last step keeps the clean image latents there), as diffusers does.
+
+``strength`` works as in image-to-image (see :mod:`.stable_diffusion_img2img`); at 1.0 (the default) the latents
+start from pure noise.
+
+Differences from diffusers, on purpose (besides those of image-to-image):
+- ``image`` and ``mask_image`` must have the same size (diffusers resizes both silently), and the mask must have a
+  single channel when given as an array or tensor (a PIL mask is converted to grayscale, as in diffusers).
+- At least one step runs whatever the strength (diffusers raises when ``int(steps * strength)`` is 0).
+- ``padding_mask_crop`` with an all-black mask uses the whole image (diffusers divides by zero).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..random import Generator, randn_tensor
+from .image_processor import VaeImageProcessor, _is_pil, check_output_type, image_kind, image_size
+from .stable_diffusion import StableDiffusionPipelineOutput
+from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline, check_strength, set_strength_schedule
+
+
+class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
+    """``pipe(prompt, image=..., mask_image=...).images``: text-guided inpainting (white in the mask = repaint).
+
+    ``image`` as in image-to-image; ``mask_image``: a PIL image (converted to grayscale), a numpy array
+    ((H, W), (H, W, 1), (B, H, W) or (B, H, W, 1)) or a torch tensor ((H, W), (B, H, W) or (B, 1, H, W)), values in
+    [0, 1], thresholded at 0.5. Soften its edge first with ``pipe.mask_processor.blur(mask, blur_factor=...)``.
+    ``masked_image_latents`` replaces the encoding of the masked image (9-channel UNets). ``padding_mask_crop=N``
+    works on the box around the mask grown by N pixels, at full resolution, and pastes the result back into the
+    original picture (PIL inputs and output only). ``height`` / ``width`` default to the UNet's sample size times
+    the VAE scale factor, as in diffusers.
+    """
+
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
+
+    @property
+    def mask_processor(self) -> VaeImageProcessor:
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
+                                 do_convert_grayscale=True)
+
+    def _unet_kind(self) -> int:
+        """4 (an ordinary UNet: blend the kept region) or 9 (latents + mask + masked image latents)."""
+        channels, latent = self.unet.config.in_channels, self.vae.config.latent_channels
+        if channels == latent:
+            return 4
+        if channels == 2 * latent + 1:
+            return 9
+        raise ValueError(
+            f"the UNet takes {channels} input channels; inpainting needs {latent} (an ordinary UNet) or "
+            f"{2 * latent + 1} (latents + mask + masked image latents, an inpainting UNet)"
+        )
+
+    def check_inpaint_inputs(self, image, mask_image, height, width, padding_mask_crop, output_type,
+                             masked_image_latents=None) -> None:
+        if image is None or mask_image is None:
+            raise ValueError("image and mask_image are both required (white in the mask = repaint)")
+        factor = self.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor} (the VAE scale factor), got "
+                             f"{height}x{width}")
+        for name, value in (("image", image), ("mask_image", mask_image)):
+            if image_kind(value) is None:
+                raise TypeError(f"{name} must be a PIL image, a numpy array or a torch tensor, or a list of one of "
+                                f"these kinds; got {type(value).__name__}")
+        channels = _mask_channels(mask_image)
+        if channels != 1:
+            raise ValueError(f"mask_image must have a single channel, got {channels}: pass a grayscale mask "
+                             "(white = repaint)")
+        is_latents = image_kind(image) == "pt" and image.ndim == 4 and self._is_latents(image)
+        if is_latents and masked_image_latents is None:
+            raise ValueError("image is given as latents: pass masked_image_latents too (the latents of the image "
+                             "with the part to repaint blacked out)")
+        if not is_latents and image_size(image) != image_size(mask_image):
+            raise ValueError(f"image is {_hw(image_size(image))} but mask_image is {_hw(image_size(mask_image))}: "
+                             "give them the same size")
+        if padding_mask_crop is not None:
+            if not (_is_pil(image) and _is_pil(mask_image)):
+                raise ValueError("padding_mask_crop needs image and mask_image as single PIL images")
+            if output_type != "pil":
+                raise ValueError(f"padding_mask_crop needs output_type='pil', got {output_type!r}")
+
+    def _encode_or_take(self, pixels_or_latents: torch.Tensor, generator: Generator) -> torch.Tensor:
+        if self._is_latents(pixels_or_latents):
+            return pixels_or_latents
+        return self.encode_vae_image(pixels_or_latents, generator)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        masked_image_latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
+        factor = self.vae_scale_factor
+        height = height or self.unet.config.sample_size * factor
+        width = width or self.unet.config.sample_size * factor
+        output_type = check_output_type(output_type)
+        self.check_inpaint_inputs(image, mask_image, height, width, padding_mask_crop, output_type,
+                                  masked_image_latents)
+        check_strength(strength)
+        self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                 num_inference_steps, num_images_per_prompt)
+        self.check_callback_inputs(callback_on_step_end_tensor_inputs)
+        unet_kind = self._unet_kind()
+        device = self.device
+        scheduler = self._fresh_scheduler()
+        cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            clip_skip,
+        )
+        batch, dtype = prompt_embeds.shape[0], prompt_embeds.dtype
+        run, _ = set_strength_schedule(scheduler, num_inference_steps, strength, device, timesteps, sigmas)
+        from_noise = strength == 1.0
+
+        crop, resize_mode = None, "default"
+        if padding_mask_crop is not None:
+            crop, resize_mode = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop), "fill"
+        init_image = self.image_processor.preprocess(image, height, width, resize_mode, crop).to(torch.float32)
+        mask = self.mask_processor.preprocess(mask_image, height, width, resize_mode, crop)  # (B, 1, H, W) in {0, 1}
+        if mask.shape[1] != 1:
+            raise ValueError(f"mask_image must have a single channel, got {mask.shape[1]}: pass a grayscale mask "
+                             "(white = repaint)")
+        self.check_image_batch(init_image, batch, num_images_per_prompt)
+        self.check_image_batch(mask, batch, num_images_per_prompt, what="mask")
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images: pass one generator per image")
+
+        # starting latents (the order of draws from `generator` is diffusers')
+        shape = (batch, self.vae.config.latent_channels, height // factor, width // factor)
+        image_latents = None
+        if unet_kind == 4 or (latents is None and not from_noise):
+            image_latents = self._encode_or_take(init_image.to(device, dtype), generator).to(dtype)
+            image_latents = image_latents.repeat_interleave(batch // image_latents.shape[0], dim=0)
+        if latents is None:
+            noise = randn_tensor(shape, generator, device, dtype)
+            if from_noise:
+                latents = noise * scheduler.init_noise_sigma
+            else:
+                latents = scheduler.add_noise(image_latents, noise, run[:1].repeat(batch))
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape} for this size and batch, got {tuple(latents.shape)}")
+            noise = latents.to(device, dtype)
+            latents = noise * scheduler.init_noise_sigma
+
+        # the mask at latent size and the latents of the image with the repainted part blacked out
+        masked = init_image * (mask < 0.5) if masked_image_latents is None else masked_image_latents
+        masked = self._encode_or_take(masked.to(device, dtype), generator).to(dtype)
+        mask = torch.nn.functional.interpolate(mask, size=shape[2:]).to(device, dtype)
+        self.check_image_batch(masked, batch, num_images_per_prompt, what="masked_image_latents")
+        mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+        masked = masked.repeat_interleave(batch // masked.shape[0], dim=0)
+        if cfg:
+            mask, masked = torch.cat([mask] * 2), torch.cat([masked] * 2)
+
+        def keep_unmasked(i: int, t, latents: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+            """Put back the kept region: image latents noised to the next timestep (clean after the last)."""
+            keep = tensors["mask"].chunk(2)[0] if cfg else tensors["mask"]
+            known = image_latents
+            if i < len(run) - 1:
+                known = scheduler.add_noise(image_latents, noise, run[i + 1 : i + 2].repeat(batch))
+            return (1 - keep) * known + keep * latents
+
+        latents = self.denoise(
+            scheduler, run, latents, prompt_embeds, negative_prompt_embeds, do_cfg=cfg,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, eta=eta,
+            timestep_cond=self.guidance_condition(guidance_scale, batch, device, latents.dtype),
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            conditioning={"mask": mask, "masked_image_latents": masked},
+            concat=None if unet_kind == 9 else (),
+            after_step=keep_unmasked if unet_kind == 4 else None,
+        )
+        images, nsfw = self.latents_to_images(latents, output_type)
+        if crop is not None:
+            images = [self.image_processor.apply_overlay(mask_image, image, im, crop) for im in images]
+        if not return_dict:
+            return (images, nsfw)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
+
+def _mask_channels(mask) -> int:
+    """Channels of an array / tensor mask where its shape says so unambiguously (1 otherwise; PIL: 1)."""
+    first = mask[0] if isinstance(mask, (list, tuple)) else mask
+    if isinstance(first, torch.Tensor) and first.ndim == 4:
+        return first.shape[1]
+    if not isinstance(first, torch.Tensor) and getattr(first, "ndim", 0) in (3, 4) and first.shape[-1] in (2, 3, 4):
+        return first.shape[-1]  # (H, W, C) / (B, H, W, C) arrays
+    return 1
+
+
+def _hw(size: tuple[int, int]) -> str:
+    return f"{size[1]}x{size[0]} (w x h)"
