@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .. import random as _random
+
 # --------------------------------------------------------------------------------------------------------------------
 # option validation
 # --------------------------------------------------------------------------------------------------------------------
@@ -550,34 +552,7 @@ def process_x0(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def randn_tensor(
-    shape: Sequence[int],
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Standard normal noise drawn exactly as diffusers' ``randn_tensor`` draws it (so seeds reproduce).
-
-    The noise is drawn on the generator's device when that is the CPU (then moved to ``device``); a list of
-    generators draws one batch entry from each. A CUDA generator for a tensor on another device is an error.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    rand_device = device
-    if generator is not None:
-        gen_type = (generator[0] if isinstance(generator, list) else generator).device.type
-        if gen_type != device.type and gen_type == "cpu":
-            rand_device = torch.device("cpu")
-        elif gen_type != device.type and gen_type == "cuda":
-            raise ValueError(f"cannot draw a {device} tensor from a {gen_type} generator")
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    shape = tuple(shape)
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        parts = [torch.randn((1,) + shape[1:], generator=g, device=rand_device, dtype=dtype) for g in generator]
-        return torch.cat(parts, dim=0).to(device)
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+randn_tensor = _random.randn_tensor  # one implementation for the whole package (diffusekit.random)
 
 
 def expand_to(coef: torch.Tensor, ndim: int) -> torch.Tensor:
