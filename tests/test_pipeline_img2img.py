@@ -18,15 +18,6 @@ from sd_assets import build_tiny_sd  # noqa: E402
 PROMPT = "a cat on a sofa, oil painting"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two contended ones (2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cat():
     """A real photo, resized to an odd size: the pipeline rounds it down to a multiple of the VAE scale factor."""

@@ -19,15 +19,6 @@ PROMPT = "a cup of tea on a wooden table"
 SIZE = dict(height=32, width=40)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two contended ones (2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def photo():
     return Image.fromarray(skimage_data.coffee()).resize((60, 40), Image.BICUBIC)

@@ -10,7 +10,6 @@ Differences from diffusers, on purpose:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 from typing import Any, Callable, Sequence
 
@@ -314,9 +313,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         ``callback_on_step_end_tensor_inputs`` (latents, the prompt embeddings, the conditioning) and may return
         replacements.
         """
-        accepted = inspect.signature(scheduler.step).parameters  # as diffusers' prepare_extra_step_kwargs
-        step_kwargs: dict[str, Any] = {"generator": generator} if "generator" in accepted else {}
-        if getattr(scheduler, "accepts_eta", False) or "eta" in accepted:
+        step_kwargs: dict[str, Any] = {"generator": generator}  # every scheduler's step takes generator=
+        if getattr(scheduler, "accepts_eta", False):
             step_kwargs["eta"] = eta
         tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
                    "negative_prompt_embeds": negative_prompt_embeds, **(conditioning or {})}
