@@ -6,7 +6,8 @@ closed-form solution: in the variance-exploding variable x = x0 + sigma * noise,
     x(sigma_end) - MU = (x(sigma_start) - MU) * sqrt(S0^2 + sigma_end^2) / sqrt(S0^2 + sigma_start^2).
 
 Every deterministic scheduler starts from the same noise and is compared with that exact solution from its own first
-sigma to sigma = 0, so the error is the solver's discretisation error alone. The model maps timesteps to sigmas by
+sigma to its own last sigma (0 unless ``final_sigmas_type="sigma_min"``), so the error is the solver's discretisation
+error alone. The model maps timesteps to sigmas by
 the same log-sigma interpolation the schedulers use, so fractional timesteps (Karras sigmas) are consistent.
 
     .venv/bin/python benchmarks/scheduler_convergence.py            # writes docs/scheduler_convergence.{md,png}
@@ -47,6 +48,12 @@ SCHEDULERS = [
     ("UniPC (bh2)", "UniPCMultistepScheduler", {}),
     ("UniPC (bh1)", "UniPCMultistepScheduler", dict(solver_type="bh1")),
     ("DEIS", "DEISMultistepScheduler", {}),
+    # Karras sigmas: small steps near sigma = 0, where uniform timesteps take one large step in log-sigma
+    ("Heun Karras", "HeunDiscreteScheduler", dict(use_karras_sigmas=True)),
+    ("DPM2 Karras", "KDPM2DiscreteScheduler", dict(use_karras_sigmas=True)),
+    ("DPM++ 3M Karras", "DPMSolverMultistepScheduler", dict(solver_order=3, use_karras_sigmas=True)),
+    ("UniPC (bh2) Karras", "UniPCMultistepScheduler", dict(use_karras_sigmas=True)),
+    ("DEIS Karras", "DEISMultistepScheduler", dict(use_karras_sigmas=True)),
 ]
 
 
@@ -78,8 +85,10 @@ def run(cls_name: str, options: dict, steps: int, noise: torch.Tensor) -> float:
     ve = float(scheduler.init_noise_sigma) != 1.0  # sigma schedulers carry x0 + sigma*noise, VP ones alpha*x0 + s*noise
     sigmas = getattr(scheduler, "sigmas", None)
     sigma_start = float(sigmas[0]) if sigmas is not None else model.sigma(scheduler.timesteps[0])
+    sigma_end = float(sigmas[-1]) if sigmas is not None else 0.0  # VP schedulers here end at alpha_cumprod = 1
     start_ve = sample if ve else sample * math.sqrt(1 + sigma_start**2)
-    exact = MU + (start_ve - MU) * S0 / math.sqrt(S0**2 + sigma_start**2)
+    exact_ve = MU + (start_ve - MU) * math.sqrt(S0**2 + sigma_end**2) / math.sqrt(S0**2 + sigma_start**2)
+    exact = exact_ve if ve else exact_ve / math.sqrt(1 + sigma_end**2)
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(sample, t)
         sample = scheduler.step(model(model_input, t), t, sample).prev_sample
@@ -98,9 +107,11 @@ def plot(results: dict[str, list[float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
-    for label, errors in results.items():
-        ax.loglog(STEPS, errors, marker="o", label=label)
+    fig, ax = plt.subplots(figsize=(9, 6.5), dpi=110)
+    colours = plt.get_cmap("tab20").colors
+    markers = "os^vD<>ph*"
+    for i, (label, errors) in enumerate(results.items()):
+        ax.loglog(STEPS, errors, marker=markers[i % len(markers)], color=colours[i % len(colours)], label=label)
     ref = np.array(STEPS, dtype=float)
     for order, style in ((1, ":"), (2, "--"), (3, "-.")):
         ax.loglog(ref, 0.5 * (ref / ref[0]) ** -order, "k" + style, lw=0.8, label=f"slope {order}")
