@@ -216,40 +216,11 @@ class AttnDownBlock2D(nn.Module):
 
 
 @register_block("down")
-class DownEncoderBlock2D(nn.Module):
-    """VAE encoder stage: ``num_layers`` resnets without time embedding, then an optional stride-2 conv."""
+class DownEncoderBlock2D(DownBlock2D):
+    """VAE encoder stage: a :class:`DownBlock2D` without time embedding, returning only the hidden states."""
 
-    has_cross_attention = False
-
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        out_channels: int,
-        temb_channels: int | None = None,
-        num_layers: int = 1,
-        add_downsample: bool = True,
-        resnet_eps: float = 1e-6,
-        resnet_act_fn: str = "swish",
-        resnet_groups: int = 32,
-        attention_head_dim: int | None = None,
-        downsample_padding: int = 1,
-        resnet_time_scale_shift: str = "default",
-        dropout: float = 0.0,
-        output_scale_factor: float = 1.0,
-        **extra,
-    ):
-        super().__init__()
-        common = (None, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
-        self.resnets = nn.ModuleList(
-            _resnet(in_channels if i == 0 else out_channels, out_channels, *common, output_scale_factor)
-            for i in range(num_layers)
-        )
-        self.downsamplers = (
-            nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
-            if add_downsample
-            else None
-        )
+    def __init__(self, *, temb_channels: int | None = None, **kwargs):
+        super().__init__(temb_channels=None, **kwargs)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         for resnet in self.resnets:
