@@ -56,6 +56,11 @@ _EXPORTS: dict[str, str] = {
     "StableDiffusionPipelineOutput": "pipelines.stable_diffusion",
     "StableDiffusionImg2ImgPipeline": "pipelines.stable_diffusion_img2img",
     "StableDiffusionInpaintPipeline": "pipelines.stable_diffusion_inpaint",
+    "StableDiffusionDepth2ImgPipeline": "pipelines.stable_diffusion_depth2img",
+    "DPTForDepthEstimation": "pipelines.stable_diffusion_depth2img",
+    "DPTImageProcessor": "pipelines.stable_diffusion_depth2img",
+    "DPTImageProcessorPil": "pipelines.stable_diffusion_depth2img",
+    "DPTFeatureExtractor": "pipelines.stable_diffusion_depth2img",
     "VaeImageProcessor": "pipelines.image_processor",
 }
 

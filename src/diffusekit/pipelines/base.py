@@ -228,7 +228,9 @@ def _library_and_class(component: Any) -> tuple[str | None, str | None]:
     if component is None:
         return (None, None)
     cls = type(component)
-    return (getattr(cls, "_library_name", "diffusers"), cls.__name__)
+    # a transformers object passed in or loaded through transformers (e.g. depth2img's DPT) is saved as such
+    default = "transformers" if cls.__module__.split(".")[0] == "transformers" else "diffusers"
+    return (getattr(cls, "_library_name", default), cls.__name__)
 
 
 def _load_component(component_cls: type, source, name: str, hub: dict[str, Any], **model_options: Any) -> Any:
