@@ -62,6 +62,9 @@ _EXPORTS: dict[str, str] = {
     "DPTImageProcessorPil": "pipelines.stable_diffusion_depth2img",
     "DPTFeatureExtractor": "pipelines.stable_diffusion_depth2img",
     "VaeImageProcessor": "pipelines.image_processor",
+    "AutoPipelineForText2Image": "pipelines.auto",
+    "AutoPipelineForImage2Image": "pipelines.auto",
+    "AutoPipelineForInpainting": "pipelines.auto",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

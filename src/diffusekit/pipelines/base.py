@@ -185,6 +185,49 @@ class DiffusionPipeline:
         return pipeline_cls(**init_kwargs)
 
     @classmethod
+    def from_pipe(cls, pipeline: "DiffusionPipeline", *, torch_dtype: torch.dtype | None = None,
+                  **kwargs: Any) -> "DiffusionPipeline":
+        """A pipeline of this class built on ``pipeline``'s loaded components, shared, not copied (no extra memory):
+        ``StableDiffusionImg2ImgPipeline.from_pipe(text2img_pipe)``.
+
+        Keyword arguments replace components (``safety_checker=None``) or options (``requires_safety_checker=...``);
+        components this class has but ``pipeline`` lacks come from the keywords, or are None when optional. On
+        ``DiffusionPipeline`` itself the class is ``pipeline``'s own. ``torch_dtype`` casts the new pipeline's modules,
+        which are the old pipeline's too.
+        """
+        target = type(pipeline) if cls is DiffusionPipeline else cls
+        unknown = sorted(set(kwargs) - set(target.component_names) - set(target._option_names))
+        if unknown:
+            raise TypeError(
+                f"{target.__name__}.from_pipe got unknown argument(s) {unknown}; components are "
+                f"{list(target.component_names)}, options are {list(target._option_names)}"
+            )
+        available = pipeline.components
+        init_kwargs: dict[str, Any] = {}
+        for name in target.component_names:
+            if name in kwargs:
+                init_kwargs[name] = kwargs[name]
+            elif name in available:
+                init_kwargs[name] = available[name]
+            elif name in target._optional_components:
+                init_kwargs[name] = None
+            else:
+                raise ValueError(
+                    f"{target.__name__} needs a {name!r} component, which {type(pipeline).__name__} does not have: "
+                    f"pass {name}=... to from_pipe"
+                )
+        options = getattr(pipeline, "_options", {})
+        for option in target._option_names:
+            if option in kwargs:
+                init_kwargs[option] = kwargs[option]
+            elif option in options:
+                init_kwargs[option] = options[option]
+        new = target(**init_kwargs)
+        if torch_dtype is not None:
+            new.to(torch_dtype)
+        return new
+
+    @classmethod
     def _pipeline_class(cls, index: dict[str, Any], index_path: Path) -> type["DiffusionPipeline"]:
         if cls is not DiffusionPipeline:
             return cls
