@@ -28,6 +28,11 @@ _EXPORTS: dict[str, str] = {
     "CLIPTextModelWithProjection": "models.clip",
     "CLIPTextConfig": "models.clip",
     "CLIPTokenizer": "models.clip_tokenizer",
+    "CLIPVisionModel": "models.clip_vision",
+    "StableDiffusionSafetyChecker": "models.safety_checker",
+    "CLIPImageProcessor": "pipelines.image_processor",
+    "CLIPFeatureExtractor": "pipelines.image_processor",
+    "CLIPImageProcessorPil": "pipelines.image_processor",
     # schedulers
     "SchedulerMixin": "schedulers.base",
     "SchedulerOutput": "schedulers.base",

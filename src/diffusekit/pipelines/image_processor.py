@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from typing import Any
 
@@ -393,3 +395,162 @@ def _resize_and_fill(image, width: int, height: int, resample: int):
             out.paste(scaled.resize((band, height), box=(scaled.width, 0, scaled.width, height)),
                       box=(band + scaled_w, 0))
     return out
+
+
+# ====================================================================================================================
+# CLIP image preprocessing (the safety checker's feature_extractor)
+# ====================================================================================================================
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+@dataclasses.dataclass
+class BatchFeature:
+    """What :class:`CLIPImageProcessor` returns: ``out.pixel_values`` (or ``out["pixel_values"]``)."""
+
+    pixel_values: Any
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def to(self, *args, **kwargs) -> "BatchFeature":
+        return BatchFeature(self.pixel_values.to(*args, **kwargs))
+
+
+class CLIPImageProcessor:
+    """transformers' ``CLIPImageProcessor`` (its PIL backend's numerics): RGB, resize the shortest side to
+    ``size["shortest_edge"]`` (bicubic, on 8-bit pixels), center crop to ``crop_size`` (zero padding when smaller),
+    rescale by ``rescale_factor`` and normalise with ``image_mean`` / ``image_std``.
+
+    Reads and writes ``preprocessor_config.json`` (``feature_extractor/`` in SD folders); ``size`` / ``crop_size``
+    given as plain ints (old files) work too. ``processor(images, return_tensors="pt").pixel_values`` is a float32
+    tensor (B, 3, H, W). Images: PIL, or arrays / tensors in [0, 1] (float) or 0..255 (uint8), (H, W, C) or
+    (C, H, W), single or in a list.
+    """
+
+    _library_name = "transformers"  # model_index.json entry: ["transformers", "CLIPImageProcessor"]
+
+    def __init__(self, do_resize: bool = True, size: int | dict[str, int] | None = None, resample: int = 3,
+                 do_center_crop: bool = True, crop_size: int | dict[str, int] | None = None, do_rescale: bool = True,
+                 rescale_factor: float = 1 / 255, do_normalize: bool = True,
+                 image_mean: float | list[float] | None = None, image_std: float | list[float] | None = None,
+                 do_convert_rgb: bool = True, **unused: Any):
+        size = 224 if size is None else size
+        self.size = {"shortest_edge": size} if isinstance(size, int) else dict(size)
+        crop = 224 if crop_size is None else crop_size
+        self.crop_size = {"height": crop, "width": crop} if isinstance(crop, int) else dict(crop)
+        if "shortest_edge" not in self.size and not {"height", "width"} <= set(self.size):
+            raise ValueError(f"size must hold 'shortest_edge' or 'height' and 'width', got {self.size}")
+        self.do_resize, self.resample, self.do_center_crop = do_resize, int(resample), do_center_crop
+        self.do_rescale, self.rescale_factor, self.do_normalize = do_rescale, rescale_factor, do_normalize
+        self.image_mean = list(OPENAI_CLIP_MEAN if image_mean is None else image_mean)
+        self.image_std = list(OPENAI_CLIP_STD if image_std is None else image_std)
+        self.do_convert_rgb = do_convert_rgb
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "do_resize": self.do_resize, "size": self.size, "resample": self.resample,
+            "do_center_crop": self.do_center_crop, "crop_size": self.crop_size, "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor, "do_normalize": self.do_normalize, "image_mean": self.image_mean,
+            "image_std": self.image_std, "do_convert_rgb": self.do_convert_rgb,
+            "image_processor_type": "CLIPImageProcessor",
+        }
+
+    def __repr__(self) -> str:
+        return f"CLIPImageProcessor({self.to_dict()})"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **hub_kwargs: Any):
+        from ..configuration import read_json
+        from ..hub import resolve_file, split_hub_kwargs
+
+        hub = split_hub_kwargs(hub_kwargs)
+        path = resolve_file(pretrained_model_name_or_path, PREPROCESSOR_CONFIG, subfolder, **hub)
+        return cls(**read_json(path, what="image processor config"))
+
+    def save_pretrained(self, save_directory, **_ignored: Any):
+        from pathlib import Path
+
+        from .._io import atomic_write_text
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / PREPROCESSOR_CONFIG, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    # ------------------------------------------------------------------ processing
+
+    def _to_uint8_rgb(self, image) -> "np.ndarray":
+        """One image -> (H, W, C) uint8 array (RGB when do_convert_rgb)."""
+        if not _is_pil(image):
+            array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+            if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+                array = array.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+            if array.dtype != np.uint8:
+                array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+            image = _pil().fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+        if self.do_convert_rgb:
+            if "A" in image.getbands() or image.info.get("transparency") is not None:  # onto white, as transformers
+                rgba = image.convert("RGBA")
+                image = _pil().alpha_composite(_pil().new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            image = image.convert("RGB")
+        return np.asarray(image)
+
+    def _resize(self, array: "np.ndarray") -> "np.ndarray":
+        height, width = array.shape[:2]
+        if "shortest_edge" in self.size:
+            short_side = self.size["shortest_edge"]
+            short, long = sorted((height, width))
+            new_long = int(short_side * long / short)
+            new_h, new_w = (new_long, short_side) if width <= height else (short_side, new_long)
+        else:
+            new_h, new_w = self.size["height"], self.size["width"]
+        resized = _pil().fromarray(array).resize((new_w, new_h), resample=self.resample)
+        return np.asarray(resized)
+
+    def _center_crop(self, array: "np.ndarray") -> "np.ndarray":
+        """Crop (H, W, C) to crop_size about the centre, zero-padding first when the image is smaller."""
+        crop_h, crop_w = self.crop_size["height"], self.crop_size["width"]
+        height, width = array.shape[:2]
+        pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+        if pad_h or pad_w:  # centred in a zero canvas (the extra row / column goes before)
+            top, left = -(-pad_h // 2), -(-pad_w // 2)
+            array = np.pad(array, ((top, pad_h - top), (left, pad_w - left), (0, 0)))
+            height, width = array.shape[:2]
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        return array[top : top + crop_h, left : left + crop_w]
+
+    def preprocess(self, images, return_tensors: str | None = "pt", **_ignored: Any) -> BatchFeature:
+        items = images if isinstance(images, (list, tuple)) else (
+            list(images) if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4 else [images])
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        out = []
+        for image in items:
+            array = self._to_uint8_rgb(image)
+            if array.ndim == 2:
+                array = array[..., None]
+            if self.do_resize:
+                array = self._resize(array)
+                array = array[..., None] if array.ndim == 2 else array
+            if self.do_center_crop:
+                array = self._center_crop(array)
+            values = array.astype(np.float32)
+            if self.do_rescale:
+                values = (array.astype(np.float64) * self.rescale_factor).astype(np.float32)
+            if self.do_normalize:
+                values = (values - mean) / std
+            out.append(values.transpose(2, 0, 1))  # (C, H, W)
+        batch = np.stack(out)
+        if return_tensors is None:
+            return BatchFeature(list(batch))
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}; expected 'pt', 'np' or None")
+        return BatchFeature(torch.from_numpy(batch) if return_tensors == "pt" else batch)
+
+    __call__ = preprocess
+
+
+CLIPFeatureExtractor = CLIPImageProcessor  # the name older SD folders use in model_index.json
+CLIPImageProcessorPil = CLIPImageProcessor  # the name transformers 5 saves it under when torchvision is missing

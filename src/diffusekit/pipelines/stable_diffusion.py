@@ -70,6 +70,11 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 "%s runs without a safety checker: generated images are not screened for unsafe content",
                 type(self).__name__,
             )
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError(
+                f"{type(self).__name__}: a safety_checker needs its feature_extractor (the CLIPImageProcessor in the "
+                "checkpoint's feature_extractor/ folder); pass safety_checker=None to run without one"
+            )
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler, safety_checker=safety_checker,
                               feature_extractor=feature_extractor)
