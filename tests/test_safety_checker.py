@@ -241,3 +241,26 @@ def test_safety_checker_none_warns_once(checked_folder, caplog):
     assert pipe("a red sneaker", num_inference_steps=1, output_type="np").nsfw_content_detected is None
     with pytest.raises(ValueError, match="feature_extractor"):
         diffusekit.StableDiffusionPipeline.from_pretrained(checked_folder, feature_extractor=None)
+
+
+def test_image_pipelines_screen_their_output_too(checked_folder):
+    """img2img and inpainting reuse the text-to-image pipeline's screening: with a concept every image matches,
+    everything comes back black and flagged, as in diffusers."""
+    photo = Image.fromarray(skimage_data.astronaut()).resize((32, 32))
+    mask = Image.new("L", (32, 32))
+    mask.paste(255, (8, 8, 24, 24))
+    ours = diffusekit.AutoPipelineForImage2Image.from_pretrained(checked_folder)
+    ref = diffusers.AutoPipelineForImage2Image.from_pretrained(checked_folder)
+    with torch.no_grad():
+        for pipe in (ours, ref):
+            pipe.safety_checker.concept_embeds_weights[3] = -1.0  # every image scores above it
+    for make in (lambda p, lib: p, lambda p, lib: lib.AutoPipelineForInpainting.from_pipe(p)):
+        outs = []
+        for pipe, lib in ((ours, diffusekit), (ref, diffusers)):
+            pipe = make(pipe, lib)
+            pipe.set_progress_bar_config(disable=True)
+            extra = {"mask_image": mask, "height": 32, "width": 32} if "Inpaint" in type(pipe).__name__ else {}
+            outs.append(pipe("an astronaut", image=photo, num_inference_steps=2, strength=0.5, output_type="np",
+                             generator=torch.manual_seed(0), **extra))
+        assert outs[0].nsfw_content_detected == outs[1].nsfw_content_detected == [True]
+        assert not outs[0].images.any() and not outs[1].images.any()

@@ -21,6 +21,7 @@ Differences from diffusers, on purpose:
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Sequence
 
 import torch
@@ -31,7 +32,7 @@ from .stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOu
 
 
 def check_strength(strength: float) -> None:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be a number in [0, 1] (1: start from noise), got {strength!r}")
 
 
