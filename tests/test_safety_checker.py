@@ -176,9 +176,8 @@ def test_preprocessor_config_files(tmp_path, photos):
         "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 32}))
     ours = diffusekit.CLIPFeatureExtractor.from_pretrained(old)
     assert ours.size == {"shortest_edge": 32} and ours.crop_size == {"height": 32, "width": 32}
-    torch.testing.assert_close(ours(photos[1]).pixel_values,
-                               transformers.CLIPImageProcessor(**PROCESSOR)(photos[1], return_tensors="pt").pixel_values,
-                               rtol=0, atol=0)
+    expected = transformers.CLIPImageProcessor(**PROCESSOR)(photos[1], return_tensors="pt").pixel_values
+    torch.testing.assert_close(ours(photos[1]).pixel_values, expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------- in a pipeline

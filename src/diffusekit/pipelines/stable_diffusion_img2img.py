@@ -90,7 +90,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     def check_image_batch(self, image: torch.Tensor, batch: int, num_images_per_prompt: int, what: str = "image"):
         prompts = batch // num_images_per_prompt
         if image.shape[0] not in (1, prompts):
-            raise ValueError(f"got {image.shape[0]} {what}s for {prompts} prompt(s): pass one {what}, or one per prompt")
+            raise ValueError(f"got {image.shape[0]} {what}s for {prompts} prompt(s): pass one {what}, or one "
+                             "per prompt")
 
     def image_latents(self, image: torch.Tensor, batch: int, num_images_per_prompt: int, generator: Generator,
                       dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -148,7 +148,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
 
         crop, resize_mode = None, "default"
         if padding_mask_crop is not None:
-            crop, resize_mode = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop), "fill"
+            crop = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
+            resize_mode = "fill"
         init_image = self.image_processor.preprocess(image, height, width, resize_mode, crop).to(torch.float32)
         mask = self.mask_processor.preprocess(mask_image, height, width, resize_mode, crop)  # (B, 1, H, W) in {0, 1}
         if mask.shape[1] != 1:
