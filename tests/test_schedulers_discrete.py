@@ -257,3 +257,41 @@ def test_pndm_odd_stride_runge_kutta_lands_on_its_midpoint():
 def test_pndm_few_steps_without_skip_is_a_clear_error():
     with pytest.raises(ValueError, match="skip_prk_steps"):
         PNDMScheduler().set_timesteps(3)
+
+
+@pytest.mark.parametrize("num_inference_steps", [4, 7])
+def test_pndm_part_way_run_takes_every_remaining_step_once(num_inference_steps):
+    """img2img starts PNDM at ``begin_index``: each evaluation then moves the sample one base step, ending at the
+    final alpha (diffusers restarts its Heun warm-up there and skips a step: a deliberate difference)."""
+    import torch
+
+    from diffusekit import PNDMScheduler
+
+    for begin in range(num_inference_steps + 1):
+        s = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+        s.set_timesteps(num_inference_steps)
+        s.set_begin_index(begin)
+        moves = []
+        transfer = s._transfer
+        s._transfer = lambda x, t, prev, out: (moves.append((t, prev)), transfer(x, t, prev, out))[1]
+        x = torch.zeros(2)
+        for t in s.timesteps[begin:]:
+            x = s.step(torch.zeros(2), t, x).prev_sample
+        if begin == 0:
+            continue  # the full run: covered by the parity tests
+        starts = [t for t, _ in moves]
+        assert starts[0] == int(s.timesteps[max(begin, 2)])  # the first step starts where the run begins
+        assert all(prev == t for (_, prev), (t, _) in zip(moves, moves[1:]))  # contiguous
+        assert moves[-1][1] == -1  # ends at the final alpha
+
+
+def test_pndm_part_way_needs_skip_prk_steps():
+    import torch
+
+    from diffusekit import PNDMScheduler
+
+    s = PNDMScheduler(skip_prk_steps=False)
+    s.set_timesteps(10)
+    s.set_begin_index(5)
+    with pytest.raises(ValueError, match="needs skip_prk_steps=True"):
+        s.step(torch.zeros(1), s.timesteps[5], torch.zeros(1))

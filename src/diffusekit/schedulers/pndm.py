@@ -26,6 +26,14 @@ class PNDMScheduler(SchedulerMixin):
     Also, when the stride is odd (e.g. 1000 // 8 = 125) diffusers' first Runge-Kutta sub-step lands on
     ``t - stride // 2`` while the model is then evaluated at the midpoint ``t_next + stride // 2``, one timestep
     lower; here the sub-step lands on the midpoint it evaluates next.
+
+    **Starting part-way (img2img, ``set_begin_index``).** A run that begins at evaluation ``begin_index`` takes one
+    linear-multistep step per evaluation from there (orders 1, 2, 3, 4 as the history fills), so every remaining step
+    of the schedule is taken once and the run ends at the final alpha. diffusers restarts its Heun warm-up there,
+    which spends one evaluation redoing the first step and then treats the sample as one step further along than it
+    is: one step of the schedule is skipped and noise is left in the image. A run starting at evaluation 1 (the
+    warm-up's repeat of timestep 1) leaves that evaluation unused. Only ``skip_prk_steps=True`` schedules can start
+    part-way (the Runge-Kutta warm-up evaluations are not whole steps).
     """
 
     order = 1
@@ -134,12 +142,22 @@ class PNDMScheduler(SchedulerMixin):
         """Advance one model evaluation (Runge-Kutta sub-step during warm-up, else a PLMS step)."""
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}: call set_timesteps before step")
-        if self.counter >= len(self._froms):
+        begin = self._begin_index or 0
+        if begin and not self.config.skip_prk_steps:
+            raise ValueError(
+                f"{type(self).__name__}: starting part-way (begin_index={begin}) needs skip_prk_steps=True; the "
+                "Runge-Kutta warm-up evaluations are not whole steps"
+            )
+        if begin + self.counter >= len(self._froms):
             raise ValueError(f"{type(self).__name__}: the schedule is finished; call set_timesteps again")
-        if self.counter < len(self.prk_timesteps):
+        if begin and begin + self.counter == 1:
+            # evaluation 1 of a skip_prk schedule repeats timestep 1 for the Heun warm-up; a run starting there
+            # takes its first step at evaluation 2, so this one changes nothing (one spare model call)
+            prev_sample = sample
+        elif self.counter < len(self.prk_timesteps):
             prev_sample = self._step_prk(model_output, sample)
         else:
-            prev_sample = self._step_plms(model_output, sample)
+            prev_sample = self._step_plms(model_output, sample, begin)
         self.counter += 1
         if not return_dict:
             return (prev_sample,)
@@ -159,13 +177,17 @@ class PNDMScheduler(SchedulerMixin):
         cur_sample = self.cur_sample if self.cur_sample is not None else sample
         return self._transfer(cur_sample, self._froms[self.counter], self._tos[self.counter], model_output)
 
-    def _step_plms(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    def _step_plms(self, model_output: torch.Tensor, sample: torch.Tensor, begin: int = 0) -> torch.Tensor:
         if not self.config.skip_prk_steps and len(self.ets) < 3:
             raise ValueError(f"{type(self).__name__}: PLMS steps need the three Runge-Kutta warm-up steps first")
-        if self.counter != 1:
+        position = begin + self.counter
+        heun = begin == 0  # a run from the start warms up with a Heun step; one from part-way does not
+        if self.counter != 1 or not heun:
             self.ets = self.ets[-3:] + [model_output]
         ets = self.ets
-        if len(ets) == 1 and self.counter == 0:
+        if len(ets) == 1 and not heun:
+            pass  # first step of a part-way run: first order
+        elif len(ets) == 1 and self.counter == 0:
             self.cur_sample = sample
         elif len(ets) == 1 and self.counter == 1:
             model_output = (model_output + ets[-1]) / 2
@@ -177,6 +199,8 @@ class PNDMScheduler(SchedulerMixin):
             model_output = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
         else:
             model_output = (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
+        if not heun:  # evaluations from `begin` on are whole steps: b_k -> b_k+1 for each, to the final alpha
+            return self._transfer(sample, self._froms[position], self._tos[position], model_output)
         return self._transfer(sample, self._froms[self.counter], self._tos[self.counter], model_output)
 
     def _transfer(self, sample: torch.Tensor, t: int, prev_t: int, model_output: torch.Tensor) -> torch.Tensor:
