@@ -17,9 +17,13 @@ if [[ " $* " == *" --test "* ]]; then
   # only the CLIP vocabulary file is needed from open-clip-torch; its torchvision dependency would not import
   $PIP install --no-deps -r requirements-test-nodeps.txt
 fi
-if [[ " $* " == *" --train "* ]] && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
-  # the idx files land in /usr/share/datasets/fashion-mnist (diffusekit.training.data looks there)
-  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-  command -v apt-get >/dev/null || { echo "--train needs apt-get (Debian/Ubuntu); else set DIFFUSEKIT_FASHION_MNIST to a folder with the idx files" >&2; exit 1; }
-  $SUDO apt-get install -y -q dataset-fashion-mnist || { $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist; }
+if [[ " $* " == *" --train "* ]]; then
+  # the CLIP vocabulary file for `diffusekit train text-to-image` (open-clip-torch, data file only)
+  $PIP install --no-deps -r requirements-test-nodeps.txt
+  if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+    # the idx files land in /usr/share/datasets/fashion-mnist (diffusekit.training.data looks there)
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    command -v apt-get >/dev/null || { echo "--train needs apt-get (Debian/Ubuntu); else set DIFFUSEKIT_FASHION_MNIST to a folder with the idx files" >&2; exit 1; }
+    $SUDO apt-get install -y -q dataset-fashion-mnist || { $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist; }
+  fi
 fi

@@ -172,3 +172,60 @@ def test_cli_help_lists_training_commands(capsys):
     with pytest.raises(SystemExit):
         main(["train", "unconditional", "--help"])
     assert "--output-dir" in capsys.readouterr().out
+
+
+def _has_open_clip() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("open_clip") is not None
+
+
+needs_clip_vocab = pytest.mark.skipif(not _has_open_clip(), reason="the CLIP vocabulary comes from open-clip-torch: "
+                                      "`pip install --no-deps open-clip-torch` (setup.sh --test or --train)")
+
+
+@needs_clip_vocab
+def test_clip_tokenizer_from_the_open_clip_table_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from diffusekit.training.tokenizer import build_clip_tokenizer
+
+    ours = build_clip_tokenizer(32)
+    assert len(ours._vocab) == 49408
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    prompts = ["a photo of a red ankle boot, product shot", "An ORANGE pair of trousers!", ""]
+    kwargs = dict(padding="max_length", max_length=32, truncation=True)
+    assert ours(prompts, **kwargs).input_ids == theirs(prompts, **kwargs).input_ids
+    assert ours("a red sneaker").input_ids == [49406, 320, 736, 24781, 49407]
+
+
+@needs_clip_vocab
+def test_text_to_image_exports_an_sd_folder_that_diffusers_loads(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from diffusekit import DiffusionPipeline, StableDiffusionPipeline
+
+    cli_main([
+        "train", "text-to-image", "--output-dir", str(tmp_path), "--dataset", "synthetic", "--limit", "32",
+        "--steps", "2", "--vae-steps", "2", "--batch-size", "4", "--vae-batch-size", "4", "--latent-images", "32",
+        "--vae-block-out-channels", "16,16,16", "--unet-block-out-channels", "16,32", "--text-layers", "1",
+        "--max-length", "16", "--num-samples", "0", "--no-progress", "--threads", "1",
+    ])
+    folder = tmp_path / "pipeline"
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert {p.name for p in folder.iterdir()} >= {"model_index.json", "vae", "text_encoder", "tokenizer", "unet",
+                                                  "scheduler"}
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] != 0.18215  # measured on the training latents
+
+    ours = DiffusionPipeline.from_pretrained(folder)
+    assert isinstance(ours, StableDiffusionPipeline)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=3, guidance_scale=4.0, output_type="np")
+    prompts = ["a photo of a red sneaker", "a blue bag"]
+    a = ours(prompts, generator=torch.manual_seed(0), **kwargs).images
+    b = theirs(prompts, generator=torch.manual_seed(0), **kwargs).images
+    assert a.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(a, b, atol=1e-5)
