@@ -232,10 +232,13 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str:
+    """Short HEAD, with ``+dirty`` when src/ has uncommitted changes (the code measured is the working tree)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
                               timeout=10).stdout.strip()
-        return head or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True,
+                               cwd=REPO, timeout=10).stdout.strip()
+        return (head or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -287,7 +290,10 @@ class Report:
     def __init__(self, title: str, args, argv: Iterable[str]):
         self.title = title
         self.args = args
-        self.command = "python " + " ".join(argv)
+        src = str(REPO / "src")
+        extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != src]
+        prefix = f"PYTHONPATH={os.pathsep.join(extra)} " if extra else ""
+        self.command = prefix + "python " + " ".join(argv)
         self.info = machine_info(args.threads)
         self.rows: list[dict[str, Any]] = []
 
