@@ -214,10 +214,6 @@ def interleaved_children(cases: dict[str, list[str]], repeat: int, warmup: int =
     return out
 
 
-def child_module_argv(module: str, *args: str) -> list[str]:
-    return ["-m", module, *args]
-
-
 # ---------------------------------------------------------------------------------------------------- facts
 
 
