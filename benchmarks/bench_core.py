@@ -17,12 +17,11 @@ Run ``python -m benchmarks.bench_core`` from the repository root (``--quick`` ch
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 from .common import (
     OURS, THEIRS, Report, cached_folder, common_args, emit, interleaved, interleaved_children, max_abs_diff,
-    peak_rss_kb, process_peak_kb, quiet_environment, reset_peak_rss, rss_kb, run_child, selected, set_threads,
+    peak_rss_kb, process_peak_kb, quiet_environment, reset_peak_rss, rss_kb, selected, set_threads,
 )
 
 #: google/ddpm-cat-256 unet/config.json (also ddpm-church-256 / ddpm-bedroom-256): 113.7M parameters

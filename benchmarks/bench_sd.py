@@ -228,7 +228,7 @@ def bench_unet(report: Report, args) -> None:
                             warmup=0)  # the parity run above was the warm-up
         report.time_row(f"UNet2DConditionModel step, latents {size}x{size} ({size * 8}² image), batch 2", stats,
                         note=f"max abs diff {diff:.1e}")
-    del models
+    models.clear()  # free the weights before the next benchmark
     _release()
 
 
@@ -250,7 +250,7 @@ def bench_vae(report: Report, args) -> None:
                         repeat=args.repeat or (2 if args.quick else 5), warmup=0)
     report.time_row(f"AutoencoderKL.decode {size}x{size} -> {size * 8}² image, batch 1", stats,
                     note=f"max abs diff {diff:.1e}")
-    del models
+    models.clear()  # free the weights before the next benchmark
     _release()
 
 
@@ -271,7 +271,7 @@ def bench_text(report: Report, args) -> None:
     stats = interleaved({lib: (lambda lib=lib: run(lib)) for lib in LIBS},
                         repeat=args.repeat or (2 if args.quick else 10), warmup=1)
     report.time_row("CLIPTextModel forward, 2x77 tokens (vs transformers)", stats, note=f"max abs diff {diff:.1e}")
-    del models
+    models.clear()  # free the weights before the next benchmark
     _release()
 
 
@@ -293,7 +293,7 @@ def bench_pipeline(report: Report, args) -> None:
     scheduler = type(pipes[OURS].scheduler).__name__
     report.time_row(f"StableDiffusionPipeline {size}², {steps} steps, CFG 7.5 ({scheduler})", stats,
                     note=f"max abs diff of images {diff:.1e}")
-    del pipes
+    pipes.clear()
     _release()
 
 
