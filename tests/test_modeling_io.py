@@ -199,3 +199,28 @@ def test_loading_does_not_initialise_random_weights(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.Linear, "reset_parameters", spy)
     Toy.from_pretrained(tmp_path)
     assert set(calls) <= {"meta"}  # built on the meta device: no real memory, no random init work
+
+
+def test_skipping_init_while_loading_is_confined_to_the_loading_thread():
+    """Initialisers are skipped while a model is built for loading, in that thread only, and only meanwhile."""
+    import threading
+
+    from diffusekit.modeling import _SkipInit
+
+    def fresh_linear():
+        torch.manual_seed(123)
+        return torch.nn.Linear(8, 8).weight.detach().clone()
+
+    expected = fresh_linear()
+    seen = {}
+    with _SkipInit():
+        skipped = torch.nn.Linear(8, 8, device="meta")
+        zeros = torch.zeros(4)
+        torch.nn.init.normal_(zeros)  # inside the mode no initialiser runs
+        assert torch.count_nonzero(zeros) == 0
+        worker = threading.Thread(target=lambda: seen.setdefault("other", fresh_linear()))
+        worker.start()
+        worker.join()
+    assert skipped.weight.is_meta
+    assert torch.equal(seen["other"], expected)  # another thread initialised as usual
+    assert torch.equal(fresh_linear(), expected)  # and this thread again after the load

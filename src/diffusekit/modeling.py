@@ -25,6 +25,24 @@ logger = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Skip ``torch.nn.init`` initialisers while a model is built for loading: the checkpoint overwrites them.
+
+    On the meta device they cost no memory but still run (and ``normal_`` on a meta tensor imports torch._dynamo,
+    1.5 s the first time). A torch-function mode is per thread, so a model built in another thread meanwhile is
+    initialised as usual.
+    """
+
+    _INITIALISERS = frozenset(
+        getattr(torch.nn.init, name) for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._INITIALISERS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 class CheckpointError(ValueError):
     """A weights file that cannot be used: corrupt, unsafe, or not matching the model."""
 
@@ -197,7 +215,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         init_kwargs.update(kwargs)
 
         files = cls._find_weight_files(source, subfolder, use_safetensors, variant, hub)
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipInit():
             model = cls(**init_kwargs)
         if cls._config_kwargs_from_file.__func__ is ModelMixin._config_kwargs_from_file.__func__:
             model._keep_foreign_keys(data)  # diffusers-format configs keep unknown keys, as diffusers does
