@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab", default=None, help="CLIP bpe_simple_vocab_16e6.txt.gz (default: open-clip-torch's)")
     g.add_argument("--sample-steps", type=int, default=25)
     g.add_argument("--guidance-scale", type=float, default=4.0)
-    g.add_argument("--num-samples", type=int, default=1, help="sample grid rows (one per class); 0: skip")
+    g.add_argument("--num-samples", type=int, default=1,
+                   help="0: no samples.png; else write it (one row per class, one column per colour)")
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -327,8 +328,7 @@ def train(args: argparse.Namespace) -> Path:
         return Path(args.output_dir) / "vae" / "model"
     pipeline_dir = train_unet(args, images, labels)
     if args.num_samples:
-        grid = sample_grid(pipeline_dir, args.sample_steps, args.guidance_scale, args.seed, args.device,
-                           rows=min(10, args.num_samples * 10))
+        grid = sample_grid(pipeline_dir, args.sample_steps, args.guidance_scale, args.seed, args.device)
         grid.save(Path(args.output_dir) / "samples.png")
         print(f"samples: {Path(args.output_dir) / 'samples.png'}")
     return pipeline_dir
