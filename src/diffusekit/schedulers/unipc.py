@@ -12,7 +12,6 @@ from ..configuration import register_to_config
 from . import core
 from .base import SchedulerOutput
 from .multistep import (
-    FINAL_SIGMAS_TYPES,
     UNIPC_SOLVER_TYPES,
     MultistepSchedulerBase,
     data_prediction,

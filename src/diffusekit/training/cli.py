@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
@@ -42,9 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # OpenMP threads that spin while waiting make a shared CPU ~10x slower (measured on 2 busy cores); must be set
-    # before torch starts its thread pool, i.e. before the first torch import of this process
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     args.command_line = "diffusekit " + shlex.join(argv)
     if args.command == "train":

@@ -280,28 +280,9 @@ def export_pipeline(loop: TrainLoop, args, vae, tokenizer, latent_size: int) -> 
                                    requires_safety_checker=False)
     final = Path(args.output_dir) / "pipeline"
     tmp = Path(args.output_dir) / f".pipeline.{int(time.time() * 1000)}.tmp"
-    pipe.save_pretrained(tmp)
-    _transformers_entries(tmp / "model_index.json")
+    pipe.save_pretrained(tmp)  # CLIP classes record themselves as ["transformers", ...] entries, as diffusers expects
     replace_folder(tmp, final)
     return final
-
-
-def _transformers_entries(index_path: Path) -> None:
-    """diffusers resolves ``text_encoder`` / ``tokenizer`` through transformers: say so in ``model_index.json``.
-
-    (diffusekit's pipeline saver writes ``["diffusers", ...]`` for CLIP classes that do not declare
-    ``_library_name = "transformers"``; diffusers then fails to find ``diffusers.CLIPTokenizer``.)
-    """
-    import json
-
-    from .._io import atomic_write_text
-
-    index = json.loads(index_path.read_text())
-    for name in ("text_encoder", "tokenizer"):
-        entry = index.get(name)
-        if isinstance(entry, list) and entry[1] in ("CLIPTextModel", "CLIPTokenizer"):
-            entry[0] = "transformers"
-    atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def sample_grid(pipeline_dir, steps: int, guidance_scale: float, seed: int, device: str = "cpu", rows: int = 10):
