@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from .registry import register_block
-from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from .resnet import Downsample2D, Upsample2D
 from .transformer_2d import Transformer2DModel
+from .unet_blocks import _resnet, _up_in_channels
 
 
 def _layers_list(transformer_layers_per_block: int | Sequence[int], num_layers: int) -> list[int]:
@@ -42,20 +43,7 @@ def _layers_list(transformer_layers_per_block: int | Sequence[int], num_layers: 
 class _CrossAttnLayers:
     """Builders shared by the three block classes (a mixin: no state, no keys)."""
 
-    @staticmethod
-    def _resnet(in_channels, out_channels, temb_channels, eps, groups, dropout, shift, act, scale, groups_out=None):
-        return ResnetBlock2D(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            temb_channels=temb_channels,
-            eps=eps,
-            groups=groups,
-            groups_out=groups_out,
-            dropout=dropout,
-            time_embedding_norm=shift,
-            non_linearity=act,
-            output_scale_factor=scale,
-        )
+    _resnet = staticmethod(_resnet)  # the same resnet builder as the other UNet blocks
 
     @staticmethod
     def _transformer(
@@ -271,8 +259,7 @@ class CrossAttnUpBlock2D(nn.Module, _CrossAttnLayers):
         resnet = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
         resnets = []
         for i in range(num_layers):
-            skip = in_channels if i == num_layers - 1 else out_channels  # the last layer eats the widest skip
-            hidden = prev_output_channel if i == 0 else out_channels
+            hidden, skip = _up_in_channels(i, num_layers, in_channels, prev_output_channel, out_channels)
             resnets.append(self._resnet(hidden + skip, out_channels, *resnet, output_scale_factor))
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(
