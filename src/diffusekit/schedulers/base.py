@@ -370,6 +370,32 @@ class DiscreteTimestepMixin:
     _positions: dict[int, int]
     _prev_list: list[int]
 
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The model takes the sample unscaled."""
+        return sample
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+        sigmas=None,
+    ) -> None:
+        """Choose the inference timesteps: ``num_inference_steps`` spaced per ``timestep_spacing``, or ``timesteps``."""
+        self._check_set_timesteps_args(num_inference_steps, timesteps, sigmas, allow_timesteps=True)
+        cfg = self.config
+        self.custom_timesteps = timesteps is not None
+        if self.custom_timesteps:
+            schedule = core.check_custom_timesteps(type(self).__name__, timesteps, cfg.num_train_timesteps)
+        else:
+            schedule = core.spaced_timesteps(
+                cfg.num_train_timesteps, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset,
+                owner=type(self).__name__,
+            )
+        self.num_inference_steps = len(schedule)
+        self._set_schedule(np.round(schedule), device)
+        self._reset_run_state()
+
     def _set_schedule(self, timesteps: np.ndarray, device=None) -> None:
         timesteps = np.asarray(timesteps, dtype=np.int64)
         self.timesteps = torch.from_numpy(timesteps.copy()).to(device)

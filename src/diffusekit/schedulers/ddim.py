@@ -59,31 +59,6 @@ class DDIMScheduler(DiscreteTimestepMixin, SchedulerMixin):
         self._set_schedule(np.arange(0, num_train_timesteps)[::-1])
         self._reset_run_state()
 
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """DDIM does not scale the model input."""
-        return sample
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: list[int] | None = None,
-        sigmas=None,
-    ) -> None:
-        """Choose the inference timesteps: ``num_inference_steps`` spaced per ``timestep_spacing``, or ``timesteps``."""
-        self._check_set_timesteps_args(num_inference_steps, timesteps, sigmas, allow_timesteps=True)
-        cfg = self.config
-        if timesteps is not None:
-            schedule = core.check_custom_timesteps(type(self).__name__, timesteps, cfg.num_train_timesteps)
-        else:
-            schedule = core.spaced_timesteps(
-                cfg.num_train_timesteps, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset,
-                owner=type(self).__name__,
-            )
-        self.num_inference_steps = len(schedule)
-        self._set_schedule(np.round(schedule), device)
-        self._reset_run_state()
-
     def _alpha_prev(self, prev_t: int) -> torch.Tensor:
         return self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
 

@@ -61,34 +61,6 @@ class DDPMScheduler(DiscreteTimestepMixin, SchedulerMixin):
         self._set_schedule(np.arange(0, num_train_timesteps)[::-1])
         self._reset_run_state()
 
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """DDPM does not scale the model input."""
-        return sample
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: list[int] | None = None,
-        sigmas=None,
-    ) -> None:
-        """Choose the inference timesteps: ``num_inference_steps`` spaced per ``timestep_spacing``, or ``timesteps``."""
-        self._check_set_timesteps_args(num_inference_steps, timesteps, sigmas, allow_timesteps=True)
-        cfg = self.config
-        if timesteps is not None:
-            schedule = core.check_custom_timesteps(type(self).__name__, timesteps, cfg.num_train_timesteps)
-            self.custom_timesteps = True
-            self.num_inference_steps = len(schedule)
-        else:
-            schedule = core.spaced_timesteps(
-                cfg.num_train_timesteps, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset,
-                owner=type(self).__name__,
-            )
-            self.custom_timesteps = False
-            self.num_inference_steps = num_inference_steps
-        self._set_schedule(np.round(schedule), device)
-        self._reset_run_state()
-
     def _get_variance(self, t: int, prev_t: int, predicted_variance=None, variance_type: str | None = None):
         """Step variance (or std / log-variance, per ``variance_type``; see ``step``)."""
         alpha_prod_t = self.alphas_cumprod[t]
