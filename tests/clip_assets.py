@@ -14,48 +14,18 @@ its torchvision dependency does not load with the CPU torch here).
 from __future__ import annotations
 
 import functools
-import gzip
-import importlib.util
 import json
 from pathlib import Path
 
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"
-#: merges in CLIP's BPE table (the gz file holds more lines; CLIP uses the first 49152 - 256 - 2)
-FULL_NUM_MERGES = 49152 - 256 - 2
-
-
-def clip_bpe_path() -> Path:
-    """The gzipped CLIP BPE table inside the installed ``open_clip`` package (located, not imported)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the real CLIP vocabulary comes from the open-clip-torch package: `pip install --no-deps open-clip-torch`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
-    if not path.is_file():
-        raise RuntimeError(f"{path} is missing: reinstall with `pip install --no-deps open-clip-torch`")
-    return path
-
-
-def byte_alphabet() -> list[str]:
-    """GPT-2's reversible byte -> printable unicode table, in CLIP's vocabulary order (printable bytes first)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    rest = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+from diffusekit.training.tokenizer import BOS, EOS  # noqa: F401  (re-exported for the tests)
+from diffusekit.training.tokenizer import clip_vocab_and_merges as _library_vocab_and_merges
 
 
 @functools.lru_cache(maxsize=4)
 def clip_vocab_and_merges(num_merges: int | None = None) -> tuple[dict[str, int], tuple[str, ...]]:
-    """CLIP's vocabulary (token -> id) and merges ("a b" lines), as the original SimpleTokenizer builds them."""
-    count = FULL_NUM_MERGES if num_merges is None else num_merges
-    if not 0 <= count <= FULL_NUM_MERGES:
-        raise ValueError(f"num_merges must be in [0, {FULL_NUM_MERGES}], got {num_merges}")
-    lines = gzip.open(clip_bpe_path()).read().decode("utf-8").split("\n")
-    merges = tuple(lines[1 : 1 + count])  # line 0 is the "#version" header
-    alphabet = byte_alphabet()
-    tokens = alphabet + [t + "</w>" for t in alphabet] + ["".join(m.split()) for m in merges] + [BOS, EOS]
-    return {token: i for i, token in enumerate(tokens)}, merges
+    """CLIP's vocabulary and merges, built by the library's own builder (cached: tests ask for it often)."""
+    vocab, merges = _library_vocab_and_merges(num_merges=num_merges)
+    return vocab, tuple(merges)
 
 
 def _token_dict(content: str, normalized: bool) -> dict:

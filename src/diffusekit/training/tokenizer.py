@@ -41,9 +41,16 @@ def _byte_symbols() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
 
 
-def clip_vocab_and_merges(path: str | Path | None = None) -> tuple[dict[str, int], list[str]]:
+def clip_vocab_and_merges(
+    path: str | Path | None = None, num_merges: int | None = None
+) -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocabulary (token -> id) and merges ("a b" lines); ``num_merges`` keeps only the first merges (a
+    smaller vocabulary with the same ids for what it keeps, for tiny text encoders)."""
+    count = NUM_MERGES if num_merges is None else num_merges
+    if not 0 <= count <= NUM_MERGES:
+        raise ValueError(f"num_merges must be in [0, {NUM_MERGES}], got {num_merges}")
     lines = gzip.open(clip_bpe_path(path)).read().decode("utf-8").split("\n")
-    merges = lines[1 : 1 + NUM_MERGES]  # line 0 is a "#version" header
+    merges = lines[1 : 1 + count]  # line 0 is a "#version" header
     symbols = _byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS, EOS]
     return {token: i for i, token in enumerate(tokens)}, merges
