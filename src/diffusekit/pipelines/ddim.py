@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 
-from ..random import Generator, randn_tensor
+from ..random import Generator
 from .base import DiffusionPipeline, ImagePipelineOutput
-from .ddpm import _check_call, _sample_shape
-from .image_processor import check_output_type, postprocess
+from .ddpm import sample_unconditional
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +36,7 @@ class DDIMPipeline(DiffusionPipeline):
         output_type: str | None = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple[Any]:
-        _check_call(batch_size, num_inference_steps, generator)
-        output_type = check_output_type(output_type, ("pil", "np", "pt"))
         if not 0.0 <= eta <= 1.0:
             logger.warning("eta=%s is outside [0, 1] (0 is DDIM, 1 is DDPM); results may be poor", eta)
-        scheduler = self._fresh_scheduler()
-        image = randn_tensor(_sample_shape(self.unet, batch_size), generator, self.device, self.unet.dtype)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for t in self.progress_bar(scheduler.timesteps):
-            model_output = self.unet(image, t).sample  # (B, C, H, W)
-            image = scheduler.step(
-                model_output, t, image, eta=eta, use_clipped_model_output=use_clipped_model_output,
-                generator=generator,
-            ).prev_sample
-        images = postprocess(image, output_type)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return sample_unconditional(self, batch_size, generator, num_inference_steps, output_type, return_dict,
+                                    eta=eta, use_clipped_model_output=use_clipped_model_output)

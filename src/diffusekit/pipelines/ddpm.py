@@ -45,14 +45,21 @@ class DDPMPipeline(DiffusionPipeline):
         output_type: str | None = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple[Any]:
-        _check_call(batch_size, num_inference_steps, generator)
-        output_type = check_output_type(output_type, ("pil", "np", "pt"))
-        scheduler = self._fresh_scheduler()
-        # noise is drawn on the generator's device, so a seed gives the same image on every device
-        image = randn_tensor(_sample_shape(self.unet, batch_size), generator, self.device, self.unet.dtype)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for t in self.progress_bar(scheduler.timesteps):
-            model_output = self.unet(image, t).sample  # (B, C, H, W)
-            image = scheduler.step(model_output, t, image, generator=generator).prev_sample
-        images = postprocess(image, output_type)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return sample_unconditional(self, batch_size, generator, num_inference_steps, output_type, return_dict)
+
+
+def sample_unconditional(pipe: DiffusionPipeline, batch_size: int, generator: Generator, num_inference_steps: int,
+                         output_type: str | None, return_dict: bool,
+                         **step_kwargs: Any) -> ImagePipelineOutput | tuple[Any]:
+    """The sampling loop of DDPMPipeline and DDIMPipeline (``step_kwargs`` go to ``scheduler.step``)."""
+    _check_call(batch_size, num_inference_steps, generator)
+    output_type = check_output_type(output_type, ("pil", "np", "pt"))
+    scheduler = pipe._fresh_scheduler()
+    # noise is drawn on the generator's device, so a seed gives the same image on every device
+    image = randn_tensor(_sample_shape(pipe.unet, batch_size), generator, pipe.device, pipe.unet.dtype)
+    scheduler.set_timesteps(num_inference_steps, device=pipe.device)
+    for t in pipe.progress_bar(scheduler.timesteps):
+        model_output = pipe.unet(image, t).sample  # (B, C, H, W)
+        image = scheduler.step(model_output, t, image, generator=generator, **step_kwargs).prev_sample
+    images = postprocess(image, output_type)
+    return ImagePipelineOutput(images=images) if return_dict else (images,)
