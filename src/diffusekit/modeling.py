@@ -271,13 +271,15 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
             state_dict: StateDict = {}
             for f in files:
                 state_dict.update(read_safetensors(f))
+            state_dict = self._adapt_state_dict(state_dict)
         else:
             state_dict = {}
             for f in files:
                 state_dict.update(read_weights(f))
-        state_dict = self._adapt_state_dict(state_dict)
-        state_dict = {k: v for k, v in state_dict.items() if not any(p.search(k) for p in ignore) or k in expected}
-        self._check(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, ignore, files)
+            state_dict = self._adapt_state_dict(state_dict)
+            self._check(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, ignore, files)
+        # the check passed: any key the model lacks is one of the ignored ones
+        state_dict = {k: v for k, v in state_dict.items() if k in expected}
 
         target = dtype or torch.get_default_dtype()
         for key, value in state_dict.items():
