@@ -156,6 +156,8 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     bin_name = "diffusion_pytorch_model.bin"
     # regexes of checkpoint keys to drop silently (e.g. buffers older writers saved)
     _ignore_unexpected_keys: tuple[str, ...] = ()
+    # diffusers-format configs carry unknown keys along (as diffusers does); transformers-format ones set False
+    _keep_unknown_config_keys: bool = True
 
     # ------------------------------------------------------------------ properties
 
@@ -217,7 +219,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         files = cls._find_weight_files(source, subfolder, use_safetensors, variant, hub)
         with torch.device("meta"), _SkipInit():
             model = cls(**init_kwargs)
-        if cls._config_kwargs_from_file.__func__ is ModelMixin._config_kwargs_from_file.__func__:
+        if cls._keep_unknown_config_keys:
             model._keep_foreign_keys(data)  # diffusers-format configs keep unknown keys, as diffusers does
         model.load_weight_files(files, dtype=torch_dtype)
         return model.eval()

@@ -158,6 +158,8 @@ class CLIPVisionModel(ModelMixin):
 
     # ------------------------------------------------------------------ file format
 
+    _keep_unknown_config_keys = False  # transformers' configs: metadata keys are not carried along
+
     @classmethod
     def _config_kwargs_from_file(cls, data: dict[str, Any]) -> dict[str, Any]:
         return vision_config_from_file(data)

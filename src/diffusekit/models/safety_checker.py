@@ -67,6 +67,8 @@ class StableDiffusionSafetyChecker(ModelMixin):
 
     # ------------------------------------------------------------------ file format
 
+    _keep_unknown_config_keys = False  # transformers' configs: metadata keys are not carried along
+
     @classmethod
     def _config_kwargs_from_file(cls, data: dict[str, Any]) -> dict[str, Any]:
         model_type = data.get("model_type")
