@@ -1,0 +1,131 @@
+"""One generation request -> images, each with the A1111 parameters that remake it.
+
+The piece the command line, the HTTP server and batch generation share, so that a seed means the same image
+everywhere: image ``i`` of a request is drawn from its own generator seeded ``seed + i`` (A1111's rule), so it
+does not depend on how many images were asked for at once or on which process made it.
+
+    pipe = DiffusionPipeline.from_pretrained("diffusekit-fashion-sd")
+    result = generate(pipe, GenerationParameters(prompt="a red dress", steps=20, sampler="DPM++ 2M Karras",
+                                                 cfg_scale=5, seed=1, width=32, height=32), batch_size=2)
+    save_png(result.images[0], "a.png", result.parameters[0])
+
+The task follows the inputs: an ``image`` makes it image-to-image (``denoising_strength``), an ``image`` and a
+``mask`` inpainting; the family's pipeline for that task is built on the loaded components with
+:meth:`DiffusionPipeline.from_pipe` (shared weights, nothing copied). The sampler is set on that per-call pipeline,
+never on ``pipe``, so concurrent requests with different samplers do not interfere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from typing import Any, Callable
+
+from .infotext import GenerationParameters
+
+__all__ = ["GenerationResult", "generate", "random_seed", "request_pipeline", "task_of"]
+
+SEED_RANGE = 2**32  # A1111 draws random seeds below 2**32
+
+
+def random_seed() -> int:
+    return secrets.randbelow(SEED_RANGE)
+
+
+def task_of(image: Any = None, mask: Any = None) -> str:
+    """``"text-to-image"``, ``"image-to-image"`` or ``"inpainting"`` from the inputs given."""
+    from .pipelines.auto import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE
+
+    if mask is not None and image is None:
+        raise ValueError("a mask needs an image to inpaint: pass image= as well")
+    return INPAINTING if mask is not None else IMAGE2IMAGE if image is not None else TEXT2IMAGE
+
+
+def request_pipeline(pipe, task: str, sampler: str | None = None):
+    """The pipeline that runs ``task`` on ``pipe``'s components, with ``sampler`` (an A1111 / ComfyUI name) if given.
+
+    Returns ``pipe`` itself when nothing changes; otherwise a new pipeline object sharing ``pipe``'s modules.
+    """
+    from .pipelines.auto import TEXT2IMAGE, task_class
+    from .schedulers.names import get_scheduler
+
+    target = type(pipe) if task == TEXT2IMAGE else task_class(task, type(pipe).__name__)
+    if sampler is None and target is type(pipe):
+        return pipe
+    overrides = {"scheduler": get_scheduler(sampler, pipe.scheduler.config)} if sampler else {}
+    return target.from_pipe(pipe, **overrides)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    images: list  # PIL images (or arrays/tensors, as output_type says)
+    parameters: list[GenerationParameters]  # one per image: its own seed
+    nsfw_content_detected: list[bool] | None = None
+
+
+def _sampler_name(params: GenerationParameters) -> str | None:
+    if not params.sampler:
+        return None
+    if params.schedule_type and params.schedule_type.lower() not in ("automatic", "normal", "default"):
+        return f"{params.sampler} {params.schedule_type}"
+    return params.sampler
+
+
+def generate(pipe, params: GenerationParameters, *, batch_size: int = 1, image: Any = None, mask: Any = None,
+             on_step: Callable[[int, int, Any], bool | None] | None = None, output_type: str = "pil",
+             **pipeline_kwargs: Any) -> GenerationResult:
+    """Run ``params`` on ``pipe`` and return ``batch_size`` images with their own parameters.
+
+    ``params.seed`` of ``None`` or ``-1`` draws a random seed (recorded in the result). ``on_step(step, total,
+    latents)`` is called after every denoising step of prompt-conditioned pipelines; returning ``True`` from it
+    stops the run early (the images so far are decoded, as A1111's interrupt does). Extra keyword arguments go to
+    the pipeline call as they are (``prompt_embeds=...``, ``cross_attention_kwargs=...``).
+    """
+    import torch
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    seed = random_seed() if params.seed is None or params.seed == -1 else int(params.seed)
+    seeds = [seed + i for i in range(batch_size)]
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    task = task_of(image, mask)
+    run = request_pipeline(pipe, task, _sampler_name(params))
+    kwargs: dict[str, Any] = {"generator": generators, "output_type": output_type}
+    if params.steps is not None:
+        kwargs["num_inference_steps"] = params.steps
+    if hasattr(run, "encode_prompt"):  # prompt-conditioned (Stable Diffusion family)
+        kwargs.update(prompt=[params.prompt] * batch_size,
+                      negative_prompt=[params.negative_prompt] * batch_size if params.negative_prompt else None)
+        if params.cfg_scale is not None:
+            kwargs["guidance_scale"] = params.cfg_scale
+        if params.clip_skip is not None and params.clip_skip > 1:
+            kwargs["clip_skip"] = params.clip_skip - 1  # A1111 counts the last layer as 1, diffusers as 0
+        if task == "text-to-image":
+            kwargs.update(height=params.height, width=params.width)
+        else:
+            kwargs["image"] = image
+            if params.denoising_strength is not None:
+                kwargs["strength"] = params.denoising_strength
+            if mask is not None:
+                kwargs.update(mask_image=mask, height=params.height, width=params.width)
+        if on_step is not None:
+            kwargs["callback_on_step_end"] = _step_callback(on_step, params.steps)
+    else:  # unconditional: the prompt and guidance do not apply
+        kwargs["batch_size"] = batch_size
+    kwargs.update(pipeline_kwargs)
+    output = run(**kwargs)
+    images = list(output.images)
+    per_image = [params.replace(seed=s) for s in seeds]
+    if (params.width is None or params.height is None) and images and hasattr(images[0], "size"):
+        per_image = [p.replace(width=im.size[0], height=im.size[1]) for p, im in zip(per_image, images)]
+    return GenerationResult(images, per_image, getattr(output, "nsfw_content_detected", None))
+
+
+def _step_callback(on_step, total):
+    def callback(pipe, step, timestep, tensors):
+        steps = getattr(pipe, "num_timesteps", None) or total
+        if on_step(step + 1, steps, tensors.get("latents")):
+            pipe._interrupt = True
+        return {}
+
+    return callback
