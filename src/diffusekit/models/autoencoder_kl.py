@@ -167,6 +167,7 @@ class Decoder(nn.Module):
         super().__init__()
         width = block_out_channels[-1]
         self.conv_in = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1)
+        self.up_blocks = nn.ModuleList()  # filled after the mid block (diffusers' registration and init order)
         self.mid_block = UNetMidBlock2D(
             in_channels=width,
             temb_channels=None,
@@ -178,7 +179,7 @@ class Decoder(nn.Module):
         )
         reversed_channels = list(reversed(block_out_channels))
         n = len(block_out_channels)
-        self.up_blocks = nn.ModuleList(
+        self.up_blocks.extend(
             get_block("up", name, f"up_block_types[{i}]")(
                 in_channels=reversed_channels[max(i - 1, 0)],
                 prev_output_channel=reversed_channels[max(i - 1, 0)],

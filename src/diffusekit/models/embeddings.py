@@ -60,7 +60,8 @@ class GaussianFourierProjection(nn.Module):
 
     ``weight`` (a frozen parameter, saved in checkpoints) holds the random frequencies. With ``log=True`` the input
     is ``log(sigma)``. The output is ``[sin, cos]`` of ``2 pi x w`` (``[cos, sin]`` with ``flip_sin_to_cos``).
-    ``set_W_to_weight`` is accepted for diffusers compatibility; the parameter is always named ``weight``.
+    ``set_W_to_weight`` (diffusers' flag) only changes which random draw a seeded init keeps (diffusers draws twice
+    with it); the parameter is always named ``weight``.
     """
 
     def __init__(
@@ -72,6 +73,8 @@ class GaussianFourierProjection(nn.Module):
         flip_sin_to_cos: bool = False,
     ):
         super().__init__()
+        if set_W_to_weight:  # diffusers draws the frequencies twice then and keeps the second draw: same seeds, same W
+            torch.randn(embedding_size)
         self.weight = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
         self.log = log
         self.flip_sin_to_cos = flip_sin_to_cos

@@ -129,6 +129,7 @@ class UNet2DModel(ModelMixin):
         n = len(block_out_channels)
 
         self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()  # filled below; registered here, as diffusers
         for i, name in enumerate(down_block_types):
             block_cls = get_block("down", name, f"down_block_types[{i}]")
             out_ch = block_out_channels[i]
@@ -160,7 +161,6 @@ class UNet2DModel(ModelMixin):
             )
 
         reversed_channels = list(reversed(block_out_channels))
-        self.up_blocks = nn.ModuleList()
         for i, name in enumerate(up_block_types):
             block_cls = get_block("up", name, f"up_block_types[{i}]")
             out_ch = reversed_channels[i]

@@ -234,6 +234,7 @@ class UNet2DConditionModel(ModelMixin):
             return cls
 
         self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()  # filled below; registered here, as diffusers
         for i, name in enumerate(down_block_types):
             out_ch = block_out_channels[i]
             self.down_blocks.append(
@@ -273,7 +274,6 @@ class UNet2DConditionModel(ModelMixin):
         rev_channels, rev_heads, rev_layers = block_out_channels[::-1], heads[::-1], layers[::-1]
         rev_context, rev_cross_only = context_dims[::-1], cross_only[::-1]
         self.num_upsamplers = n - 1
-        self.up_blocks = nn.ModuleList()
         for i, name in enumerate(up_block_types):
             out_ch = rev_channels[i]
             self.up_blocks.append(

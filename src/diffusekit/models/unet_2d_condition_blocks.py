@@ -25,7 +25,7 @@ from torch import nn
 from .registry import register_block
 from .resnet import Downsample2D, Upsample2D
 from .transformer_2d import Transformer2DModel
-from .unet_blocks import _resnet, _up_in_channels
+from .unet_blocks import _resnet, _up_in_channels, interleaved, mid_interleaved
 
 
 def _layers_list(transformer_layers_per_block: int | Sequence[int], num_layers: int) -> list[int]:
@@ -111,17 +111,15 @@ class CrossAttnDownBlock2D(nn.Module, _CrossAttnLayers):
         self.num_attention_heads = num_attention_heads
         depth = _layers_list(transformer_layers_per_block, num_layers)
         resnet = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
-        self.resnets = nn.ModuleList(
-            self._resnet(in_channels if i == 0 else out_channels, out_channels, *resnet, output_scale_factor)
-            for i in range(num_layers)
-        )
-        self.attentions = nn.ModuleList(
-            self._transformer(
+        resnets, attentions = interleaved(
+            num_layers,
+            lambda i: self._resnet(in_channels if i == 0 else out_channels, out_channels, *resnet, output_scale_factor),
+            lambda i: self._transformer(
                 out_channels, num_attention_heads, depth[i], cross_attention_dim, resnet_groups,
                 use_linear_projection, only_cross_attention, upcast_attention,
-            )
-            for i in range(num_layers)
+            ),
         )
+        self.attentions, self.resnets = attentions, resnets  # diffusers' registration (state dict) order
         self.downsamplers = (
             nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
             if add_downsample
@@ -194,16 +192,19 @@ class UNetMidBlock2DCrossAttn(nn.Module, _CrossAttnLayers):
         depth = _layers_list(transformer_layers_per_block, num_layers)
         common = (temb_channels, resnet_eps)
         rest = (dropout, resnet_time_scale_shift, resnet_act_fn, output_scale_factor)
-        resnets = [self._resnet(in_channels, out_channels, *common, groups, *rest, groups_out=groups_out)]
-        resnets += [self._resnet(out_channels, out_channels, *common, groups_out, *rest) for _ in range(num_layers)]
-        self.resnets = nn.ModuleList(resnets)
-        self.attentions = nn.ModuleList(
-            self._transformer(
+        resnets, attentions = mid_interleaved(
+            num_layers,
+            lambda i: (
+                self._resnet(in_channels, out_channels, *common, groups, *rest, groups_out=groups_out)
+                if i == 0
+                else self._resnet(out_channels, out_channels, *common, groups_out, *rest)
+            ),
+            lambda i: self._transformer(
                 out_channels, num_attention_heads, depth[i], cross_attention_dim, groups_out,
                 use_linear_projection, False, upcast_attention,
-            )
-            for i in range(num_layers)
+            ),
         )
+        self.attentions, self.resnets = attentions, resnets  # diffusers' registration (state dict) order
 
     def forward(
         self,
@@ -257,18 +258,20 @@ class CrossAttnUpBlock2D(nn.Module, _CrossAttnLayers):
         self.num_attention_heads = num_attention_heads
         depth = _layers_list(transformer_layers_per_block, num_layers)
         resnet = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
-        resnets = []
-        for i in range(num_layers):
+
+        def make_resnet(i: int) -> nn.Module:
             hidden, skip = _up_in_channels(i, num_layers, in_channels, prev_output_channel, out_channels)
-            resnets.append(self._resnet(hidden + skip, out_channels, *resnet, output_scale_factor))
-        self.resnets = nn.ModuleList(resnets)
-        self.attentions = nn.ModuleList(
-            self._transformer(
+            return self._resnet(hidden + skip, out_channels, *resnet, output_scale_factor)
+
+        resnets, attentions = interleaved(
+            num_layers,
+            make_resnet,
+            lambda i: self._transformer(
                 out_channels, num_attention_heads, depth[i], cross_attention_dim, resnet_groups,
                 use_linear_projection, only_cross_attention, upcast_attention,
-            )
-            for i in range(num_layers)
+            ),
         )
+        self.attentions, self.resnets = attentions, resnets  # diffusers' registration (state dict) order
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None
 
     def forward(

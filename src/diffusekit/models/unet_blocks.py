@@ -99,6 +99,30 @@ def _up_in_channels(i: int, num_layers: int, in_channels: int, prev_output_chann
     return hidden, skip
 
 
+def interleaved(num_layers: int, make_resnet, make_attention) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """``(resnets, attentions)`` built in diffusers' order: resnet 0, attention 0, resnet 1, attention 1, ...
+
+    Construction order decides which random numbers each layer draws, so this order makes
+    ``torch.manual_seed(s); Model(**cfg)`` give the same initial weights as diffusers.
+    """
+    resnets, attentions = [], []
+    for i in range(num_layers):
+        resnets.append(make_resnet(i))
+        attentions.append(make_attention(i))
+    return nn.ModuleList(resnets), nn.ModuleList(attentions)
+
+
+def mid_interleaved(num_layers: int, make_resnet, make_attention) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """Mid blocks' order: resnet 0, then attention i and resnet i + 1 for each layer (``make_resnet(0)`` first)."""
+    resnets, attentions = [make_resnet(0)], []
+    for i in range(num_layers):
+        attention = make_attention(i)
+        if attention is not None:
+            attentions.append(attention)
+        resnets.append(make_resnet(i + 1))
+    return nn.ModuleList(resnets), nn.ModuleList(attentions)
+
+
 # ---------------------------------------------------------------------------------------------------- down
 
 
@@ -181,14 +205,12 @@ class AttnDownBlock2D(nn.Module):
     ):
         super().__init__()
         common = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
-        self.resnets = nn.ModuleList(
-            _resnet(in_channels if i == 0 else out_channels, out_channels, *common, output_scale_factor)
-            for i in range(num_layers)
+        resnets, attentions = interleaved(
+            num_layers,
+            lambda i: _resnet(in_channels if i == 0 else out_channels, out_channels, *common, output_scale_factor),
+            lambda i: _spatial_attention(out_channels, attention_head_dim, resnet_groups, resnet_eps, output_scale_factor),
         )
-        self.attentions = nn.ModuleList(
-            _spatial_attention(out_channels, attention_head_dim, resnet_groups, resnet_eps, output_scale_factor)
-            for _ in range(num_layers)
-        )
+        self.attentions, self.resnets = attentions, resnets  # diffusers' registration (state dict) order
         downsample_type = (downsample_type or "conv") if add_downsample else None
         if downsample_type == "conv":
             self.downsamplers = nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
@@ -267,14 +289,17 @@ class UNetMidBlock2D(nn.Module):
             attn_groups = resnet_groups if resnet_time_scale_shift == "default" else None
         common = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
         self.add_attention = add_attention
-        self.resnets = nn.ModuleList(
-            _resnet(in_channels, in_channels, *common, output_scale_factor) for _ in range(num_layers + 1)
-        )
         # without attention, diffusers keeps a list of None placeholders; an empty list has the same keys
-        self.attentions = nn.ModuleList(
-            _spatial_attention(in_channels, attention_head_dim, attn_groups, resnet_eps, output_scale_factor)
-            for _ in range(num_layers if add_attention else 0)
+        resnets, attentions = mid_interleaved(
+            num_layers,
+            lambda i: _resnet(in_channels, in_channels, *common, output_scale_factor),
+            lambda i: (
+                _spatial_attention(in_channels, attention_head_dim, attn_groups, resnet_eps, output_scale_factor)
+                if add_attention
+                else None
+            ),
         )
+        self.attentions, self.resnets = attentions, resnets  # diffusers' registration (state dict) order
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = self.resnets[0](hidden_states, temb)  # (B, C, H, W)
@@ -366,15 +391,17 @@ class AttnUpBlock2D(nn.Module):
     ):
         super().__init__()
         common = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn)
-        resnets = []
-        for i in range(num_layers):
+
+        def resnet(i: int) -> ResnetBlock2D:
             hidden, skip = _up_in_channels(i, num_layers, in_channels, prev_output_channel, out_channels)
-            resnets.append(_resnet(hidden + skip, out_channels, *common, output_scale_factor))
-        self.resnets = nn.ModuleList(resnets)
-        self.attentions = nn.ModuleList(
-            _spatial_attention(out_channels, attention_head_dim, resnet_groups, resnet_eps, output_scale_factor)
-            for _ in range(num_layers)
+            return _resnet(hidden + skip, out_channels, *common, output_scale_factor)
+
+        resnets, attentions = interleaved(
+            num_layers,
+            resnet,
+            lambda i: _spatial_attention(out_channels, attention_head_dim, resnet_groups, resnet_eps, output_scale_factor),
         )
+        self.attentions, self.resnets = attentions, resnets  # diffusers' registration (state dict) order
         upsample_type = (upsample_type or "conv") if add_upsample else None
         if upsample_type == "conv":
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)])
