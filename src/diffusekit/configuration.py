@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -96,14 +97,68 @@ def register_to_config(init):
             if name not in ignore:
                 config[name] = value
         self._config = FrozenConfig(config, defaults_used=[name for name in config if name not in given])
+        outermost = "_config_sealed" not in self.__dict__
+        if outermost:
+            self.__dict__["_config_sealed"] = False
         init(self, *args, **kwargs)
+        if outermost:  # from now on, assigning a config key as an attribute is refused
+            self.__dict__["_config_sealed"] = True
 
     wrapper._config_params = tuple(p.name for p in params if p.kind is not p.VAR_KEYWORD)  # type: ignore[attr-defined]
     return wrapper
 
 
+def config_attribute(obj: Any, name: str) -> Any:
+    """``obj.<config key>``: the config value with a ``FutureWarning`` naming ``.config.<key>``, as diffusers does.
+
+    Raises ``AttributeError`` for any other name.
+    """
+    config = obj.__dict__.get("_config")
+    if config is not None and not name.startswith("_") and name in config:
+        kind = "unet" if isinstance(obj, _torch_module_type()) else "scheduler"
+        warnings.warn(
+            f"Accessing config attribute `{name}` directly via '{type(obj).__name__}' object attribute is deprecated. "
+            f"Please access '{name}' over '{type(obj).__name__}'s config object instead, e.g. "
+            f"'{kind}.config.{name}'.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return config[name]
+    raise AttributeError(f"'{type(obj).__name__}' object has no attribute '{name}'")
+
+
+def refuse_config_assignment(obj: Any, name: str) -> None:
+    """Refuse ``obj.<config key> = value`` once the config is set (it would silently disagree with ``obj.config``).
+
+    diffusers lets such an assignment shadow the config; diffusekit refuses it on purpose.
+    """
+    config = obj.__dict__.get("_config")
+    if (
+        obj.__dict__.get("_config_sealed")
+        and name in config
+        and name not in obj.__dict__
+        and not name.startswith("_")
+    ):
+        raise AttributeError(
+            f"{type(obj).__name__}.{name} is a config value (read it as `.config.{name}`) and cannot be assigned: "
+            f"build a new object instead, e.g. `{type(obj).__name__}.from_config(obj.config, {name}=...)`"
+        )
+
+
+def _torch_module_type() -> type:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.nn.Module if torch is not None else type(None)
+
+
 class ConfigMixin:
-    """Adds ``config``, ``from_config``, ``load_config`` and ``save_config`` to a class with a registered ``__init__``."""
+    """Adds ``config``, ``from_config``, ``load_config`` and ``save_config`` to a class with a registered ``__init__``.
+
+    Config keys also read as attributes (``scheduler.num_train_timesteps``) with a ``FutureWarning`` pointing at
+    ``.config.<key>``, as in diffusers. Deliberate difference: assigning one (``scheduler.num_train_timesteps = 5``)
+    raises ``AttributeError`` once ``__init__`` has run; diffusers lets it shadow the config silently.
+    """
 
     config_name: str = "config.json"
     ignore_for_config: tuple[str, ...] = ()
@@ -112,6 +167,14 @@ class ConfigMixin:
     @property
     def config(self) -> FrozenConfig:
         return self._config
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails: config keys answer as attributes, deprecated (as in diffusers)
+        return config_attribute(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        refuse_config_assignment(self, name)
+        super().__setattr__(name, value)
 
     @classmethod
     def _config_params(cls) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ._io import atomic_path
-from .configuration import ConfigMixin, read_json
+from .configuration import ConfigMixin, config_attribute, read_json, refuse_config_assignment
 from .hub import EntryNotFound, resolve_file, split_hub_kwargs
 
 logger = logging.getLogger(__name__)
@@ -158,6 +158,19 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     _ignore_unexpected_keys: tuple[str, ...] = ()
     # diffusers-format configs carry unknown keys along (as diffusers does); transformers-format ones set False
     _keep_unknown_config_keys: bool = True
+
+    # ------------------------------------------------------------------ config keys as attributes
+
+    def __getattr__(self, name: str) -> Any:
+        # parameters, buffers and submodules first (torch.nn.Module), then config keys (deprecated, as in diffusers)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return config_attribute(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        refuse_config_assignment(self, name)
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ properties
 
