@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from ..configuration import DIFFUSERS_COMPAT_VERSION, FrozenConfig, read_json
-from ..hub import resolve_file, split_hub_kwargs
+from ..hub import EntryNotFound, local_folder, resolve_file, split_hub_kwargs
 from ..modeling import ModelMixin
 from ..outputs import BaseOutput
 from .._io import atomic_write_text
@@ -149,6 +149,7 @@ class DiffusionPipeline:
                 f"{list(names)}, options are {list(pipeline_cls._option_names)}"
             )
         init_kwargs: dict[str, Any] = {}
+        loaded_variants = 0
         for name in names:
             if name in kwargs:  # passed in by the caller (a component object, or None to leave it out)
                 init_kwargs[name] = kwargs.pop(name)
@@ -173,9 +174,15 @@ class DiffusionPipeline:
                                "the pipeline without it", index_path, name, entry[1])
                 init_kwargs[name] = None
                 continue
-            init_kwargs[name] = _load_component(
-                component_cls, source, name, hub, torch_dtype=torch_dtype, use_safetensors=use_safetensors,
-                variant=variant,
+            init_kwargs[name], used_variant = _load_component(
+                component_cls, source, name, hub, variant=variant, torch_dtype=torch_dtype,
+                use_safetensors=use_safetensors,
+            )
+            loaded_variants += used_variant
+        if variant is not None and not loaded_variants:
+            raise ValueError(
+                f"{source}: no component has weights of variant={variant!r} (files like "
+                f"diffusion_pytorch_model.{variant}.safetensors); drop variant= to load the default weights"
             )
         for option in pipeline_cls._option_names:
             if option in kwargs:
@@ -276,11 +283,48 @@ def _library_and_class(component: Any) -> tuple[str | None, str | None]:
     return (getattr(cls, "_library_name", default), cls.__name__)
 
 
-def _load_component(component_cls: type, source, name: str, hub: dict[str, Any], **model_options: Any) -> Any:
+def component_subfolder(component_cls: type, source, name: str, hub: dict[str, Any]) -> str | None:
+    """Where a component's files are: its subfolder ``name``, or the root (``None``) when that subfolder is absent.
+
+    As in diffusers: the early hub repos (``google/ddpm-cifar10-32`` …) keep ``config.json``, the weights and
+    ``scheduler_config.json`` beside ``model_index.json``. For a hub repo, the component's config file is looked up
+    in the subfolder first, then at the root.
+    """
+    folder = local_folder(source)
+    if folder is not None:
+        return name if (folder / name).is_dir() else None
+    probe = getattr(component_cls, "config_name", None)
+    if not isinstance(probe, str):
+        return name
+    try:
+        resolve_file(source, probe, subfolder=name, **hub)
+        return name
+    except EntryNotFound as in_subfolder:
+        try:
+            resolve_file(source, probe, **hub)
+        except EntryNotFound:
+            raise in_subfolder from None
+        return None
+
+
+def _load_component(component_cls: type, source, name: str, hub: dict[str, Any], variant: str | None = None,
+                    **model_options: Any) -> tuple[Any, bool]:
+    """Load one component; return it and whether it was loaded from ``variant`` files.
+
+    As in diffusers, a component without files of the requested variant (a text encoder without ``non_ema``
+    weights, a scheduler) loads its default files.
+    """
+    subfolder = component_subfolder(component_cls, source, name, hub)
     if isinstance(component_cls, type) and issubclass(component_cls, ModelMixin):
-        return component_cls.from_pretrained(source, subfolder=name, **model_options, **hub)
+        if variant is not None:
+            try:
+                return component_cls.from_pretrained(source, subfolder=subfolder, variant=variant, **model_options,
+                                                     **hub), True
+            except EntryNotFound:
+                logger.info("%s: no %s weights for component %r, loading its default weights", source, variant, name)
+        return component_cls.from_pretrained(source, subfolder=subfolder, **model_options, **hub), False
     loader = getattr(component_cls, "from_pretrained", None)
     if loader is None:
         raise TypeError(f"component {name!r}: {component_cls.__name__} has no from_pretrained")
-    return loader(source, subfolder=name, **hub)
+    return loader(source, subfolder=subfolder, **hub), False
 
