@@ -15,8 +15,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..random import Generator, randn_tensor
+from ..random import Generator
 from .base import DiffusionPipeline
+from .pieces import LatentDiffusionMixin, custom_schedule
+from .pieces import custom_schedule as _custom_schedule  # noqa: F401  (older name, imported elsewhere)
+from .pieces import guidance_scale_embedding, rescale_noise_cfg  # noqa: F401  (public here since 0.1)
 from .image_processor import check_output_type, postprocess
 from ..outputs import BaseOutput
 
@@ -31,26 +34,7 @@ class StableDiffusionPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None
 
 
-def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
-    """Rescale guided noise to the text branch's std (Lin et al. 2023, sec. 3.4), mixed by ``guidance_rescale``."""
-    dims = list(range(1, noise_pred_text.ndim))
-    std_text = noise_pred_text.std(dim=dims, keepdim=True)
-    std_cfg = noise_cfg.std(dim=dims, keepdim=True)
-    rescaled = noise_cfg * (std_text / std_cfg)
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
-
-
-def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sinusoidal embedding of guidance scales (B,) -> (B, embedding_dim), for UNets with ``time_cond_proj_dim``."""
-    w = w * 1000.0
-    half = embedding_dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    angles = w.to(dtype)[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    return torch.nn.functional.pad(emb, (0, embedding_dim % 2))
-
-
-class StableDiffusionPipeline(DiffusionPipeline):
+class StableDiffusionPipeline(LatentDiffusionMixin, DiffusionPipeline):
     """``pipe(prompt, ...).images``: text-to-image with classifier-free guidance.
 
     Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``; ``safety_checker`` and
@@ -79,10 +63,6 @@ class StableDiffusionPipeline(DiffusionPipeline):
                               scheduler=scheduler, safety_checker=safety_checker,
                               feature_extractor=feature_extractor)
         self.register_options(requires_safety_checker=requires_safety_checker)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     # ------------------------------------------------------------------ prompt encoding
 
@@ -186,30 +166,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
 
-    def check_callback_inputs(self, names: Sequence[str]) -> None:
-        if not set(names) <= set(self._callback_tensor_inputs):
-            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {list(self._callback_tensor_inputs)}")
-
     # ------------------------------------------------------------------ latents
-
-    def prepare_latents(self, batch: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
-                        generator: Generator, latents: torch.Tensor | None, init_noise_sigma: float) -> torch.Tensor:
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for {batch} images: pass one generator per image")
-        if latents is None:
-            latents = randn_tensor(shape, generator, device, dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for this size and batch, got {tuple(latents.shape)}")
-        return latents.to(device) * init_noise_sigma
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, 4, h, w) -> images (B, 3, H, W) in about [-1, 1]."""
-        config = self.vae.config
-        latents = latents / config.scaling_factor
-        if config.get("shift_factor") is not None:
-            latents = latents + config.shift_factor
-        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
 
     def run_safety_checker(self, images: torch.Tensor) -> tuple[torch.Tensor, list[bool] | None]:
         if self.safety_checker is None:
@@ -239,6 +196,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str | None = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
@@ -252,23 +210,23 @@ class StableDiffusionPipeline(DiffusionPipeline):
         self.check_callback_inputs(callback_on_step_end_tensor_inputs)
         device = self.device
         scheduler = self._fresh_scheduler()
-        # classifier-free guidance needs a scale above 1; guidance-distilled UNets (time_cond_proj_dim) take it as input
-        cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        self.begin_call(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
+                        cross_attention_kwargs=cross_attention_kwargs)
 
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            clip_skip,
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt, prompt_embeds,
+            negative_prompt_embeds, clip_skip,
         )
-        custom = _custom_schedule(timesteps, sigmas)
-        scheduler.set_timesteps(None if custom else num_inference_steps, device=device, **custom)
+        scheduler.set_timesteps(None if (custom := custom_schedule(timesteps, sigmas)) else num_inference_steps,
+                                device=device, **custom)
         batch = prompt_embeds.shape[0]
         latents = self.prepare_latents(batch, height, width, prompt_embeds.dtype, device, generator, latents,
                                        scheduler.init_noise_sigma)
-        timestep_cond = self.guidance_condition(guidance_scale, batch, device, latents.dtype)
         latents = self.denoise(
-            scheduler, scheduler.timesteps, latents, prompt_embeds, negative_prompt_embeds, do_cfg=cfg,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, eta=eta,
-            timestep_cond=timestep_cond, callback_on_step_end=callback_on_step_end,
+            scheduler, scheduler.timesteps, self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds),
+            generator=generator, eta=eta,
+            timestep_cond=self.guidance_condition(guidance_scale, batch, device, latents.dtype),
+            callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         images, nsfw = self.latents_to_images(latents, output_type)
@@ -276,77 +234,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
             return (images, nsfw)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
 
-    # ------------------------------------------------------------------ pieces shared by the SD-family pipelines
-
-    def guidance_condition(self, guidance_scale: float, batch: int, device: torch.device,
-                           dtype: torch.dtype) -> torch.Tensor | None:
-        """The guidance-scale embedding a guidance-distilled UNet (``time_cond_proj_dim``) takes; None otherwise."""
-        dim = self.unet.config.time_cond_proj_dim
-        if dim is None:
-            return None
-        w = torch.tensor(guidance_scale - 1).repeat(batch)
-        return guidance_scale_embedding(w, dim).to(device, dtype)
-
-    def denoise(
-        self,
-        scheduler,
-        timesteps: torch.Tensor,
-        latents: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None,
-        *,
-        do_cfg: bool,
-        guidance_scale: float,
-        guidance_rescale: float = 0.0,
-        generator: Generator = None,
-        eta: float = 0.0,
-        timestep_cond: torch.Tensor | None = None,
-        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        conditioning: dict[str, torch.Tensor] | None = None,
-        concat: Sequence[str] | None = None,
-        after_step: Callable[..., torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """The sampling loop of the SD-family pipelines: for each ``t`` of ``timesteps``, the UNet (both guidance
-        branches in one batch when ``do_cfg``), guidance, then ``scheduler.step``.
-
-        ``conditioning``: extra tensors by name (inpainting's ``mask`` and ``masked_image_latents``, depth2img's
-        ``depth_mask``; already one copy per guidance branch); those named in ``concat`` (default: all, in order)
-        are concatenated to the scaled model input along the channels. ``after_step(i, t, latents, tensors)``
-        returns the latents to go on with (inpainting with a 4-channel UNet puts back the kept region there).
-        ``callback_on_step_end(pipe, i, t, tensors)`` sees the tensors named in
-        ``callback_on_step_end_tensor_inputs`` (latents, the prompt embeddings, the conditioning) and may return
-        replacements.
-        """
-        step_kwargs: dict[str, Any] = {"generator": generator}  # every scheduler's step takes generator=
-        if getattr(scheduler, "accepts_eta", False):
-            step_kwargs["eta"] = eta
-        tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
-                   "negative_prompt_embeds": negative_prompt_embeds, **(conditioning or {})}
-        extra = tuple(conditioning or ()) if concat is None else tuple(concat)
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            latents = tensors["latents"]
-            context = (torch.cat([tensors["negative_prompt_embeds"], tensors["prompt_embeds"]]) if do_cfg
-                       else tensors["prompt_embeds"])  # (2B or B, L, D)
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            if extra:
-                model_input = torch.cat([model_input, *(tensors[name] for name in extra)], dim=1)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=context, timestep_cond=timestep_cond,
-                                   return_dict=False)[0]
-            if do_cfg:
-                noise_uncond, noise_text = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-                if guidance_rescale > 0.0:
-                    noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale)
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
-            if after_step is not None:
-                latents = after_step(i, t, latents, tensors)
-            tensors["latents"] = latents
-            if callback_on_step_end is not None:
-                returned = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
-                tensors.update({k: v for k, v in (returned or {}).items() if k in tensors})
-        return tensors["latents"]
+    # ------------------------------------------------------------------ decoding
 
     def latents_to_images(self, latents: torch.Tensor, output_type: str) -> tuple[Any, list[bool] | None]:
         """Decode, screen with the safety checker (flagged images come back black) and convert to ``output_type``;
@@ -357,12 +245,3 @@ class StableDiffusionPipeline(DiffusionPipeline):
         images = postprocess(images, output_type, [True] * len(images) if nsfw is None else [not n for n in nsfw])
         return images, nsfw
 
-
-def _custom_schedule(timesteps, sigmas) -> dict[str, Any]:
-    if timesteps is not None and sigmas is not None:
-        raise ValueError("pass at most one of timesteps and sigmas")
-    if timesteps is not None:
-        return {"timesteps": list(timesteps)}
-    if sigmas is not None:
-        return {"sigmas": list(sigmas)}
-    return {}

@@ -163,6 +163,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str | None = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -179,7 +180,9 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
             tuple(s // self.vae_scale_factor for s in pixels.shape[-2:])
         device = self.device
         scheduler = self._fresh_scheduler()
-        cfg = guidance_scale > 1
+        self.begin_call(guidance_scale=guidance_scale, clip_skip=clip_skip,
+                        cross_attention_kwargs=cross_attention_kwargs)
+        cfg = self.do_classifier_free_guidance
 
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
@@ -191,11 +194,10 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
         latents = self.image_latents(pixels, batch, num_images_per_prompt, generator, dtype, device)
         latents, _ = self.noised_latents(scheduler, latents, run[:1], generator)
         latents = self.denoise(
-            scheduler, run, latents, prompt_embeds, negative_prompt_embeds, do_cfg=cfg,
-            guidance_scale=guidance_scale, generator=generator, eta=eta,
+            scheduler, run, self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds, depth_mask=depth),
+            generator=generator, eta=eta, concat=("depth_mask",),
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            conditioning={"depth_mask": depth},
         )
         images, _ = self.latents_to_images(latents, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

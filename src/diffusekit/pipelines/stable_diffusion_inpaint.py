@@ -94,6 +94,79 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
             return pixels_or_latents
         return self.encode_vae_image(pixels_or_latents, generator)
 
+    # ------------------------------------------------------------------ pieces (shared with SDXL inpainting)
+
+    def inpaint_pixels(self, image, mask_image, height: int, width: int,
+                       padding_mask_crop: int | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``(image (B, 3, H, W) in [-1, 1] float32, mask (B, 1, H, W) in {0, 1}, crop box or None)``."""
+        crop, resize_mode = None, "default"
+        if padding_mask_crop is not None:
+            crop = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
+            resize_mode = "fill"
+        init_image = self.image_processor.preprocess(image, height, width, resize_mode, crop).to(torch.float32)
+        mask = self.mask_processor.preprocess(mask_image, height, width, resize_mode, crop)  # (B, 1, H, W) in {0, 1}
+        if mask.shape[1] != 1:
+            raise ValueError(f"mask_image must have a single channel, got {mask.shape[1]}: pass a grayscale mask "
+                             "(white = repaint)")
+        return init_image, mask, crop
+
+    def inpaint_latents(self, scheduler, run: torch.Tensor, init_image: torch.Tensor, latents: torch.Tensor | None,
+                        batch: int, num_images_per_prompt: int, generator: Generator, dtype: torch.dtype,
+                        device: torch.device, height: int, width: int, *, from_noise: bool, need_image_latents: bool,
+                        add_noise: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(starting latents, the noise, the image's clean latents or None)``; the order of draws from
+        ``generator`` is diffusers'. ``from_noise`` (strength 1): start from pure noise; ``add_noise=False`` (SDXL's
+        ``denoising_start``): start from the image latents as they are (they come noised from the base model)."""
+        self.check_image_batch(init_image, batch, num_images_per_prompt)
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images: pass one generator per image")
+        factor = self.vae_scale_factor
+        shape = (batch, self.vae.config.latent_channels, height // factor, width // factor)
+        image_latents = None
+        if self._is_latents(init_image) or need_image_latents or not add_noise or (latents is None and not from_noise):
+            image_latents = self._encode_or_take(init_image.to(device, dtype), generator).to(dtype)
+            image_latents = image_latents.repeat_interleave(batch // image_latents.shape[0], dim=0)
+        if latents is not None and add_noise:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape} for this size and batch, got {tuple(latents.shape)}")
+            noise = latents.to(device, dtype)
+            return noise * scheduler.init_noise_sigma, noise, image_latents
+        noise = randn_tensor(shape, generator, device, dtype)
+        if not add_noise:
+            return image_latents, noise, image_latents
+        if from_noise:
+            return noise * scheduler.init_noise_sigma, noise, image_latents
+        return scheduler.add_noise(image_latents, noise, run[:1].repeat(batch)), noise, image_latents
+
+    def mask_latents(self, init_image: torch.Tensor, mask: torch.Tensor, masked_image_latents: torch.Tensor | None,
+                     size: tuple[int, int], batch: int, num_images_per_prompt: int, generator: Generator,
+                     dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask at latent ``size`` and the latents of the image with the repainted part blacked out, one row per
+        output image, doubled under guidance."""
+        masked = init_image * (mask < 0.5) if masked_image_latents is None else masked_image_latents
+        masked = self._encode_or_take(masked.to(device, dtype), generator).to(dtype)
+        mask = torch.nn.functional.interpolate(mask, size=tuple(size)).to(device, dtype)
+        self.check_image_batch(mask, batch, num_images_per_prompt, what="mask")
+        self.check_image_batch(masked, batch, num_images_per_prompt, what="masked_image_latents")
+        mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+        masked = masked.repeat_interleave(batch // masked.shape[0], dim=0)
+        if self.do_classifier_free_guidance:
+            mask, masked = torch.cat([mask] * 2), torch.cat([masked] * 2)
+        return mask, masked
+
+    def keep_unmasked(self, scheduler, run: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor):
+        """The loop's ``after_step`` for an ordinary (4-channel) UNet: put back the kept region, taken from the
+        image latents noised to the next timestep (clean after the last)."""
+
+        def after_step(i: int, t, latents: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+            keep = tensors["mask"].chunk(2)[0] if self.do_classifier_free_guidance else tensors["mask"]
+            known = image_latents
+            if i < len(run) - 1:
+                known = scheduler.add_noise(image_latents, noise, run[i + 1 : i + 2].repeat(latents.shape[0]))
+            return (1 - keep) * known + keep * latents
+
+        return after_step
+
     @torch.no_grad()
     def __call__(
         self,
@@ -118,6 +191,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str | None = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
@@ -136,75 +210,31 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         unet_kind = self._unet_kind()
         device = self.device
         scheduler = self._fresh_scheduler()
-        cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        self.begin_call(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
+                        cross_attention_kwargs=cross_attention_kwargs)
 
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            clip_skip,
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt, prompt_embeds,
+            negative_prompt_embeds, clip_skip,
         )
         batch, dtype = prompt_embeds.shape[0], prompt_embeds.dtype
         run, _ = set_strength_schedule(scheduler, num_inference_steps, strength, device, timesteps, sigmas)
-        from_noise = strength == 1.0
-
-        crop, resize_mode = None, "default"
-        if padding_mask_crop is not None:
-            crop = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
-            resize_mode = "fill"
-        init_image = self.image_processor.preprocess(image, height, width, resize_mode, crop).to(torch.float32)
-        mask = self.mask_processor.preprocess(mask_image, height, width, resize_mode, crop)  # (B, 1, H, W) in {0, 1}
-        if mask.shape[1] != 1:
-            raise ValueError(f"mask_image must have a single channel, got {mask.shape[1]}: pass a grayscale mask "
-                             "(white = repaint)")
-        self.check_image_batch(init_image, batch, num_images_per_prompt)
-        self.check_image_batch(mask, batch, num_images_per_prompt, what="mask")
-        if isinstance(generator, (list, tuple)) and len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for {batch} images: pass one generator per image")
-
-        # starting latents (the order of draws from `generator` is diffusers')
-        shape = (batch, self.vae.config.latent_channels, height // factor, width // factor)
-        image_latents = None
-        if unet_kind == 4 or (latents is None and not from_noise):
-            image_latents = self._encode_or_take(init_image.to(device, dtype), generator).to(dtype)
-            image_latents = image_latents.repeat_interleave(batch // image_latents.shape[0], dim=0)
-        if latents is None:
-            noise = randn_tensor(shape, generator, device, dtype)
-            if from_noise:
-                latents = noise * scheduler.init_noise_sigma
-            else:
-                latents = scheduler.add_noise(image_latents, noise, run[:1].repeat(batch))
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape} for this size and batch, got {tuple(latents.shape)}")
-            noise = latents.to(device, dtype)
-            latents = noise * scheduler.init_noise_sigma
-
-        # the mask at latent size and the latents of the image with the repainted part blacked out
-        masked = init_image * (mask < 0.5) if masked_image_latents is None else masked_image_latents
-        masked = self._encode_or_take(masked.to(device, dtype), generator).to(dtype)
-        mask = torch.nn.functional.interpolate(mask, size=shape[2:]).to(device, dtype)
-        self.check_image_batch(masked, batch, num_images_per_prompt, what="masked_image_latents")
-        mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
-        masked = masked.repeat_interleave(batch // masked.shape[0], dim=0)
-        if cfg:
-            mask, masked = torch.cat([mask] * 2), torch.cat([masked] * 2)
-
-        def keep_unmasked(i: int, t, latents: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-            """Put back the kept region: image latents noised to the next timestep (clean after the last)."""
-            keep = tensors["mask"].chunk(2)[0] if cfg else tensors["mask"]
-            known = image_latents
-            if i < len(run) - 1:
-                known = scheduler.add_noise(image_latents, noise, run[i + 1 : i + 2].repeat(batch))
-            return (1 - keep) * known + keep * latents
-
+        init_image, mask, crop = self.inpaint_pixels(image, mask_image, height, width, padding_mask_crop)
+        latents, noise, image_latents = self.inpaint_latents(
+            scheduler, run, init_image, latents, batch, num_images_per_prompt, generator, dtype, device,
+            height, width, from_noise=strength == 1.0, need_image_latents=unet_kind == 4,
+        )
+        mask, masked = self.mask_latents(init_image, mask, masked_image_latents, latents.shape[2:], batch,
+                                         num_images_per_prompt, generator, dtype, device)
         latents = self.denoise(
-            scheduler, run, latents, prompt_embeds, negative_prompt_embeds, do_cfg=cfg,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator, eta=eta,
+            scheduler, run,
+            self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds, mask=mask, masked_image_latents=masked),
+            generator=generator, eta=eta,
             timestep_cond=self.guidance_condition(guidance_scale, batch, device, latents.dtype),
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            conditioning={"mask": mask, "masked_image_latents": masked},
-            concat=None if unet_kind == 9 else (),
-            after_step=keep_unmasked if unet_kind == 4 else None,
+            concat=("mask", "masked_image_latents") if unet_kind == 9 else (),
+            after_step=self.keep_unmasked(scheduler, run, image_latents, noise) if unet_kind == 4 else None,
         )
         images, nsfw = self.latents_to_images(latents, output_type)
         if crop is not None:
