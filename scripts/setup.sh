@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with diffusekit installed (editable).
 #   bash scripts/setup.sh          library + runtime dependencies
-#   bash scripts/setup.sh --test   also the test oracles (diffusers, transformers) and test assets
+#   bash scripts/setup.sh --test   also the test oracles (diffusers, transformers), test assets, the server's test
+#                                  clients and Debian's chromium (apt) for the web page test
 #   bash scripts/setup.sh --train  also Fashion-MNIST (Debian package dataset-fashion-mnist) for `diffusekit train`
 #                                  and `diffusekit eval`; combine with --test freely
 set -euo pipefail
@@ -16,6 +17,11 @@ if [[ " $* " == *" --test "* ]]; then
   $PIP install -r requirements-test.txt
   # only the CLIP vocabulary file is needed from open-clip-torch; its torchvision dependency would not import
   $PIP install --no-deps -r requirements-test-nodeps.txt
+  # the web page test of `diffusekit serve` runs a real headless Chromium (Debian's package, no download)
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium
+  fi
 fi
 if [[ " $* " == *" --train "* ]]; then
   # the CLIP vocabulary file for `diffusekit train text-to-image` (open-clip-torch, data file only)

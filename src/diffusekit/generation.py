@@ -53,7 +53,10 @@ def request_pipeline(pipe, task: str, sampler: str | None = None):
     if sampler is None and target is type(pipe):
         return pipe
     overrides = {"scheduler": get_scheduler(sampler, pipe.scheduler.config)} if sampler else {}
-    return target.from_pipe(pipe, **overrides)
+    run = target.from_pipe(pipe, **overrides)
+    if hasattr(pipe, "_progress_bar_config"):  # a quiet pipe (e.g. in a server) stays quiet per call
+        run.set_progress_bar_config(**pipe._progress_bar_config)
+    return run
 
 
 @dataclasses.dataclass

@@ -1,0 +1,232 @@
+"""diffusekit serve, A1111 API: driven by the real `webuiapi` client over loopback HTTP; images compared with the
+library's direct output for the same seed (identical)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+webuiapi = pytest.importorskip("webuiapi")
+
+from serve_helpers import running_server, wait_idle  # noqa: E402
+
+SD = "diffusekit-fashion-sd"
+DDPM = "diffusekit-fashion-ddpm"
+PROMPT = "a photo of a red dress"
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    from diffusekit.hub import BUNDLED_DIR
+
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(BUNDLED_DIR / DDPM, root / "my-ddpm")
+    (root / "Lora").mkdir()
+    (root / "Lora" / "red-style.safetensors").write_bytes(b"")
+    (root / "embeddings").mkdir()
+    (root / "embeddings" / "fancy.pt").write_bytes(b"")
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(BUNDLED_DIR / DDPM, outside / "secret")
+    (root / "linked").symlink_to(outside / "secret")  # a link out of the folder must not be served
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(models_dir):
+    with running_server(models_dir=models_dir, default_model=SD) as (url, app):
+        wait_idle(app)
+        yield url, app
+
+
+@pytest.fixture()
+def api(server):
+    url, app = server
+    wait_idle(app)
+    return webuiapi.WebUIApi(baseurl=f"{url}/sdapi/v1", sampler="DPM++ 2M", steps=4)
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    from diffusekit import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(SD)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _direct(pipe, cls_name, sampler, seeds, **kwargs):
+    """The library's own output: the pipeline called directly, one generator per image."""
+    import torch
+
+    import diffusekit
+    from diffusekit import get_scheduler
+
+    run = getattr(diffusekit, cls_name).from_pipe(pipe, scheduler=get_scheduler(sampler, pipe.scheduler.config))
+    run.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return run(generator=generators, **kwargs).images
+
+
+def _same(a, b):
+    assert a.size == b.size and a.mode == b.mode
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_txt2img_images_equal_the_library_output_and_carry_parameters(api, sd_pipe):
+    from diffusekit.infotext import GenerationParameters
+
+    result = api.txt2img(prompt=PROMPT, negative_prompt="blurry", seed=5, steps=4, width=32, height=32,
+                         cfg_scale=4, sampler_name="DPM++ 2M", scheduler="karras", batch_size=2)
+    direct = _direct(sd_pipe, "StableDiffusionPipeline", "DPM++ 2M Karras", [5, 6], prompt=[PROMPT] * 2,
+                     negative_prompt=["blurry"] * 2, num_inference_steps=4, guidance_scale=4.0, height=32, width=32)
+    assert len(result.images) == 2
+    for got, want in zip(result.images, direct):
+        _same(got, want)
+    info = result.info
+    assert info["all_seeds"] == [5, 6] and info["sd_model_name"] == SD and info["sampler_name"] == "DPM++ 2M"
+    assert info["width"] == 32 and info["height"] == 32 and info["steps"] == 4
+    for image, text, seed in zip(result.images, info["infotexts"], (5, 6)):
+        assert image.info["parameters"] == text
+        params = GenerationParameters.from_infotext(text)
+        assert (params.prompt, params.negative_prompt, params.seed, params.steps, params.cfg_scale) == \
+            (PROMPT, "blurry", seed, 4, 4.0)
+        assert (params.sampler, params.schedule_type, params.model) == ("DPM++ 2M", "Karras", SD)
+        assert params.model_hash and len(params.model_hash) == 10
+    assert result.parameters["prompt"] == PROMPT and result.parameters["seed"] == 5
+
+
+def test_n_iter_continues_the_seeds_and_random_seed_is_recorded(api, sd_pipe):
+    result = api.txt2img(prompt=PROMPT, seed=20, steps=3, width=32, height=32, cfg_scale=4, batch_size=1, n_iter=2,
+                         sampler_name="Euler a")
+    assert result.info["all_seeds"] == [20, 21]
+    _same(result.images[1], _direct(sd_pipe, "StableDiffusionPipeline", "Euler a", [21], prompt=[PROMPT],
+                                    num_inference_steps=3, guidance_scale=4.0, height=32, width=32)[0])
+    drawn = api.txt2img(prompt=PROMPT, seed=-1, steps=2, width=32, height=32)
+    assert 0 <= drawn.info["seed"] < 2**32 and f"Seed: {drawn.info['seed']}," in drawn.info["infotexts"][0]
+
+
+def test_img2img_and_inpainting_equal_the_library_output(api, sd_pipe):
+    from PIL import Image, ImageDraw
+
+    init = Image.new("RGB", (32, 32), (10, 10, 10))
+    ImageDraw.Draw(init).ellipse((6, 4, 26, 28), fill=(200, 30, 40))
+    result = api.img2img(images=[init], prompt=PROMPT, seed=7, steps=5, width=32, height=32, cfg_scale=4,
+                         denoising_strength=0.6, sampler_name="Euler")
+    direct = _direct(sd_pipe, "StableDiffusionImg2ImgPipeline", "Euler", [7], prompt=[PROMPT], image=init,
+                     strength=0.6, num_inference_steps=5, guidance_scale=4.0)
+    _same(result.image, direct[0])
+    assert "Denoising strength: 0.6" in result.info["infotexts"][0]
+    assert result.parameters["init_images"] is None  # A1111 leaves them out unless include_init_images
+
+    mask = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 15, 31), fill=255)  # white = repaint
+    painted = api.img2img(images=[init], mask_image=mask, prompt="a photo of a blue dress", seed=8, steps=5,
+                          width=32, height=32, cfg_scale=4, denoising_strength=0.9, sampler_name="Euler")
+    direct = _direct(sd_pipe, "StableDiffusionInpaintPipeline", "Euler", [8], prompt=["a photo of a blue dress"],
+                     image=init, mask_image=mask, strength=0.9, num_inference_steps=5, guidance_scale=4.0,
+                     height=32, width=32)
+    _same(painted.image, direct[0])
+    assert painted.info["is_using_inpainting_conditioning"] is True
+
+
+def test_progress_preview_and_interrupt(server, api):
+    url, app = server
+    state = app.state.serve
+    box = {}
+    worker = threading.Thread(target=lambda: box.setdefault("result", api.txt2img(
+        prompt=PROMPT, seed=1, steps=150, width=64, height=64, cfg_scale=4, sampler_name="Euler")))
+    worker.start()
+    deadline = time.monotonic() + 120
+    progress = api.get_progress()
+    while progress["state"]["sampling_step"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        progress = api.get_progress()
+    assert progress["state"]["sampling_steps"] == 150 and 0 < progress["progress"] < 1
+    assert progress["state"]["job_count"] == 1 and progress["eta_relative"] > 0
+    from diffusekit.serve.images import image_from_b64
+
+    preview = image_from_b64(progress["current_image"], "preview", 10**6)
+    assert preview.size == (64, 64)  # the latent grid, scaled to the image size
+    assert api.interrupt() == {}
+    worker.join(120)
+    assert not worker.is_alive()
+    job = next(j for j in state.queue._jobs.values() if j.source == "a1111" and j.request.params.steps == 150)
+    assert job.state == "interrupted" and job.step < 150
+    assert box["result"].info["interrupted"] is True
+    for image in box["result"].images:  # decoded from the latents at the interrupt, when the pipeline stops early
+        assert image.size == (64, 64)
+    assert api.get_progress()["state"]["job_count"] == 0
+
+
+def test_models_listing_and_switching(server, api, models_dir):
+    names = api.util_get_model_names()
+    assert names == sorted([SD, DDPM, "my-ddpm"])  # "linked" points outside the folder: not served
+    assert api.util_get_current_model() == SD
+    api.util_set_model("my-ddpm")
+    assert api.util_get_current_model() == "my-ddpm"
+    state = server[1].state.serve
+    assert state.holder.current.name == "my-ddpm"  # one model in memory: the new one
+    result = api.txt2img(prompt="ignored", seed=3, steps=3, width=32, height=32)
+    assert result.image.size == (28, 28) and result.image.mode == "L"
+    text = result.info["infotexts"][0]
+    assert "Model: my-ddpm" in text and "Sampler" not in text and "Size: 28x28" in text
+    api.util_set_model(SD)
+    assert api.util_get_current_model() == SD
+    for bad in ("../../etc/passwd", "linked", str(models_dir / "my-ddpm"), "nope"):
+        answer = api.set_options({"sd_model_checkpoint": bad})
+        assert "unknown model" in answer["detail"]
+    assert api.util_get_current_model() == SD
+    # a per-request model through override_settings, as A1111 allows
+    one = api.txt2img(prompt="x", seed=1, steps=2, width=32, height=32,
+                      override_settings={"sd_model_checkpoint": DDPM})
+    assert one.info["sd_model_name"] == DDPM and api.util_get_current_model() == SD
+
+
+def test_png_info_samplers_schedulers_loras_embeddings(api):
+    from diffusekit.schedulers.names import resolve_sampler
+
+    made = api.txt2img(prompt=PROMPT, seed=9, steps=2, width=32, height=32)
+    info = api.png_info(made.image)
+    assert info.info == made.info["infotexts"][0]
+    assert info.parameters["Seed"] == "9" and info.parameters["Prompt"] == PROMPT
+    samplers = api.util_get_sampler_names()
+    assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC"} <= set(samplers)
+    assert all(s != s.lower() for s in samplers)
+    for name in samplers:
+        resolve_sampler(name)
+    assert {"automatic", "karras", "exponential"} <= set(api.util_get_scheduler_names())
+    assert api.get_loras() == [{"name": "red-style", "alias": "red-style", "path": "Lora/red-style.safetensors",
+                                "metadata": {}}]
+    assert set(api.get_embeddings()["skipped"]) == {"fancy"}
+
+
+def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, api):
+    import requests
+
+    url = server[0]
+    cases = [
+        ({"prompt": "x", "width": 33, "height": 32, "steps": 2}, "multiple of 8"),
+        ({"prompt": "x", "width": 4096, "height": 4096, "steps": 2}, "--max-pixels"),
+        ({"prompt": "x", "width": 32, "height": 32, "steps": 1000}, "--max-steps"),
+        ({"prompt": "x", "width": 32, "height": 32, "steps": 2, "batch_size": 8, "n_iter": 4}, "--max-images"),
+        ({"prompt": "x", "width": 32, "height": 32, "steps": 2, "sampler_name": "Warp drive"}, "unknown sampler"),
+        ({"prompt": "x", "width": 32, "height": 32, "steps": "many"}, "steps"),
+    ]
+    for body, words in cases:
+        answer = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60)
+        assert answer.status_code == 422, (body, answer.text)
+        assert words in answer.text, (words, answer.text)
+    bad_image = requests.post(f"{url}/sdapi/v1/img2img", json={"init_images": ["bm90IGFuIGltYWdl"], "steps": 2,
+                                                                "width": 32, "height": 32}, timeout=60)
+    assert bad_image.status_code == 422 and "not a readable image" in bad_image.text
+    assert api.txt2img(prompt=PROMPT, seed=1, steps=2, width=32, height=32).image.size == (32, 32)
+    info = json.loads(requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 32,
+                                                                     "height": 32}, timeout=60).json()["info"])
+    assert info["sampler_name"] == "Euler"  # A1111's API default sampler
