@@ -39,11 +39,13 @@ def tiny_vae_kwargs(**overrides):
 
 
 def build_tiny_sd(folder: str | Path, scheduler=None, unet_in_channels: int = 4, pipeline: str = "StableDiffusionPipeline",
-                  seed: int = 0, legacy_tokenizer_files: bool = False, **unet_overrides) -> Path:
+                  seed: int = 0, legacy_tokenizer_files: bool = False, text_overrides: dict | None = None,
+                  vae_overrides: dict | None = None, **unet_overrides) -> Path:
     """Save a tiny random SD pipeline of class ``pipeline`` with diffusers; return the folder.
 
     transformers 5 saves the tokenizer as ``tokenizer.json``; ``legacy_tokenizer_files`` also writes the
-    ``vocab.json`` / ``merges.txt`` files that SD checkpoints on the Hub carry.
+    ``vocab.json`` / ``merges.txt`` files that SD checkpoints on the Hub carry. ``text_overrides`` /
+    ``vae_overrides`` change the text encoder's / VAE's config (e.g. ``hidden_act="gelu"`` for SD 2.x's OpenCLIP).
     """
     import diffusers
     import transformers
@@ -51,12 +53,13 @@ def build_tiny_sd(folder: str | Path, scheduler=None, unet_in_channels: int = 4,
     folder = Path(folder)
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(**tiny_unet_kwargs(unet_in_channels, **unet_overrides))
-    vae = diffusers.AutoencoderKL(**tiny_vae_kwargs())
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=1000, hidden_size=CROSS_DIM, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=998, eos_token_id=999, pad_token_id=999, layer_norm_eps=1e-5,
-        projection_dim=CROSS_DIM,
-    )
+    vae = diffusers.AutoencoderKL(**tiny_vae_kwargs(**(vae_overrides or {})))
+    text_config = transformers.CLIPTextConfig(**{
+        **dict(vocab_size=1000, hidden_size=CROSS_DIM, intermediate_size=37, num_hidden_layers=3,
+               num_attention_heads=4, max_position_embeddings=77, bos_token_id=998, eos_token_id=999,
+               pad_token_id=999, layer_norm_eps=1e-5, projection_dim=CROSS_DIM),
+        **(text_overrides or {}),
+    })
     text_encoder = transformers.CLIPTextModel(text_config).eval()
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(tmp, num_merges=NUM_MERGES)

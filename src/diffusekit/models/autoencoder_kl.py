@@ -21,6 +21,7 @@ from torch import nn
 from ..configuration import register_to_config
 from ..modeling import ModelMixin, StateDict
 from ..outputs import BaseOutput
+from ..single_file.loading import FromOriginalModelMixin
 from ..random import randn_tensor
 from . import unet_blocks  # noqa: F401  (registers the block classes)
 from .attention import rename_legacy_attention_keys
@@ -222,12 +223,14 @@ def _blend(previous: torch.Tensor, current: torch.Tensor, extent: int, dim: int)
     return torch.cat([head, current.narrow(dim, extent, current.shape[dim] - extent)], dim=dim)
 
 
-class AutoencoderKL(ModelMixin):
+class AutoencoderKL(ModelMixin, FromOriginalModelMixin):
     """Variational autoencoder with a diagonal-Gaussian latent (diffusers' config keys and defaults).
 
     ``scaling_factor`` (and ``shift_factor``, ``latents_mean``/``latents_std``) describe how pipelines normalise
     latents; ``force_upcast`` tells pipelines to run the VAE in float32. The model itself does not apply them.
     """
+
+    _single_file_kind = "vae"  # from_single_file / save_single_file: docs/SINGLE_FILE.md
 
     @register_to_config
     def __init__(

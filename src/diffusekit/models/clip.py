@@ -29,6 +29,7 @@ from ..configuration import FrozenConfig, read_json, register_to_config
 from ..hub import resolve_file, split_hub_kwargs
 from ..modeling import ModelMixin, StateDict
 from ..outputs import BaseOutput
+from ..single_file.loading import FromOriginalModelMixin
 
 MODEL_TYPE = "clip_text_model"
 _LEGACY_EOS_ID = 2  # configs written before transformers fixed CLIP's eos id: pool at the highest id instead
@@ -219,8 +220,10 @@ def _accepts_config_object(init):
     return wrapper
 
 
-class _CLIPTextBase(ModelMixin):
+class _CLIPTextBase(ModelMixin, FromOriginalModelMixin):
     """Shared by both classes: config, file format and the transformer in ``self.text_model``."""
+
+    _single_file_kind = "text_encoder"  # from_single_file / save_single_file: docs/SINGLE_FILE.md
 
     _library_name = "transformers"  # model_index.json entry: ["transformers", "CLIPTextModel"]
 

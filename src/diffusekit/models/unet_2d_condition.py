@@ -31,6 +31,7 @@ from torch import nn
 from ..configuration import register_to_config
 from ..modeling import ModelMixin
 from ..outputs import BaseOutput
+from ..single_file.loading import FromOriginalModelMixin
 from . import unet_2d_condition_blocks, unet_blocks  # noqa: F401  (register the block classes)
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .registry import get_block
@@ -60,7 +61,7 @@ def _refuse(key: str, value: Any, why: str) -> None:
     raise NotImplementedError(f"UNet2DConditionModel: config {key}={value!r} is not supported ({why})")
 
 
-class UNet2DConditionModel(ModelMixin):
+class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     """Conditional 2D UNet: ``(sample, timestep, encoder_hidden_states) -> sample-shaped prediction``.
 
     Every keyword is a diffusers config key with diffusers' default; see the module docstring for what is
@@ -69,6 +70,8 @@ class UNet2DConditionModel(ModelMixin):
     ``addition_time_embed_dim``, ``addition_embed_type_num_heads``) are accepted and, as in diffusers for these
     blocks, have no effect.
     """
+
+    _single_file_kind = "unet"  # from_single_file / save_single_file: docs/SINGLE_FILE.md
 
     @register_to_config
     def __init__(

@@ -22,6 +22,7 @@ from .pieces import custom_schedule as _custom_schedule  # noqa: F401  (older na
 from .pieces import guidance_scale_embedding, rescale_noise_cfg  # noqa: F401  (public here since 0.1)
 from .image_processor import check_output_type, postprocess
 from ..outputs import BaseOutput
+from ..single_file.pipeline import FromSingleFileMixin
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class StableDiffusionPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None
 
 
-class StableDiffusionPipeline(LatentDiffusionMixin, DiffusionPipeline):
+class StableDiffusionPipeline(LatentDiffusionMixin, DiffusionPipeline, FromSingleFileMixin):
     """``pipe(prompt, ...).images``: text-to-image with classifier-free guidance.
 
     Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``; ``safety_checker`` and
