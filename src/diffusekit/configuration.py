@@ -8,6 +8,7 @@ a read-only ``dict`` with attribute access. Files are diffusers' JSON format (``
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -95,7 +96,8 @@ def register_to_config(init):
             if param.kind is param.VAR_KEYWORD:
                 continue  # extra keys are handled by from_config, never stored blindly
             if name not in ignore:
-                config[name] = value
+                # a mutable default (diffusers' `disable_corrector=[]`) is copied, never shared between objects
+                config[name] = copy.copy(value) if name not in given and isinstance(value, (list, dict)) else value
         self._config = FrozenConfig(config, defaults_used=[name for name in config if name not in given])
         outermost = "_config_sealed" not in self.__dict__
         if outermost:

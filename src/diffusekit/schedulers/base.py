@@ -114,6 +114,12 @@ class SchedulerMixin(ConfigMixin):
 
     Subclasses set ``order`` (model evaluations per solver step as diffusers counts them; 2 for Heun/KDPM2) and,
     when they are not part of the interchangeable family, ``_compatibles`` (class names).
+
+    **Difference from diffusers (deliberate).** ``trained_betas`` shorter than ``num_train_timesteps``: the sigma
+    schedulers (Euler, LMS, Heun, KDPM2, DPM-Solver, UniPC, DEIS, ...) take the betas' length as the number of
+    training steps, which gives the numbers diffusers gives with ``num_train_timesteps=len(trained_betas)``.
+    diffusers keeps timesteps up to ``num_train_timesteps - 1`` and clamps every sigma past the betas to the last
+    one (a schedule that stays at the highest noise level). ``len(scheduler)`` still reports the config value.
     """
 
     config_name = SCHEDULER_CONFIG_NAME

@@ -41,7 +41,7 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
     ):
         self._check_common_options()
         self._init_train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        self.set_timesteps(num_train_timesteps)
+        self.set_timesteps(len(self.alphas_cumprod))  # trained_betas may be shorter than num_train_timesteps
 
     def set_timesteps(
         self,

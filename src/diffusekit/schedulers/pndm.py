@@ -139,7 +139,52 @@ class PNDMScheduler(SchedulerMixin):
         self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
         generator: torch.Generator | None = None,
     ) -> SchedulerOutput | tuple:
-        """Advance one model evaluation (Runge-Kutta sub-step during warm-up, else a PLMS step)."""
+        """Advance one model evaluation: a Runge-Kutta sub-step during the warm-up (:meth:`step_prk`), else a PLMS
+        step (:meth:`step_plms`)."""
+        self._check_can_step()
+        if self.counter < len(self.prk_timesteps):
+            return self.step_prk(model_output, timestep, sample, return_dict)
+        return self.step_plms(model_output, timestep, sample, return_dict)
+
+    def step_prk(
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True
+    ) -> SchedulerOutput | tuple:
+        """One Runge-Kutta sub-step of the warm-up (the first ``len(prk_timesteps)`` evaluations, four per step).
+
+        Public as in diffusers. Called outside the warm-up it raises (diffusers would compute from the wrong
+        timesteps).
+        """
+        self._check_can_step()
+        if self.counter >= len(self.prk_timesteps):
+            raise ValueError(
+                f"{type(self).__name__}.step_prk: the Runge-Kutta warm-up is over (or skip_prk_steps=True); "
+                "call step() or step_plms()"
+            )
+        prev_sample = self._step_prk(model_output, sample)
+        self.counter += 1
+        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+    def step_plms(
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True
+    ) -> SchedulerOutput | tuple:
+        """One pseudo linear multistep step (every evaluation after the warm-up). Public as in diffusers."""
+        self._check_can_step()
+        if self.counter < len(self.prk_timesteps):
+            raise ValueError(
+                f"{type(self).__name__}.step_plms: PLMS steps need the three Runge-Kutta warm-up steps first "
+                f"({len(self.prk_timesteps) - self.counter} evaluations left); call step() or step_prk()"
+            )
+        begin = self._begin_index or 0
+        if begin and begin + self.counter == 1:
+            # evaluation 1 of a skip_prk schedule repeats timestep 1 for the Heun warm-up; a run starting there
+            # takes its first step at evaluation 2, so this one changes nothing (one spare model call)
+            prev_sample = sample
+        else:
+            prev_sample = self._step_plms(model_output, sample, begin)
+        self.counter += 1
+        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+    def _check_can_step(self) -> None:
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}: call set_timesteps before step")
         begin = self._begin_index or 0
@@ -150,18 +195,6 @@ class PNDMScheduler(SchedulerMixin):
             )
         if begin + self.counter >= len(self._froms):
             raise ValueError(f"{type(self).__name__}: the schedule is finished; call set_timesteps again")
-        if begin and begin + self.counter == 1:
-            # evaluation 1 of a skip_prk schedule repeats timestep 1 for the Heun warm-up; a run starting there
-            # takes its first step at evaluation 2, so this one changes nothing (one spare model call)
-            prev_sample = sample
-        elif self.counter < len(self.prk_timesteps):
-            prev_sample = self._step_prk(model_output, sample)
-        else:
-            prev_sample = self._step_plms(model_output, sample, begin)
-        self.counter += 1
-        if not return_dict:
-            return (prev_sample,)
-        return SchedulerOutput(prev_sample=prev_sample)
 
     def _step_prk(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         phase = self.counter % 4

@@ -56,7 +56,7 @@ class UniPCMultistepScheduler(MultistepSchedulerBase):
         predict_x0: bool = True,
         solver_type: str = "bh2",
         lower_order_final: bool = True,
-        disable_corrector: Sequence[int] = (),
+        disable_corrector: list[int] = [],  # noqa: B006 (diffusers' default; the config gets a copy)
         solver_p=None,
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
