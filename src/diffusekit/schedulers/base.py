@@ -120,6 +120,9 @@ class SchedulerMixin(ConfigMixin):
     training steps, which gives the numbers diffusers gives with ``num_train_timesteps=len(trained_betas)``.
     diffusers keeps timesteps up to ``num_train_timesteps - 1`` and clamps every sigma past the betas to the last
     one (a schedule that stays at the highest noise level). ``len(scheduler)`` still reports the config value.
+    ``step`` with a (first) timestep that is not in ``scheduler.timesteps`` raises a ``ValueError`` that says so:
+    diffusers' multistep schedulers (DPM-Solver, UniPC, DEIS) then silently jump to the last step, and DDPM / DDIM
+    step from it with the stride formula; neither is what a caller passing a wrong timestep wants.
     """
 
     config_name = SCHEDULER_CONFIG_NAME

@@ -24,7 +24,8 @@ class DDPMScheduler(DiscreteTimestepMixin, SchedulerMixin):
 
     **Difference from diffusers (deliberate).** With ``variance_type="fixed_large_log"`` diffusers takes the square
     root of the log-variance (NaN samples); here the step noise std is ``exp(0.5 * log(beta))``, i.e. the same step
-    as ``fixed_large``.
+    as ``fixed_large``. ``variance_type=None`` (what a DPM solver's saved config holds) steps as ``fixed_small``, as
+    in diffusers; an unknown ``variance_type`` raises, where diffusers silently steps it as ``fixed_small``.
     """
 
     order = 1
@@ -48,7 +49,8 @@ class DDPMScheduler(DiscreteTimestepMixin, SchedulerMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        core.check_choice(type(self).__name__, "variance_type", variance_type, VARIANCE_TYPES)
+        # None: a config written by a DPM solver (`"variance_type": null`); diffusers steps it as fixed_small
+        core.check_choice(type(self).__name__, "variance_type", variance_type, (None, *VARIANCE_TYPES))
         self._check_common_options()
         self._init_train_schedule(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
@@ -68,7 +70,7 @@ class DDPMScheduler(DiscreteTimestepMixin, SchedulerMixin):
         current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
         # clamp: log(0) at the last step would give nan
         variance = torch.clamp(core.posterior_variance(alpha_prod_t, alpha_prod_t_prev), min=1e-20)
-        variance_type = variance_type or self.config.variance_type
+        variance_type = variance_type or self.config.variance_type or "fixed_small"
         if variance_type == "fixed_small":
             return variance
         if variance_type == "fixed_small_log":

@@ -24,7 +24,8 @@ from .multistep import (
 # names other solver schedulers use; a config written for them loads with the closest DPM-Solver choice
 _ALGORITHM_ALIASES = {"deis": "dpmsolver++"}
 _SOLVER_TYPE_ALIASES = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
-VARIANCE_TYPES = (None, "learned", "learned_range")
+# DDPM's fixed_* types come with configs swapped in from DDPMScheduler: like None, the model predicts no variance
+VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 
 
 def normalise_dpm_options(scheduler, algorithm_types, max_order: int = 3) -> None:
@@ -74,6 +75,12 @@ class DPMSolverMultistepScheduler(MultistepSchedulerBase):
     ``final_sigmas_type`` picks the last sigma (``zero`` or the training ``sigma_min``). Sigma spacing: timestep
     spacing, karras, exponential, beta, ``use_lu_lambdas`` (uniform in lambda) or flow sigmas;
     ``lambda_min_clipped`` drops the noisiest timesteps. ``set_timesteps`` accepts custom ``timesteps``.
+
+    **Differences from diffusers (deliberate).** ``variance_type`` must be one of None, ``learned``,
+    ``learned_range`` or DDPM's ``fixed_*`` types (the last ones, from a swapped-in DDPM config, mean no predicted
+    variance, as in diffusers); any other value raises, where diffusers ignores it. A DEIS config
+    (``algorithm_type="deis"``) loads as ``dpmsolver++``; diffusers maps that alias too but then refuses it with the
+    default ``final_sigmas_type="zero"``.
     """
 
     @register_to_config

@@ -59,6 +59,12 @@ class DPMSolverSinglestepScheduler(MultistepSchedulerBase):
     per step come from :func:`singlestep_orders`. As in diffusers, ``lower_order_final`` is switched on for the run
     when the final sigma is zero or the step count is not a multiple of the order (the latter with a warning);
     unlike diffusers the config is left as given.
+
+    **Differences from diffusers (deliberate).** ``variance_type`` must be one of None, ``learned``,
+    ``learned_range`` or DDPM's ``fixed_*`` types (the last ones, from a swapped-in DDPM config, mean no predicted
+    variance, as in diffusers); any other value raises, where diffusers ignores it. A DEIS config
+    (``algorithm_type="deis"``) loads as ``dpmsolver++``; diffusers maps that alias too but then refuses it with the
+    default ``final_sigmas_type="zero"``.
     """
 
     @register_to_config
