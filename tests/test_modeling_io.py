@@ -55,9 +55,13 @@ def test_roundtrip_bin_and_use_safetensors_policy(toy, tmp_path):
 
 
 def test_prefers_safetensors_over_bin(toy, tmp_path):
-    toy.save_pretrained(tmp_path, safe_serialization=False)
+    import shutil
+
+    toy.save_pretrained(tmp_path / "bin", safe_serialization=False)
     other = Toy(width=4, depth=2)
-    other.save_pretrained(tmp_path)  # writes the .safetensors beside the .bin
+    other.save_pretrained(tmp_path)
+    # a folder holding both formats (as hub repos do): a save supersedes its own older files, so copy the .bin in
+    shutil.copy(tmp_path / "bin" / "diffusion_pytorch_model.bin", tmp_path)
     assert same_weights(other, Toy.from_pretrained(tmp_path))
     assert same_weights(toy, Toy.from_pretrained(tmp_path, use_safetensors=False))  # False: the .bin
 

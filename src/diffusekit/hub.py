@@ -14,6 +14,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from ._io import finish_interrupted_save, inside
+
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
 
 
@@ -37,10 +39,17 @@ def bundled_models() -> list[str]:
 
 
 def local_folder(name_or_path: str | os.PathLike) -> Path | None:
-    """The folder that ``name_or_path`` names on this machine: a path, or a bundled model's name; else None."""
-    if isinstance(name_or_path, str) and "/" not in name_or_path and (BUNDLED_DIR / name_or_path).is_dir():
-        return BUNDLED_DIR / name_or_path
-    return Path(name_or_path).expanduser() if is_local(name_or_path) else None
+    """The folder that ``name_or_path`` names on this machine, else None.
+
+    An existing local folder wins (``"."``, a relative path, a folder named like a bundled model); then a bundled
+    model's plain name; anything else is a hub repo id.
+    """
+    if is_local(name_or_path):
+        return Path(name_or_path).expanduser()
+    name = os.fspath(name_or_path)
+    if name in bundled_models():
+        return BUNDLED_DIR / name
+    return None
 
 
 def is_local(name_or_path: str | os.PathLike) -> bool:
@@ -54,6 +63,52 @@ def is_local(name_or_path: str | os.PathLike) -> bool:
     if text.startswith((".", "/", "~", "\\")) or os.path.isabs(text) or text.count("/") > 1:
         raise FileNotFoundError(f"model folder {text} does not exist (no such directory)")
     return False
+
+
+def check_relative(rel: str, what: str) -> None:
+    """Refuse a name that is not a plain relative path inside a folder or repo (absolute, ``..``, NUL, backslash)."""
+    if not isinstance(rel, str) or not rel:
+        raise ValueError(f"{what} must be a non-empty string, got {rel!r}")
+    parts = rel.replace("\\", "/").split("/")
+    if "\x00" in rel or os.path.isabs(rel) or rel.startswith(("/", "\\", "~")) or ".." in parts \
+            or (len(rel) > 1 and rel[1] == ":"):
+        raise ValueError(
+            f"{what} {rel!r} must be a relative path inside the model folder or repo (no '..', no absolute path)"
+        )
+
+
+def _hub_cache_blobs(folder: Path) -> Path | None:
+    """For a Hugging Face cache snapshot folder (``<repo>/snapshots/<rev>/...``), the repo's ``blobs`` folder: the
+    files there are symlinks into it."""
+    real = Path(os.path.realpath(folder))
+    for parent in [real, *real.parents]:
+        if parent.parent.name == "snapshots" and (parent.parent.parent / "blobs").is_dir():
+            return parent.parent.parent / "blobs"
+    return None
+
+
+def contained_file(folder: Path, rel: str, what: str = "file") -> Path:
+    """``folder / rel``, refused if it resolves outside ``folder`` (a symlink into a hub cache's blobs is allowed)."""
+    try:
+        return inside(folder, rel, what)
+    except ValueError:
+        blobs = _hub_cache_blobs(folder)
+        candidate = folder / rel
+        if blobs is not None and os.path.realpath(os.path.dirname(candidate)).startswith(os.path.realpath(folder)):
+            inside(blobs, os.path.relpath(os.path.realpath(candidate), blobs), what)  # raises if not in blobs
+            return candidate
+        raise
+
+
+def local_checkpoint_folders(name_or_path: str | os.PathLike, subfolder: str | None = None) -> list[Path]:
+    """The local folders a load reads (the model folder and its subfolder), to hold read locks on; [] for the hub."""
+    folder = local_folder(name_or_path)
+    if folder is None:
+        return []
+    if subfolder:
+        check_relative(subfolder, "subfolder")
+        return [folder, inside(folder, subfolder, "subfolder")]
+    return [folder]
 
 
 def _location(name_or_path, subfolder: str | None) -> str:
@@ -72,12 +127,19 @@ def resolve_file(
     force_download: bool = False,
 ) -> Path:
     """Return the local path of ``filename`` in a folder or hub repo (downloading it into the hub cache if needed)."""
+    check_relative(filename, "file name")
+    if subfolder:
+        check_relative(subfolder, "subfolder")
     folder = local_folder(name_or_path)
     if folder is not None:
-        path = folder / (subfolder or "") / filename
+        model_folder = inside(folder, subfolder, "subfolder") if subfolder else folder
+        finish_interrupted_save(folder)
+        if subfolder and model_folder.is_dir():
+            finish_interrupted_save(model_folder)
+        path = contained_file(model_folder, filename, "file")
         if not path.is_file():
-            folder = path.parent
-            present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
+            present = sorted(p.name for p in model_folder.iterdir() if not p.name.startswith(".diffusekit-")) \
+                if model_folder.is_dir() else None
             hint = f"it holds: {present}" if present is not None else "that folder does not exist"
             raise EntryNotFound(f"{_location(name_or_path, subfolder)}: no file {filename} ({hint})")
         return path

@@ -16,9 +16,9 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ._io import atomic_path
+from ._io import atomic_checkpoint, reading_checkpoint
 from .configuration import ConfigMixin, config_attribute, read_json, refuse_config_assignment
-from .hub import EntryNotFound, resolve_file, split_hub_kwargs
+from .hub import EntryNotFound, local_checkpoint_folders, resolve_file, split_hub_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,12 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
             kwargs.pop(legacy, None)  # accepted for diffusers compatibility; loading is always low-memory here
         if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
             raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")
-        source = pretrained_model_name_or_path
+        with reading_checkpoint(*local_checkpoint_folders(pretrained_model_name_or_path, subfolder)):
+            return cls._load(pretrained_model_name_or_path, subfolder, use_safetensors, variant, torch_dtype, hub,
+                             kwargs)
+
+    @classmethod
+    def _load(cls, source, subfolder, use_safetensors, variant, torch_dtype, hub, kwargs):
         config_path = resolve_file(source, cls.config_name, subfolder, **hub)
         data = read_json(config_path, what="config")
         init_kwargs = cls._config_kwargs_from_file(data)
@@ -258,10 +263,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
                 index_path = resolve_file(source, index, subfolder, **hub)
             except EntryNotFound:
                 continue
-            weight_map = read_json(index_path, what="shard index").get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"shard index {index_path} has no 'weight_map' object")
-            return [resolve_file(source, name, subfolder, **hub) for name in sorted(set(weight_map.values()))]
+            return cls._shard_files(source, subfolder, index_path, weights, hub)
         where = f"{source}/{subfolder}" if subfolder else os.fspath(source)
         advice = []
         if use_safetensors is True:
@@ -271,6 +273,29 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         hint = ("; " + "; ".join(advice)) if advice else ""
         detail = f" ({last_error})" if "cache" in str(last_error) else ""
         raise EntryNotFound(f"{where}: no weights file found, looked for {', '.join(tried)}{hint}{detail}")
+
+    @classmethod
+    def _shard_files(cls, source, subfolder, index_path: Path, weights: str, hub) -> list[Path]:
+        """The files an index's weight map names: each a plain file name of the same format, inside the folder."""
+        weight_map = read_json(index_path, what="shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"shard index {index_path} has no 'weight_map' object (key -> shard file name)")
+        names = set(weight_map.values())
+        suffix = weights.rsplit(".", 1)[1]
+        for name in sorted(names, key=str):
+            if not isinstance(name, str) or not name.endswith("." + suffix):
+                raise CheckpointError(
+                    f"shard index {index_path}: weight_map entry {name!r} is not a .{suffix} file name; an index of "
+                    f"{weights} may only name .{suffix} shards"
+                    + (" (use_safetensors=True never unpickles)" if suffix == "safetensors" else "")
+                )
+        files = []
+        for name in sorted(names):
+            try:
+                files.append(resolve_file(source, name, subfolder, **hub))
+            except ValueError as err:
+                raise CheckpointError(f"shard index {index_path}: refusing weight_map entry: {err}") from None
+        return files
 
     def load_weight_files(self, files: list[Path], dtype: torch.dtype | None = None) -> None:
         """Strictly load checkpoint files into this (possibly meta-device) model, taking ownership of the tensors."""
@@ -331,11 +356,31 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         max_shard_size: int | str | None = None,
         **_ignored,
     ) -> None:
-        """Write ``config.json`` and the weights in diffusers' layout; every file is written atomically."""
-        save_directory = Path(save_directory)
-        if save_directory.is_file():
-            raise NotADirectoryError(f"cannot save into {save_directory}: it is a file")
-        save_directory.mkdir(parents=True, exist_ok=True)
+        """Write ``config.json`` and the weights in diffusers' layout, atomically as a whole.
+
+        Everything is written into a staging folder and committed at once (see ``diffusekit._io.atomic_checkpoint``):
+        a save killed at any moment leaves the old checkpoint or the new one. Weight files of this model's earlier
+        saves with the same ``variant`` (a single file, shards, the other format) are removed by the commit, so the
+        loader cannot prefer them; other files in the folder are left alone.
+        """
+        with atomic_checkpoint(save_directory) as checkpoint:
+            self._write_checkpoint(checkpoint.stage, safe_serialization, variant, max_shard_size)
+            checkpoint.supersede("", self._weight_file_pattern(variant).fullmatch)
+
+    @classmethod
+    def _weight_file_pattern(cls, variant: str | None) -> re.Pattern:
+        """Names of this class's weight files for ``variant``: single, sharded or index, safetensors or ``.bin``."""
+        names = []
+        for base in (cls.safetensors_name, cls.bin_name):
+            stem, ext = base.rsplit(".", 1)
+            names.append(re.escape(with_variant(base, variant)))
+            names.append(re.escape(stem) + r"-\d{5}-of-\d{5}" + re.escape(f".{variant}" if variant else "")
+                         + re.escape(f".{ext}"))
+            names.append(re.escape(_index_name(base, variant)))
+        return re.compile("|".join(f"(?:{n})" for n in names))
+
+    def _write_checkpoint(self, save_directory: Path, safe_serialization: bool, variant: str | None,
+                          max_shard_size: int | str | None) -> None:
         state_dict = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         base = self.safetensors_name if safe_serialization else self.bin_name
         shards = _split_shards(state_dict, _parse_size(max_shard_size))
@@ -345,20 +390,19 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
             stem, ext = base.rsplit(".", 1)
             names = [with_variant(f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}", variant) for i in range(len(shards))]
         for name, shard in zip(names, shards):
-            with atomic_path(save_directory / name) as tmp:
-                if safe_serialization:
-                    from safetensors.torch import save_file
+            path = save_directory / name
+            if safe_serialization:
+                from safetensors.torch import save_file
 
-                    save_file(shard, os.fspath(tmp), metadata={"format": "pt"})
-                else:
-                    torch.save(shard, tmp)
+                save_file(shard, os.fspath(path), metadata={"format": "pt"})
+            else:
+                torch.save(shard, path)
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state_dict.values())},
                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
             }
-            with atomic_path(save_directory / _index_name(base, variant)) as tmp:
-                tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (save_directory / _index_name(base, variant)).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         self.save_config(save_directory)
 
 

@@ -80,6 +80,8 @@ class CLIPTokenizer:
     max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids``.
     """
 
+    _pipeline_component = True  # model_index.json may name it (pipelines/base.py: _resolve_class)
+
     _library_name = "transformers"  # model_index.json entry: ["transformers", "CLIPTokenizer"]
 
     def __init__(

@@ -33,7 +33,7 @@ def task_class(task: str, pipeline_class_name: str) -> type[DiffusionPipeline]:
     """The pipeline class for ``task`` in the family of ``pipeline_class_name``."""
     for tasks in FAMILIES.values():
         if pipeline_class_name in tasks.values():
-            return _resolve_class(tasks[task], f"{task} pipeline of {pipeline_class_name}")
+            return _resolve_class(tasks[task], f"{task} pipeline of {pipeline_class_name}", kind="pipeline")
     known = sorted(name for tasks in FAMILIES.values() for name in tasks.values())
     raise ValueError(f"no {task} pipeline is linked to {pipeline_class_name!r}; auto pipelines know {known}")
 

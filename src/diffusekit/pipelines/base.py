@@ -18,10 +18,10 @@ from typing import Any, Iterable
 import torch
 
 from ..configuration import DIFFUSERS_COMPAT_VERSION, FrozenConfig, read_json
-from ..hub import EntryNotFound, local_folder, resolve_file, split_hub_kwargs
+from ..hub import EntryNotFound, local_checkpoint_folders, local_folder, resolve_file, split_hub_kwargs
 from ..modeling import ModelMixin
 from ..outputs import BaseOutput
-from .._io import atomic_write_text
+from .._io import atomic_checkpoint, reading_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +35,33 @@ class ImagePipelineOutput(BaseOutput):
     images: Any
 
 
-def _resolve_class(class_name: str, where: str) -> type:
+def _resolve_class(class_name: str, where: str, kind: str = "component") -> type:
+    """The registered class ``class_name`` names in a ``model_index.json``: a concrete pipeline (``kind="pipeline"``)
+    or a loadable component (models, schedulers, and classes marked ``_pipeline_component``). Nothing else of the
+    package resolves, so a file cannot reach arbitrary attributes or base classes."""
     import diffusekit
 
-    try:
-        return getattr(diffusekit, class_name)
-    except AttributeError:
+    from ..schedulers.base import SchedulerMixin
+
+    cls = getattr(diffusekit, class_name, None) if isinstance(class_name, str) and class_name in diffusekit.__all__ \
+        else None
+    if kind == "pipeline":
+        ok = isinstance(cls, type) and issubclass(cls, DiffusionPipeline) and cls is not DiffusionPipeline
+        expected = "a concrete pipeline class (e.g. StableDiffusionPipeline)"
+    else:
+        ok = isinstance(cls, type) and (
+            (issubclass(cls, (ModelMixin, SchedulerMixin)) and cls not in (ModelMixin, SchedulerMixin))
+            or getattr(cls, "_pipeline_component", False)
+        )
+        expected = "a model, scheduler, tokenizer or image processor class"
+    if not ok:
+        if cls is not None:
+            raise ValueError(f"{where}: {class_name!r} is not {expected}; fix the file's class name")
         raise ValueError(
             f"{where}: class {class_name!r} is not implemented by diffusekit. Load that component yourself and pass "
             "it as a keyword argument, or pass None if the pipeline can do without it"
-        ) from None
+        )
+    return cls
 
 
 class DiffusionPipeline:
@@ -136,7 +153,11 @@ class DiffusionPipeline:
         hub = split_hub_kwargs(kwargs)
         for legacy in ("low_cpu_mem_usage", "device_map", "resume_download", "proxies"):
             kwargs.pop(legacy, None)
-        source = pretrained_model_name_or_path
+        with reading_checkpoint(*local_checkpoint_folders(pretrained_model_name_or_path)):
+            return cls._load(pretrained_model_name_or_path, torch_dtype, use_safetensors, variant, hub, kwargs)
+
+    @classmethod
+    def _load(cls, source, torch_dtype, use_safetensors, variant, hub, kwargs) -> "DiffusionPipeline":
         index_path = resolve_file(source, INDEX_NAME, **hub)
         index = read_json(index_path, what="pipeline index")
         pipeline_cls = cls._pipeline_class(index, index_path)
@@ -241,31 +262,32 @@ class DiffusionPipeline:
         name = index.get("_class_name")
         if not isinstance(name, str):
             raise ValueError(f"{index_path}: no '_class_name' naming the pipeline class")
-        pipeline_cls = _resolve_class(name, f"{index_path}: pipeline")
-        if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, DiffusionPipeline)):
-            raise ValueError(f"{index_path}: {name!r} is not a pipeline class")
-        return pipeline_cls
+        return _resolve_class(name, f"{index_path}: _class_name", kind="pipeline")
 
     # ------------------------------------------------------------------ saving
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         variant: str | None = None) -> None:
-        """Write each component into its subfolder and ``model_index.json`` last (each file atomically)."""
-        save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
-        for name, component in self.components.items():
-            if component is None:
-                continue
-            if isinstance(component, ModelMixin):
-                component.save_pretrained(save_directory / name, safe_serialization=safe_serialization,
-                                          variant=variant)
-            elif hasattr(component, "save_pretrained"):
-                component.save_pretrained(save_directory / name)
-            else:
-                raise TypeError(f"component {name!r} ({type(component).__name__}) cannot be saved")
-        index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
-        index.update({k: (list(v) if isinstance(v, list) else v) for k, v in self.config.items()})
-        atomic_write_text(save_directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        """Write each component into its subfolder and ``model_index.json``, atomically as a whole.
+
+        All files go to a staging folder first and are committed together (``diffusekit._io.atomic_checkpoint``): a
+        save killed at any moment leaves the old pipeline or the new one, never a mix. Files that are not part of
+        the checkpoint (a README, other variants' weights) are left alone.
+        """
+        with atomic_checkpoint(save_directory) as checkpoint:
+            stage = checkpoint.stage
+            for name, component in self.components.items():
+                if component is None:
+                    continue
+                if isinstance(component, ModelMixin):
+                    component.save_pretrained(stage / name, safe_serialization=safe_serialization, variant=variant)
+                elif hasattr(component, "save_pretrained"):
+                    component.save_pretrained(stage / name)
+                else:
+                    raise TypeError(f"component {name!r} ({type(component).__name__}) cannot be saved")
+            index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
+            index.update({k: (list(v) if isinstance(v, list) else v) for k, v in self.config.items()})
+            (stage / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     # ------------------------------------------------------------------ per-call state
 

@@ -430,6 +430,8 @@ class CLIPImageProcessor:
     (C, H, W), single or in a list.
     """
 
+    _pipeline_component = True  # model_index.json may name it (pipelines/base.py: _resolve_class)
+
     _library_name = "transformers"  # model_index.json entry: ["transformers", "CLIPImageProcessor"]
 
     def __init__(self, do_resize: bool = True, size: int | dict[str, int] | None = None, resample: int = 3,

@@ -38,6 +38,8 @@ class _TransformersComponent:
     """Loads the transformers class of the same name (for ``["transformers", Name]`` entries of model_index.json
     that diffusekit does not implement itself); transformers is imported only here."""
 
+    _pipeline_component = True  # model_index.json may name it (pipelines/base.py: _resolve_class)
+
     _library_name = "transformers"
 
     def __init__(self, *args, **kwargs):
