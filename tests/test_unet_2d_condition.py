@@ -354,7 +354,7 @@ def test_wrong_text_width_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "key, value, error",
     [
-        ("addition_embed_type", "text_time", NotImplementedError),
+        ("addition_embed_type", "text_image", NotImplementedError),
         ("encoder_hid_dim", 16, NotImplementedError),
         ("encoder_hid_dim_type", "text_proj", NotImplementedError),
         ("dual_cross_attention", True, NotImplementedError),

@@ -12,8 +12,11 @@ A note on names, inherited from diffusers for checkpoint compatibility: for thes
 **number of heads** of each stage's transformers (SD 1.x: 8 everywhere; SD 2.x: ``[5, 10, 20, 20]``, i.e. 64-wide
 heads); each head is ``channels // heads`` wide. ``num_attention_heads`` is refused, exactly as diffusers does.
 
-Not supported (a clear error at construction): ``addition_embed_type`` (SDXL, Kandinsky), ``encoder_hid_dim`` /
-``encoder_hid_dim_type``, ``dual_cross_attention=True``, ``attention_type`` other than ``"default"`` (GLIGEN), and
+SDXL UNets (``addition_embed_type="text_time"``: pooled text + size / crop time ids through ``add_time_proj`` and
+``add_embedding``, summed with the time embedding) are supported.
+
+Not supported (a clear error at construction): ``addition_embed_type`` other than ``"text_time"`` (Kandinsky),
+``encoder_hid_dim`` / ``encoder_hid_dim_type``, ``dual_cross_attention=True``, ``attention_type`` other than ``"default"`` (GLIGEN), and
 block types other than the registered ones (``CrossAttnDownBlock2D``, ``DownBlock2D``, ``UNetMidBlock2DCrossAttn``,
 ``UNetMidBlock2D``, ``CrossAttnUpBlock2D``, ``UpBlock2D``, ...).
 """
@@ -67,7 +70,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     Every keyword is a diffusers config key with diffusers' default; see the module docstring for what is
     supported. Options that only affect block types outside this library's scope (``resnet_skip_time_act``,
     ``resnet_out_scale_factor``, ``cross_attention_norm``, ``mid_block_only_cross_attention``,
-    ``addition_time_embed_dim``, ``addition_embed_type_num_heads``) are accepted and, as in diffusers for these
+    ``addition_embed_type_num_heads``) are accepted and, as in diffusers for these
     blocks, have no effect.
     """
 
@@ -140,8 +143,13 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
                 "UNet2DConditionModel: num_attention_heads cannot be set for this model (as in diffusers); "
                 "give the number of heads per block in attention_head_dim instead"
             )
-        if addition_embed_type is not None:
-            _refuse("addition_embed_type", addition_embed_type, "SDXL / Kandinsky added embeddings")
+        if addition_embed_type not in (None, "text_time"):
+            _refuse("addition_embed_type", addition_embed_type, "only SDXL's 'text_time'; Kandinsky's are not "
+                    "implemented")
+        if addition_embed_type == "text_time" and (addition_time_embed_dim is None or
+                                                   projection_class_embeddings_input_dim is None):
+            raise ValueError("addition_embed_type='text_time' (SDXL) needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim (pooled text width + 6 * addition_time_embed_dim)")
         for key, value in (("encoder_hid_dim", encoder_hid_dim), ("encoder_hid_dim_type", encoder_hid_dim_type)):
             if value is not None:
                 _refuse(key, value, "projection of encoder_hidden_states (Kandinsky, IP-Adapter)")
@@ -213,6 +221,10 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
                 f"unknown class_embed_type {class_embed_type!r}; expected None, 'timestep', 'identity', "
                 "'projection' or 'simple_projection'"
             )
+        # ---- SDXL's added embedding: pooled text + sinusoidal features of the size/crop (or aesthetic) time ids
+        if addition_embed_type == "text_time":
+            self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
+            self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
         self.time_embed_act = get_activation(time_embedding_act_fn) if time_embedding_act_fn is not None else None
         blocks_temb = time_embed_dim * 2 if class_embeddings_concat else time_embed_dim
 
@@ -338,7 +350,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
                 "the text encoder does not match this UNet's cross_attention_dim"
             )
 
-    def _embedding(self, sample, timestep, timestep_cond, class_labels) -> torch.Tensor:
+    def _embedding(self, sample, timestep, timestep_cond, class_labels, added_cond_kwargs=None) -> torch.Tensor:
         """Time (+ guidance condition, + class) embedding: (B, time_embed_dim) or (B, 2 * time_embed_dim)."""
         timesteps = self._timesteps(timestep, sample)  # (B,)
         t_features = self.time_proj(timesteps).to(sample.dtype)  # (B, time_features), float32 maths, then cast
@@ -355,9 +367,23 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
             class_emb = self.class_embedding(class_labels).to(sample.dtype)  # (B, time_embed_dim)
             emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
 
+        if self.config.addition_embed_type == "text_time":
+            emb = emb + self._text_time_embedding(added_cond_kwargs, emb.dtype)
+
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
         return emb
+
+    def _text_time_embedding(self, added_cond_kwargs: dict[str, torch.Tensor] | None,
+                             dtype: torch.dtype) -> torch.Tensor:
+        """SDXL: ``add_embedding(cat(text_embeds (B, P), sinusoids of time_ids (B, K) -> (B, K * D)))``."""
+        missing = [k for k in ("text_embeds", "time_ids") if k not in (added_cond_kwargs or {})]
+        if missing:
+            raise ValueError(f"this UNet has addition_embed_type='text_time' (SDXL): pass added_cond_kwargs with "
+                             f"{missing} (the pooled text embeddings (B, P) and the size / crop time ids (B, K))")
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)  # (B, K * D)
+        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))  # (B, temb)
 
     # ------------------------------------------------------------------ forward
 
@@ -389,7 +415,8 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
             encoder_attention_mask: (B, S) keep-mask over the text tokens, for the cross-attentions.
             cross_attention_kwargs: accepted for compatibility; there are no attention processors, so its keys
                 are ignored (with a warning).
-            added_cond_kwargs: accepted for compatibility; unused (no ``addition_embed_type`` support).
+            added_cond_kwargs: SDXL UNets (``addition_embed_type="text_time"``): ``text_embeds`` (B, P) pooled text
+                embeddings and ``time_ids`` (B, K) size / crop (or aesthetic score) ids; unused otherwise.
             down_block_additional_residuals, mid_block_additional_residual: ControlNet outputs, added to the skip
                 tensors (one per skip) and to the mid block output. Down residuals without a mid residual are
                 T2I-Adapter features (diffusers' deprecated spelling of ``down_intrablock_additional_residuals``).
@@ -419,7 +446,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
             sample = 2 * sample - 1.0
 
         # 1. embedding: (B, temb)
-        emb = self._embedding(sample, timestep, timestep_cond, class_labels)
+        emb = self._embedding(sample, timestep, timestep_cond, class_labels, added_cond_kwargs)
 
         # adapter residuals: ControlNet gives both down and mid; down alone is the T2I-Adapter spelling
         is_controlnet = down_block_additional_residuals is not None and mid_block_additional_residual is not None
