@@ -1,7 +1,8 @@
 """Task-level pipeline classes: the right pipeline class of a model family for a task.
 
 ``AutoPipelineForText2Image.from_pretrained(path)`` reads ``_class_name`` in ``model_index.json``, finds the
-model family it belongs to (Stable Diffusion: text-to-image, image-to-image and inpainting pipelines) and loads that
+model family it belongs to (Stable Diffusion, Stable Diffusion XL: text-to-image, image-to-image and inpainting
+pipelines) and loads that
 family's text-to-image pipeline from the folder. ``AutoPipelineForInpainting.from_pipe(pipe)`` builds the family's
 inpainting pipeline on ``pipe``'s loaded components, sharing them (see :meth:`DiffusionPipeline.from_pipe`).
 As in diffusers, a checkpoint keeps its own UNet: an inpainting checkpoint's 9-channel UNet does not become a
@@ -25,6 +26,11 @@ FAMILIES: dict[str, dict[str, str]] = {
         TEXT2IMAGE: "StableDiffusionPipeline",
         IMAGE2IMAGE: "StableDiffusionImg2ImgPipeline",
         INPAINTING: "StableDiffusionInpaintPipeline",
+    },
+    "stable-diffusion-xl": {
+        TEXT2IMAGE: "StableDiffusionXLPipeline",
+        IMAGE2IMAGE: "StableDiffusionXLImg2ImgPipeline",
+        INPAINTING: "StableDiffusionXLInpaintPipeline",
     },
 }
 

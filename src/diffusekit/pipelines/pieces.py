@@ -16,6 +16,7 @@ docs/PIPELINES.md has a table of which pipeline uses which piece.
 from __future__ import annotations
 
 import copy
+import logging
 import numbers
 import threading
 from typing import Any, Callable, Mapping, Sequence
@@ -24,6 +25,8 @@ import torch
 
 from ..random import Generator, randn_tensor
 from .image_processor import VaeImageProcessor
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------- per-call state
 
@@ -174,6 +177,19 @@ def cut_at_denoising_end(scheduler, timesteps: torch.Tensor, denoising_end: floa
         return timesteps
     cutoff = timestep_cutoff(scheduler, denoising_end)
     return timesteps[: int((timesteps >= cutoff).sum())]
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+
+
+def warn_truncation(tokenizer, prompts: Sequence[str]) -> None:
+    """Log the part of each prompt that CLIP's token limit cuts off."""
+    limit = tokenizer.model_max_length
+    for prompt in prompts:
+        ids = tokenizer(prompt).input_ids
+        if len(ids) > limit:
+            dropped = tokenizer.decode(ids[limit - 1 : -1])
+            logger.warning("prompt truncated to %d CLIP tokens; dropped: %r", limit, dropped)
 
 
 # ---------------------------------------------------------------------------------------------------- guidance

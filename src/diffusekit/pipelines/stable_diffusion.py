@@ -17,7 +17,7 @@ import torch
 
 from ..random import Generator
 from .base import DiffusionPipeline
-from .pieces import LatentDiffusionMixin, custom_schedule
+from .pieces import LatentDiffusionMixin, custom_schedule, warn_truncation
 from .pieces import custom_schedule as _custom_schedule  # noqa: F401  (older name, imported elsewhere)
 from .pieces import guidance_scale_embedding, rescale_noise_cfg  # noqa: F401  (public here since 0.1)
 from .image_processor import check_output_type, postprocess
@@ -81,12 +81,7 @@ class StableDiffusionPipeline(LatentDiffusionMixin, DiffusionPipeline, FromSingl
         return self.text_encoder.text_model.final_layer_norm(hidden)  # the last layer's norm, as the top layer has
 
     def _warn_truncation(self, prompts: list[str]) -> None:
-        limit = self.tokenizer.model_max_length
-        for prompt in prompts:
-            ids = self.tokenizer(prompt).input_ids
-            if len(ids) > limit:
-                dropped = self.tokenizer.decode(ids[limit - 1 : -1])
-                logger.warning("prompt truncated to %d CLIP tokens; dropped: %r", limit, dropped)
+        warn_truncation(self.tokenizer, prompts)
 
     def encode_prompt(
         self,

@@ -29,19 +29,10 @@ from .stable_diffusion import StableDiffusionPipelineOutput
 from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline, check_strength, set_strength_schedule
 
 
-class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
-    """``pipe(prompt, image=..., mask_image=...).images``: text-guided inpainting (white in the mask = repaint).
-
-    ``image`` as in image-to-image; ``mask_image``: a PIL image (converted to grayscale), a numpy array
-    ((H, W), (H, W, 1), (B, H, W) or (B, H, W, 1)) or a torch tensor ((H, W), (B, H, W) or (B, 1, H, W)), values in
-    [0, 1], thresholded at 0.5. Soften its edge first with ``pipe.mask_processor.blur(mask, blur_factor=...)``.
-    ``masked_image_latents`` replaces the encoding of the masked image (9-channel UNets). ``padding_mask_crop=N``
-    works on the box around the mask grown by N pixels, at full resolution, and pastes the result back into the
-    original picture (PIL inputs and output only). ``height`` / ``width`` default to the UNet's sample size times
-    the VAE scale factor, as in diffusers.
-    """
-
-    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
+class InpaintMixin:
+    """Inpainting pieces shared by SD and SDXL inpainting: input checks, the image and mask at full size, starting
+    latents (noise, noised image, or the image latents as they are), the mask and masked-image latents, and the
+    kept-region blend for ordinary (4-channel) UNets."""
 
     @property
     def mask_processor(self) -> VaeImageProcessor:
@@ -166,6 +157,21 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
             return (1 - keep) * known + keep * latents
 
         return after_step
+
+
+class StableDiffusionInpaintPipeline(InpaintMixin, StableDiffusionImg2ImgPipeline):
+    """``pipe(prompt, image=..., mask_image=...).images``: text-guided inpainting (white in the mask = repaint).
+
+    ``image`` as in image-to-image; ``mask_image``: a PIL image (converted to grayscale), a numpy array
+    ((H, W), (H, W, 1), (B, H, W) or (B, H, W, 1)) or a torch tensor ((H, W), (B, H, W) or (B, 1, H, W)), values in
+    [0, 1], thresholded at 0.5. Soften its edge first with ``pipe.mask_processor.blur(mask, blur_factor=...)``.
+    ``masked_image_latents`` replaces the encoding of the masked image (9-channel UNets). ``padding_mask_crop=N``
+    works on the box around the mask grown by N pixels, at full resolution, and pastes the result back into the
+    original picture (PIL inputs and output only). ``height`` / ``width`` default to the UNet's sample size times
+    the VAE scale factor, as in diffusers.
+    """
+
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
 
     @torch.no_grad()
     def __call__(
