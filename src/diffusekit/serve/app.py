@@ -88,24 +88,31 @@ class BodyLimit:
                 if too_big:
                     return await _send_json(send, 413, message)
         seen = 0
+        exceeded = False
+        started = False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
             event = await receive()
             if event["type"] == "http.request":
                 seen += len(event.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge()
+                    exceeded = True
+                    return {"type": "http.disconnect"}  # the app stops reading; its answer is replaced below
             return event
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
+        async def guarded_send(event):
+            nonlocal started
+            if exceeded:
+                return  # whatever the app says about the cut-off body, the client gets the 413
+            started = True
+            await send(event)
+
+        await self.app(scope, limited_receive, guarded_send)
+        if exceeded and not started:
             await _send_json(send, 413, message)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class ApiKey:

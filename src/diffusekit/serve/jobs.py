@@ -324,7 +324,8 @@ class Worker:
                 job.error_kind = "input"
                 job._finish(FAILED, str(exc))
                 return
-            self._collect(job, result)
+            if job._stop != CANCELLED:  # a cancelled job keeps nothing; an interrupted one keeps what it made
+                self._collect(job, result)
         job._finish(job._stop or DONE)
 
     @staticmethod
