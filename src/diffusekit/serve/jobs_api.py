@@ -109,6 +109,7 @@ def router(state) -> APIRouter:
                        for e in entries.values()],
             "default": state.model_name,
             "loras": [lora["name"] for lora in state.registry.loras()],
+            "lora_loading": False,  # listed only: <lora:name:w> in prompts is not applied yet
             "preview_fit_r2": round(loaded.preview.r2, 3) if loaded is not None else None,
         }
 
