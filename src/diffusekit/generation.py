@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from .infotext import GenerationParameters
 
-__all__ = ["GenerationResult", "generate", "random_seed", "request_pipeline", "task_of"]
+__all__ = ["SHARED_FIELDS", "GenerationResult", "generate", "random_seed", "request_pipeline", "task_of"]
 
 SEED_RANGE = 2**32  # A1111 draws random seeds below 2**32
 
@@ -74,31 +74,73 @@ def _sampler_name(params: GenerationParameters) -> str | None:
     return params.sampler
 
 
-def generate(pipe, params: GenerationParameters, *, batch_size: int = 1, image: Any = None, mask: Any = None,
-             on_step: Callable[[int, int, Any], bool | None] | None = None, output_type: str = "pil",
-             **pipeline_kwargs: Any) -> GenerationResult:
+# fields every request of one generate() call must share: they shape the one pipeline call that runs them all
+SHARED_FIELDS = ("steps", "sampler", "schedule_type", "cfg_scale", "width", "height", "denoising_strength",
+                 "clip_skip")
+
+
+def _request_list(params) -> list[GenerationParameters]:
+    requests = [params] if isinstance(params, GenerationParameters) else list(params)
+    if not requests or not all(isinstance(p, GenerationParameters) for p in requests):
+        raise TypeError("params must be a GenerationParameters or a non-empty list of them, got "
+                        f"{type(params).__name__}")
+    first = requests[0]
+    for i, other in enumerate(requests[1:], 1):
+        differing = [f for f in SHARED_FIELDS if getattr(other, f) != getattr(first, f)]
+        if differing:
+            raise ValueError(f"params[{i}] differs from params[0] in {', '.join(differing)}: requests run together "
+                             f"must share {', '.join(SHARED_FIELDS)} (prompts and seeds may differ); run them in "
+                             "separate calls")
+    return requests
+
+
+def _per_image(value: Any, count: int, batch_size: int, what: str) -> Any:
+    """``value`` as given (one for all), or a list with one entry per request expanded to one per image."""
+    if count == 1 or value is None or not isinstance(value, (list, tuple)):
+        return value
+    if len(value) != count:
+        raise ValueError(f"got {len(value)} {what}s for {count} requests: pass one {what}, or one per request")
+    return [v for v in value for _ in range(batch_size)]
+
+
+def generate(pipe, params: GenerationParameters | list[GenerationParameters], *, batch_size: int = 1,
+             image: Any = None, mask: Any = None, on_step: Callable[[int, int, Any], bool | None] | None = None,
+             output_type: str = "pil", **pipeline_kwargs: Any) -> GenerationResult:
     """Run ``params`` on ``pipe`` and return ``batch_size`` images with their own parameters.
 
     ``params.seed`` of ``None`` or ``-1`` draws a random seed (recorded in the result). ``on_step(step, total,
     latents)`` is called after every denoising step of prompt-conditioned pipelines; returning ``True`` from it
     stops the run early (the images so far are decoded, as A1111's interrupt does). Extra keyword arguments go to
     the pipeline call as they are (``prompt_embeds=...``, ``cross_attention_kwargs=...``).
+
+    ``params`` may be a list of requests that share size, steps, sampler, CFG scale and strength
+    (:data:`SHARED_FIELDS`) but not prompts or seeds: they run through the model in one batch, each giving
+    ``batch_size`` images from its own seeds, in order. ``image`` / ``mask`` are then one for all or a list with one
+    per request. Batching changes convolution numerics in the last bits (up to 1/255 after conversion to 8 bits on
+    CPU), never the noise: an image is the same up to that whatever it was batched with.
     """
     import torch
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    seed = random_seed() if params.seed is None or params.seed == -1 else int(params.seed)
-    seeds = [seed + i for i in range(batch_size)]
+    requests = _request_list(params)
+    params = requests[0]
+    seeds = []
+    for request in requests:
+        seed = random_seed() if request.seed is None or request.seed == -1 else int(request.seed)
+        seeds.extend(seed + i for i in range(batch_size))
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     task = task_of(image, mask)
+    image = _per_image(image, len(requests), batch_size, "image")
+    mask = _per_image(mask, len(requests), batch_size, "mask")
     run = request_pipeline(pipe, task, _sampler_name(params))
     kwargs: dict[str, Any] = {"generator": generators, "output_type": output_type}
     if params.steps is not None:
         kwargs["num_inference_steps"] = params.steps
     if hasattr(run, "encode_prompt"):  # prompt-conditioned (Stable Diffusion family)
-        kwargs.update(prompt=[params.prompt] * batch_size,
-                      negative_prompt=[params.negative_prompt] * batch_size if params.negative_prompt else None)
+        negatives = [r.negative_prompt or "" for r in requests for _ in range(batch_size)]
+        kwargs.update(prompt=[r.prompt for r in requests for _ in range(batch_size)],
+                      negative_prompt=negatives if any(negatives) else None)  # None encodes "" as well
         if params.cfg_scale is not None:
             kwargs["guidance_scale"] = params.cfg_scale
         if params.clip_skip is not None and params.clip_skip > 1:
@@ -114,11 +156,11 @@ def generate(pipe, params: GenerationParameters, *, batch_size: int = 1, image: 
         if on_step is not None:
             kwargs["callback_on_step_end"] = _step_callback(on_step, params.steps)
     else:  # unconditional: the prompt and guidance do not apply
-        kwargs["batch_size"] = batch_size
+        kwargs["batch_size"] = len(seeds)
     kwargs.update(pipeline_kwargs)
     output = run(**kwargs)
     images = list(output.images)
-    per_image = [params.replace(seed=s) for s in seeds]
+    per_image = [r.replace(seed=s) for r, s in zip((r for r in requests for _ in range(batch_size)), seeds)]
     if (params.width is None or params.height is None) and images and hasattr(images[0], "size"):
         per_image = [p.replace(width=im.size[0], height=im.size[1]) for p, im in zip(per_image, images)]
     return GenerationResult(images, per_image, getattr(output, "nsfw_content_detected", None))

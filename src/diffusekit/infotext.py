@@ -25,7 +25,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GenerationParameters", "format_value", "model_hash", "parse_infotext", "read_parameters", "save_png"]
+__all__ = ["GenerationParameters", "format_value", "model_hash", "parse_infotext", "png_bytes", "read_parameters",
+           "save_png"]
 
 PNG_KEY = "parameters"  # the tEXt/iTXt keyword A1111 writes and reads
 
@@ -161,19 +162,32 @@ class GenerationParameters:
         return dataclasses.replace(self, **changes)
 
 
-def save_png(image, path: str | os.PathLike, parameters: GenerationParameters | str | None = None) -> Path:
-    """Write ``image`` (a PIL image) as a PNG carrying the A1111 "parameters" chunk, atomically."""
+def _png_info(parameters: GenerationParameters | str | None):
     from PIL.PngImagePlugin import PngInfo
-
-    from ._io import atomic_path
 
     info = PngInfo()
     if parameters is not None:
         info.add_text(PNG_KEY, str(parameters))  # tEXt when Latin-1, else iTXt (UTF-8), as A1111
+    return info
+
+
+def save_png(image, path: str | os.PathLike, parameters: GenerationParameters | str | None = None) -> Path:
+    """Write ``image`` (a PIL image) as a PNG carrying the A1111 "parameters" chunk, atomically."""
+    from ._io import atomic_path
+
     path = Path(path)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", pnginfo=_png_info(parameters))
     return path
+
+
+def png_bytes(image, parameters: GenerationParameters | str | None = None) -> bytes:
+    """The bytes :func:`save_png` would write: encode where the image is made, write them where the files live."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(parameters))
+    return buffer.getvalue()
 
 
 def read_parameters(image_or_path) -> str | None:
