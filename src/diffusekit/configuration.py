@@ -87,6 +87,9 @@ def register_to_config(init):
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         ignore = set(getattr(type(self), "ignore_for_config", ()))
+        # private keys (``_class_name``, ``_name_or_path`` ...) go into the config only, never to __init__, as in
+        # diffusers: ``Model(**json.load(open("config.json")))`` works
+        private = {k: kwargs.pop(k) for k in [k for k in kwargs if k.startswith("_")]}
         bound = signature.bind(self, *args, **kwargs)
         given = set(bound.arguments)
         bound.apply_defaults()
@@ -98,7 +101,8 @@ def register_to_config(init):
             if name not in ignore:
                 # a mutable default (diffusers' `disable_corrector=[]`) is copied, never shared between objects
                 config[name] = copy.copy(value) if name not in given and isinstance(value, (list, dict)) else value
-        self._config = FrozenConfig(config, defaults_used=[name for name in config if name not in given])
+        defaults_used = [name for name in config if name not in given]
+        self._config = FrozenConfig({**private, **config}, defaults_used=defaults_used)
         outermost = "_config_sealed" not in self.__dict__
         if outermost:
             self.__dict__["_config_sealed"] = False
@@ -231,7 +235,7 @@ class ConfigMixin:
         elif not isinstance(config, Mapping):
             raise TypeError(f"{cls.__name__}.from_config expects a config mapping, got {type(config).__name__}")
         params = set(cls._config_params())
-        bad = sorted(k for k in overrides if k not in params)
+        bad = sorted(k for k in overrides if k not in params and not k.startswith("_"))
         if bad:
             raise TypeError(
                 f"{cls.__name__}.from_config got unknown argument(s) {bad}; it accepts: {sorted(params)}"
@@ -253,15 +257,28 @@ class ConfigMixin:
         path = resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder=subfolder, **hub_kwargs)
         return read_json(path, what="config")
 
+    def to_json_string(self) -> str:
+        """The config as the JSON text :meth:`save_config` writes (diffusers' format, with ``_class_name``)."""
+        data = _to_jsonable(dict(self.config))
+        for key in ("_use_default_values", "_ignore_files"):  # bookkeeping diffusers does not write either
+            data.pop(key, None)
+        data.update(
+            _class_name=type(self).__name__,
+            _diffusers_version=DIFFUSERS_COMPAT_VERSION,
+            _diffusekit_version=__version__,
+        )
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Write :meth:`to_json_string` to ``json_file_path`` (atomically)."""
+        atomic_write_text(Path(json_file_path), self.to_json_string())
+
     def save_config(self, save_directory: str | os.PathLike) -> Path:
         """Write the config as diffusers-format JSON (atomically) and return the file path."""
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        data = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
-        data["_diffusekit_version"] = __version__
-        data.update(_to_jsonable(dict(self.config)))
         path = save_directory / self.config_name
-        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, self.to_json_string())
         return path
 
 

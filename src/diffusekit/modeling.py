@@ -47,6 +47,26 @@ class CheckpointError(ValueError):
     """A weights file that cannot be used: corrupt, unsafe, or not matching the model."""
 
 
+def resolve_dtype(dtype: Any, torch_dtype: Any, where: str, allow_dict: bool = False) -> Any:
+    """``dtype=`` (diffusers' current name) or ``torch_dtype=`` (its older one): the one given, checked.
+
+    Both at once is an error unless they agree. ``allow_dict`` (pipelines) also takes ``{component: dtype}`` with an
+    optional ``"default"`` entry, as diffusers.
+    """
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"{where}: got dtype={dtype!r} and torch_dtype={torch_dtype!r}; pass only one of them")
+    value = dtype if dtype is not None else torch_dtype
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if allow_dict and isinstance(value, Mapping):
+        bad = {k: v for k, v in value.items() if not (isinstance(k, str) and isinstance(v, torch.dtype))}
+        if bad:
+            raise TypeError(f"{where}: a dtype dict maps component names to torch dtypes, got entries {bad!r}")
+        return dict(value)
+    kinds = "a torch.dtype such as torch.float16" + (" or a dict {component: dtype}" if allow_dict else "")
+    raise TypeError(f"{where}: dtype / torch_dtype must be {kinds}, got {value!r}")
+
+
 def with_variant(filename: str, variant: str | None) -> str:
     """``diffusion_pytorch_model.safetensors`` + ``fp16`` -> ``diffusion_pytorch_model.fp16.safetensors``."""
     if not variant:
@@ -206,20 +226,21 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         use_safetensors: bool | None = None,
         variant: str | None = None,
         torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs,
     ):
         """Load a model from a diffusers-format folder or hub repo.
 
         ``use_safetensors``: True requires ``.safetensors``; False also allows a ``.bin``; None prefers safetensors.
-        ``variant`` picks ``*.{variant}.safetensors`` files; ``torch_dtype`` casts floating-point weights.
+        ``variant`` picks ``*.{variant}.safetensors`` files; ``dtype`` (or its older name ``torch_dtype``, accepted
+        without diffusers' deprecation warning) casts floating-point weights.
         Hub options: ``revision``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download``.
-        Remaining keyword arguments override config values.
+        Remaining keyword arguments override config values (names starting with ``_`` are kept in the config only).
         """
         hub = split_hub_kwargs(kwargs)
         for legacy in ("low_cpu_mem_usage", "device_map", "resume_download", "proxies", "output_loading_info"):
             kwargs.pop(legacy, None)  # accepted for diffusers compatibility; loading is always low-memory here
-        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
-            raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")
+        torch_dtype = resolve_dtype(dtype, torch_dtype, f"{cls.__name__}.from_pretrained")
         with reading_checkpoint(*local_checkpoint_folders(pretrained_model_name_or_path, subfolder)):
             return cls._load(pretrained_model_name_or_path, subfolder, use_safetensors, variant, torch_dtype, hub,
                              kwargs)
@@ -229,7 +250,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         config_path = resolve_file(source, cls.config_name, subfolder, **hub)
         data = read_json(config_path, what="config")
         init_kwargs = cls._config_kwargs_from_file(data)
-        unknown = sorted(k for k in kwargs if k not in cls._config_params())
+        unknown = sorted(k for k in kwargs if k not in cls._config_params() and not k.startswith("_"))
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword argument(s) {unknown}")
         init_kwargs.update(kwargs)
@@ -387,8 +408,9 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         if len(shards) == 1:
             names = [with_variant(base, variant)]
         else:
-            stem, ext = base.rsplit(".", 1)
-            names = [with_variant(f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}", variant) for i in range(len(shards))]
+            # diffusers' and transformers' spelling: the variant before the shard number (model.fp16-00001-of-00002)
+            stem, ext = with_variant(base, variant).rsplit(".", 1)
+            names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
         for name, shard in zip(names, shards):
             path = save_directory / name
             if safe_serialization:

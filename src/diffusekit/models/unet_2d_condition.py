@@ -51,10 +51,10 @@ class UNet2DConditionOutput(BaseOutput):
     sample: torch.Tensor = None
 
 
-def _per_block(name: str, value: Any, n: int) -> list:
-    """A scalar -> ``[value] * n``; a list/tuple must have one entry per block."""
+def _per_block(name: str, value: Any, n: int, longer_ok: bool = False) -> list:
+    """A scalar -> ``[value] * n``; a list/tuple must have one entry per block (``longer_ok``: at least one)."""
     if isinstance(value, (list, tuple)):
-        if len(value) != n:
+        if len(value) < n or (len(value) > n and not longer_ok):
             raise ValueError(f"{name} has {len(value)} entries {list(value)} but the UNet has {n} blocks")
         return list(value)
     return [value] * n
@@ -168,9 +168,13 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
         context_dims = _per_block("cross_attention_dim", cross_attention_dim, n)
         layers = _per_block("layers_per_block", layers_per_block, n)
         cross_only = _per_block("only_cross_attention", only_cross_attention, n)
-        depth = _per_block("transformer_layers_per_block", transformer_layers_per_block, n)
+        # diffusers indexes these lists without checking their length: a longer one is accepted, and then the mid
+        # block takes the *last* entry and the up blocks the reversed whole list, as there
+        depth = _per_block("transformer_layers_per_block", transformer_layers_per_block, n, longer_ok=True)
         if reverse_transformer_layers_per_block is not None:
-            up_depth = _per_block("reverse_transformer_layers_per_block", reverse_transformer_layers_per_block, n)
+            up_depth = _per_block(
+                "reverse_transformer_layers_per_block", reverse_transformer_layers_per_block, n, longer_ok=True
+            )
         elif any(isinstance(d, (list, tuple)) for d in depth):
             raise ValueError(
                 "transformer_layers_per_block gives per-layer lists (an asymmetric UNet): "

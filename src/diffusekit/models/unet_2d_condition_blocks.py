@@ -29,15 +29,19 @@ from .unet_blocks import _resnet, _up_in_channels, interleaved, mid_interleaved
 
 
 def _layers_list(transformer_layers_per_block: int | Sequence[int], num_layers: int) -> list[int]:
-    """An int (same for every layer) or one value per layer -> a list of ``num_layers`` ints."""
+    """An int (same for every layer) or one value per layer -> a list of ``num_layers`` ints.
+
+    A longer list is accepted and its first ``num_layers`` values used, as diffusers (the mid block of an asymmetric
+    UNet gets the last down block's per-layer list).
+    """
     if isinstance(transformer_layers_per_block, int):
         return [transformer_layers_per_block] * num_layers
     layers = list(transformer_layers_per_block)
-    if len(layers) != num_layers:
+    if len(layers) < num_layers:
         raise ValueError(
             f"transformer_layers_per_block {layers} must give one value per layer of the block ({num_layers})"
         )
-    return layers
+    return layers[:num_layers]
 
 
 class _CrossAttnLayers:
@@ -56,11 +60,13 @@ class _CrossAttnLayers:
         only_cross_attention: bool,
         upcast_attention: bool,
     ) -> Transformer2DModel:
-        if channels % num_attention_heads:
+        if not isinstance(num_attention_heads, int) or not 1 <= num_attention_heads <= channels:
             raise ValueError(
-                f"a block with {channels} channels cannot be split into {num_attention_heads} attention heads "
-                "(attention_head_dim / num_attention_heads of the UNet config); pick a divisor"
+                f"a block with {channels} channels cannot have {num_attention_heads} attention heads "
+                "(attention_head_dim of the UNet config is the head count of each block; diffusers cannot build "
+                "this either); use between 1 and the block's channel count"
             )
+        # heads of channels // heads channels each, as diffusers; a non-divisor gives a narrower inner width
         return Transformer2DModel(
             num_attention_heads,
             channels // num_attention_heads,  # (sic) diffusers' "attention_head_dim" is the head count here

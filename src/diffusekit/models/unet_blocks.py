@@ -75,10 +75,17 @@ def _resnet(
 def _spatial_attention(
     channels: int, attention_head_dim: int | None, norm_groups: int | None, eps: float, output_scale_factor: float
 ) -> Attention:
-    """Self-attention over the pixels of a feature map, with its own GroupNorm and a residual connection."""
+    """Self-attention over the pixels of a feature map, with its own GroupNorm and a residual connection.
+
+    ``channels // attention_head_dim`` heads of ``attention_head_dim`` channels, as diffusers: a head width that does
+    not divide ``channels`` gives a narrower inner width (``to_q``: channels -> heads * head_dim).
+    """
     head_dim = attention_head_dim if attention_head_dim is not None else channels
-    if channels % head_dim:
-        raise ValueError(f"attention_head_dim={head_dim} does not divide the block's {channels} channels")
+    if head_dim < 1 or channels // head_dim < 1:
+        raise ValueError(
+            f"attention_head_dim={head_dim} is wider than the block's {channels} channels: that leaves no attention "
+            "head (diffusers cannot build this either); use a head width of at most the smallest block width"
+        )
     return Attention(
         channels,
         heads=channels // head_dim,

@@ -19,7 +19,7 @@ import torch
 
 from ..configuration import DIFFUSERS_COMPAT_VERSION, FrozenConfig, read_json
 from ..hub import EntryNotFound, local_checkpoint_folders, local_folder, resolve_file, split_hub_kwargs
-from ..modeling import ModelMixin
+from ..modeling import ModelMixin, resolve_dtype
 from ..outputs import BaseOutput
 from .._io import atomic_checkpoint, reading_checkpoint
 
@@ -141,16 +141,21 @@ class DiffusionPipeline:
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None,
         use_safetensors: bool | None = None,
         variant: str | None = None,
+        dtype: torch.dtype | dict[str, torch.dtype] | None = None,
         **kwargs: Any,
     ) -> "DiffusionPipeline":
         """Load every component listed in ``model_index.json``; keyword arguments replace components or options.
 
         On ``DiffusionPipeline`` itself, the pipeline class is the one named by ``_class_name`` in the index.
+        ``dtype`` (or its older name ``torch_dtype``, accepted without diffusers' deprecation warning) is one dtype
+        for every model, or a dict per component, ``{"unet": torch.float16, "default": torch.float32}`` (components
+        not named get ``"default"``, else float32, as in diffusers).
         """
         hub = split_hub_kwargs(kwargs)
+        torch_dtype = resolve_dtype(dtype, torch_dtype, f"{cls.__name__}.from_pretrained", allow_dict=True)
         for legacy in ("low_cpu_mem_usage", "device_map", "resume_download", "proxies"):
             kwargs.pop(legacy, None)
         with reading_checkpoint(*local_checkpoint_folders(pretrained_model_name_or_path)):
@@ -195,11 +200,19 @@ class DiffusionPipeline:
                                "the pipeline without it", index_path, name, entry[1])
                 init_kwargs[name] = None
                 continue
+            component_dtype = torch_dtype
+            if isinstance(torch_dtype, dict):
+                component_dtype = torch_dtype.get(name, torch_dtype.get("default", torch.float32))
             init_kwargs[name], used_variant = _load_component(
-                component_cls, source, name, hub, variant=variant, torch_dtype=torch_dtype,
+                component_cls, source, name, hub, variant=variant, torch_dtype=component_dtype,
                 use_safetensors=use_safetensors,
             )
             loaded_variants += used_variant
+        if isinstance(torch_dtype, dict):
+            strays = sorted(set(torch_dtype) - set(names) - {"default"})
+            if strays:  # diffusers ignores them silently; a typo would leave a component in the wrong dtype
+                logger.warning("%s: dtype dict names %s, which are not components of this pipeline (%s)",
+                               pipeline_cls.__name__, strays, ", ".join(names))
         if variant is not None and not loaded_variants:
             raise ValueError(
                 f"{source}: no component has weights of variant={variant!r} (files like "

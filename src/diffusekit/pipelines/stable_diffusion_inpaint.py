@@ -67,7 +67,7 @@ class InpaintMixin:
         if channels != 1:
             raise ValueError(f"mask_image must have a single channel, got {channels}: pass a grayscale mask "
                              "(white = repaint)")
-        is_latents = image_kind(image) == "pt" and image.ndim == 4 and self._is_latents(image)
+        is_latents = isinstance(image, torch.Tensor) and image.ndim == 4 and self._is_latents(image)
         if is_latents and masked_image_latents is None:
             raise ValueError("image is given as latents: pass masked_image_latents too (the latents of the image "
                              "with the part to repaint blacked out)")
