@@ -112,9 +112,95 @@ class DiffusionPipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where the pipeline computes: the models' device, or the accelerator when CPU offload is on."""
+        offload = self.__dict__.get("_offload_device")
+        if offload is not None:
+            return offload
         for _, module in self._modules():
             return next(module.parameters()).device
         return torch.device("cpu")
+
+    _execution_device = device  # diffusers' name for the same thing
+
+    # ------------------------------------------------------------------ memory helpers
+
+    def _vae_for(self, method: str):
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            raise AttributeError(f"{type(self).__name__}.{method}: this pipeline has no vae")
+        return vae
+
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time (less memory, same images): ``pipe.vae.enable_slicing()``.
+
+        Kept for the tutorials that call it; diffusers 0.42 removed the pipeline-level name.
+        """
+        self._vae_for("enable_vae_slicing").enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        """Undo :meth:`enable_vae_slicing`: ``pipe.vae.disable_slicing()``."""
+        self._vae_for("disable_vae_slicing").disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Encode/decode large images in overlapping tiles (bounded memory): ``pipe.vae.enable_tiling()``."""
+        self._vae_for("enable_vae_tiling").enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        """Undo :meth:`enable_vae_tiling`: ``pipe.vae.disable_tiling()``."""
+        self._vae_for("disable_vae_tiling").disable_tiling()
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Any = None) -> None:
+        """Nothing to enable: diffusekit's attention is always torch's ``scaled_dot_product_attention``, which picks a
+        memory-efficient (or flash) kernel by itself on GPUs. Kept so copied snippets run; logs that it is a no-op.
+
+        Difference from diffusers (deliberate): diffusers needs the ``xformers`` package and CUDA, and raises
+        without them; ``attention_op`` is ignored here.
+        """
+        logger.info("%s.enable_xformers_memory_efficient_attention: diffusekit always uses torch's "
+                    "scaled_dot_product_attention (memory-efficient kernels included); nothing to do",
+                    type(self).__name__)
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        """A no-op, as :meth:`enable_xformers_memory_efficient_attention`."""
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """Keep the models in CPU memory and move each one whole onto the accelerator while it runs (the previous
+        one goes back). Needs an accelerator: on a CPU-only machine it raises ``RuntimeError``, as diffusers does.
+        Implemented with torch hooks (diffusers needs ``accelerate``)."""
+        from .offload import ModelOffload, offload_device
+
+        target = offload_device("enable_model_cpu_offload", gpu_id, device)
+        self.remove_all_hooks()
+        models = [module for _, module in self._modules()]
+        self.__dict__["_model_offload"] = ModelOffload(models, target)
+        self.__dict__["_offload_device"] = target
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None,
+                                      device: torch.device | str | None = None) -> None:
+        """Keep the weights in CPU memory and move each block onto the accelerator only for its own forward (least
+        accelerator memory, slow). Needs an accelerator: raises ``RuntimeError`` on a CPU-only machine, as diffusers.
+        """
+        from .offload import offload_device, sequential_offload
+
+        target = offload_device("enable_sequential_cpu_offload", gpu_id, device)
+        self.remove_all_hooks()
+        for _, module in self._modules():
+            sequential_offload(module, target)
+        self.__dict__["_offload_device"] = target
+
+    def maybe_free_model_hooks(self) -> None:
+        """With model offload on: move the model still on the accelerator back to CPU memory."""
+        offload = self.__dict__.get("_model_offload")
+        if offload is not None:
+            offload.free()
+
+    def remove_all_hooks(self) -> None:
+        """Switch CPU offload off (the models stay where they are; move them with ``pipe.to(...)``)."""
+        from .offload import remove_hooks
+
+        remove_hooks(module for _, module in self._modules())
+        self.__dict__.pop("_model_offload", None)
+        self.__dict__.pop("_offload_device", None)
 
     @property
     def dtype(self) -> torch.dtype:
