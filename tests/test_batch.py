@@ -187,6 +187,25 @@ def test_local_run_writes_pngs_and_manifest_and_resumes(tmp_path):
     assert [json.loads(line)["id"] for line in lines].count("j2") == 2 and len(lines) == 6
 
 
+def test_image_to_image_and_inpainting_jobs_batch_with_their_own_images(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "blue.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
+    common = {"prompt": PROMPTS[0], "steps": 3, "guidance_scale": 4}
+    jobs = [{"id": "r", "image": "red.png", "strength": 0.5, "seed": 1, **common},
+            {"id": "b", "image": "blue.png", "strength": 0.5, "seed": 1, **common},
+            {"id": "m", "image": "blue.png", "mask": "mask.png", "seed": 2, **common}]
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", jobs)
+    summary = run_batch(BatchConfig(jobs_file, MODEL, tmp_path / "out", batch_size=2, progress=False))
+    assert (summary.done, summary.failed) == (3, 0)
+    red, blue = (np.asarray(Image.open(tmp_path / "out" / name), dtype=float) for name in ("r.png", "b.png"))
+    assert red[..., 0].mean() - red[..., 2].mean() > blue[..., 0].mean() - blue[..., 2].mean()  # own init image
+    params = GenerationParameters.from_infotext(read_parameters(tmp_path / "out" / "r.png"))
+    assert params.denoising_strength == 0.5
+
+
 def test_failed_jobs_are_recorded_and_retried_by_the_next_run(tmp_path):
     class Failing(BatchWorker):
         def run(self, jobs):

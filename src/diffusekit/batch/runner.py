@@ -146,6 +146,8 @@ def run_batch(config: BatchConfig, *, worker_cls=BatchWorker, log: Callable[[str
         raise ValueError(f"batch_size must be a positive int, got {config.batch_size!r}")
     if not isinstance(config.workers, int) or config.workers < 1:
         raise ValueError(f"workers must be a positive int, got {config.workers!r}")
+    if Path(config.model).exists():  # a local folder: the same folder for workers started elsewhere (shared FS)
+        config = dataclasses.replace(config, model=str(Path(config.model).resolve()))
     jobs, invalid = load_jobs(config.jobs_file, config.defaults)
     for problem in invalid:
         log(f"{config.jobs_file}: {problem}")
