@@ -74,6 +74,9 @@ _EXPORTS: dict[str, str] = {
     "AutoPipelineForText2Image": "pipelines.auto",
     "AutoPipelineForImage2Image": "pipelines.auto",
     "AutoPipelineForInpainting": "pipelines.auto",
+    # A1111 prompt syntax
+    "encode_prompt_a1111": "prompts",
+    "parse_prompt_attention": "prompts",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
