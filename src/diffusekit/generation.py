@@ -103,15 +103,19 @@ def _per_image(value: Any, count: int, batch_size: int, what: str) -> Any:
     return [v for v in value for _ in range(batch_size)]
 
 
+PROMPT_SYNTAXES = ("plain", "a1111")
+
+
 def generate(pipe, params: GenerationParameters | list[GenerationParameters], *, batch_size: int = 1,
              image: Any = None, mask: Any = None, on_step: Callable[[int, int, Any], bool | None] | None = None,
-             output_type: str = "pil", **pipeline_kwargs: Any) -> GenerationResult:
+             output_type: str = "pil", prompt_syntax: str = "plain", **pipeline_kwargs: Any) -> GenerationResult:
     """Run ``params`` on ``pipe`` and return ``batch_size`` images with their own parameters.
 
     ``params.seed`` of ``None`` or ``-1`` draws a random seed (recorded in the result). ``on_step(step, total,
     latents)`` is called after every denoising step of prompt-conditioned pipelines; returning ``True`` from it
     stops the run early (the images so far are decoded, as A1111's interrupt does). Extra keyword arguments go to
-    the pipeline call as they are (``prompt_embeds=...``, ``cross_attention_kwargs=...``).
+    the pipeline call as they are (``cross_attention_kwargs=...``). ``prompt_syntax="a1111"`` reads the prompts
+    with A1111's emphasis / ``BREAK`` / long-prompt rules (:mod:`diffusekit.prompts`); ``"plain"`` as diffusers.
 
     ``params`` may be a list of requests that share size, steps, sampler, CFG scale and strength
     (:data:`SHARED_FIELDS`) but not prompts or seeds: they run through the model in one batch, each giving
@@ -137,14 +141,24 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     kwargs: dict[str, Any] = {"generator": generators, "output_type": output_type}
     if params.steps is not None:
         kwargs["num_inference_steps"] = params.steps
+    if prompt_syntax not in PROMPT_SYNTAXES:
+        raise ValueError(f"prompt_syntax must be one of {PROMPT_SYNTAXES}, got {prompt_syntax!r}")
     if hasattr(run, "encode_prompt"):  # prompt-conditioned (Stable Diffusion family)
+        prompts = [r.prompt for r in requests for _ in range(batch_size)]
         negatives = [r.negative_prompt or "" for r in requests for _ in range(batch_size)]
-        kwargs.update(prompt=[r.prompt for r in requests for _ in range(batch_size)],
-                      negative_prompt=negatives if any(negatives) else None)  # None encodes "" as well
+        # A1111 counts the last layer as clip skip 1, diffusers as 0
+        clip_skip = params.clip_skip - 1 if params.clip_skip is not None and params.clip_skip > 1 else None
+        if prompt_syntax == "a1111":
+            from .prompts import encode_prompt_a1111
+
+            embeds, negative = encode_prompt_a1111(run, prompts, negatives, clip_skip=clip_skip)
+            kwargs.update(prompt_embeds=embeds, negative_prompt_embeds=negative)
+        else:
+            kwargs.update(prompt=prompts, negative_prompt=negatives if any(negatives) else None)  # None encodes ""
+            if clip_skip is not None:
+                kwargs["clip_skip"] = clip_skip
         if params.cfg_scale is not None:
             kwargs["guidance_scale"] = params.cfg_scale
-        if params.clip_skip is not None and params.clip_skip > 1:
-            kwargs["clip_skip"] = params.clip_skip - 1  # A1111 counts the last layer as 1, diffusers as 0
         if task == "text-to-image":
             kwargs.update(height=params.height, width=params.width)
         else:

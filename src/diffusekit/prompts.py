@@ -13,7 +13,7 @@ dropped, as in A1111.
 Encoding (A1111's rules for SD 1.x / 2.x CLIP text encoders):
 
 1. each parsed piece is tokenized on its own, tokens carry their piece's weight;
-2. tokens are cut in chunks of 75. When a chunk fills up and the last comma is at most 20 tokens back
+2. tokens are cut in chunks of 75 (``model_max_length - 2`` of the tokenizer). When a chunk fills up and the last comma is at most 20 tokens back
    (A1111's ``comma_padding_backtrack`` default), the tokens after that comma move to the next chunk. ``BREAK``
    closes the chunk; a textual-inversion vector group is never split across chunks;
 3. each chunk becomes ``bos + 75 tokens (eos-padded) + eos`` (77), positions after the first eos hold the
@@ -142,14 +142,22 @@ def _token_groups(ids: list[int], multi_vector: dict[int, int]) -> list[list[int
     return groups
 
 
-def tokenize_weighted(tokenizer, text: str, *, chunk_length: int = CHUNK_LENGTH,
+def chunk_length_of(tokenizer) -> int:
+    """Tokens per chunk without bos/eos: ``model_max_length - 2`` (75 for CLIP's 77)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit - 2 if isinstance(limit, int) and 2 < limit < 1_000_000 else CHUNK_LENGTH
+
+
+def tokenize_weighted(tokenizer, text: str, *, chunk_length: int | None = None,
                       comma_backtrack: int = COMMA_BACKTRACK,
                       multi_vector: dict[int, int] | None = None) -> list[PromptChunk]:
     """``text`` in A1111 syntax -> chunks of ``chunk_length + 2`` ids with their weights (see the module doc).
 
+    ``chunk_length`` defaults to the tokenizer's ``model_max_length - 2`` (75: A1111's).
     ``multi_vector`` maps the id of a textual-inversion token to its number of vectors (the token and
     ``token_1``... follow each other); such a group is never split across chunks.
     """
+    chunk_length = chunk_length or chunk_length_of(tokenizer)
     parsed = parse_prompt_attention(text)
     texts = [piece for piece, weight in parsed if weight != BREAK]
     encoded = iter(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else [])

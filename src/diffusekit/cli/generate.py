@@ -1,0 +1,209 @@
+"""``diffusekit generate``: images from a pipeline; every PNG carries A1111's "parameters" text.
+
+    diffusekit generate diffusekit-fashion-sd --prompt "a photo of a (purple:1.2) ankle boot" \\
+        --negative-prompt blurry --sampler "DPM++ 2M Karras" --steps 20 --seed 7 --num-images 4 --out out/boots.png
+    diffusekit generate diffusekit-fashion-sd --from-png out/boots-01.png --out out/again.png   # the same image
+
+Output: one image is written to ``--out``; several are written next to it as ``<stem>-<i>.png`` (image ``i`` has
+seed ``seed + i``) and ``--out`` gets their grid, carrying the first image's parameters as A1111's grids do.
+Prompts use A1111's syntax (``(word:1.3)``, ``[word]``, ``BREAK``, longer than 77 tokens) unless
+``--prompt-syntax plain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# flag (argparse dest) -> (GenerationParameters field, default). A flag left out takes the value recorded in the
+# --from-png image, then this default.
+PARAMETER_FLAGS: dict[str, tuple[str, object]] = {
+    "prompt": ("prompt", ""),
+    "negative_prompt": ("negative_prompt", ""),
+    "steps": ("steps", 25),
+    "guidance_scale": ("cfg_scale", 7.5),
+    "seed": ("seed", 0),
+    "width": ("width", None),
+    "height": ("height", None),
+    "sampler": ("sampler", None),
+    "clip_skip": ("clip_skip", None),
+    "strength": ("denoising_strength", None),
+}
+DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength for image-to-image
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+PROMPT_SYNTAX_KEY = "Prompt syntax"  # recorded only when it is not A1111's
+
+
+def add_parser(commands) -> None:
+    gen = commands.add_parser(
+        "generate", help="generate images with a pipeline folder, hub repo, bundled model or single-file checkpoint",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument("model", nargs="?", default=None,
+                     help="diffusers-format folder, hub repo id, bundled model name or a single-file checkpoint "
+                          "(.safetensors / .ckpt); with --from-png, defaults to the image's 'Model'")
+    gen.add_argument("--prompt", default=None, help="text prompt (A1111 syntax unless --prompt-syntax plain)")
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default 25)")
+    gen.add_argument("--num-images", type=int, default=None, help="how many images (default 4; 1 with --from-png)")
+    gen.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default: all at once)")
+    gen.add_argument("--guidance-scale", "--cfg-scale", dest="guidance_scale", type=float, default=None,
+                     help="classifier-free guidance scale (default 7.5)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed of the first image, image i gets seed+i (default 0; -1 draws one); recorded per PNG")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    gen.add_argument("--sampler", default=None,
+                     help='sampler by its A1111 / ComfyUI name: "DPM++ 2M Karras", "Euler a", "DDIM", ...')
+    gen.add_argument("--clip-skip", type=int, default=None,
+                     help="A1111 numbering: 1 = the last CLIP layer (no skip), 2 = the penultimate")
+    gen.add_argument("--prompt-syntax", choices=("a1111", "plain"), default=None,
+                     help="a1111 (default): emphasis, BREAK, long prompts; plain: the text as diffusers reads it")
+    gen.add_argument("--image", default=None, help="input image: image-to-image, or inpainting with --mask")
+    gen.add_argument("--strength", type=float, default=None,
+                     help=f"image-to-image denoising strength (default {DEFAULT_STRENGTH})")
+    gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint), with --image")
+    gen.add_argument("--from-png", default=None, metavar="PNG",
+                     help="take prompt and settings from a PNG's A1111 parameters; flags given here override")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--out", default="out/grid.png", help="output PNG (the grid when there are several images)")
+
+
+def fail(message: str) -> SystemExit:
+    return SystemExit(f"diffusekit generate: error: {message}")
+
+
+A1111_SCHEDULE_TYPES = ("Karras", "Exponential", "SGM Uniform", "Beta")
+
+
+def split_sampler(name: str) -> dict[str, str | None]:
+    """``"DPM++ 2M Karras"`` -> ``{"sampler": "DPM++ 2M", "schedule_type": "Karras"}`` (checked: unknown names fail)."""
+    from ..schedulers.names import resolve_sampler
+
+    try:
+        resolve_sampler(name)
+    except ValueError as err:
+        raise fail(f"--sampler: {err}") from None
+    for schedule in A1111_SCHEDULE_TYPES:
+        if name.lower().endswith(" " + schedule.lower()):
+            return {"sampler": name[:-len(schedule)].strip(), "schedule_type": schedule}
+    return {"sampler": name, "schedule_type": None}
+
+
+def _base_parameters(args):
+    """The PNG's parameters (``--from-png``) or empty ones."""
+    from ..infotext import GenerationParameters, read_parameters
+
+    if args.from_png is None:
+        return GenerationParameters()
+    path = Path(args.from_png)
+    if not path.is_file():
+        raise fail(f"--from-png {path}: no such file")
+    text = read_parameters(path)
+    if not text:
+        raise fail(f"--from-png {path}: the image has no A1111 'parameters' text chunk")
+    try:
+        return GenerationParameters.from_infotext(text)
+    except ValueError as err:
+        raise fail(f"--from-png {path}: {err}") from None
+
+
+def request_parameters(args):
+    """Parameters of the request: defaults <- the --from-png image <- flags given; plus the prompt syntax."""
+    params = _base_parameters(args)
+    for flag, (field, default) in PARAMETER_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            params = params.replace(**{field: value})
+            if flag == "sampler":  # recorded as A1111 1.9+ does: "Sampler: DPM++ 2M, Schedule type: Karras"
+                params = params.replace(**split_sampler(value))
+        elif getattr(params, field) is None:
+            params = params.replace(**{field: default})
+    if args.image is not None and args.mask is None and params.denoising_strength is None:
+        params = params.replace(denoising_strength=DEFAULT_STRENGTH)
+    if args.image is None:
+        params = params.replace(denoising_strength=None)
+    syntax = args.prompt_syntax or params.extra.pop(PROMPT_SYNTAX_KEY, "a1111")
+    if syntax not in ("a1111", "plain"):
+        raise fail(f"unknown prompt syntax {syntax!r} (a1111 or plain)")
+    if syntax != "a1111":
+        params.extra[PROMPT_SYNTAX_KEY] = syntax
+    return params, syntax
+
+
+def load_pipeline(model: str, device: str):
+    """``(pipeline, model name, model hash or None)``: a single file through ``from_single_file``, else a folder,
+    bundled model or hub repo through ``DiffusionPipeline.from_pretrained``."""
+    from ..infotext import model_hash
+    from ..pipelines.base import DiffusionPipeline
+
+    path = Path(model)
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        from ..pipelines.stable_diffusion import StableDiffusionPipeline
+
+        loader = getattr(StableDiffusionPipeline, "from_single_file", None)
+        if loader is None:
+            raise fail(f"{path}: single-file checkpoints need StableDiffusionPipeline.from_single_file, which this "
+                       "version does not have; convert it to a diffusers folder first")
+        return loader(path).to(device), path.stem, model_hash(path)
+    return DiffusionPipeline.from_pretrained(model).to(device), (path.name if path.is_dir() else model), None
+
+
+def _open_image(path: str | None, mode: str, flag: str):
+    if path is None:
+        return None
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise fail(f"{flag} {path}: no such file")
+    with Image.open(path) as image:
+        return image.convert(mode)
+
+
+def write_images(images, parameters, out: Path) -> list[Path]:
+    """Write the images as PNGs with their parameters; several -> ``<stem>-<i>.png`` each plus the grid at ``out``."""
+    from ..__main__ import image_grid
+    from ..infotext import save_png
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(images) == 1:
+        return [save_png(images[0], out, parameters[0])]
+    width = max(2, len(str(len(images) - 1)))
+    written = [save_png(image, out.with_name(f"{out.stem}-{i:0{width}d}.png"), params)
+               for i, (image, params) in enumerate(zip(images, parameters))]
+    return [save_png(image_grid(images), out, parameters[0]), *written]
+
+
+def run(args) -> int:
+    from ..generation import generate, random_seed
+
+    params, syntax = request_parameters(args)
+    model = args.model or params.model
+    if not model:
+        raise fail("name a model (folder, hub repo, bundled name or single file), or use --from-png on an image "
+                   "that records one")
+    if args.mask is not None and args.image is None:
+        raise fail("--mask needs --image (the image to inpaint)")
+    num_images = args.num_images if args.num_images is not None else 1 if args.from_png else 4
+    batch_size = args.batch_size or num_images
+    if num_images < 1 or batch_size < 1:
+        raise fail("--num-images and --batch-size must be positive")
+    image = _open_image(args.image, "RGB", "--image")
+    mask = _open_image(args.mask, "L", "--mask")
+
+    pipe, name, digest = load_pipeline(model, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    params = params.replace(model=name, model_hash=digest)  # A1111 hashes single files only
+    if params.seed is None or params.seed == -1:
+        params = params.replace(seed=random_seed())
+    images, per_image = [], []
+    for start in range(0, num_images, batch_size):
+        count = min(batch_size, num_images - start)
+        result = generate(pipe, params.replace(seed=params.seed + start), batch_size=count, image=image, mask=mask,
+                          prompt_syntax=syntax)
+        images += result.images
+        per_image += result.parameters
+    written = write_images(images, per_image, Path(args.out))
+    print(f"wrote {written[0]}" + (f" and {len(written) - 1} images {written[1].name} ... {written[-1].name}"
+                                   if len(written) > 1 else ""))
+    return 0
