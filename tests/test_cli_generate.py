@@ -104,3 +104,22 @@ def test_clear_errors(tmp_path):
 def test_unknown_sampler_fails_before_loading():
     with pytest.raises(SystemExit, match=r"unknown sampler name 'DPM\+\+ 9M'"):
         main(["generate", "no-such-model", "--sampler", "DPM++ 9M"])
+
+
+def test_embedding_flag(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    emb = tmp_path / "redstyle.safetensors"
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))}, emb)
+    out, plain = tmp_path / "ti.png", tmp_path / "plain.png"
+    args = ["generate", SD, "--prompt", "a photo of a dress, redstyle", "--num-images", "1", *FAST]
+    assert main([*args, "--embedding", str(emb), "--out", str(out)]) == 0
+    assert main([*args, "--out", str(plain)]) == 0
+    assert not np.array_equal(pixels(out), pixels(plain))
+    assert params_of(out).extra["TI hashes"].startswith("redstyle: ")
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "--embedding", f"{emb}:redstyle", "--out", str(again)]) == 0
+    assert np.array_equal(pixels(again), pixels(out))
+    with pytest.raises(SystemExit, match="--embedding .*missing.pt: no such file"):
+        main([*args, "--embedding", str(tmp_path / "missing.pt")])

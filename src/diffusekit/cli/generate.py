@@ -63,6 +63,9 @@ def add_parser(commands) -> None:
     gen.add_argument("--strength", type=float, default=None,
                      help=f"image-to-image denoising strength (default {DEFAULT_STRENGTH})")
     gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint), with --image")
+    gen.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                     help="textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds); the "
+                          "token defaults to the file's name (A1111) or the one it records; repeatable")
     gen.add_argument("--from-png", default=None, metavar="PNG",
                      help="take prompt and settings from a PNG's A1111 parameters; flags given here override")
     gen.add_argument("--device", default="cpu")
@@ -149,6 +152,37 @@ def load_pipeline(model: str, device: str):
     return DiffusionPipeline.from_pretrained(model).to(device), (path.name if path.is_dir() else model), None
 
 
+def split_suffix(spec: str, flag: str, convert):
+    """``"path:value"`` -> ``(path, value)``; ``(spec, None)`` when there is no ``:value`` (or it does not convert)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and tail and not Path(spec).exists():
+        try:
+            return head, convert(tail)
+        except ValueError:
+            pass
+    return spec, None
+
+
+def load_embeddings(pipe, specs: list[str]) -> dict[str, str]:
+    """Load ``FILE[:TOKEN]`` embeddings; returns token -> short file hash (A1111's "TI hashes")."""
+    from ..infotext import model_hash
+    from ..loaders.textual_inversion import TextualInversionError
+
+    hashes = {}
+    for spec in specs:
+        path, token = split_suffix(spec, "--embedding", str)
+        if not Path(path).is_file():
+            raise fail(f"--embedding {path}: no such file")
+        before = set(pipe.tokenizer.added_tokens_encoder)
+        try:
+            pipe.load_textual_inversion(path, token=token)
+        except TextualInversionError as err:
+            raise fail(f"--embedding: {err}") from None
+        new = [t for t in pipe.tokenizer.added_tokens_encoder if t not in before]
+        hashes[new[0]] = model_hash(path)
+    return hashes
+
+
 def _open_image(path: str | None, mode: str, flag: str):
     if path is None:
         return None
@@ -193,6 +227,9 @@ def run(args) -> int:
 
     pipe, name, digest = load_pipeline(model, args.device)
     pipe.set_progress_bar_config(disable=True)
+    ti_hashes = load_embeddings(pipe, args.embedding)
+    if ti_hashes:
+        params.extra["TI hashes"] = ", ".join(f"{token}: {digest}" for token, digest in ti_hashes.items())
     params = params.replace(model=name, model_hash=digest)  # A1111 hashes single files only
     if params.seed is None or params.seed == -1:
         params = params.replace(seed=random_seed())

@@ -291,6 +291,12 @@ class _CLIPTextBase(ModelMixin, FromOriginalModelMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_model.embeddings.token_embedding
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the token embedding (textual inversion grows it); ``config.vocab_size`` follows, as in
+        transformers."""
+        self.text_model.embeddings.token_embedding = value
+        self._config = FrozenConfig({**self._config, "vocab_size": value.num_embeddings}, self._config.defaults_used)
+
     # ------------------------------------------------------------------ file format
 
     _keep_unknown_config_keys = False  # transformers' configs: metadata keys are not carried along

@@ -345,6 +345,25 @@ class CLIPTokenizer:
                 self._register(content, {"special": special_tokens})
         return len(self) - before
 
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
+        """Tokens matched whole before the BPE (special ones and those from ``add_tokens``) -> id, as transformers."""
+        return {content: entry["id"] for content, entry in sorted(self._added.items(), key=lambda kv: kv[1]["id"])}
+
+    def _remove_added_tokens(self, tokens: Iterable[str]) -> None:
+        """Drop non-special added tokens (``unload_textual_inversion``); later added tokens move down so the ids
+        stay contiguous. The backend cannot forget a token, so it is rebuilt from the vocabulary."""
+        drop = set(tokens)
+        special = [c for c, e in self._added.items() if e["special"] or c in self._vocab]
+        kept = [(e["id"] if (e["special"] or c in self._vocab) else -1, c, {k: v for k, v in e.items() if k != "id"})
+                for c, e in sorted(self._added.items(), key=lambda kv: kv[1]["id"])
+                if c not in drop or c in special]
+        flags = {c: {k: v for k, v in self._added[c].items() if k != "id"} for c in special}
+        fresh = type(self)(self._vocab, self._merges, bos_token=self.bos_token, eos_token=self.eos_token,
+                           unk_token=self.unk_token, pad_token=self.pad_token, model_max_length=self.model_max_length,
+                           added_tokens=kept, special_token_flags=flags)
+        self._backend, self._added = fresh._backend, fresh._added
+
     def get_vocab(self) -> dict[str, int]:
         return self._backend.get_vocab(with_added_tokens=True)
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..random import Generator
 from .base import DiffusionPipeline
 from .pieces import LatentDiffusionMixin, custom_schedule, warn_truncation
@@ -35,7 +36,7 @@ class StableDiffusionPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None
 
 
-class StableDiffusionPipeline(LatentDiffusionMixin, DiffusionPipeline, FromSingleFileMixin):
+class StableDiffusionPipeline(TextualInversionLoaderMixin, LatentDiffusionMixin, DiffusionPipeline, FromSingleFileMixin):
     """``pipe(prompt, ...).images``: text-to-image with classifier-free guidance.
 
     Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``; ``safety_checker`` and
@@ -69,6 +70,7 @@ class StableDiffusionPipeline(LatentDiffusionMixin, DiffusionPipeline, FromSingl
 
     def _encode_text(self, texts: list[str], max_length: int, clip_skip: int | None) -> torch.Tensor:
         """Token ids -> (B, seq, dim) embeddings, from the last layer or ``clip_skip`` layers before it."""
+        texts = self.maybe_convert_prompt(list(texts), self.tokenizer)  # multi-vector textual-inversion tokens
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                                 return_tensors="pt")
         ids = tokens.input_ids.to(self.text_encoder.device)

@@ -1,0 +1,1 @@
+"""Adapters loaded onto pipelines: textual-inversion embeddings and LoRA weights (diffusers' loader mixins)."""
