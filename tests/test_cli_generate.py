@@ -123,3 +123,20 @@ def test_embedding_flag(tmp_path):
     assert np.array_equal(pixels(again), pixels(out))
     with pytest.raises(SystemExit, match="--embedding .*missing.pt: no such file"):
         main([*args, "--embedding", str(tmp_path / "missing.pt")])
+
+
+def test_single_file_model(tmp_path):
+    from diffusekit import StableDiffusionPipeline
+    from diffusekit.infotext import model_hash
+
+    single = tmp_path / "fashion.safetensors"
+    StableDiffusionPipeline.from_pretrained(SD).save_single_file(single)
+    args = ["generate", "--prompt", "a photo of a green bag", "--num-images", "1", "--seed", "3", *FAST]
+    folder_out, file_out = tmp_path / "folder.png", tmp_path / "file.png"
+    assert main([*args[:1], SD, *args[1:], "--out", str(folder_out)]) == 0
+    assert main([*args[:1], str(single), *args[1:], "--config", SD, "--out", str(file_out)]) == 0
+    p = params_of(file_out)
+    assert (p.model, p.model_hash) == ("fashion", model_hash(single))
+    assert np.array_equal(pixels(file_out), pixels(folder_out))
+    with pytest.raises(SystemExit, match="--config applies to single-file"):
+        main(["generate", SD, "--config", SD])

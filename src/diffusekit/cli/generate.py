@@ -68,6 +68,9 @@ def add_parser(commands) -> None:
                           "token defaults to the file's name (A1111) or the one it records; repeatable")
     gen.add_argument("--from-png", default=None, metavar="PNG",
                      help="take prompt and settings from a PNG's A1111 parameters; flags given here override")
+    gen.add_argument("--config", default=None, metavar="FOLDER",
+                     help="single-file MODEL: a diffusers folder (or bundled name) of the same architecture to take "
+                          "configs, tokenizer and scheduler from (default: inferred from the file)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--out", default="out/grid.png", help="output PNG (the grid when there are several images)")
 
@@ -134,7 +137,7 @@ def request_parameters(args):
     return params, syntax
 
 
-def load_pipeline(model: str, device: str):
+def load_pipeline(model: str, device: str, config: str | None = None):
     """``(pipeline, model name, model hash or None)``: a single file through ``from_single_file``, else a folder,
     bundled model or hub repo through ``DiffusionPipeline.from_pretrained``."""
     from ..infotext import model_hash
@@ -148,7 +151,9 @@ def load_pipeline(model: str, device: str):
         if loader is None:
             raise fail(f"{path}: single-file checkpoints need StableDiffusionPipeline.from_single_file, which this "
                        "version does not have; convert it to a diffusers folder first")
-        return loader(path).to(device), path.stem, model_hash(path)
+        return loader(path, config=config).to(device), path.stem, model_hash(path)
+    if config is not None:
+        raise fail("--config applies to single-file checkpoints (.safetensors / .ckpt) only")
     return DiffusionPipeline.from_pretrained(model).to(device), (path.name if path.is_dir() else model), None
 
 
@@ -225,7 +230,7 @@ def run(args) -> int:
     image = _open_image(args.image, "RGB", "--image")
     mask = _open_image(args.mask, "L", "--mask")
 
-    pipe, name, digest = load_pipeline(model, args.device)
+    pipe, name, digest = load_pipeline(model, args.device, args.config)
     pipe.set_progress_bar_config(disable=True)
     ti_hashes = load_embeddings(pipe, args.embedding)
     if ti_hashes:
