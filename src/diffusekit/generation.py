@@ -151,7 +151,8 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
         if prompt_syntax == "a1111":
             from .prompts import encode_prompt_a1111
 
-            embeds, negative = encode_prompt_a1111(run, prompts, negatives, clip_skip=clip_skip)
+            embeds, negative = encode_prompt_a1111(run, prompts, negatives, clip_skip=clip_skip,
+                                                   lora_scale=_lora_scale(pipeline_kwargs))
             kwargs.update(prompt_embeds=embeds, negative_prompt_embeds=negative)
         else:
             kwargs.update(prompt=prompts, negative_prompt=negatives if any(negatives) else None)  # None encodes ""
@@ -178,6 +179,11 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     if (params.width is None or params.height is None) and images and hasattr(images[0], "size"):
         per_image = [p.replace(width=im.size[0], height=im.size[1]) for p, im in zip(per_image, images)]
     return GenerationResult(images, per_image, getattr(output, "nsfw_content_detected", None))
+
+
+def _lora_scale(pipeline_kwargs: dict[str, Any]) -> float | None:
+    """The LoRA scale a call's ``cross_attention_kwargs`` gives the text encoder (for the A1111 prompt path)."""
+    return (pipeline_kwargs.get("cross_attention_kwargs") or {}).get("scale")
 
 
 def _step_callback(on_step, total):

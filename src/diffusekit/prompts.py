@@ -241,15 +241,18 @@ def _as_list(prompt: str | Sequence[str] | None, batch: int, name: str) -> list[
 
 def encode_prompt_a1111(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                         num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
-                        clip_skip: int | None = None, device=None,
+                        clip_skip: int | None = None, device=None, lora_scale: float | None = None,
                         ) -> tuple["torch.Tensor", "torch.Tensor | None"]:
     """``(prompt_embeds, negative_prompt_embeds)`` for ``pipe(prompt_embeds=..., negative_prompt_embeds=...)``
     from prompts in A1111 syntax; each ``(B * num_images_per_prompt, 77 * n, D)`` with one ``n`` for all.
 
     ``pipe`` is any pipeline with ``tokenizer`` and ``text_encoder`` (the Stable Diffusion family).
-    ``negative_prompt_embeds`` is ``None`` when ``do_classifier_free_guidance`` is false.
+    ``negative_prompt_embeds`` is ``None`` when ``do_classifier_free_guidance`` is false. ``lora_scale`` scales
+    the text encoder's LoRA layers (as the pipelines' ``lora_scale``).
     """
     import torch
+
+    from .loaders.lora import lora_scale_context as scaled_lora
 
     prompts = [prompt] if isinstance(prompt, str) else _as_list(prompt, len(prompt), "prompt")
     if not prompts:
@@ -261,7 +264,7 @@ def encode_prompt_a1111(pipe, prompt: str | Sequence[str], negative_prompt: str 
     per_text = [tokenize_weighted(pipe.tokenizer, t, multi_vector=multi_vector) for t in texts]
     count = max(len(chunks) for chunks in per_text)
     empty = tokenize_weighted(pipe.tokenizer, "")[0]
-    with torch.no_grad():
+    with torch.no_grad(), scaled_lora(lora_scale):
         rows = [encode_weighted_chunks(pipe.text_encoder, chunks + [empty] * (count - len(chunks)), clip_skip,
                                        device)
                 for chunks in per_text]

@@ -13,6 +13,7 @@ Prompts use A1111's syntax (``(word:1.3)``, ``[word]``, ``BREAK``, longer than 7
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 # flag (argparse dest) -> (GenerationParameters field, default). A flag left out takes the value recorded in the
@@ -63,6 +64,9 @@ def add_parser(commands) -> None:
     gen.add_argument("--strength", type=float, default=None,
                      help=f"image-to-image denoising strength (default {DEFAULT_STRENGTH})")
     gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint), with --image")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                     help="LoRA file (kohya/A1111 or diffusers format) with its weight (default 1, or the weight of "
+                          "a <lora:NAME:WEIGHT> tag in the prompt); repeatable")
     gen.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                      help="textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds); the "
                           "token defaults to the file's name (A1111) or the one it records; repeatable")
@@ -168,6 +172,48 @@ def split_suffix(spec: str, flag: str, convert):
     return spec, None
 
 
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # A1111's <lora:name:weight> prompt tag
+
+
+def load_loras(pipe, specs: list[str], prompt: str) -> tuple[str, str, dict[str, str]]:
+    """Load ``FILE[:WEIGHT]`` LoRAs and activate them with their weights; ``<lora:NAME:WEIGHT>`` tags in the prompt
+    name files given with --lora (by file name) and set their weight, as in A1111.
+
+    Returns ``(prompt for the model, prompt to record, {name: short file hash})``: the recorded prompt carries a
+    tag for every LoRA used (A1111's convention, so the PNG says which LoRAs made it).
+    """
+    from ..infotext import model_hash
+    from ..loaders.lora import LoraError
+
+    files: dict[str, tuple[str, float | None]] = {}
+    for spec in specs:
+        path, weight = split_suffix(spec, "--lora", float)
+        if not Path(path).is_file():
+            raise fail(f"--lora {path}: no such file")
+        files[Path(path).stem] = (path, weight)
+    tags: dict[str, float] = {}
+    for name, weight in LORA_TAG.findall(prompt):
+        try:
+            tags[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise fail(f"prompt tag <lora:{name}:{weight}>: the weight is not a number") from None
+    missing = [name for name in tags if name not in files]
+    if missing:
+        raise fail(f"the prompt names <lora:{missing[0]}>, but no --lora file {missing[0]}.safetensors was given")
+    if not files:
+        return prompt, prompt, {}
+    weights = {name: weight if weight is not None else tags.get(name, 1.0) for name, (_, weight) in files.items()}
+    for name, (path, _) in files.items():
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except LoraError as err:
+            raise fail(f"--lora: {err}") from None
+    pipe.set_adapters(list(weights), list(weights.values()))
+    stripped = LORA_TAG.sub("", prompt).strip()
+    recorded = stripped + "".join(f" <lora:{name}:{weight:g}>" for name, weight in weights.items())
+    return stripped, recorded.strip(), {name: model_hash(path) for name, (path, _) in files.items()}
+
+
 def load_embeddings(pipe, specs: list[str]) -> dict[str, str]:
     """Load ``FILE[:TOKEN]`` embeddings; returns token -> short file hash (A1111's "TI hashes")."""
     from ..infotext import model_hash
@@ -232,6 +278,10 @@ def run(args) -> int:
 
     pipe, name, digest = load_pipeline(model, args.device, args.config)
     pipe.set_progress_bar_config(disable=True)
+    prompt, recorded_prompt, lora_hashes = load_loras(pipe, args.lora, params.prompt)
+    if lora_hashes:
+        params.extra["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in lora_hashes.items())
+    params = params.replace(prompt=prompt)
     ti_hashes = load_embeddings(pipe, args.embedding)
     if ti_hashes:
         params.extra["TI hashes"] = ", ".join(f"{token}: {digest}" for token, digest in ti_hashes.items())
@@ -244,7 +294,7 @@ def run(args) -> int:
         result = generate(pipe, params.replace(seed=params.seed + start), batch_size=count, image=image, mask=mask,
                           prompt_syntax=syntax)
         images += result.images
-        per_image += result.parameters
+        per_image += [p.replace(prompt=recorded_prompt) for p in result.parameters]
     written = write_images(images, per_image, Path(args.out))
     print(f"wrote {written[0]}" + (f" and {len(written) - 1} images {written[1].name} ... {written[-1].name}"
                                    if len(written) > 1 else ""))

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..loaders.lora import StableDiffusionLoraLoaderMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..random import Generator
 from .base import DiffusionPipeline
@@ -36,7 +37,7 @@ class StableDiffusionPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None
 
 
-class StableDiffusionPipeline(TextualInversionLoaderMixin, LatentDiffusionMixin, DiffusionPipeline, FromSingleFileMixin):
+class StableDiffusionPipeline(TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin, LatentDiffusionMixin, DiffusionPipeline, FromSingleFileMixin):
     """``pipe(prompt, ...).images``: text-to-image with classifier-free guidance.
 
     Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``; ``safety_checker`` and
@@ -95,13 +96,18 @@ class StableDiffusionPipeline(TextualInversionLoaderMixin, LatentDiffusionMixin,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         clip_skip: int | None = None,
+        lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return ``(prompt_embeds, negative_prompt_embeds)``, each repeated ``num_images_per_prompt`` times."""
+        """Return ``(prompt_embeds, negative_prompt_embeds)``, each repeated ``num_images_per_prompt`` times.
+
+        ``lora_scale`` scales the text encoder's LoRA layers (default: during a pipeline call, that call's
+        ``cross_attention_kwargs["scale"]``, as diffusers passes it)."""
         device = device or self.device
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             self._warn_truncation(prompts)
-            prompt_embeds = self._encode_text(prompts, self.tokenizer.model_max_length, clip_skip)
+            with self._text_encoder_lora_scale(lora_scale):
+                prompt_embeds = self._encode_text(prompts, self.tokenizer.model_max_length, clip_skip)
         batch = prompt_embeds.shape[0]
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
@@ -114,7 +120,8 @@ class StableDiffusionPipeline(TextualInversionLoaderMixin, LatentDiffusionMixin,
                 negatives = [negative_prompt] * batch
             else:
                 negatives = list(negative_prompt)
-            negative_prompt_embeds = self._encode_text(negatives, prompt_embeds.shape[1], clip_skip)
+            with self._text_encoder_lora_scale(lora_scale):
+                negative_prompt_embeds = self._encode_text(negatives, prompt_embeds.shape[1], clip_skip)
         negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
         return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
 

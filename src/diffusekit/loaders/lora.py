@@ -1,0 +1,602 @@
+"""LoRA for the Stable Diffusion pipelines: ``pipe.load_lora_weights(...)``, ``set_adapters``, ``fuse_lora`` ...,
+with diffusers' public methods and numbers, without peft.
+
+How it works: a LoRA adds ``scale * up(down(x))`` to the output of a ``Linear`` or ``Conv2d`` layer of the UNet or
+the text encoder. Each targeted layer gets one forward hook (:class:`LoraHook`) that holds the loaded adapters'
+``down`` / ``up`` weights; nothing is registered as a submodule, so the models' module paths and ``state_dict()``
+keys stay exactly those of the checkpoint (``save_pretrained`` writes the base weights). ``scale`` is
+``adapter weight (set_adapters) * alpha / rank * call scale``, the call scale coming from
+``cross_attention_kwargs={"scale": s}`` (UNet) / ``lora_scale`` (text encoder), as in diffusers.
+
+File formats (the key tables below are the only place names are converted):
+
+* kohya / A1111: ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
+  ``lora_te_...`` (text encoder; ``lora_te1_`` / ``lora_te2_`` in SDXL files). Linear layers and conv layers
+  (LoCon: a ``k x k`` down conv with the layer's stride and padding, then a ``1 x 1`` up conv).
+* diffusers / PEFT: ``unet.<module path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.``...), the older
+  ``.lora.down.weight`` / ``.lora.up.weight`` and attention-processor spellings, optional ``.alpha`` keys, and
+  the ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``) diffusers writes into safetensors files.
+
+A kohya name is matched against the model's own module paths with ``.`` written as ``_`` (the rule kohya's
+trainer uses), so every layer of our models is addressable and anything else is an error naming the file and key.
+Without an alpha, alpha = rank (scale 1), as kohya and diffusers do.
+
+``fuse_lora`` keeps a copy of each weight it changes and ``unfuse_lora`` puts that copy back: unfusing restores
+the weights bit for bit (peft subtracts the delta again, which is exact only up to rounding). The copies cost the
+memory of the fused layers until ``unfuse_lora`` or ``unload_lora_weights``; ``unload_lora_weights`` after
+``fuse_lora`` keeps the fused weights, as in diffusers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.bin"
+LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"
+
+# ---------------------------------------------------------------------------------------------------- key tables
+
+#: kohya / A1111 key prefix -> pipeline component
+KOHYA_PREFIXES: dict[str, str] = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+#: kohya key suffix -> part
+KOHYA_SUFFIXES: dict[str, str] = {
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".alpha": "alpha",
+}
+#: diffusers / PEFT key prefix -> pipeline component
+DIFFUSERS_PREFIXES: dict[str, str] = {
+    "unet.": "unet",
+    "text_encoder.": "text_encoder",
+    "text_encoder_2.": "text_encoder_2",
+}
+#: diffusers / PEFT key suffix -> part (longest first when matching)
+DIFFUSERS_SUFFIXES: dict[str, str] = {
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
+    "_lora.down.weight": "down",  # attention-processor spelling: ...attn1.processor.to_q_lora.down.weight
+    "_lora.up.weight": "up",
+    ".alpha": "alpha",
+}
+#: older diffusers module spellings -> module paths of the models (applied to the path part of a key)
+DIFFUSERS_PATH_RENAMES: dict[str, str] = {
+    ".processor.to_q": ".to_q",
+    ".processor.to_k": ".to_k",
+    ".processor.to_v": ".to_v",
+    ".processor.to_out": ".to_out.0",
+    ".self_attn.to_q": ".self_attn.q_proj",  # text encoder, old diffusers
+    ".self_attn.to_k": ".self_attn.k_proj",
+    ".self_attn.to_v": ".self_attn.v_proj",
+    ".self_attn.to_out": ".self_attn.out_proj",
+}
+#: key fragments of other adapter kinds, refused with a clear message
+UNSUPPORTED_KINDS: dict[str, str] = {
+    "hada_w1_a": "LoHa (LyCORIS)",
+    "lokr_w1": "LoKr (LyCORIS)",
+    "lora_mid": "LoCon with a CP-decomposed middle (LyCORIS)",
+    "dora_scale": "DoRA",
+    "lora_magnitude_vector": "DoRA",
+    ".diff": "a full weight difference (LyCORIS 'full')",
+    "lora_B.bias": "LoRA with bias",
+}
+
+
+class LoraError(ValueError):
+    """A LoRA file or argument that cannot be used (the message names the file and key)."""
+
+
+# ---------------------------------------------------------------------------------------------------- per-call scale
+
+_CALL = threading.local()
+
+
+def current_scale() -> float:
+    """The LoRA scale of the forward pass running in this thread (1.0 outside any scaled call)."""
+    return getattr(_CALL, "scale", 1.0)
+
+
+@contextlib.contextmanager
+def lora_scale_context(scale: float | None):
+    """Run the enclosed forward passes with LoRA outputs multiplied by ``scale`` (``None``: unchanged)."""
+    if scale is None:
+        yield
+        return
+    before = current_scale()
+    _CALL.scale = float(scale)
+    try:
+        yield
+    finally:
+        _CALL.scale = before
+
+
+def _unet_scale_pre_hook(module, args, kwargs):
+    """UNet forward pre-hook: ``cross_attention_kwargs={"scale": s}`` scales the UNet's LoRA layers (diffusers)."""
+    scale = (kwargs.get("cross_attention_kwargs") or {}).get("scale")
+    stack = module.__dict__.setdefault("_lora_scale_stack", threading.local())
+    stack.__dict__.setdefault("previous", []).append(current_scale())
+    if scale is not None:
+        _CALL.scale = float(scale)
+
+
+def _unet_scale_post_hook(module, args, kwargs, output):
+    _CALL.scale = module.__dict__["_lora_scale_stack"].previous.pop()
+    return output
+
+
+# ---------------------------------------------------------------------------------------------------- the layer
+
+
+@dataclasses.dataclass
+class LoraWeights:
+    """One adapter's weights on one layer: ``down`` (r, in[, k, k]), ``up`` (out, r[, 1, 1]), ``alpha / r``."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha_scale: float
+
+    def delta_weight(self) -> torch.Tensor:
+        """``up @ down`` in the shape of the layer's weight."""
+        up = self.up.reshape(self.up.shape[0], -1)  # (out, r)
+        down = self.down.reshape(self.down.shape[0], -1)  # (r, in * k * k)
+        return (up @ down).reshape(self.up.shape[0], *self.down.shape[1:])
+
+    def to(self, like: torch.Tensor) -> None:
+        if self.down.device != like.device or self.down.dtype != like.dtype:
+            self.down = self.down.to(like.device, like.dtype)
+            self.up = self.up.to(like.device, like.dtype)
+
+
+class LoraHook:
+    """The forward hook on one ``Linear`` / ``Conv2d``: adds each active adapter's ``up(down(x)) * scale``."""
+
+    def __init__(self, state: "LoraState"):
+        self.state = state
+        self.adapters: dict[str, LoraWeights] = {}
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        if not state.enabled or not state.active:
+            return output
+        x = args[0]
+        call_scale = current_scale()
+        for name, weight in state.active.items():
+            lora = self.adapters.get(name)
+            if lora is None or name in state.fused:
+                continue
+            lora.to(x)
+            if isinstance(module, nn.Conv2d):
+                hidden = F.conv2d(x, lora.down, None, module.stride, module.padding, module.dilation)
+                delta = F.conv2d(hidden, lora.up)
+            else:
+                delta = F.linear(F.linear(x, lora.down), lora.up)
+            output = output + delta * (lora.alpha_scale * weight * call_scale)
+        return output
+
+
+@dataclasses.dataclass
+class LoraState:
+    """Everything LoRA on one model (UNet or text encoder), kept outside its modules and state dict."""
+
+    hooks: dict[str, LoraHook] = dataclasses.field(default_factory=dict)  # module path -> hook
+    handles: dict[str, Any] = dataclasses.field(default_factory=dict)
+    adapters: list[str] = dataclasses.field(default_factory=list)  # in load order
+    active: dict[str, float] = dataclasses.field(default_factory=dict)  # adapter -> weight
+    fused: set[str] = dataclasses.field(default_factory=set)
+    originals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # weights before fuse_lora
+    enabled: bool = True
+    scale_handles: list[Any] = dataclasses.field(default_factory=list)
+
+
+_STATE_ATTR = "_diffusekit_lora"
+
+
+def _state(model: nn.Module, create: bool = False) -> LoraState | None:
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None and create:
+        state = LoraState()
+        model.__dict__[_STATE_ATTR] = state  # a plain attribute: not a submodule, not in the state dict
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def _read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    from ..modeling import CheckpointError, read_weights
+
+    metadata = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
+                raw = (handle.metadata() or {}).get(METADATA_KEY)
+        except Exception as err:  # damaged header: read_weights reports it with the file's name
+            raw = None
+            del err
+        if raw:
+            try:
+                metadata = json.loads(raw)
+            except ValueError:
+                raise LoraError(f"{path}: its '{METADATA_KEY}' metadata is not valid JSON") from None
+    try:
+        return read_weights(path), metadata
+    except CheckpointError as err:
+        raise LoraError(str(err)) from None
+
+
+def _resolve(source, weight_name: str | None, hub_kwargs: dict[str, Any]) -> Path:
+    path = Path(source)
+    if path.is_file():
+        return path
+    from ..hub import resolve_file
+
+    names = [weight_name] if weight_name else [LORA_WEIGHT_NAME_SAFE, LORA_WEIGHT_NAME]
+    errors = []
+    for name in names:
+        try:
+            return resolve_file(source, name, hub_kwargs.pop("subfolder", None), **hub_kwargs)
+        except (OSError, ValueError) as err:
+            errors.append(str(err))
+    raise LoraError(f"no LoRA weights in {source}: looked for {', '.join(names)} ({'; '.join(errors)})")
+
+
+def _split_key(key: str) -> tuple[str, str, str, str] | None:
+    """``(format, component, module name as written, part)`` of a key; None when no table knows it."""
+    for prefix, component in KOHYA_PREFIXES.items():
+        if key.startswith(prefix):
+            for suffix, part in KOHYA_SUFFIXES.items():
+                if key.endswith(suffix):
+                    return "kohya", component, key[len(prefix):-len(suffix)], part
+            return None
+    for prefix, component in DIFFUSERS_PREFIXES.items():
+        if key.startswith(prefix):
+            for suffix, part in sorted(DIFFUSERS_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
+                if key.endswith(suffix):
+                    return "diffusers", component, key[len(prefix):-len(suffix)], part
+            return None
+    return None
+
+
+def _kohya_index(model: nn.Module) -> dict[str, str]:
+    """``down_blocks_0_attentions_0_proj_in`` -> ``down_blocks.0.attentions.0.proj_in`` for every layer of the model."""
+    return {path.replace(".", "_"): path for path, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d))}
+
+
+def _diffusers_path(name: str) -> str:
+    for old, new in DIFFUSERS_PATH_RENAMES.items():
+        if name.endswith(old) or old + "." in name:
+            name = name.replace(old, new)
+    return name
+
+
+def _alpha_from_metadata(metadata: Mapping[str, Any] | None, component: str, path: str) -> float | None:
+    if not metadata:
+        return None
+    patterns = metadata.get(f"{component}.alpha_pattern") or {}
+    for pattern, alpha in patterns.items():
+        if path == pattern or path.endswith("." + pattern):
+            return float(alpha)
+    alpha = metadata.get(f"{component}.lora_alpha")
+    return None if alpha is None else float(alpha)
+
+
+def parse_lora(state_dict: Mapping[str, torch.Tensor], components: Mapping[str, nn.Module], origin: str,
+               metadata: Mapping[str, Any] | None = None) -> dict[str, dict[str, LoraWeights]]:
+    """A LoRA state dict -> ``{component: {module path: LoraWeights}}``, every key and shape checked."""
+    for key in state_dict:
+        for fragment, kind in UNSUPPORTED_KINDS.items():
+            if fragment in key:
+                raise LoraError(f"{origin}: key {key!r} belongs to {kind}, which diffusekit does not load (plain "
+                                "LoRA and LoCon only)")
+    parts: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    indexes: dict[str, dict[str, str]] = {}
+    for key, tensor in state_dict.items():
+        split = _split_key(key)
+        if split is None:
+            known = ", ".join([*KOHYA_PREFIXES, *DIFFUSERS_PREFIXES])
+            raise LoraError(f"{origin}: key {key!r} is not a LoRA key diffusekit knows (prefixes {known}; suffixes "
+                            "lora_down/lora_up/alpha or lora_A/lora_B)")
+        fmt, component, name, part = split
+        model = components.get(component)
+        if model is None:
+            raise LoraError(f"{origin}: key {key!r} is for the pipeline's {component}, which this pipeline does not "
+                            "have (a LoRA for another model, e.g. SDXL?)")
+        if fmt == "kohya":
+            index = indexes.setdefault(component, _kohya_index(model))
+            path = index.get(name)
+        else:
+            path = _diffusers_path(name)
+            if not isinstance(_get_module(model, path), (nn.Linear, nn.Conv2d)):
+                path = None
+        if path is None:
+            raise LoraError(f"{origin}: key {key!r} names a layer {name!r} that the {component} "
+                            f"({type(model).__name__}) does not have: a LoRA for another model?")
+        parts.setdefault((component, path), {})[part] = (key, tensor)
+
+    out: dict[str, dict[str, LoraWeights]] = {}
+    for (component, path), found in parts.items():
+        if "down" not in found or "up" not in found:
+            have, missing = next(iter(found.values()))[0], "up" if "up" not in found else "down"
+            raise LoraError(f"{origin}: key {have!r} has no matching {missing} weight")
+        module = _get_module(components[component], path)
+        (down_key, down), (up_key, up) = found["down"], found["up"]
+        down, up = _check_shapes(module, down, up, down_key, up_key, origin)
+        rank = down.shape[0]
+        if "alpha" in found:
+            alpha = float(found["alpha"][1].float().reshape(-1)[0])
+        else:
+            alpha = _alpha_from_metadata(metadata, component, path)
+            alpha = float(rank) if alpha is None else alpha
+        out.setdefault(component, {})[path] = LoraWeights(down, up, alpha / rank)
+    return out
+
+
+def _get_module(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _check_shapes(module: nn.Module, down: torch.Tensor, up: torch.Tensor, down_key: str, up_key: str,
+                  origin: str) -> tuple[torch.Tensor, torch.Tensor]:
+    down, up = down.detach().float(), up.detach().float()
+    if isinstance(module, nn.Linear):
+        if down.ndim == 4 and down.shape[2:] == (1, 1):
+            down = down[:, :, 0, 0]
+        if up.ndim == 4 and up.shape[2:] == (1, 1):
+            up = up[:, :, 0, 0]
+        want_down, want_up = f"(rank, {module.in_features})", f"({module.out_features}, rank)"
+        ok_down = down.ndim == 2 and down.shape[1] == module.in_features
+        ok_up = up.ndim == 2 and up.shape[0] == module.out_features
+    else:
+        kernel = tuple(module.kernel_size)
+        if down.ndim == 2:
+            down = down[:, :, None, None]
+        if up.ndim == 2:
+            up = up[:, :, None, None]
+        want_down = f"(rank, {module.in_channels}, {kernel[0]}, {kernel[1]}) or (rank, {module.in_channels}, 1, 1)"
+        want_up = f"({module.out_channels}, rank, 1, 1)"
+        ok_down = down.ndim == 4 and down.shape[1] == module.in_channels and \
+            tuple(down.shape[2:]) in (kernel, (1, 1)) and module.groups == 1
+        ok_up = up.ndim == 4 and up.shape[0] == module.out_channels and tuple(up.shape[2:]) == (1, 1)
+        if ok_down and tuple(down.shape[2:]) != kernel:  # a 1x1 down on a kxk layer: pad to the layer's kernel
+            if module.padding != tuple(k // 2 for k in kernel) or module.stride != (1, 1):
+                ok_down = False
+            else:
+                padded = down.new_zeros(down.shape[0], down.shape[1], *kernel)
+                padded[:, :, kernel[0] // 2, kernel[1] // 2] = down[:, :, 0, 0]
+                down = padded
+    if not ok_down:
+        raise LoraError(f"{origin}: key {down_key!r} has shape {tuple(down.shape)}, the layer needs {want_down} "
+                        "(a LoRA for another model?)")
+    if not ok_up:
+        raise LoraError(f"{origin}: key {up_key!r} has shape {tuple(up.shape)}, the layer needs {want_up} "
+                        "(a LoRA for another model?)")
+    if down.shape[0] != up.shape[1]:
+        raise LoraError(f"{origin}: wrong ranks: {down_key!r} has rank {down.shape[0]} but {up_key!r} has rank "
+                        f"{up.shape[1]}")
+    return down, up
+
+
+# ---------------------------------------------------------------------------------------------------- the mixin
+
+
+class StableDiffusionLoraLoaderMixin:
+    """diffusers' LoRA methods for pipelines with a ``unet`` and a ``text_encoder``."""
+
+    _lora_components: tuple[str, ...] = ("unet", "text_encoder")
+
+    def _lora_models(self) -> dict[str, nn.Module]:
+        return {name: model for name in self._lora_components
+                if isinstance(model := getattr(self, name, None), nn.Module)}
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, *,
+                          weight_name: str | None = None, **hub_kwargs) -> None:
+        """Load a LoRA (file, folder, hub repo or state dict; kohya/A1111 or diffusers/PEFT keys) as an adapter.
+
+        ``adapter_name`` defaults to ``default_<n>``. As in diffusers, the new adapter becomes the active one (weight
+        1) on the components it touches; :meth:`set_adapters` runs several together.
+        """
+        source = pretrained_model_name_or_path_or_dict
+        metadata = None
+        if isinstance(source, Mapping):
+            state_dict, origin = dict(source), "the LoRA state dict passed"
+        else:
+            path = _resolve(source, weight_name, dict(hub_kwargs))
+            state_dict, metadata = _read_lora_file(path)
+            origin = str(path)
+        if not state_dict:
+            raise LoraError(f"{origin}: no LoRA weights in it")
+        models = self._lora_models()
+        existing = self.get_list_adapters()
+        taken = {name for names in existing.values() for name in names}
+        if adapter_name is None:
+            adapter_name = f"default_{len(taken)}"
+            while adapter_name in taken:
+                adapter_name += "_"
+        elif adapter_name in taken:
+            raise LoraError(f"adapter name {adapter_name!r} is already loaded; pick another adapter_name or "
+                            "delete_adapters() it first")
+        parsed = parse_lora(state_dict, models, origin, metadata)
+        for component, layers in parsed.items():
+            model = models[component]
+            state = _state(model, create=True)
+            if component == "unet" and not state.scale_handles:
+                state.scale_handles = [
+                    model.register_forward_pre_hook(_unet_scale_pre_hook, with_kwargs=True),
+                    model.register_forward_hook(_unet_scale_post_hook, with_kwargs=True, always_call=True),
+                ]
+            for path, lora in layers.items():
+                module = model.get_submodule(path)
+                hook = state.hooks.get(path)
+                if hook is None:
+                    hook = state.hooks[path] = LoraHook(state)
+                    state.handles[path] = module.register_forward_hook(hook)
+                lora.to(module.weight.detach())
+                hook.adapters[adapter_name] = lora
+            state.adapters.append(adapter_name)
+            state.active = {adapter_name: 1.0}  # as diffusers: the adapter loaded last is the active one
+
+    # ------------------------------------------------------------------ choosing adapters
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """``{component: [adapter names]}`` for the components that have LoRA layers."""
+        return {name: list(state.adapters) for name, model in self._lora_models().items()
+                if (state := _state(model)) is not None and state.adapters}
+
+    def get_active_adapters(self) -> list[str]:
+        names: list[str] = []
+        for model in self._lora_models().values():
+            state = _state(model)
+            if state is not None and state.enabled:
+                names += [n for n in state.active if n not in names]
+        return names
+
+    def set_adapters(self, adapter_names: str | Sequence[str],
+                     adapter_weights: float | dict | Sequence[float | dict | None] | None = None) -> None:
+        """Make exactly ``adapter_names`` active, with ``adapter_weights`` (one number for all, one per adapter, or
+        per adapter a dict ``{"unet": w, "text_encoder": w}``; default 1)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None or isinstance(adapter_weights, (int, float, dict)):
+            weights = [adapter_weights] * len(names)
+        else:
+            weights = list(adapter_weights)
+        if len(weights) != len(names):
+            raise LoraError(f"got {len(weights)} adapter_weights for {len(names)} adapters: give one per adapter")
+        known = {n for ns in self.get_list_adapters().values() for n in ns}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise LoraError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(known)}")
+        for component, model in self._lora_models().items():
+            state = _state(model)
+            if state is None:
+                continue
+            state.active = {}
+            for name, weight in zip(names, weights):
+                if name not in state.adapters:
+                    continue
+                if isinstance(weight, dict):
+                    bad = set(weight) - set(self._lora_components)
+                    if bad or any(isinstance(v, dict) for v in weight.values()):
+                        raise LoraError(f"adapter_weights for {name!r}: per-component numbers only "
+                                        f"({list(self._lora_components)}); per-block weights are not supported")
+                    weight = weight.get(component, 1.0)
+                state.active[name] = 1.0 if weight is None else float(weight)
+            state.enabled = True
+
+    def disable_lora(self) -> None:
+        for model in self._lora_models().values():
+            if (state := _state(model)) is not None:
+                state.enabled = False
+
+    def enable_lora(self) -> None:
+        for model in self._lora_models().values():
+            if (state := _state(model)) is not None:
+                state.enabled = True
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for model in self._lora_models().values():
+            state = _state(model)
+            if state is None:
+                continue
+            for name in names:
+                if name in state.fused:
+                    raise LoraError(f"adapter {name!r} is fused: unfuse_lora() before deleting it")
+                if name in state.adapters:
+                    state.adapters.remove(name)
+                state.active.pop(name, None)
+                for hook in state.hooks.values():
+                    hook.adapters.pop(name, None)
+            for path in [p for p, hook in state.hooks.items() if not hook.adapters]:
+                state.handles.pop(path).remove()
+                del state.hooks[path]
+
+    # ------------------------------------------------------------------ fusing
+
+    def fuse_lora(self, components: Sequence[str] = ("unet", "text_encoder"), lora_scale: float = 1.0,
+                  safe_fusing: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """Add the active adapters (or ``adapter_names``) into the weights: ``W += lora_scale * weight * alpha/r *
+        up @ down``. The fused adapters stop running as hooks; ``unfuse_lora`` restores the weights exactly.
+        ``safe_fusing`` refuses weights that come out non-finite."""
+        models = self._lora_models()
+        for component in components:
+            model = models.get(component)
+            state = _state(model) if model is not None else None
+            if state is None:
+                continue
+            names = list(adapter_names) if adapter_names is not None else list(state.active)
+            names = [n for n in names if n in state.adapters and n not in state.fused]
+            with torch.no_grad():
+                for path, hook in state.hooks.items():
+                    chosen = [(n, hook.adapters[n]) for n in names if n in hook.adapters]
+                    if not chosen:
+                        continue
+                    module = model.get_submodule(path)
+                    weight = module.weight
+                    if path not in state.originals:
+                        state.originals[path] = weight.detach().clone()
+                    fused = weight.detach().clone()
+                    for name, lora in chosen:
+                        lora.to(fused)
+                        scale = lora.alpha_scale * state.active.get(name, 1.0) * lora_scale
+                        fused = fused + lora.delta_weight() * scale
+                    if safe_fusing and not torch.isfinite(fused).all():
+                        raise LoraError(f"fusing {names} into {component}.{path} gives non-finite weights")
+                    weight.copy_(fused)
+            state.fused.update(names)
+
+    def unfuse_lora(self, components: Sequence[str] = ("unet", "text_encoder")) -> None:
+        """Put back the weights saved by :meth:`fuse_lora` (bit for bit); the adapters run as hooks again."""
+        models = self._lora_models()
+        for component in components:
+            model = models.get(component)
+            state = _state(model) if model is not None else None
+            if state is None:
+                continue
+            with torch.no_grad():
+                for path, original in state.originals.items():
+                    model.get_submodule(path).weight.copy_(original)
+            state.originals.clear()
+            state.fused.clear()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter and hook. Weights fused with :meth:`fuse_lora` stay fused (as in diffusers)."""
+        for model in self._lora_models().values():
+            state = _state(model)
+            if state is None:
+                continue
+            for handle in [*state.handles.values(), *state.scale_handles]:
+                handle.remove()
+            del model.__dict__[_STATE_ATTR]
+
+    # ------------------------------------------------------------------ scales
+
+    def _text_encoder_lora_scale(self, lora_scale: float | None):
+        """Context for encoding the prompt with ``lora_scale`` (or this call's ``cross_attention_kwargs['scale']``)."""
+        if lora_scale is None:
+            lora_scale = (getattr(self, "cross_attention_kwargs", None) or {}).get("scale")
+        return lora_scale_context(lora_scale)
