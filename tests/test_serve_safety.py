@@ -36,6 +36,8 @@ def test_listening_beyond_loopback_needs_a_key_or_insecure(capsys):
     assert "--api-key" in capsys.readouterr().err
     assert main(["serve", "--models", "/no/such/folder"]) == 2
     assert "no such folder" in capsys.readouterr().err
+    assert main(["serve", "--model", "../../etc"]) == 2
+    assert "unknown model '../../etc'; served models: diffusekit-fashion-ddpm" in capsys.readouterr().err
 
 
 def test_missing_extra_gives_the_install_command(monkeypatch):

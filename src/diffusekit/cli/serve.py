@@ -9,8 +9,8 @@ import sys
 def add_parser(commands) -> None:
     serve = commands.add_parser("serve", help="HTTP server: A1111-compatible API, job queue and web page")
     serve.add_argument("--models", default=None, metavar="DIR",
-                       help="folder of diffusers-format model folders to serve besides the bundled models "
-                            "(LoRA files in DIR/Lora, embeddings in DIR/embeddings)")
+                       help="folder of models to serve besides the bundled ones: diffusers folders and SD "
+                            "single files (.safetensors/.ckpt); LoRA files in DIR/Lora, embeddings in DIR/embeddings")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--api-key", default=os.environ.get("DIFFUSEKIT_API_KEY"),
@@ -46,6 +46,10 @@ def run(args) -> int:
             max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
             max_body_bytes=args.max_body_mb * 1024 * 1024, queue_size=args.queue_size)
         config.check_exposure()
+        if args.model:
+            from ..serve.models import ModelRegistry
+
+            ModelRegistry(config.models_dir).resolve(args.model)
     except (ValueError, LookupError) as exc:
         print(f"diffusekit serve: {exc}", file=sys.stderr)
         return 2

@@ -1,13 +1,17 @@
 """Cheap previews of the latents at every sampling step: a linear latent -> RGB projection per VAE.
 
-A latent pixel of an SD-family VAE decodes, to a good approximation, to a colour that is an affine function of its
-channels. The projection is fitted, once per VAE, from the VAE itself: a few smooth random colour images are
-encoded (giving latents like real ones, scaled by ``scaling_factor`` as the pipeline holds them) and decoded, the
-decoded images average-pooled down to the latent grid, and least squares gives ``rgb = latents · W + b``.
-(Pure Gaussian latents are a poor sample: they lie off the latents images produce, and the fit made from them
-did not predict real images' colours.) That costs one small decode at model load (milliseconds for the
-bundled VAE) and one (C × 3) matrix product per step afterwards. Fits are cached per VAE weights file.
-Pipelines without a VAE sample in pixel space; their preview is the sample itself.
+A latent pixel of an SD-family VAE decodes, to a good approximation, to a colour that is a linear function of the
+latents around it. The projection (a 3x3 convolution from the C latent channels to RGB, plus a bias: linear in the
+latents) is fitted, once per VAE, from the VAE itself: images of flat-coloured shapes with a little texture on a
+black ground (saturated colours, as in object photos) are encoded, giving latents like real ones (scaled by
+``scaling_factor`` as the pipeline holds them), and decoded; the decoded images are average-pooled down to the
+latent grid and least squares gives the kernel. That costs one small encode/decode at model load (about 1 s for
+the bundled VAE on a busy CPU core) and one tiny convolution per step afterwards. Fits are cached per VAE weights file.
+
+Measured on the bundled SD model (correlation between the preview and the pooled decoded image on the final
+latents of five colour/garment prompts): 0.79-0.86 with this 3x3 map, 0.28-0.85 with a per-pixel (1x1) map, and
+worse when fitted on Gaussian latents (which lie off the latents images produce). Pipelines without a VAE sample
+in pixel space; their preview is the sample itself.
 """
 
 from __future__ import annotations
@@ -19,30 +23,33 @@ from typing import Any
 
 _CACHE: dict[tuple, "LatentPreview"] = {}
 _CACHE_LOCK = threading.Lock()
+KERNEL = 3  # neighbourhood of latent pixels each preview pixel looks at
 
 
 @dataclasses.dataclass(frozen=True)
 class LatentPreview:
-    """``rgb = latents · weight + bias`` per latent pixel; ``weight`` is (C, 3), ``bias`` (3,), in [-1, 1] units."""
+    """``rgb = conv2d(latents, weight) + bias``: ``weight`` (3, C, k, k), ``bias`` (3,), colours in [-1, 1]."""
 
-    weight: Any  # torch.Tensor (C, 3)
+    weight: Any  # torch.Tensor (3, C, k, k)
     bias: Any  # torch.Tensor (3,)
-    r2: float = 1.0  # fraction of the pooled decoded colours' variance the fit explains
+    r2: float = 1.0  # fraction of the pooled decoded colours' variance the fit explains on its fitting set
 
     def rgb(self, latents):
         """(B, C, h, w) latents -> (B, 3, h, w) colours in [-1, 1]."""
         import torch
+        import torch.nn.functional as F
 
         lat = latents.detach().to("cpu", torch.float32)
-        out = torch.einsum("bchw,cr->brhw", lat, self.weight) + self.bias[None, :, None, None]
-        return out.clamp(-1, 1)
+        pad = self.weight.shape[-1] // 2
+        return F.conv2d(lat, self.weight, self.bias, padding=pad).clamp(-1, 1)
 
     def image(self, latents, index: int = 0):
         """A PIL image of latent ``index`` at the latent grid's resolution."""
+        import torch
         from PIL import Image
 
         rgb = self.rgb(latents[index : index + 1])[0]
-        array = ((rgb + 1) * 127.5).round().to(dtype=__import__("torch").uint8).permute(1, 2, 0).numpy()
+        array = ((rgb + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
         return Image.fromarray(array, "RGB")
 
     def png(self, latents, index: int = 0, size: tuple[int, int] | None = None) -> bytes:
@@ -60,46 +67,53 @@ def identity_preview(channels: int) -> LatentPreview:
     """For pixel-space pipelines: the sample is the image (grey from one channel)."""
     import torch
 
-    weight = torch.eye(3) if channels == 3 else torch.ones(channels, 3) / channels
+    weight = torch.zeros(3, channels, 1, 1)
+    if channels == 3:
+        weight[:, :, 0, 0] = torch.eye(3)
+    else:
+        weight[:, :, 0, 0] = 1.0 / channels
     return LatentPreview(weight, torch.zeros(3))
 
 
-def fit_vae_preview(vae, *, samples: int = 16, size: int = 8, seed: int = 0) -> LatentPreview:
-    """Least-squares fit of pooled decoded colours on latents, for ``vae`` (an ``AutoencoderKL``)."""
+def _fitting_images(samples: int, pixels: int, generator):
+    """Flat saturated colours with slight texture, in random blob shapes, on black: (N, 3, H, W) in [-1, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    colour = torch.rand(samples, 3, 1, 1, generator=generator) * 2 - 1
+    colour = colour.sign() * colour.abs() ** 0.3  # pushed towards saturated colours
+    texture = F.interpolate(torch.rand(samples, 3, 4, 4, generator=generator) * 0.4 - 0.2, size=(pixels, pixels),
+                            mode="bilinear", align_corners=False)
+    shapes = F.interpolate(torch.rand(samples, 1, 4, 4, generator=generator), size=(pixels, pixels),
+                           mode="bilinear", align_corners=False) > 0.45
+    return torch.where(shapes, (colour + texture).clamp(-1, 1), torch.tensor(-1.0))
+
+
+def fit_vae_preview(vae, *, samples: int = 32, size: int = 8, seed: int = 0, kernel: int = KERNEL) -> LatentPreview:
+    """Least-squares fit of pooled decoded colours on latent neighbourhoods, for ``vae`` (an ``AutoencoderKL``)."""
     import torch
     import torch.nn.functional as F
 
     config = vae.config
     channels = config.latent_channels
     factor = 2 ** (len(config.block_out_channels) - 1)
-    pixels = size * factor
     generator = torch.Generator("cpu").manual_seed(seed)
-    # smooth random colour fields in [-1, 1] (a few colour patches each), encoded: latents like real ones
-    coarse = torch.rand(samples, 3, 3, 3, generator=generator) * 2 - 1  # (N, 3, 3, 3)
-    images = F.interpolate(coarse, size=(pixels, pixels), mode="bilinear", align_corners=False)  # (N, 3, H, W)
-    # half of them: colour shapes on a black ground (typical of object photos and of the bundled model's data)
-    shapes = F.interpolate(torch.rand(samples, 1, 4, 4, generator=generator), size=(pixels, pixels),
-                           mode="bilinear", align_corners=False) > 0.5  # (N, 1, H, W)
-    images = torch.where(shapes | (torch.arange(samples) % 2 == 0)[:, None, None, None], images, -1.0)
+    images = _fitting_images(samples, size * factor, generator)  # (N, 3, H, W)
+    shift = config.get("shift_factor")
     param = next(vae.parameters())
     with torch.no_grad():
-        posterior = vae.encode(images.to(param.device, param.dtype)).latent_dist
-        latents = posterior.mean.float().cpu()  # (N, C, h, w)
-        if config.get("shift_factor") is not None:
-            latents = latents - config.shift_factor
-        latents = latents * config.scaling_factor  # as the pipeline holds them
-        decode_in = latents / config.scaling_factor
-        if config.get("shift_factor") is not None:
-            decode_in = decode_in + config.shift_factor
-        decoded = vae.decode(decode_in.to(param.device, param.dtype), return_dict=False)[0]  # (N, 3, H, W)
+        moments = vae.encode(images.to(param.device, param.dtype)).latent_dist.mean.float().cpu()  # (N, C, h, w)
+        latents = (moments - shift if shift is not None else moments) * config.scaling_factor  # pipeline scale
+        decoded = vae.decode(moments.to(param.device, param.dtype), return_dict=False)[0]  # (N, 3, H, W)
     pooled = F.avg_pool2d(decoded.float().cpu(), factor)  # (N, 3, h, w)
-    x = latents.permute(0, 2, 3, 1).reshape(-1, channels).double()
-    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)  # (N*h*w, C+1)
+    x = F.unfold(latents, kernel, padding=kernel // 2).permute(0, 2, 1).reshape(-1, channels * kernel * kernel)
+    x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1).double()  # (N*h*w, C*k*k + 1)
     y = pooled.permute(0, 2, 3, 1).reshape(-1, 3).double()  # (N*h*w, 3)
-    solution = torch.linalg.lstsq(x, y).solution  # (C+1, 3)
+    solution = torch.linalg.lstsq(x, y).solution  # (C*k*k + 1, 3)
     residual = y - x @ solution
     r2 = float(1 - residual.pow(2).sum() / (y - y.mean(0)).pow(2).sum())
-    return LatentPreview(solution[:-1].float(), solution[-1].float(), r2)
+    weight = solution[:-1].T.reshape(3, channels, kernel, kernel).float()  # unfold order: channel, then kernel
+    return LatentPreview(weight.contiguous(), solution[-1].float(), r2)
 
 
 def preview_for(pipe, entry=None) -> LatentPreview:

@@ -76,7 +76,7 @@ $("init-image").addEventListener("change", (event) => {
     const y = (event.clientY - rect.top) * canvas.height / rect.height;
     const r = Number($("brush").value) * canvas.width / rect.width / 2;
     const ctx = canvas.getContext("2d");
-    ctx.fillStyle = "rgb(255, 40, 40)";
+    ctx.fillStyle = "rgb(80, 200, 255)";
     ctx.beginPath();
     ctx.arc(x, y, Math.max(r, 0.5), 0, 2 * Math.PI);
     ctx.fill();
