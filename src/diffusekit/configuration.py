@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from . import __version__
 from ._io import atomic_write_text
-from .hub import resolve_file
+from .hub import resolve_file, split_hub_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +168,17 @@ class ConfigMixin:
 
     config_name: str = "config.json"
     ignore_for_config: tuple[str, ...] = ()
+    has_compatibles: bool = False  # True for schedulers: `compatibles` lists the classes that can swap in
     _config: FrozenConfig
 
     @property
     def config(self) -> FrozenConfig:
         return self._config
+
+    def register_to_config(self, **kwargs: Any) -> None:
+        """Record ``kwargs`` in ``self.config`` after construction (diffusers' method of the same name), e.g. a value
+        normalised by ``__init__``. The config stays frozen to everyone else."""
+        self._config = FrozenConfig({**self._config, **kwargs}, self._config.defaults_used - set(kwargs))
 
     def __getattr__(self, name: str) -> Any:
         # only called when normal lookup fails: config keys answer as attributes, deprecated (as in diffusers)
@@ -223,10 +229,22 @@ class ConfigMixin:
             self._config = FrozenConfig({**foreign, **self._config}, self._config.defaults_used)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides):
+    def extract_init_dict(cls, config_dict: Mapping[str, Any], **kwargs: Any):
+        """diffusers' split of a config: ``(init kwargs, unused keys, hidden "_" keys)``; ``kwargs`` override."""
+        params = set(cls._config_params())
+        init = {k: v for k, v in cls._given_values(config_dict).items() if k in params}
+        init.update({k: kwargs.pop(k) for k in list(kwargs) if k in params})
+        unused = {k: v for k, v in config_dict.items() if k not in params and not k.startswith("_")}
+        hidden = {k: v for k, v in config_dict.items() if k.startswith("_")}
+        return init, {**unused, **kwargs}, hidden
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **overrides):
         """Build from another object's config (any compatible class's: foreign keys are ignored quietly).
 
         ``overrides`` replace config values: ``Scheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)``.
+        With ``return_unused_kwargs=True`` the result is ``(instance, {keys not used})`` (the config's foreign keys
+        and unknown overrides) instead of an error for unknown overrides, as in diffusers.
         """
         if config is None:
             config = {}
@@ -236,26 +254,46 @@ class ConfigMixin:
             raise TypeError(f"{cls.__name__}.from_config expects a config mapping, got {type(config).__name__}")
         params = set(cls._config_params())
         bad = sorted(k for k in overrides if k not in params and not k.startswith("_"))
-        if bad:
+        if bad and not return_unused_kwargs:
             raise TypeError(
                 f"{cls.__name__}.from_config got unknown argument(s) {bad}; it accepts: {sorted(params)}"
             )
+        # as diffusers: the config's keys this class does not take, and the unknown overrides
+        unused = {**{k: v for k, v in config.items() if k not in params}, **{k: overrides.pop(k) for k in bad}}
         kwargs = cls.extract_init_kwargs(config)
         kwargs.update(overrides)
         instance = cls(**kwargs)
         instance._keep_foreign_keys(config)
-        return instance
+        return (instance, unused) if return_unused_kwargs else instance
 
     @classmethod
     def load_config(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         subfolder: str | None = None,
-        **hub_kwargs,
-    ) -> dict[str, Any]:
-        """Read the JSON config file of a folder or hub repo into a plain dict."""
+        return_unused_kwargs: bool = False,
+        return_commit_hash: bool = False,
+        **kwargs,
+    ):
+        """Read the JSON config file of a folder or hub repo into a plain dict.
+
+        As in diffusers, ``return_unused_kwargs`` adds the keyword arguments that are not hub options and
+        ``return_commit_hash`` the hub commit the file came from (None for a local folder) to a returned tuple.
+        """
+        hub_kwargs = split_hub_kwargs(kwargs)
+        if kwargs and not return_unused_kwargs:
+            raise TypeError(f"{cls.__name__}.load_config got unexpected keyword argument(s) {sorted(kwargs)}")
         path = resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder=subfolder, **hub_kwargs)
-        return read_json(path, what="config")
+        outputs: tuple = (read_json(path, what="config"),)
+        if return_unused_kwargs:
+            outputs += (kwargs,)
+        if return_commit_hash:
+            parts = Path(path).parts
+            commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+            outputs += (commit,)
+        return outputs if len(outputs) > 1 else outputs[0]
+
+    get_config_dict = load_config  # diffusers' older name, kept there as a deprecated alias
 
     def to_json_string(self) -> str:
         """The config as the JSON text :meth:`save_config` writes (diffusers' format, with ``_class_name``)."""
@@ -273,8 +311,10 @@ class ConfigMixin:
         """Write :meth:`to_json_string` to ``json_file_path`` (atomically)."""
         atomic_write_text(Path(json_file_path), self.to_json_string())
 
-    def save_config(self, save_directory: str | os.PathLike) -> Path:
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> Path:
         """Write the config as diffusers-format JSON (atomically) and return the file path."""
+        if push_to_hub:
+            raise NotImplementedError("push_to_hub is not supported: diffusekit never uploads; use `hf upload`")
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         path = save_directory / self.config_name

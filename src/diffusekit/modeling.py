@@ -202,8 +202,33 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (only those with ``requires_grad`` / without ``nn.Embedding`` weights)."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, torch.nn.Embedding)}
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and buffers): what the model costs in memory."""
+        tensors = [*self.parameters(), *(self.buffers() if return_buffers else ())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ------------------------------------------------------------------ attention kernels
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Any = None) -> None:
+        """A no-op: attention is always torch's ``scaled_dot_product_attention``, which already picks
+        memory-efficient (or flash) kernels. Difference from diffusers (deliberate): no ``xformers`` needed."""
+        logger.info("%s: diffusekit always uses torch's scaled_dot_product_attention; xformers is not used",
+                    type(self).__name__)
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Any = None) -> None:
+        """A no-op, see :meth:`set_use_memory_efficient_attention_xformers`."""
+        self.set_use_memory_efficient_attention_xformers(True, attention_op)
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        """A no-op, see :meth:`set_use_memory_efficient_attention_xformers`."""
 
     # ------------------------------------------------------------------ hooks
 

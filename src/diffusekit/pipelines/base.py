@@ -21,7 +21,7 @@ from ..configuration import DIFFUSERS_COMPAT_VERSION, FrozenConfig, read_json
 from ..hub import EntryNotFound, local_checkpoint_folders, local_folder, resolve_file, split_hub_kwargs
 from ..modeling import ModelMixin, resolve_dtype
 from ..outputs import BaseOutput
-from .._io import atomic_checkpoint, reading_checkpoint
+from .._io import atomic_checkpoint, atomic_write_text, reading_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,10 @@ class DiffusionPipeline:
     """
 
     config_name = INDEX_NAME
+    # order for enable_model_cpu_offload (diffusers' attribute); None: the components' order
+    model_cpu_offload_seq: str | None = None
+    has_compatibles = False
+    ignore_for_config: tuple[str, ...] = ()
     component_names: tuple[str, ...] = ()
     _optional_components: tuple[str, ...] = ()
     _option_names: tuple[str, ...] = ()
@@ -92,6 +96,38 @@ class DiffusionPipeline:
     def components(self) -> dict[str, Any]:
         """The pipeline's components by name, ready to build another pipeline: ``Other(**pipe.components)``."""
         return {name: getattr(self, name) for name in self._component_names}
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The options (non-component ``__init__`` arguments, e.g. ``requires_safety_checker``), as diffusers'."""
+        return dict(getattr(self, "_options", {}))
+
+    @property
+    def name_or_path(self) -> str | os.PathLike | None:
+        """The folder or repo id the pipeline was loaded from (None when built from components)."""
+        return self.__dict__.get("_name_or_path")
+
+    @staticmethod
+    def numpy_to_pil(images):
+        """Float images (B, H, W, C) in [0, 1] -> a list of PIL images."""
+        from .image_processor import numpy_to_pil
+
+        return numpy_to_pil(images)
+
+    def prepare_extra_step_kwargs(self, generator=None, eta: float = 0.0) -> dict[str, Any]:
+        """The extra ``scheduler.step`` arguments: ``eta`` for schedulers that take it, and the generator."""
+        kwargs: dict[str, Any] = {"generator": generator}
+        if getattr(self.scheduler, "accepts_eta", False):
+            kwargs["eta"] = eta
+        return kwargs
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """Read ``model_index.json`` of a folder or hub repo into a plain dict."""
+        hub = split_hub_kwargs(kwargs)
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.load_config got unexpected keyword argument(s) {sorted(kwargs)}")
+        return read_json(resolve_file(pretrained_model_name_or_path, INDEX_NAME, **hub), what="pipeline index")
 
     @property
     def config(self) -> FrozenConfig:
@@ -149,6 +185,11 @@ class DiffusionPipeline:
         """Undo :meth:`enable_vae_tiling`: ``pipe.vae.disable_tiling()``."""
         self._vae_for("disable_vae_tiling").disable_tiling()
 
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Any = None) -> None:
+        """A no-op, see :meth:`enable_xformers_memory_efficient_attention`."""
+        if valid:
+            self.enable_xformers_memory_efficient_attention(attention_op)
+
     def enable_xformers_memory_efficient_attention(self, attention_op: Any = None) -> None:
         """Nothing to enable: diffusekit's attention is always torch's ``scaled_dot_product_attention``, which picks a
         memory-efficient (or flash) kernel by itself on GPUs. Kept so copied snippets run; logs that it is a no-op.
@@ -171,7 +212,9 @@ class DiffusionPipeline:
 
         target = offload_device("enable_model_cpu_offload", gpu_id, device)
         self.remove_all_hooks()
-        models = [module for _, module in self._modules()]
+        modules = dict(self._modules())
+        order = (self.model_cpu_offload_seq or "").split("->")
+        models = [modules.pop(name) for name in order if name in modules] + list(modules.values())
         self.__dict__["_model_offload"] = ModelOffload(models, target)
         self.__dict__["_offload_device"] = target
 
@@ -309,7 +352,9 @@ class DiffusionPipeline:
                 init_kwargs[option] = kwargs.pop(option)
             elif option in index:
                 init_kwargs[option] = index[option]
-        return pipeline_cls(**init_kwargs)
+        pipeline = pipeline_cls(**init_kwargs)
+        pipeline.__dict__["_name_or_path"] = source  # as given, like diffusers' config._name_or_path
+        return pipeline
 
     @classmethod
     def from_pipe(cls, pipeline: "DiffusionPipeline", *, torch_dtype: torch.dtype | None = None,
@@ -366,27 +411,44 @@ class DiffusionPipeline:
     # ------------------------------------------------------------------ saving
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        variant: str | None = None) -> None:
+                        variant: str | None = None, max_shard_size: int | str | None = None,
+                        push_to_hub: bool = False, **kwargs: Any) -> None:
         """Write each component into its subfolder and ``model_index.json``, atomically as a whole.
 
         All files go to a staging folder first and are committed together (``diffusekit._io.atomic_checkpoint``): a
         save killed at any moment leaves the old pipeline or the new one, never a mix. Files that are not part of
         the checkpoint (a README, other variants' weights) are left alone.
         """
+        if push_to_hub:
+            raise NotImplementedError("push_to_hub is not supported: diffusekit never uploads; use `hf upload`")
         with atomic_checkpoint(save_directory) as checkpoint:
             stage = checkpoint.stage
             for name, component in self.components.items():
                 if component is None:
                     continue
                 if isinstance(component, ModelMixin):
-                    component.save_pretrained(stage / name, safe_serialization=safe_serialization, variant=variant)
+                    component.save_pretrained(stage / name, safe_serialization=safe_serialization, variant=variant,
+                                              max_shard_size=max_shard_size)
                 elif hasattr(component, "save_pretrained"):
                     component.save_pretrained(stage / name)
                 else:
                     raise TypeError(f"component {name!r} ({type(component).__name__}) cannot be saved")
-            index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
-            index.update({k: (list(v) if isinstance(v, list) else v) for k, v in self.config.items()})
-            (stage / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            (stage / INDEX_NAME).write_text(self.to_json_string(), encoding="utf-8")
+
+    def to_json_string(self) -> str:
+        """``model_index.json`` as :meth:`save_pretrained` writes it."""
+        index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
+        index.update({k: (list(v) if isinstance(v, list) else v) for k, v in self.config.items()})
+        return json.dumps(index, indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Write :meth:`to_json_string` to ``json_file_path`` (atomically)."""
+        atomic_write_text(Path(json_file_path), self.to_json_string())
+
+    def save_config(self, save_directory: str | os.PathLike) -> None:
+        """Write ``model_index.json`` alone into ``save_directory`` (atomically)."""
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        self.to_json_file(Path(save_directory) / INDEX_NAME)
 
     # ------------------------------------------------------------------ per-call state
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..configuration import FrozenConfig
+from ..configuration import ConfigMixin, register_to_config
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def image_size(image: Any) -> tuple[int, int]:
     return tuple(first.shape[-2:])
 
 
-class VaeImageProcessor:
+class VaeImageProcessor(ConfigMixin):
     """Images and masks for the VAE, with the options and numerics of diffusers' ``VaeImageProcessor``.
 
     ``preprocess`` takes a PIL image, a numpy array ((H, W), (H, W, C) or (B, H, W, C), values in [0, 1]), a torch
@@ -124,6 +124,9 @@ class VaeImageProcessor:
     0..255 values as [0, 1] ones); a list mixing kinds of input, or an empty list, is a ``TypeError`` naming them.
     """
 
+    config_name = "config.json"
+
+    @register_to_config
     def __init__(self, do_resize: bool = True, vae_scale_factor: int = 8, vae_latent_channels: int = 4,
                  resample: str = "lanczos", reducing_gap: int | None = None, do_normalize: bool = True,
                  do_binarize: bool = False, do_convert_rgb: bool = False, do_convert_grayscale: bool = False):
@@ -131,12 +134,6 @@ class VaeImageProcessor:
             raise ValueError("do_convert_rgb and do_convert_grayscale cannot both be True")
         if resample not in RESAMPLE_FILTERS:
             raise ValueError(f"resample={resample!r}; expected one of {sorted(RESAMPLE_FILTERS)}")
-        self.config = FrozenConfig({
-            "do_resize": do_resize, "vae_scale_factor": vae_scale_factor,
-            "vae_latent_channels": vae_latent_channels, "resample": resample, "reducing_gap": reducing_gap,
-            "do_normalize": do_normalize, "do_binarize": do_binarize, "do_convert_rgb": do_convert_rgb,
-            "do_convert_grayscale": do_convert_grayscale,
-        })
 
     def __repr__(self) -> str:
         return f"VaeImageProcessor({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
@@ -173,9 +170,19 @@ class VaeImageProcessor:
         return (images * 0.5 + 0.5).clamp(0, 1)
 
     @staticmethod
-    def binarize(images):
+    def binarize(image):
         """Values below 0.5 -> 0, the rest -> 1 (a new tensor)."""
-        return (images >= 0.5).to(images.dtype)
+        return (image >= 0.5).to(image.dtype)
+
+    @staticmethod
+    def convert_to_rgb(image):
+        """A PIL image in RGB mode."""
+        return image.convert("RGB")
+
+    @staticmethod
+    def convert_to_grayscale(image):
+        """A PIL image in grayscale ("L") mode."""
+        return image.convert("L")
 
     @staticmethod
     def blur(image, blur_factor: int = 4):

@@ -126,6 +126,7 @@ class SchedulerMixin(ConfigMixin):
     """
 
     config_name = SCHEDULER_CONFIG_NAME
+    has_compatibles = True
     order: int = 1
     accepts_eta: bool = False  # True where step() takes DDIM's eta
     init_noise_sigma: float | torch.Tensor = 1.0
@@ -145,7 +146,8 @@ class SchedulerMixin(ConfigMixin):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+        return_unused_kwargs: bool = False, **kwargs: Any
     ):
         """Load from a folder or hub repo holding ``scheduler_config.json`` (``subfolder="scheduler"`` for pipelines).
 
@@ -157,13 +159,13 @@ class SchedulerMixin(ConfigMixin):
         hub_kwargs = split_hub_kwargs(kwargs)
         params = set(cls._config_params())
         bad = sorted(k for k in kwargs if k not in params)
-        if bad:
+        if bad and not return_unused_kwargs:
             raise TypeError(
                 f"{cls.__name__}.from_pretrained got unknown argument(s) {bad}; config keys: {sorted(params)}"
             )
         data = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
         cls.extract_init_kwargs(data, warn_unknown=data.get("_class_name") == cls.__name__)  # warns only
-        return cls.from_config(data, **kwargs)
+        return cls.from_config(data, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
         """Write ``scheduler_config.json`` into ``save_directory`` (diffusers reads it); return its path."""
