@@ -107,6 +107,7 @@ ALLOWED: dict[str, str] = {
         "maybe_convert_prompt",
     )},
     "*.encode_prompt(lora_scale)": _LORA,
+    "*.load_lora_weights(hotswap)": "LoRA hotswapping into compiled models: " + _OUT_OF_SCOPE,
     # ---- owned by other work in progress -------------------------------------------------------------------------
     "*.enable_attention_slicing": _SLICING,
     "*.disable_attention_slicing": _SLICING,
