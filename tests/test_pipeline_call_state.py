@@ -166,3 +166,34 @@ def test_state_is_per_thread(t2i):
     assert seen["a"] == [(5.0, False)] * 4 and seen["b"] == [(9.0, True)]
     np.testing.assert_array_equal(results["a"], full)
     np.testing.assert_array_equal(results["b"], stopped)
+
+
+# diffusers' parameters a pipeline does not take, and ours it does not have (each explained in the class docstring)
+SIGNATURE_DIFFERENCES = {
+    "StableDiffusionPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"}, set()),
+    "StableDiffusionImg2ImgPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"}, {"guidance_rescale"}),
+    "StableDiffusionInpaintPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"}, {"guidance_rescale"}),
+    "StableDiffusionDepth2ImgPipeline": (set(), set()),
+    "StableDiffusionXLPipeline": (set(), set()),
+    "StableDiffusionXLImg2ImgPipeline": (set(), set()),
+    "StableDiffusionXLInpaintPipeline": (set(), set()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURE_DIFFERENCES))
+def test_call_signatures_are_diffusers(name):
+    """Signatures are data (pipelines/call_signatures.py): names, order and defaults are diffusers'."""
+    import inspect
+
+    ours = inspect.signature(getattr(diffusekit, name).__call__).parameters
+    theirs = {k: v for k, v in inspect.signature(getattr(diffusers, name).__call__).parameters.items()
+              if k != "kwargs"}
+    lacking, extra = SIGNATURE_DIFFERENCES[name]
+    assert set(theirs) - set(ours) == lacking and set(ours) - set(theirs) == extra
+    shared = [k for k in theirs if k in ours]
+    assert [k for k in ours if k in theirs] == shared  # same order: positional calls mean the same
+    for key in shared:
+        a, b = ours[key].default, theirs[key].default
+        assert (list(a) if isinstance(a, tuple) and isinstance(b, list) else a) == b, key
+    with pytest.raises(TypeError, match="no_such_argument"):
+        getattr(diffusekit, name).__call__(object.__new__(getattr(diffusekit, name)), no_such_argument=1)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..random import Generator, randn_tensor
-from .image_processor import VaeImageProcessor
+from .image_processor import VaeImageProcessor, check_output_type
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +252,38 @@ class LatentDiffusionMixin(PerCallStateMixin):
         w = torch.tensor(guidance_scale - 1).repeat(batch)
         return guidance_scale_embedding(w, dim).to(device, dtype)
 
+    # ------------------------------------------------------------------ the start of a call
+
+    def check_call(self, call) -> None:
+        """The argument checks of this pipeline class (each class says what it needs)."""
+
+    def encode_call(self, call, device: torch.device) -> tuple:
+        """The prompt embeddings of this pipeline family for ``call`` (``encode_prompt`` with the call's arguments)."""
+        raise NotImplementedError
+
+    def prepare_call(self, call) -> tuple[torch.device, Any, tuple]:
+        """What every call starts with: checks (``output_type`` normalised, :meth:`check_call`, callback tensor
+        names), this thread's per-call state, a private scheduler and the prompt embeddings. Returns
+        ``(device, scheduler, embeddings)``; ``call`` is a :class:`.call_signatures.Call`."""
+        call.output_type = check_output_type(call.output_type)
+        self.check_call(call)
+        self.check_callback_inputs(call.callback_on_step_end_tensor_inputs)
+        self.begin_call(guidance_scale=call.guidance_scale, guidance_rescale=call.get("guidance_rescale", 0.0),
+                        clip_skip=call.clip_skip, cross_attention_kwargs=call.cross_attention_kwargs,
+                        denoising_start=call.get("denoising_start"), denoising_end=call.get("denoising_end"))
+        device = self.device
+        return device, self._fresh_scheduler(), self.encode_call(call, device)
+
+    def denoise_call(self, call, scheduler, timesteps: torch.Tensor, tensors: dict[str, Any], batch: int,
+                     device: torch.device, **loop: Any) -> torch.Tensor:
+        """:meth:`denoise` with the call's sampling arguments (generator, eta, guidance embedding, callbacks)."""
+        return self.denoise(
+            scheduler, timesteps, tensors, generator=call.generator, eta=call.eta,
+            timestep_cond=self.guidance_condition(call.guidance_scale, batch, device, tensors["latents"].dtype),
+            callback_on_step_end=call.callback_on_step_end,
+            callback_on_step_end_tensor_inputs=call.callback_on_step_end_tensor_inputs, **loop,
+        )
+
     # ------------------------------------------------------------------ latents
 
     def prepare_latents(self, batch: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
@@ -423,6 +455,25 @@ class ImageToImageMixin:
         if isinstance(generator, (list, tuple)):  # each output image gets its own posterior sample
             return self.encode_vae_image(image.repeat_interleave(repeat, dim=0), generator).to(dtype)
         return self.encode_vae_image(image, generator).to(dtype).repeat_interleave(repeat, dim=0)
+
+    def check_image_call(self, call) -> None:
+        if call.image is None:
+            raise ValueError("image is required: the picture (or latents) to start from (PIL, numpy, torch, or a list)")
+        check_strength(call.strength)
+
+    def image_start(self, call, scheduler, pixels: torch.Tensor, batch: int, dtype: torch.dtype,
+                    device: torch.device, add_noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(timesteps to run, starting latents)`` of an image-to-image call: the ``strength`` (or
+        ``denoising_start``) schedule, and the image's latents noised to its first step (``call.latents`` when
+        given; not noised with ``add_noise=False``)."""
+        run, _ = set_strength_schedule(scheduler, call.num_inference_steps, call.strength, device,
+                                       call.get("timesteps"), call.get("sigmas"), call.get("denoising_start"))
+        latents = call.get("latents")
+        if latents is None:
+            latents = self.image_latents(pixels, batch, call.num_images_per_prompt, call.generator, dtype, device)
+            if add_noise:
+                latents, _ = self.noised_latents(scheduler, latents, run[:1], call.generator)
+        return run, latents
 
     def noised_latents(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor,
                        generator: Generator) -> tuple[torch.Tensor, torch.Tensor]:

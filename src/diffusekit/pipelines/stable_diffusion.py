@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..loaders.lora import StableDiffusionLoraLoaderMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
-from ..random import Generator
 from .base import DiffusionPipeline
+from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, call_signature
 from .pieces import LatentDiffusionMixin, custom_schedule, warn_truncation
 from .pieces import custom_schedule as _custom_schedule  # noqa: F401  (older name, imported elsewhere)
 from .pieces import guidance_scale_embedding, rescale_noise_cfg  # noqa: F401  (public here since 0.1)
-from .image_processor import check_output_type, postprocess
+from .image_processor import postprocess
 from ..outputs import BaseOutput
 from ..single_file.pipeline import FromSingleFileMixin
 
@@ -182,62 +182,34 @@ class StableDiffusionPipeline(TextualInversionLoaderMixin, StableDiffusionLoraLo
 
     # ------------------------------------------------------------------ call
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Generator = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-    ) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          num_inference_steps, num_images_per_prompt)
-        output_type = check_output_type(output_type)
-        self.check_callback_inputs(callback_on_step_end_tensor_inputs)
-        device = self.device
-        scheduler = self._fresh_scheduler()
-        self.begin_call(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
-                        cross_attention_kwargs=cross_attention_kwargs)
+    def encode_call(self, call, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.encode_prompt(call.prompt, device, call.num_images_per_prompt, self.do_classifier_free_guidance,
+                                  call.negative_prompt, call.prompt_embeds, call.negative_prompt_embeds, call.clip_skip)
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt, prompt_embeds,
-            negative_prompt_embeds, clip_skip,
-        )
-        scheduler.set_timesteps(None if (custom := custom_schedule(timesteps, sigmas)) else num_inference_steps,
-                                device=device, **custom)
+    def check_call(self, call) -> None:
+        self.check_inputs(call.prompt, call.height, call.width, call.negative_prompt, call.prompt_embeds,
+                          call.negative_prompt_embeds, call.num_inference_steps, call.num_images_per_prompt)
+
+    def output(self, call, images: Any, nsfw: list[bool] | None) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw) if call.return_dict else \
+            (images, nsfw)
+
+    @torch.no_grad()
+    @call_signature("prompt height width num_inference_steps timesteps sigmas guidance_scale negative_prompt "
+                    f"{SAMPLING} latents prompt_embeds negative_prompt_embeds {OUTPUT} guidance_rescale {CALLBACKS}")
+    def __call__(self, call) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
+        """Text-to-image (diffusers' signature): returns ``images`` and ``nsfw_content_detected``."""
+        call.height = call.height or self.unet.config.sample_size * self.vae_scale_factor
+        call.width = call.width or self.unet.config.sample_size * self.vae_scale_factor
+        device, scheduler, (prompt_embeds, negative_prompt_embeds) = self.prepare_call(call)
+        custom = custom_schedule(call.timesteps, call.sigmas)
+        scheduler.set_timesteps(None if custom else call.num_inference_steps, device=device, **custom)
         batch = prompt_embeds.shape[0]
-        latents = self.prepare_latents(batch, height, width, prompt_embeds.dtype, device, generator, latents,
-                                       scheduler.init_noise_sigma)
-        latents = self.denoise(
-            scheduler, scheduler.timesteps, self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds),
-            generator=generator, eta=eta,
-            timestep_cond=self.guidance_condition(guidance_scale, batch, device, latents.dtype),
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        images, nsfw = self.latents_to_images(latents, output_type)
-        if not return_dict:
-            return (images, nsfw)
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+        latents = self.prepare_latents(batch, call.height, call.width, prompt_embeds.dtype, device, call.generator,
+                                       call.latents, scheduler.init_noise_sigma)
+        latents = self.denoise_call(call, scheduler, scheduler.timesteps,
+                                    self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds), batch, device)
+        return self.output(call, *self.latents_to_images(latents, call.output_type))
 
     # ------------------------------------------------------------------ decoding
 

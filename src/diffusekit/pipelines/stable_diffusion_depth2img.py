@@ -16,15 +16,14 @@ swaps height and width there); numpy depth maps are accepted; both components ar
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..random import Generator
 from .base import ImagePipelineOutput
-from .image_processor import check_output_type
-from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline, check_strength, set_strength_schedule
+from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, call_signature
+from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
 
 _NEEDS_TRANSFORMERS = (
     "{name} is a transformers class (the depth estimator of StableDiffusionDepth2ImgPipeline): loading it needs "
@@ -149,57 +148,20 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
     # ------------------------------------------------------------------ call
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: Any = None,
-        depth_map: Any = None,
-        strength: float = 0.8,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Generator = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-    ) -> ImagePipelineOutput | tuple[Any]:
-        if image is None:
-            raise ValueError("image is required: the picture to start from (PIL, numpy, torch, or a list)")
-        check_strength(strength)
-        self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                 num_inference_steps, num_images_per_prompt)
-        self.check_callback_inputs(callback_on_step_end_tensor_inputs)
-        output_type = check_output_type(output_type)
-        pixels = self.image_processor.preprocess(image)
+    @call_signature("prompt image depth_map strength num_inference_steps guidance_scale negative_prompt "
+                    f"{SAMPLING} prompt_embeds negative_prompt_embeds {OUTPUT} {CALLBACKS}")
+    def __call__(self, call) -> ImagePipelineOutput | tuple[Any]:
+        """Depth-guided image-to-image (diffusers' signature)."""
+        device, scheduler, (prompt_embeds, negative_prompt_embeds) = self.prepare_call(call)
+        batch, dtype = prompt_embeds.shape[0], prompt_embeds.dtype
+        pixels = self.image_processor.preprocess(call.image)
         latent_size = tuple(pixels.shape[-2:]) if self._is_latents(pixels) else \
             tuple(s // self.vae_scale_factor for s in pixels.shape[-2:])
-        device = self.device
-        scheduler = self._fresh_scheduler()
-        self.begin_call(guidance_scale=guidance_scale, clip_skip=clip_skip,
-                        cross_attention_kwargs=cross_attention_kwargs)
-        cfg = self.do_classifier_free_guidance
-
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            clip_skip,
-        )
-        batch, dtype = prompt_embeds.shape[0], prompt_embeds.dtype
-        depth = self.prepare_depth_map(image, depth_map, latent_size, batch, num_images_per_prompt, cfg, dtype, device)
-        run, _ = set_strength_schedule(scheduler, num_inference_steps, strength, device)
-        latents = self.image_latents(pixels, batch, num_images_per_prompt, generator, dtype, device)
-        latents, _ = self.noised_latents(scheduler, latents, run[:1], generator)
-        latents = self.denoise(
-            scheduler, run, self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds, depth_mask=depth),
-            generator=generator, eta=eta, concat=("depth_mask",),
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        images, _ = self.latents_to_images(latents, output_type)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        depth = self.prepare_depth_map(call.image, call.depth_map, latent_size, batch, call.num_images_per_prompt,
+                                       self.do_classifier_free_guidance, dtype, device)
+        run, latents = self.image_start(call, scheduler, pixels, batch, dtype, device)
+        latents = self.denoise_call(call, scheduler, run,
+                                    self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds, depth_mask=depth),
+                                    batch, device, concat=("depth_mask",))
+        images, _ = self.latents_to_images(latents, call.output_type)
+        return ImagePipelineOutput(images=images) if call.return_dict else (images,)

@@ -22,12 +22,11 @@ Differences from diffusers, on purpose:
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from ..random import Generator
-from .image_processor import check_output_type
+from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, call_signature
 from .pieces import ImageToImageMixin, check_strength, set_strength_schedule
 from .stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
 
@@ -45,60 +44,20 @@ class StableDiffusionImg2ImgPipeline(ImageToImageMixin, StableDiffusionPipeline)
 
     # ------------------------------------------------------------------ call
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: Any = None,
-        strength: float = 0.8,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Generator = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-    ) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
-        """Run ``int(num_inference_steps * strength)`` steps (at least 1) from ``image``; see the module docstring."""
-        if image is None:
-            raise ValueError("image is required: the picture to start from (PIL, numpy, torch, or a list)")
-        check_strength(strength)
-        self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                 num_inference_steps, num_images_per_prompt)
-        self.check_callback_inputs(callback_on_step_end_tensor_inputs)
-        output_type = check_output_type(output_type)
-        image = self.image_processor.preprocess(image)
-        device = self.device
-        scheduler = self._fresh_scheduler()
-        self.begin_call(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
-                        cross_attention_kwargs=cross_attention_kwargs)
+    def check_call(self, call) -> None:
+        self.check_image_call(call)
+        self.check_prompt_inputs(call.prompt, call.negative_prompt, call.prompt_embeds, call.negative_prompt_embeds,
+                                 call.num_inference_steps, call.num_images_per_prompt)
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt, prompt_embeds,
-            negative_prompt_embeds, clip_skip,
-        )
+    @torch.no_grad()
+    @call_signature("prompt image strength num_inference_steps timesteps sigmas guidance_scale negative_prompt "
+                    f"{SAMPLING} prompt_embeds negative_prompt_embeds {OUTPUT} guidance_rescale {CALLBACKS}")
+    def __call__(self, call) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
+        """Run ``int(num_inference_steps * strength)`` steps (at least 1) from ``image``; see the module docstring."""
+        device, scheduler, (prompt_embeds, negative_prompt_embeds) = self.prepare_call(call)
         batch = prompt_embeds.shape[0]
-        run, _ = set_strength_schedule(scheduler, num_inference_steps, strength, device, timesteps, sigmas)
-        latents = self.image_latents(image, batch, num_images_per_prompt, generator, prompt_embeds.dtype, device)
-        latents, _ = self.noised_latents(scheduler, latents, run[:1], generator)
-        latents = self.denoise(
-            scheduler, run, self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds),
-            generator=generator, eta=eta,
-            timestep_cond=self.guidance_condition(guidance_scale, batch, device, latents.dtype),
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        images, nsfw = self.latents_to_images(latents, output_type)
-        if not return_dict:
-            return (images, nsfw)
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+        pixels = self.image_processor.preprocess(call.image)
+        run, latents = self.image_start(call, scheduler, pixels, batch, prompt_embeds.dtype, device)
+        latents = self.denoise_call(call, scheduler, run,
+                                    self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds), batch, device)
+        return self.output(call, *self.latents_to_images(latents, call.output_type))

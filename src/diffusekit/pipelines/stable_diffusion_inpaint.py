@@ -19,14 +19,16 @@ Differences from diffusers, on purpose (besides those of image-to-image):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from ..random import Generator, randn_tensor
-from .image_processor import VaeImageProcessor, _is_pil, check_output_type, image_kind, image_size
+from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, call_signature
+from .image_processor import VaeImageProcessor, _is_pil, image_kind, image_size
+from .pieces import check_strength, cut_at_denoising_end, set_strength_schedule
 from .stable_diffusion import StableDiffusionPipelineOutput
-from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline, check_strength, set_strength_schedule
+from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
 
 
 class InpaintMixin:
@@ -159,6 +161,42 @@ class InpaintMixin:
         return after_step
 
 
+    def check_inpaint_call(self, call) -> None:
+        """Sizes (default: the UNet's sample size), image / mask / strength checks, and the UNet kind."""
+        call.height = call.height or self.unet.config.sample_size * self.vae_scale_factor
+        call.width = call.width or self.unet.config.sample_size * self.vae_scale_factor
+        self.check_inpaint_inputs(call.image, call.mask_image, call.height, call.width, call.padding_mask_crop,
+                                  call.output_type, call.masked_image_latents)
+        check_strength(call.strength)
+        self._unet_kind()
+
+    def inpaint_start(self, call, scheduler, batch: int, dtype: torch.dtype,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict, Any]:
+        """``(timesteps, starting latents, loop tensors (mask, masked_image_latents), loop keywords, crop box)``."""
+        unet_kind = self._unet_kind()
+        run, _ = set_strength_schedule(scheduler, call.num_inference_steps, call.strength, device, call.timesteps,
+                                       call.sigmas, call.get("denoising_start"))
+        init_image, mask, crop = self.inpaint_pixels(call.image, call.mask_image, call.height, call.width,
+                                                     call.padding_mask_crop)
+        latents, noise, image_latents = self.inpaint_latents(
+            scheduler, run, init_image, call.latents, batch, call.num_images_per_prompt, call.generator, dtype,
+            device, call.height, call.width, from_noise=call.strength == 1.0, need_image_latents=unet_kind == 4,
+            add_noise=call.get("denoising_start") is None,
+        )
+        mask, masked = self.mask_latents(init_image, mask, call.masked_image_latents, latents.shape[2:], batch,
+                                         call.num_images_per_prompt, call.generator, dtype, device)
+        run = cut_at_denoising_end(scheduler, run, call.get("denoising_end"))
+        loop = {"concat": ("mask", "masked_image_latents") if unet_kind == 9 else (),
+                "after_step": self.keep_unmasked(scheduler, run, image_latents, noise) if unet_kind == 4 else None}
+        return run, latents, {"mask": mask, "masked_image_latents": masked}, loop, crop
+
+    def paste_back(self, call, images: Any, crop: Any) -> Any:
+        """With ``padding_mask_crop``: the repainted crop pasted back into the original picture."""
+        if crop is None:
+            return images
+        return [self.image_processor.apply_overlay(call.mask_image, call.image, im, crop) for im in images]
+
+
 class StableDiffusionInpaintPipeline(InpaintMixin, StableDiffusionImg2ImgPipeline):
     """``pipe(prompt, image=..., mask_image=...).images``: text-guided inpainting (white in the mask = repaint).
 
@@ -173,81 +211,25 @@ class StableDiffusionInpaintPipeline(InpaintMixin, StableDiffusionImg2ImgPipelin
 
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: Any = None,
-        mask_image: Any = None,
-        masked_image_latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        padding_mask_crop: int | None = None,
-        strength: float = 1.0,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Generator = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-    ) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
-        factor = self.vae_scale_factor
-        height = height or self.unet.config.sample_size * factor
-        width = width or self.unet.config.sample_size * factor
-        output_type = check_output_type(output_type)
-        self.check_inpaint_inputs(image, mask_image, height, width, padding_mask_crop, output_type,
-                                  masked_image_latents)
-        check_strength(strength)
-        self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                 num_inference_steps, num_images_per_prompt)
-        self.check_callback_inputs(callback_on_step_end_tensor_inputs)
-        unet_kind = self._unet_kind()
-        device = self.device
-        scheduler = self._fresh_scheduler()
-        self.begin_call(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
-                        cross_attention_kwargs=cross_attention_kwargs)
+    def check_call(self, call) -> None:
+        self.check_inpaint_call(call)
+        self.check_prompt_inputs(call.prompt, call.negative_prompt, call.prompt_embeds, call.negative_prompt_embeds,
+                                 call.num_inference_steps, call.num_images_per_prompt)
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt, prompt_embeds,
-            negative_prompt_embeds, clip_skip,
-        )
-        batch, dtype = prompt_embeds.shape[0], prompt_embeds.dtype
-        run, _ = set_strength_schedule(scheduler, num_inference_steps, strength, device, timesteps, sigmas)
-        init_image, mask, crop = self.inpaint_pixels(image, mask_image, height, width, padding_mask_crop)
-        latents, noise, image_latents = self.inpaint_latents(
-            scheduler, run, init_image, latents, batch, num_images_per_prompt, generator, dtype, device,
-            height, width, from_noise=strength == 1.0, need_image_latents=unet_kind == 4,
-        )
-        mask, masked = self.mask_latents(init_image, mask, masked_image_latents, latents.shape[2:], batch,
-                                         num_images_per_prompt, generator, dtype, device)
-        latents = self.denoise(
-            scheduler, run,
-            self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds, mask=mask, masked_image_latents=masked),
-            generator=generator, eta=eta,
-            timestep_cond=self.guidance_condition(guidance_scale, batch, device, latents.dtype),
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            concat=("mask", "masked_image_latents") if unet_kind == 9 else (),
-            after_step=self.keep_unmasked(scheduler, run, image_latents, noise) if unet_kind == 4 else None,
-        )
-        images, nsfw = self.latents_to_images(latents, output_type)
-        if crop is not None:
-            images = [self.image_processor.apply_overlay(mask_image, image, im, crop) for im in images]
-        if not return_dict:
-            return (images, nsfw)
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+    @torch.no_grad()
+    @call_signature("prompt image mask_image masked_image_latents height width padding_mask_crop strength=1.0 "
+                    "num_inference_steps timesteps sigmas guidance_scale negative_prompt "
+                    f"{SAMPLING} latents prompt_embeds negative_prompt_embeds {OUTPUT} guidance_rescale {CALLBACKS}")
+    def __call__(self, call) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
+        """Inpainting (diffusers' signature): white in ``mask_image`` is repainted."""
+        device, scheduler, (prompt_embeds, negative_prompt_embeds) = self.prepare_call(call)
+        batch = prompt_embeds.shape[0]
+        run, latents, extras, loop, crop = self.inpaint_start(call, scheduler, batch, prompt_embeds.dtype, device)
+        latents = self.denoise_call(call, scheduler, run,
+                                    self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds, **extras),
+                                    batch, device, **loop)
+        images, nsfw = self.latents_to_images(latents, call.output_type)
+        return self.output(call, self.paste_back(call, images, crop), nsfw)
 
 
 def _mask_channels(mask) -> int:

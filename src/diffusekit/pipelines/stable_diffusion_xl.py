@@ -30,20 +30,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..outputs import BaseOutput
-from ..random import Generator
 from .base import DiffusionPipeline
-from .image_processor import check_output_type, postprocess
-from .pieces import (LatentDiffusionMixin, check_denoising_fractions, check_strength, custom_schedule,
-                     cut_at_denoising_end, warn_truncation)
+from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, XL_EMBEDS, XL_SIZES, call_signature
+from .image_processor import postprocess
+from .pieces import LatentDiffusionMixin, check_denoising_fractions, custom_schedule, cut_at_denoising_end, \
+    warn_truncation
 
 logger = logging.getLogger(__name__)
 
 Size = tuple[int, int]
+#: the UNet's ``added_cond_kwargs`` names -> the loop's tensors
+ADDED_COND = {"text_embeds": "add_text_embeds", "time_ids": "add_time_ids"}
 
 
 @dataclasses.dataclass
@@ -168,43 +170,69 @@ class XLPromptEncodingMixin:
             add_time_ids = torch.cat([self.time_ids(negative_ids, pooled, pooled.dtype).repeat(batch, 1), add_time_ids])
         return {"add_text_embeds": pooled.to(device), "add_time_ids": add_time_ids.to(device)}
 
-    def check_xl_inputs(self, prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
-                        negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-                        num_inference_steps, num_images_per_prompt, denoising_start=None, denoising_end=None,
-                        ip_adapter_image=None, ip_adapter_image_embeds=None) -> None:
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+    def check_call(self, call) -> None:
+        """SDXL's argument checks (``call``: the call's arguments by name)."""
+        if call.get("ip_adapter_image") is not None or call.get("ip_adapter_image_embeds") is not None:
             raise NotImplementedError("IP-Adapter (ip_adapter_image / ip_adapter_image_embeds) is not implemented "
                                       "by diffusekit")
+        height, width = call.get("height"), call.get("width")
         if height is not None and (height % 8 or width % 8):
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
-        if (prompt is None) == (prompt_embeds is None):
+        prompt_embeds, negative_prompt_embeds = call.prompt_embeds, call.negative_prompt_embeds
+        if (call.prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of prompt and prompt_embeds")
-        for name, value in (("prompt", prompt), ("prompt_2", prompt_2), ("negative_prompt", negative_prompt),
-                            ("negative_prompt_2", negative_prompt_2)):
+        for name in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
+            value = call.get(name)
             if value is not None and not (isinstance(value, str) or (isinstance(value, (list, tuple)) and value and
                                                                      all(isinstance(p, str) for p in value))):
                 raise TypeError(f"{name} must be a str or a non-empty list of str, got {value!r}")
-        if prompt_2 is not None and prompt_embeds is not None:
+        if call.prompt_2 is not None and prompt_embeds is not None:
             raise ValueError("pass at most one of prompt_2 and prompt_embeds")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
+        if prompt_embeds is not None and call.pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds needs pooled_prompt_embeds too (both come from encode_prompt)")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+        if negative_prompt_embeds is not None and call.negative_pooled_prompt_embeds is None:
             raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too (both come from "
                              "encode_prompt)")
-        if negative_prompt_embeds is not None and (negative_prompt is not None or negative_prompt_2 is not None):
+        if negative_prompt_embeds is not None and (call.negative_prompt, call.negative_prompt_2) != (None, None):
             raise ValueError("pass either negative_prompt(_2) or negative_prompt_embeds, not both")
         if prompt_embeds is not None and negative_prompt_embeds is not None and \
                 prompt_embeds.shape != negative_prompt_embeds.shape:
             raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                              f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
-        for name, value in (("num_inference_steps", num_inference_steps),
-                            ("num_images_per_prompt", num_images_per_prompt)):
+        for name in ("num_inference_steps", "num_images_per_prompt"):
+            value = call.get(name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        check_denoising_fractions(denoising_start, denoising_end)
+        check_denoising_fractions(call.get("denoising_start"), call.denoising_end)
         if not self._encoders() and prompt_embeds is None:
             raise ValueError(f"{type(self).__name__} has no text encoder: pass prompt_embeds and pooled_prompt_embeds")
 
+    def encode_call(self, call, device: torch.device) -> tuple:
+        return self.encode_prompt(
+            call.prompt, call.prompt_2, device, call.num_images_per_prompt, self.do_classifier_free_guidance,
+            call.negative_prompt, call.negative_prompt_2, call.prompt_embeds, call.negative_prompt_embeds,
+            call.pooled_prompt_embeds, call.negative_pooled_prompt_embeds, clip_skip=call.clip_skip,
+        )
+
+    def time_id_pairs(self, call, height: int, width: int) -> tuple[tuple, tuple]:
+        """(time ids, negative time ids) of text-to-image: original size, crop top-left, target size; the
+        negative ones only when both negative sizes are given (else the positive ones), as in diffusers."""
+        size = (height, width)
+        ids = (*_size(call.original_size, "original_size", size),
+               *_size(call.crops_coords_top_left, "crops_coords_top_left", (0, 0)),
+               *_size(call.target_size, "target_size", size))
+        if call.negative_original_size is None or call.negative_target_size is None:
+            return ids, ids
+        return ids, (*_size(call.negative_original_size, "negative_original_size", size),
+                     *_size(call.negative_crops_coords_top_left, "negative_crops_coords_top_left", (0, 0)),
+                     *_size(call.negative_target_size, "negative_target_size", size))
+
+    def call_conditioning(self, call, pooled: torch.Tensor, negative_pooled: torch.Tensor | None, batch: int,
+                          latents: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """The loop's ``add_text_embeds`` / ``add_time_ids`` for ``call`` (sizes from the latents' size)."""
+        ids, negative_ids = self.time_id_pairs(call, latents.shape[-2] * self.vae_scale_factor,
+                                               latents.shape[-1] * self.vae_scale_factor)
+        return self.size_conditioning(pooled, negative_pooled, ids, negative_ids, batch, device)
 
 def _size(value: Any, name: str, default: Size) -> tuple[int, ...]:
     if value is None:
@@ -249,104 +277,30 @@ class StableDiffusionXLPipeline(XLPromptEncodingMixin, LatentDiffusionMixin, Dif
             return latents
         return postprocess(self.decode_latents(latents), output_type)
 
-    def _prepare_call(self, prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
-                      negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-                      num_inference_steps, num_images_per_prompt,
-                      denoising_start, denoising_end, ip_adapter_image, ip_adapter_image_embeds, output_type,
-                      callback_on_step_end_tensor_inputs, clip_skip, height=None, width=None, strength=None,
-                      **state):
-        """The checks, per-call state and prompt encoding every SDXL pipeline starts with; returns
-        ``(output_type, device, scheduler, (prompt_embeds, negative_prompt_embeds, pooled, negative_pooled))``."""
-        if strength is not None:
-            check_strength(strength)
-        self.check_xl_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
-                             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-                             num_inference_steps, num_images_per_prompt, denoising_start, denoising_end,
-                             ip_adapter_image, ip_adapter_image_embeds)
-        output_type = check_output_type(output_type)
-        self.check_callback_inputs(callback_on_step_end_tensor_inputs)
-        device = self.device
-        self.begin_call(clip_skip=clip_skip, denoising_start=denoising_start, denoising_end=denoising_end, **state)
-        embeds = self.encode_prompt(
-            prompt, prompt_2, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-            negative_pooled_prompt_embeds, clip_skip=clip_skip,
-        )
-        return output_type, device, self._fresh_scheduler(), embeds
+    def output(self, call, images: Any) -> StableDiffusionXLPipelineOutput | tuple[Any]:
+        return StableDiffusionXLPipelineOutput(images=images) if call.return_dict else (images,)
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        denoising_end: float | None = None,
-        guidance_scale: float = 5.0,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Generator = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: Any = None,
-        ip_adapter_image_embeds: Any = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_rescale: float = 0.0,
-        original_size: Size | None = None,
-        crops_coords_top_left: Size = (0, 0),
-        target_size: Size | None = None,
-        negative_original_size: Size | None = None,
-        negative_crops_coords_top_left: Size = (0, 0),
-        negative_target_size: Size | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-    ) -> StableDiffusionXLPipelineOutput | tuple[Any]:
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
-        output_type, device, scheduler, embeds = self._prepare_call(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
-            pooled_prompt_embeds, negative_pooled_prompt_embeds, num_inference_steps, num_images_per_prompt, None,
-            denoising_end, ip_adapter_image, ip_adapter_image_embeds, output_type, callback_on_step_end_tensor_inputs,
-            clip_skip, height=height, width=width, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            cross_attention_kwargs=cross_attention_kwargs,
-        )
-        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = embeds
-        scheduler.set_timesteps(None if (custom := custom_schedule(timesteps, sigmas)) else num_inference_steps,
-                                device=device, **custom)
+    @call_signature("prompt prompt_2 height width num_inference_steps timesteps sigmas denoising_end "
+                    f"guidance_scale=5.0 negative_prompt negative_prompt_2 {SAMPLING} latents {XL_EMBEDS} {OUTPUT} "
+                    f"guidance_rescale {XL_SIZES} {CALLBACKS}")
+    def __call__(self, call) -> StableDiffusionXLPipelineOutput | tuple[Any]:
+        """SDXL text-to-image (diffusers' signature); ``denoising_end`` stops early for a refiner to take over."""
+        call.height = call.height or self.default_sample_size * self.vae_scale_factor
+        call.width = call.width or self.default_sample_size * self.vae_scale_factor
+        device, scheduler, (prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) = self.prepare_call(call)
+        custom = custom_schedule(call.timesteps, call.sigmas)
+        scheduler.set_timesteps(None if custom else call.num_inference_steps, device=device, **custom)
         batch = prompt_embeds.shape[0]
-        latents = self.prepare_latents(batch, height, width, prompt_embeds.dtype, device, generator, latents,
-                                       scheduler.init_noise_sigma)
-        size = (height, width)
-        ids = (*_size(original_size, "original_size", size), *_size(crops_coords_top_left, "crops_coords_top_left",
-                                                                    (0, 0)), *_size(target_size, "target_size", size))
-        negative_ids = ids
-        if negative_original_size is not None and negative_target_size is not None:
-            negative_ids = (*_size(negative_original_size, "negative_original_size", size),
-                            *_size(negative_crops_coords_top_left, "negative_crops_coords_top_left", (0, 0)),
-                            *_size(negative_target_size, "negative_target_size", size))
-        extras = self.size_conditioning(pooled, negative_pooled, ids, negative_ids, batch, device)
-        latents = self.denoise(
-            scheduler, cut_at_denoising_end(scheduler, scheduler.timesteps, denoising_end),
-            self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds, **extras),
-            generator=generator, eta=eta,
-            timestep_cond=self.guidance_condition(guidance_scale, batch, device, latents.dtype),
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            added_cond={"text_embeds": "add_text_embeds", "time_ids": "add_time_ids"},
+        latents = self.prepare_latents(batch, call.height, call.width, prompt_embeds.dtype, device, call.generator,
+                                       call.latents, scheduler.init_noise_sigma)
+        extras = self.call_conditioning(call, pooled, negative_pooled, batch, latents, device)
+        latents = self.denoise_call(
+            call, scheduler, cut_at_denoising_end(scheduler, scheduler.timesteps, call.denoising_end),
+            self.loop_tensors(latents, prompt_embeds, negative_prompt_embeds, **extras), batch, device,
+            added_cond=ADDED_COND,
         )
-        images = self.latents_to_images(latents, output_type)
-        return StableDiffusionXLPipelineOutput(images=images) if return_dict else (images,)
+        return self.output(call, self.latents_to_images(latents, call.output_type))
 
 
 def _refuse_extras(image_encoder: Any, add_watermarker: bool | None) -> None:
