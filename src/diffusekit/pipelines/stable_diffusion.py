@@ -20,7 +20,6 @@ from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from .base import DiffusionPipeline
 from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, call_signature
 from .pieces import LatentDiffusionMixin, custom_schedule, warn_truncation
-from .pieces import custom_schedule as _custom_schedule  # noqa: F401  (older name, imported elsewhere)
 from .pieces import guidance_scale_embedding, rescale_noise_cfg  # noqa: F401  (public here since 0.1)
 from .image_processor import postprocess
 from ..outputs import BaseOutput

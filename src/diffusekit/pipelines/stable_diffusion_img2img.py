@@ -21,7 +21,6 @@ Differences from diffusers, on purpose:
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch

@@ -234,6 +234,7 @@ class XLPromptEncodingMixin:
                                                latents.shape[-1] * self.vae_scale_factor)
         return self.size_conditioning(pooled, negative_pooled, ids, negative_ids, batch, device)
 
+
 def _size(value: Any, name: str, default: Size) -> tuple[int, ...]:
     if value is None:
         return tuple(default)
