@@ -275,6 +275,9 @@ def test_inpainting_nine_channel_checkpoint(tmp_path):
     from diffusekit.single_file import infer
 
     assert infer.detect_family({k: tuple(v.shape) for k, v in load_file(path).items()}) == "inpainting"
+    from diffusekit.single_file.convert import load_any
+
+    assert type(load_any(path, config=folder)).__name__ == "StableDiffusionInpaintPipeline"
 
 
 def test_img2img_from_single_file(v1):
@@ -367,23 +370,29 @@ def test_ema_weights(v1, tmp_path):
 # ---------------------------------------------------------------------------------------------------- inference
 
 
-def _tiny_sd_conventions(root, v2=False):
+def _tiny_sd_conventions(root, v2=False, vocab_size=1000):
     """Tiny models that keep what SD's weights do not show: 32 norm groups, 8 heads (SD 1.x) or 64-wide heads
     (SD 2.x), CLIP's 64-wide text heads."""
     unet = dict(block_out_channels=(64, 128), norm_num_groups=32, cross_attention_dim=64,
                 attention_head_dim=(1, 2) if v2 else 8, use_linear_projection=v2, upcast_attention=v2)
     return build_tiny_sd(root, vae_overrides=dict(block_out_channels=(32, 64), norm_num_groups=32),
                          text_overrides=dict(hidden_size=64, num_attention_heads=1, projection_dim=64,
-                                             hidden_act="gelu" if v2 else "quick_gelu"),
+                                             hidden_act="gelu" if v2 else "quick_gelu", vocab_size=vocab_size),
                          **unet)
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 def test_architecture_inferred_without_config(tmp_path, v2):
-    folder = _tiny_sd_conventions(tmp_path / "folder", v2)
+    # the SD 2.x model has CLIP's 49408-token vocabulary: its tokenizer comes from the one diffusekit ships
+    folder = _tiny_sd_conventions(tmp_path / "folder", v2, vocab_size=49408 if v2 else 1000)
     path = reference_file(folder, tmp_path / "model.safetensors", open_clip=v2)
-    tokenizer = diffusekit.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    pipe = diffusekit.StableDiffusionPipeline.from_single_file(path, tokenizer=tokenizer)
+    if v2:
+        pipe = diffusekit.StableDiffusionPipeline.from_single_file(path)
+        assert pipe.tokenizer.pad_token == "!" and pipe.tokenizer.model_max_length == 77  # SD 2.x's tokenizer
+        assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    else:
+        tokenizer = diffusekit.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        pipe = diffusekit.StableDiffusionPipeline.from_single_file(path, tokenizer=tokenizer)
     ref = diffusekit.StableDiffusionPipeline.from_pretrained(folder)
     for name in ("unet", "vae", "text_encoder"):
         got, want = getattr(pipe, name).config, getattr(ref, name).config
@@ -397,9 +406,9 @@ def test_architecture_inferred_without_config(tmp_path, v2):
     assert pipe.scheduler.config.prediction_type == ("v_prediction" if v2 else "epsilon")
     assert type(pipe.scheduler).__name__ == ("DDIMScheduler" if v2 else "PNDMScheduler")
     assert pipe.unet.config.upcast_attention is v2
-    # a 1000-token text encoder is not CLIP's: without config= the tokenizer must be passed
-    with pytest.raises(ValueError, match="tokenizer="):
-        diffusekit.StableDiffusionPipeline.from_single_file(path)
+    if not v2:  # a 1000-token text encoder is not CLIP's: without config= the tokenizer must be passed
+        with pytest.raises(ValueError, match="tokenizer="):
+            diffusekit.StableDiffusionPipeline.from_single_file(path)
 
 
 def test_original_config_yaml(tmp_path):
@@ -536,3 +545,35 @@ def test_wrong_model_names_file_and_key(v1, tmp_path):
         diffusekit.StableDiffusionPipeline.from_single_file(tmp_path / "xl.safetensors")
     with pytest.raises(FileNotFoundError):
         diffusekit.StableDiffusionPipeline.from_single_file(tmp_path / "nope.safetensors")
+    # a LoRA file is named as one
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 16)},
+              tmp_path / "lora.safetensors")
+    with pytest.raises(ValueError, match=r"lora\.safetensors holds no UNet.*LoRA.*load_lora_weights"):
+        diffusekit.StableDiffusionPipeline.from_single_file(tmp_path / "lora.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_convert_both_ways(v1, tmp_path):
+    from diffusekit.__main__ import main
+
+    folder, path = v1
+    assert main(["convert", str(path), str(tmp_path / "out"), "--config", str(folder)]) == 0
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["requires_safety_checker"] is False
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "out")  # diffusers reads the folder
+    ours = diffusekit.StableDiffusionPipeline.from_pretrained(folder)
+    _same_models(ours, ref)
+    # back to one file, in float16: the reference file's tensors
+    assert main(["convert", str(tmp_path / "out"), str(tmp_path / "back.safetensors"), "--half"]) == 0
+    back, ref_file = load_file(tmp_path / "back.safetensors"), load_file(path)
+    assert all(back[k].dtype == torch.float16 and torch.equal(back[k], ref_file[k].half()) for k in back)
+    # a file to a file: .ckpt -> .safetensors
+    assert main(["convert", str(tmp_path / "back.safetensors"), str(tmp_path / "again.ckpt"), "--config",
+                 str(folder)]) == 0
+    assert torch.load(tmp_path / "again.ckpt", weights_only=True)["state_dict"].keys() == back.keys()
+    # nothing is overwritten by accident, and errors are one line on stderr
+    assert main(["convert", str(path), str(tmp_path / "out"), "--config", str(folder)]) == 2
+    assert main(["convert", str(path), str(tmp_path / "out"), "--config", str(folder), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging leftovers

@@ -8,6 +8,7 @@
   eval ...                             measure sample quality (diffusekit train --help, diffusekit eval --help)
   serve [--models DIR] [--port 7860]   HTTP server: A1111-compatible API, job API, web page (diffusekit[serve])
   batch JOBS.jsonl --model M --out DIR one PNG per JSON-lines job + manifest.jsonl, resumable; --ray for a cluster
+  convert SRC DST                      single-file checkpoint (.safetensors/.ckpt) <-> diffusers folder
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "serve": "serve",
     "batch": "batch",
+    "convert": "convert",
 }
 
 

@@ -19,7 +19,7 @@ from ..hub import resolve_file, split_hub_kwargs
 from . import infer, keymaps
 from .checkpoint import SingleFile, write_single_file
 from .infer import SingleFileError
-from .loading import CLIP_VOCAB_FOLDER, FromOriginalModelMixin, component_state_dict, load_component
+from .loading import CLIP_VOCAB_FOLDER, FromOriginalModelMixin, component_state_dict, load_component, locate
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class FromSingleFileMixin:
             SingleFile(pretrained_model_link_or_path, **hub)
         family = infer.detect_family(ckpt.shapes, ckpt.extras)
         infer.family_defaults(family)  # refuses SDXL with a clear message
+        if "unet" not in passed:
+            locate("unet", ckpt)  # a file without a UNet (a LoRA, a VAE ...) is named as such first
         index: dict[str, Any] = {}
         if config is not None:
             index = read_json(resolve_file(config, "model_index.json", **hub), what="pipeline index")
