@@ -29,13 +29,69 @@ def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     shutil.copytree(BUNDLED_DIR / DDPM, root / "my-ddpm")
     (root / "Lora").mkdir()
-    (root / "Lora" / "red-style.safetensors").write_bytes(b"")
+    _random_lora(root / "Lora" / "redder.safetensors")
     (root / "embeddings").mkdir()
-    (root / "embeddings" / "fancy.pt").write_bytes(b"")
+    (root / "embeddings" / "broken.pt").write_bytes(b"")  # listed as skipped, as A1111 does
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+              root / "embeddings" / "glowstyle9.safetensors")  # A1111's embedding format, 2 vectors
     outside = tmp_path_factory.mktemp("outside")
     shutil.copytree(BUNDLED_DIR / DDPM, outside / "secret")
     (root / "linked").symlink_to(outside / "secret")  # a link out of the folder must not be served
+    _tiny_single_file(root / SINGLE)
     return root
+
+
+SINGLE = "tiny-sd.safetensors"
+LORA_PATHS = ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v", "up_blocks.1.resnets.0.conv1")
+
+
+def _random_lora(path):
+    """A random kohya-format LoRA for two layers of the bundled SD UNet (a Linear and a 3x3 conv)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffusekit import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(SD, subfolder="unet")
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module_path in LORA_PATHS:
+        module = unet.get_submodule(module_path)
+        name = "lora_unet_" + module_path.replace(".", "_")
+        if isinstance(module, torch.nn.Conv2d):
+            down = torch.randn(4, module.in_channels, *module.kernel_size, generator=generator) * 0.5
+            up = torch.randn(module.out_channels, 4, 1, 1, generator=generator) * 0.5
+        else:
+            down = torch.randn(4, module.in_features, generator=generator) * 0.5
+            up = torch.randn(module.out_features, 4, generator=generator) * 0.5
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
+        tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, path)
+
+
+def _tiny_single_file(path):
+    """A random-weight SD 1.x checkpoint in the original single-file layout, small but with an architecture that
+    from_single_file infers from the shapes (channels in multiples of 32, CLIP's vocabulary size)."""
+    import torch
+
+    from diffusekit import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, DiffusionPipeline,
+                            StableDiffusionPipeline, UNet2DConditionModel)
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, layers_per_block=1, sample_size=16,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77))
+    bundled = DiffusionPipeline.from_pretrained(SD)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=bundled.tokenizer, unet=unet,
+                            scheduler=bundled.scheduler, requires_safety_checker=False).save_single_file(path)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +223,7 @@ def test_progress_preview_and_interrupt(server, api):
 
 def test_models_listing_and_switching(server, api, models_dir):
     names = api.util_get_model_names()
-    assert names == sorted([SD, DDPM, "my-ddpm"])  # "linked" points outside the folder: not served
+    assert names == sorted([SD, DDPM, "my-ddpm", SINGLE])  # "linked" points outside the folder: not served
     assert api.util_get_current_model() == SD
     api.util_set_model("my-ddpm")
     assert api.util_get_current_model() == "my-ddpm"
@@ -202,9 +258,10 @@ def test_png_info_samplers_schedulers_loras_embeddings(api):
     for name in samplers:
         resolve_sampler(name)
     assert {"automatic", "karras", "exponential"} <= set(api.util_get_scheduler_names())
-    assert api.get_loras() == [{"name": "red-style", "alias": "red-style", "path": "Lora/red-style.safetensors",
+    assert api.get_loras() == [{"name": "redder", "alias": "redder", "path": "Lora/redder.safetensors",
                                 "metadata": {}}]
-    assert set(api.get_embeddings()["skipped"]) == {"fancy"}
+    embeddings = api.get_embeddings()
+    assert set(embeddings["loaded"]) == {"glowstyle9"} and set(embeddings["skipped"]) == {"broken"}
 
 
 def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, api):
@@ -230,3 +287,49 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, api):
     info = json.loads(requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 32,
                                                                      "height": 32}, timeout=60).json()["info"])
     assert info["sampler_name"] == "Euler"  # A1111's API default sampler
+
+
+def test_single_file_checkpoint_is_served(api, models_dir):
+    from diffusekit import StableDiffusionPipeline
+    from diffusekit.infotext import model_hash
+
+    result = api.txt2img(prompt=PROMPT, seed=4, steps=3, width=32, height=32, cfg_scale=4, sampler_name="Euler",
+                         override_settings={"sd_model_checkpoint": SINGLE})
+    pipe = StableDiffusionPipeline.from_single_file(models_dir / SINGLE, requires_safety_checker=False)
+    direct = _direct(pipe, "StableDiffusionPipeline", "Euler", [4], prompt=[PROMPT], num_inference_steps=3,
+                     guidance_scale=4.0, height=32, width=32)
+    _same(result.image, direct[0])
+    assert result.info["sd_model_name"] == SINGLE
+    assert result.info["sd_model_hash"] == model_hash(models_dir / SINGLE)  # A1111's hash of the file
+
+
+def test_lora_tags_and_a1111_prompt_syntax(server, api, sd_pipe, models_dir):
+    import requests
+
+    from diffusekit import DiffusionPipeline
+    from diffusekit.prompts import encode_prompt_a1111
+
+    common = dict(seed=5, steps=3, width=32, height=32, cfg_scale=4, sampler_name="Euler")
+    styled = api.txt2img(prompt=f"{PROMPT} <lora:redder:0.8>", **common)
+    pipe = DiffusionPipeline.from_pretrained(SD)
+    pipe.load_lora_weights(str(models_dir / "Lora" / "redder.safetensors"), adapter_name="redder")
+    pipe.set_adapters(["redder"], [0.8])
+    want = _direct(pipe, "StableDiffusionPipeline", "Euler", [5], prompt=[PROMPT], num_inference_steps=3,
+                   guidance_scale=4.0, height=32, width=32)[0]
+    _same(styled.image, want)
+    text = styled.info["infotexts"][0]
+    assert text.startswith(f"{PROMPT} <lora:redder:0.8>\n") and 'Lora hashes: "redder: ' in text
+    plain = api.txt2img(prompt=PROMPT, **common)  # no tag: the LoRA is off again
+    _same(plain.image, _direct(sd_pipe, "StableDiffusionPipeline", "Euler", [5], prompt=[PROMPT],
+                               num_inference_steps=3, guidance_scale=4.0, height=32, width=32)[0])
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(styled.image))
+    # A1111 emphasis is read as A1111 does
+    emphasis = "a photo of a (red:1.4) dress"
+    weighted = api.txt2img(prompt=emphasis, **common)
+    embeds, negative = encode_prompt_a1111(sd_pipe, [emphasis], [""])
+    _same(weighted.image, _direct(sd_pipe, "StableDiffusionPipeline", "Euler", [5], prompt_embeds=embeds,
+                                  negative_prompt_embeds=negative, num_inference_steps=3, guidance_scale=4.0,
+                                  height=32, width=32)[0])
+    unknown = requests.post(f"{server[0]}/sdapi/v1/txt2img", json={"prompt": "x <lora:nope:1>", "steps": 2,
+                                                                    "width": 32, "height": 32}, timeout=30)
+    assert unknown.status_code == 422 and "unknown LoRA 'nope'" in unknown.text

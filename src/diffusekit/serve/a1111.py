@@ -13,12 +13,13 @@ import json
 import time
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict
 
 from ..infotext import GenerationParameters, parse_infotext
 from .images import BadImage, b64, image_from_b64
 from .jobs import FAILED, INTERRUPTED, Job, JobRequest
+from .models import parse_lora_tags
 
 # A1111's schedule types shown by /schedulers (name, label); "automatic" is the sampler's own default
 SCHEDULERS = (("automatic", "Automatic"), ("karras", "Karras"), ("exponential", "Exponential"),
@@ -104,6 +105,12 @@ def build_request(state, body: Txt2ImgRequest, *, img2img: bool, model: str | No
         resolve_sampler(f"{sampler} {label}" if label else sampler)
     except (ValueError, TypeError) as exc:
         raise _unprocessable(f"sampler_name / scheduler: {exc}") from None
+    try:
+        tags = parse_lora_tags(body.prompt)
+        for name in tags:
+            state.registry.lora_file(name)
+    except (ValueError, LookupError) as exc:
+        raise _unprocessable(str(exc).strip("'\"")) from None
     clip_skip = overrides.get("CLIP_stop_at_last_layers")
     if clip_skip is not None and (not isinstance(clip_skip, int) or clip_skip < 1):
         raise _unprocessable(f"override_settings.CLIP_stop_at_last_layers must be an int >= 1, got {clip_skip!r}")
@@ -273,7 +280,10 @@ def router(state) -> APIRouter:
 
     @api.get("/embeddings")
     def embeddings():
-        return state.registry.embeddings()
+        loaded = state.holder.current
+        if loaded is None:
+            return {"loaded": {}, "skipped": {}}
+        return {"loaded": loaded.embeddings, "skipped": loaded.skipped_embeddings}
 
     @api.get("/scripts")
     def scripts():

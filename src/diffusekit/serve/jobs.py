@@ -69,6 +69,7 @@ class Job:
         self.batch_index = 0
         self.latents = None
         self.preview = None  # the loaded model's LatentPreview, set when the job starts
+        self._preview: tuple | None = None  # (latents it was made from, PNG bytes)
         self.parameters: list[GenerationParameters] = []
         self.pngs: list[bytes] = []
         self.error: str | None = None
@@ -79,6 +80,7 @@ class Job:
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self._stop: str | None = None  # None, INTERRUPTED or CANCELLED
         self._stop_asked = False
+        self._in_worker = False
 
     # ---------------------------------------------------------------- state
 
@@ -113,17 +115,28 @@ class Job:
         self.error = error
         self.finished = time.time()
         self.latents = None
+        self._preview = None
         self.touch()
+        if not self._in_worker:  # the worker resolves its job itself, once it is no longer its current one
+            self._resolve()
+
+    def _resolve(self) -> None:
         if not self.future.done():
             self.future.set_result(self)
 
     def preview_png(self) -> bytes | None:
+        """The latest step's preview as PNG bytes (rendered once per step, shared by every viewer)."""
         latents, preview = self.latents, self.preview
         if latents is None or preview is None:
             return None
+        cached = self._preview
+        if cached is not None and cached[0] is latents:
+            return cached[1]
         params = self.request.params
         size = (params.width, params.height) if params.width and params.height else None
-        return preview.png(latents, 0, size)
+        png = preview.png(latents, 0, size)
+        self._preview = (latents, png)
+        return png
 
     def summary(self, base_url: str = "") -> dict[str, Any]:
         return {
@@ -252,6 +265,7 @@ class Worker:
             job = self.queue.next()
             if job is None:
                 return
+            job._in_worker = True
             self.current = job
             try:
                 self._run(job)
@@ -262,6 +276,7 @@ class Worker:
                 self.current = None
                 self.completed += 1
                 self.queue.finished()
+                job._resolve()  # after ``current`` is cleared: a client that sees its answer sees an idle server
 
     def _run(self, job: Job) -> None:
         import torch
@@ -308,6 +323,19 @@ class Worker:
             job.touch()
             return False
 
+        try:
+            prompt, lora_hashes = loaded.apply_loras(params.prompt, self.holder.registry)
+        except (ValueError, LookupError) as exc:
+            job.error_kind = "input"
+            job._finish(FAILED, str(exc))
+            return
+        recorded = params
+        if lora_hashes:
+            recorded = params.replace(extra={**params.extra, "Lora hashes": ", ".join(
+                f"{name}: {digest}" for name, digest in lora_hashes.items())})
+        params = params.replace(prompt=prompt)
+        # A1111's prompt syntax ((emphasis:1.2), BREAK, long prompts) for the SD 1.x/2.x family
+        syntax = "a1111" if hasattr(pipe, "text_encoder") and not hasattr(pipe, "text_encoder_2") else "plain"
         base_seed = params.seed
         for index in range(request.n_iter):
             if job._stop is not None:
@@ -317,7 +345,7 @@ class Worker:
             try:
                 result = generate(pipe, params.replace(seed=base_seed + index * request.batch_size),
                                   batch_size=request.batch_size, image=request.image, mask=request.mask,
-                                  on_step=on_step)
+                                  on_step=on_step, prompt_syntax=syntax)
             except _Stopped:
                 break
             except (ValueError, TypeError) as exc:
@@ -325,6 +353,8 @@ class Worker:
                 job._finish(FAILED, str(exc))
                 return
             if job._stop != CANCELLED:  # a cancelled job keeps nothing; an interrupted one keeps what it made
+                result.parameters = [recorded.replace(seed=p.seed, width=p.width, height=p.height)
+                                     for p in result.parameters]  # the prompt as written, LoRA tags included
                 self._collect(job, result)
         job._finish(job._stop or DONE)
 

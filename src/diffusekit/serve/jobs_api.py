@@ -87,8 +87,8 @@ def router(state) -> APIRouter:
                         return
                     data = job.summary()
                     data["position"] = state.queue.position(job)
-                    if previews:
-                        png = job.preview_png()
+                    if previews:  # rendered off the event loop (a large image's PNG takes milliseconds)
+                        png = await run_in_threadpool(job.preview_png)
                         data["preview"] = f"data:image/png;base64,{b64(png)}" if png else None
                     yield _event("progress", data)
                     last_keepalive = asyncio.get_running_loop().time()
@@ -109,7 +109,7 @@ def router(state) -> APIRouter:
                        for e in entries.values()],
             "default": state.model_name,
             "loras": [lora["name"] for lora in state.registry.loras()],
-            "lora_loading": False,  # listed only: <lora:name:w> in prompts is not applied yet
+            "lora_loading": loaded is not None and hasattr(loaded.pipe, "load_lora_weights"),
             "preview_fit_r2": round(loaded.preview.r2, 3) if loaded is not None else None,
         }
 

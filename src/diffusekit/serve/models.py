@@ -1,7 +1,9 @@
 """Which models the server may load, and the one it holds in memory.
 
 Names come from a listing, never from joining a request's text onto a path: the bundled models
-(``diffusekit-fashion-sd``, ...) and the direct subfolders of ``--models DIR`` that hold a ``model_index.json``.
+(``diffusekit-fashion-sd``, ...), the direct subfolders of ``--models DIR`` that hold a ``model_index.json``, and
+the single-file SD 1.x/2.x checkpoints directly in ``DIR`` (``name.safetensors`` / ``name.ckpt``, listed under
+their file name as A1111 does; a ``name.yaml`` beside one is used as its original config).
 A name that is not in the listing is refused, so no request can reach a file outside the models folder
 (a subfolder that is a link to elsewhere is not listed either). LoRA files and embeddings are listed from
 ``DIR/Lora`` and ``DIR/embeddings`` (A1111's folder names).
@@ -22,6 +24,7 @@ LORA_DIRS = ("Lora", "lora", "LoRA")
 EMBEDDING_DIRS = ("embeddings",)
 LORA_SUFFIXES = (".safetensors",)
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin",
                 "transformer/diffusion_pytorch_model.safetensors")
 
@@ -37,7 +40,13 @@ class ModelEntry:
     bundled: bool
 
     @property
+    def single_file(self) -> bool:
+        return self.folder.is_file()
+
+    @property
     def weights(self) -> Path | None:
+        if self.single_file:
+            return self.folder
         for rel in WEIGHT_FILES:
             if (self.folder / rel).is_file():
                 return self.folder / rel
@@ -65,7 +74,11 @@ class ModelRegistry:
         found: dict[str, ModelEntry] = {}
         if self.models_dir is not None and self.models_dir.is_dir():
             for sub in sorted(self.models_dir.iterdir()):
-                if sub.is_dir() and (sub / "model_index.json").is_file() and _inside(sub, self.models_dir):
+                if not _inside(sub, self.models_dir):
+                    continue
+                if sub.is_dir() and (sub / "model_index.json").is_file():
+                    found[sub.name] = ModelEntry(sub.name, sub, bundled=False)
+                elif sub.is_file() and sub.suffix.lower() in SINGLE_FILE_SUFFIXES:
                     found[sub.name] = ModelEntry(sub.name, sub, bundled=False)
         for name in bundled_models():
             folder = BUNDLED_DIR / name
@@ -118,21 +131,65 @@ class ModelRegistry:
         return [{"name": p.stem, "alias": p.stem, "path": p.relative_to(self.models_dir).as_posix(), "metadata": {}}
                 for p in self._listing(LORA_DIRS, LORA_SUFFIXES)]
 
-    def embeddings(self) -> dict[str, Any]:
-        """A1111's ``/sdapi/v1/embeddings`` answer: files found are listed as ``skipped`` (not loaded)."""
-        skipped = {p.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
-                            "vectors": None} for p in self._listing(EMBEDDING_DIRS, EMBEDDING_SUFFIXES)}
-        return {"loaded": {}, "skipped": skipped}
+    def lora_file(self, name: str) -> Path:
+        """The LoRA file a ``<lora:name:w>`` prompt tag names (by file name without suffix, as A1111)."""
+        files = {p.stem: p for p in self._listing(LORA_DIRS, LORA_SUFFIXES)}
+        if name not in files:
+            raise UnknownModel(f"unknown LoRA {name!r} in the prompt; LoRA files in the models folder's Lora/: "
+                               f"{', '.join(files) or 'none'}")
+        return files[name]
+
+    def embedding_files(self) -> list[Path]:
+        return self._listing(EMBEDDING_DIRS, EMBEDDING_SUFFIXES)
 
 
 class LoadedModel:
-    """One pipeline in memory, its name, hash and preview projection."""
+    """One pipeline in memory, its name, hash and preview projection, the LoRAs and embeddings loaded into it."""
 
     def __init__(self, entry: ModelEntry, pipe, short_hash: str | None, preview):
         self.entry = entry
         self.pipe = pipe
         self.hash = short_hash
         self.preview = preview
+        self.loras: dict[str, str] = {}  # adapter name -> short file hash
+        self.embeddings: dict[str, dict[str, Any]] = {}  # A1111's /embeddings "loaded"
+        self.skipped_embeddings: dict[str, dict[str, Any]] = {}
+
+    def load_embeddings(self, files: list[Path]) -> None:
+        """Load every textual-inversion file of the models folder, as A1111 does at start; one that does not fit
+        this model (another text encoder width, a bad file) is listed as skipped, with the reason logged."""
+        if not hasattr(self.pipe, "load_textual_inversion"):
+            return
+        for path in files:
+            try:
+                self.pipe.load_textual_inversion(str(path), token=path.stem)
+            except Exception as exc:  # noqa: BLE001 - any bad file is skipped, as in A1111
+                logger.warning("embedding %s skipped for %s: %s", path.name, self.name, exc)
+                self.skipped_embeddings[path.stem] = _embedding_info(None)
+                continue
+            self.embeddings[path.stem] = _embedding_info(self.name)
+
+    def apply_loras(self, prompt: str, registry: "ModelRegistry") -> tuple[str, dict[str, str]]:
+        """Activate the LoRAs ``<lora:name:weight>`` tags in ``prompt`` name (loading them on first use) and
+        deactivate the rest; returns the prompt without the tags and ``{name: short file hash}``."""
+        from ..cli.generate import LORA_TAG
+        from ..infotext import model_hash
+
+        tags = parse_lora_tags(prompt)
+        if not tags:
+            if self.loras:
+                self.pipe.disable_lora()
+            return prompt, {}
+        if not hasattr(self.pipe, "load_lora_weights"):
+            raise ValueError(f"model {self.name} ({type(self.pipe).__name__}) cannot load LoRA weights")
+        for name in tags:
+            if name not in self.loras:
+                path = registry.lora_file(name)
+                self.pipe.load_lora_weights(str(path), adapter_name=name)
+                self.loras[name] = model_hash(path)
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(list(tags), list(tags.values()))
+        return LORA_TAG.sub("", prompt).strip(), {name: self.loras[name] for name in tags}
 
     @property
     def name(self) -> str:
@@ -152,7 +209,6 @@ class ModelHolder:
         self._lock = threading.Lock()
 
     def get(self, name: str) -> LoadedModel:
-        from ..pipelines.base import DiffusionPipeline
         from .previews import preview_for
 
         entry = self.registry.resolve(name)
@@ -162,8 +218,38 @@ class ModelHolder:
             self.current = None  # drop the old pipeline before loading the next: one model in memory
             gc.collect()
             logger.info("loading model %s", entry.name)
-            pipe = DiffusionPipeline.from_pretrained(entry.folder)
-            pipe = pipe.to(self.device)
+            pipe = _load(entry).to(self.device)
             pipe.set_progress_bar_config(disable=True)
-            self.current = LoadedModel(entry, pipe, self.registry.short_hash(entry), preview_for(pipe, entry))
-            return self.current
+            loaded = LoadedModel(entry, pipe, self.registry.short_hash(entry), preview_for(pipe, entry))
+            loaded.load_embeddings(self.registry.embedding_files())
+            self.current = loaded
+            return loaded
+
+
+def parse_lora_tags(prompt: str) -> dict[str, float]:
+    """``{name: weight}`` of A1111's ``<lora:name:weight>`` prompt tags (weight 1 when left out)."""
+    from ..cli.generate import LORA_TAG
+
+    tags: dict[str, float] = {}
+    for name, weight in LORA_TAG.findall(prompt or ""):
+        try:
+            tags[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"prompt tag <lora:{name}:{weight}>: the weight is not a number") from None
+    return tags
+
+
+def _embedding_info(checkpoint: str | None) -> dict[str, Any]:
+    return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": checkpoint, "shape": None, "vectors": None}
+
+
+def _load(entry: ModelEntry):
+    from ..pipelines.base import DiffusionPipeline
+
+    if not entry.single_file:
+        return DiffusionPipeline.from_pretrained(entry.folder)
+    from ..pipelines.stable_diffusion import StableDiffusionPipeline
+
+    original = entry.folder.with_suffix(".yaml")
+    return StableDiffusionPipeline.from_single_file(
+        entry.folder, original_config=original if original.is_file() else None, requires_safety_checker=False)
