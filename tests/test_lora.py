@@ -256,3 +256,17 @@ def test_cli_lora_flag_and_prompt_tags(tmp_path):
     assert np.array_equal(pixels(tagged), pixels(styled))
     with pytest.raises(SystemExit, match="names <lora:other>, but no --lora file other.safetensors"):
         main([*args[:2], "--prompt", "x <lora:other:1>", *args[4:]])
+
+
+def test_peft_text_encoder_keys_with_and_without_text_model(pipes):
+    ours, _ = pipes
+    lora = random_lora(ours.text_encoder, TE_PATHS, "peft", "text_encoder.", seed=7)
+    ids = ours.tokenizer(["a red sneaker"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ours.load_lora_weights(dict(lora), adapter_name="with")
+    with torch.no_grad():
+        expected = ours.text_encoder(ids)[0]
+    ours.unload_lora_weights()
+    short = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in lora.items()}  # transformers 5
+    ours.load_lora_weights(short, adapter_name="without")
+    with torch.no_grad():
+        torch.testing.assert_close(ours.text_encoder(ids)[0], expected, rtol=0, atol=0)

@@ -295,3 +295,19 @@ def test_pipeline_runs_on_the_embeddings_like_diffusers(pipe, sd_folder):
     a = pipe(generator=torch.manual_seed(0), **kwargs).images
     b = ref(generator=torch.manual_seed(0), **kwargs).images
     assert np.abs(a - b).max() < 1 / 255
+
+
+def test_prompt_syntax_option_on_the_pipeline(pipe):
+    kwargs = dict(num_inference_steps=2, output_type="np")
+    prompt, negative = "a (red:1.3) shoe BREAK on grass", "[blurry]"
+    embeds, neg = encode_prompt_a1111(pipe, prompt, negative)
+    expected = pipe(prompt_embeds=embeds, negative_prompt_embeds=neg, generator=torch.manual_seed(0), **kwargs).images
+    pipe.prompt_syntax = "a1111"
+    try:
+        got = pipe(prompt, negative_prompt=negative, generator=torch.manual_seed(0), **kwargs).images
+        pipe.prompt_syntax = "markdown"
+        with pytest.raises(ValueError, match="prompt_syntax must be 'plain' or 'a1111'"):
+            pipe("x", **kwargs)
+    finally:
+        pipe.prompt_syntax = "plain"
+    np.testing.assert_array_equal(got, expected)

@@ -329,7 +329,9 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], components: Mapping[str, 
         else:
             path = _diffusers_path(name)
             if not isinstance(_get_module(model, path), (nn.Linear, nn.Conv2d)):
-                path = None
+                # transformers 5 writes CLIP text-model paths without the ``text_model.`` level
+                path = "text_model." + path if component.startswith("text_encoder") and isinstance(
+                    _get_module(model, "text_model." + path), nn.Linear) else None
         if path is None:
             raise LoraError(f"{origin}: key {key!r} names a layer {name!r} that the {component} "
                             f"({type(model).__name__}) does not have: a LoRA for another model?")

@@ -48,6 +48,9 @@ class StableDiffusionPipeline(TextualInversionLoaderMixin, StableDiffusionLoraLo
     _callback_tensor_inputs: tuple[str, ...] = ("latents", "prompt_embeds", "negative_prompt_embeds")
     _optional_components = ("safety_checker", "feature_extractor")
     _option_names = ("requires_safety_checker",)
+    #: "plain": prompts read as diffusers reads them; "a1111": A1111's emphasis, BREAK and long-prompt rules
+    #: (diffusekit.prompts) in encode_prompt, so in every SD pipeline call: ``pipe.prompt_syntax = "a1111"``
+    prompt_syntax: str = "plain"
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
                  requires_safety_checker: bool = True):
@@ -100,8 +103,18 @@ class StableDiffusionPipeline(TextualInversionLoaderMixin, StableDiffusionLoraLo
         """Return ``(prompt_embeds, negative_prompt_embeds)``, each repeated ``num_images_per_prompt`` times.
 
         ``lora_scale`` scales the text encoder's LoRA layers (default: during a pipeline call, that call's
-        ``cross_attention_kwargs["scale"]``, as diffusers passes it)."""
+        ``cross_attention_kwargs["scale"]``, as diffusers passes it). With ``pipe.prompt_syntax = "a1111"`` the
+        prompts are read with A1111's syntax (:func:`diffusekit.prompts.encode_prompt_a1111`)."""
         device = device or self.device
+        if self.prompt_syntax not in ("plain", "a1111"):
+            raise ValueError(f"prompt_syntax must be 'plain' or 'a1111', got {self.prompt_syntax!r}")
+        if self.prompt_syntax == "a1111" and prompt_embeds is None and negative_prompt_embeds is None:
+            from ..prompts import encode_prompt_a1111
+
+            with self._text_encoder_lora_scale(lora_scale):
+                return encode_prompt_a1111(self, prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                                           do_classifier_free_guidance=do_classifier_free_guidance,
+                                           clip_skip=clip_skip, device=device)
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             self._warn_truncation(prompts)
