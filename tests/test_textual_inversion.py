@@ -120,3 +120,20 @@ def test_bad_files_name_the_file_and_what_is_wrong(sd_folder, files, tmp_path):
         pipe.load_textual_inversion(torch.zeros(CROSS_DIM), token="red</w>")
     with pytest.raises(TextualInversionError, match="were added by a textual inversion"):
         pipe.unload_textual_inversion("nothing-like-this")
+
+
+def test_a1111_pt_variants_under_weights_only(sd_folder, tmp_path):
+    """A1111 saves the vectors as tensors that require grad (or Parameters): they load with weights_only. The
+    original textual-inversion repo's ParameterDict is a module and needs full unpickling: refused, clearly."""
+    pipe = diffusekit.StableDiffusionPipeline.from_pretrained(sd_folder)
+    vectors = torch.randn(2, CROSS_DIM)
+    torch.save({"string_to_param": {"*": vectors.clone().requires_grad_()}, "name": "<grad>"}, tmp_path / "g.pt")
+    torch.save({"string_to_param": {"*": torch.nn.Parameter(vectors.clone())}, "name": "<par>"}, tmp_path / "p.pt")
+    pipe.load_textual_inversion(tmp_path / "g.pt")
+    pipe.load_textual_inversion(tmp_path / "p.pt")
+    rows = pipe.text_encoder.get_input_embeddings().weight[1000:]
+    assert torch.equal(rows.detach(), torch.cat([vectors, vectors]))
+    legacy = {"string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors)}), "name": "old"}
+    torch.save(legacy, tmp_path / "legacy.pt")
+    with pytest.raises(TextualInversionError, match="refusing to load .*legacy.pt"):
+        pipe.load_textual_inversion(tmp_path / "legacy.pt")

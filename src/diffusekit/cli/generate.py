@@ -33,6 +33,7 @@ PARAMETER_FLAGS: dict[str, tuple[str, object]] = {
 DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength for image-to-image
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PROMPT_SYNTAX_KEY = "Prompt syntax"  # recorded only when it is not A1111's
+RECOMPUTED_KEYS = ("Lora hashes", "TI hashes")
 
 
 def add_parser(commands) -> None:
@@ -133,6 +134,8 @@ def request_parameters(args):
         params = params.replace(denoising_strength=DEFAULT_STRENGTH)
     if args.image is None:
         params = params.replace(denoising_strength=None)
+    for key in RECOMPUTED_KEYS:  # describe this run's files, written again from the files given now
+        params.extra.pop(key, None)
     syntax = args.prompt_syntax or params.extra.pop(PROMPT_SYNTAX_KEY, "a1111")
     if syntax not in ("a1111", "plain"):
         raise fail(f"unknown prompt syntax {syntax!r} (a1111 or plain)")
