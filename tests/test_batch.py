@@ -226,6 +226,43 @@ def test_failed_jobs_are_recorded_and_retried_by_the_next_run(tmp_path):
     assert (second.done, second.failed, second.skipped) == (2, 0, 1)
 
 
+class FakeWorker(BatchWorker):
+    """No model: "PNG" bytes name the job. Its process exits (as if killed) when handed the batch of the job named
+    by $BATCH_TEST_CRASH ("ID" every time, or "ID:MARKER" once: the marker file records that it happened)."""
+
+    def __init__(self, **kwargs):
+        self.name = f"fake:{os.getpid()}"
+
+    def run(self, jobs):
+        victim, _, marker = os.environ.get("BATCH_TEST_CRASH", "").partition(":")
+        if any(job.id == victim for job in jobs) and not (marker and os.path.exists(marker)):
+            if marker:
+                open(marker, "w").close()
+            os._exit(1)
+        return [{"id": job.id, "png": f"png:{job.id}".encode(), "seed": job.params.seed, "status": "ok",
+                 "error": None, "batch_s": 0.0, "batch_images": len(jobs), "worker": self.name} for job in jobs]
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["dies-once", "dies-every-time"])
+def test_dead_local_worker_process_batch_is_retried_then_reported(tmp_path, monkeypatch, once):
+    marker = tmp_path / "died"
+    monkeypatch.setenv("BATCH_TEST_CRASH", f"j3:{marker}" if once else "j3")
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", sample_jobs(6))
+    out = tmp_path / "out"
+    logged = []
+    summary = run_batch(BatchConfig(jobs_file, MODEL, out, workers=2, progress=False), worker_cls=FakeWorker,
+                        log=logged.append)
+    ids = [json.loads(line)["id"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(ids) == [f"j{i}" for i in range(6)]  # every job once, whatever died
+    records, _ = read_manifest(out / "manifest.jsonl")
+    if once:
+        assert marker.exists() and (summary.done, summary.failed) == (6, 0)
+    else:
+        assert (summary.done, summary.failed) == (5, 1)
+        assert records["j3"]["status"] == "failed" and "died 2 times" in records["j3"]["error"]
+    assert all((out / f"j{i}.png").read_bytes() == f"png:j{i}".encode() for i in range(6) if i != 3 or once)
+
+
 def test_kill_mid_run_loses_no_image_and_leaves_no_partial_file(tmp_path):
     """SIGKILL a running `diffusekit batch`, resume it: the files equal an uninterrupted run's with 2 processes."""
     from PIL import Image
@@ -273,6 +310,9 @@ def test_cli_strict_and_missing_ray(tmp_path, monkeypatch, capsys):
     jobs_file = write_jobs(tmp_path / "jobs.jsonl", sample_jobs(1), ["[1, 2]"])
     assert main(["batch", str(jobs_file), "--model", MODEL, "--out", str(tmp_path / "o"), "--strict"]) == 2
     assert "line 2: a job must be a JSON object" in capsys.readouterr().err
+    assert main(["batch", str(jobs_file), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    assert "could not start a worker with model" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert main(["batch", str(jobs_file), "--model", MODEL, "--out", str(tmp_path / "o"), "--ray"]) == 2
     assert "pip install 'diffusekit[ray]'" in capsys.readouterr().err

@@ -10,9 +10,9 @@ resume, dispatch, write), :mod:`.ray_runner` (the same batches on Ray Data's act
 
 from .jobs import JOB_KEYS, InvalidLine, Job, JobDefaults, load_jobs, plan_batches
 from .manifest import MANIFEST_NAME, ManifestWriter, done_ids, read_manifest
-from .runner import BatchConfig, BatchInputError, BatchSummary, run_batch
+from .runner import BatchConfig, BatchInputError, BatchSummary, BatchWorkerError, run_batch
 from .worker import BatchWorker
 
 __all__ = ["JOB_KEYS", "MANIFEST_NAME", "BatchConfig", "BatchInputError", "BatchSummary", "BatchWorker",
-           "InvalidLine", "Job", "JobDefaults", "ManifestWriter", "done_ids", "load_jobs", "plan_batches",
-           "read_manifest", "run_batch"]
+           "BatchWorkerError", "InvalidLine", "Job", "JobDefaults", "ManifestWriter", "done_ids", "load_jobs",
+           "plan_batches", "read_manifest", "run_batch"]

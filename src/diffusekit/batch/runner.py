@@ -6,9 +6,9 @@ rename) and then its manifest record (one ``O_APPEND`` line). Workers only compu
 
 * a killed run leaves whole PNGs and whole manifest lines; a re-run skips every job whose latest record is ``ok``
   and whose file exists, and removes temporary files a kill left behind;
-* a batch that a worker was running when it died is run again by another worker (Ray retries the task; the local
-  process pool stops the run, which the next run resumes); the driver writes each job once per run, so the
-  manifest gets no duplicates;
+* a batch that a worker was running when it died is run again by another worker (Ray retries the task on a restarted
+  actor; locally a new process pool runs the lost batches, one at a time); the driver writes each job once per run,
+  so the manifest gets no duplicates;
 * a batch with some jobs already done (a kill between two of its files) is run whole again, with the same
   companions, and only its missing files are written: every image is the one an uninterrupted run makes.
 """
@@ -27,7 +27,7 @@ from .jobs import InvalidLine, Job, JobDefaults, load_jobs, plan_batches
 from .manifest import MANIFEST_NAME, ManifestWriter, done_ids, read_manifest
 from .worker import BatchWorker
 
-__all__ = ["BatchConfig", "BatchInputError", "BatchSummary", "run_batch"]
+__all__ = ["BatchConfig", "BatchInputError", "BatchSummary", "BatchWorkerError", "run_batch"]
 
 
 class BatchInputError(ValueError):
@@ -73,46 +73,130 @@ class BatchSummary:
                 f"{len(self.invalid)}; {self.seconds:.1f} s, {self.images_per_second:.2f} images/s")
 
 
+class BatchWorkerError(RuntimeError):
+    """A worker could not start (e.g. the model does not load), or worker processes keep dying."""
+
+
+def _start_worker(worker_cls, kwargs: dict[str, Any]):
+    try:
+        return worker_cls(**kwargs)
+    except Exception as error:
+        raise BatchWorkerError(f"could not start a worker with model {kwargs.get('model')!r}: "
+                               f"{type(error).__name__}: {error}") from error
+
+
 def _local_results(batches: list[list[Job]], config: BatchConfig, worker_cls) -> Iterator[list[dict[str, Any]]]:
-    worker = worker_cls(model=config.model, device=config.device, threads=config.threads)
+    worker = _start_worker(worker_cls, {"model": config.model, "device": config.device, "threads": config.threads})
     for batch in batches:
         yield worker.run(batch)
 
 
-_PROCESS_WORKER = None
+_PROCESS_WORKER: Any = None
 
 
 def _init_process(worker_cls, kwargs):
     global _PROCESS_WORKER
-    _PROCESS_WORKER = worker_cls(**kwargs)
+    try:
+        _PROCESS_WORKER = _start_worker(worker_cls, kwargs)
+    except BatchWorkerError as error:  # reported by the first batch (an initializer that raises breaks the pool)
+        _PROCESS_WORKER = error
 
 
 def _run_in_process(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(_PROCESS_WORKER, BatchWorkerError):
+        raise _PROCESS_WORKER
     return _PROCESS_WORKER.run([Job.from_dict(job) for job in jobs])
 
 
+LOCAL_CRASHES_PER_BATCH = 2  # a batch that kills its worker process this often, running alone, is marked failed
+LOCAL_FRUITLESS_POOLS = 5  # pools in a row that die before finishing any batch: give up
+
+
+def _crashed_rows(batch: list[Job], crashes: int) -> list[dict[str, Any]]:
+    error = (f"the worker process died {crashes} times while running this batch alone (killed, out of memory or a "
+             "crash in native code); its jobs are marked failed, re-run to try again")
+    return [{"id": job.id, "png": None, "seed": job.params.seed, "status": "failed", "error": error, "batch_s": 0.0,
+             "batch_images": len(batch), "worker": "local"} for job in batch]
+
+
 def _process_results(batches: list[list[Job]], config: BatchConfig, worker_cls) -> Iterator[list[dict[str, Any]]]:
-    """``config.workers`` local processes, each with its own pipeline; at most two batches queued per worker."""
+    """``config.workers`` local processes, each with its own pipeline; at most two batches queued per worker.
+
+    A worker process that dies breaks the pool: a new pool is started and the batches that were in flight are run
+    again, one at a time (so the one that kills its worker is known); a batch that kills its worker
+    :data:`LOCAL_CRASHES_PER_BATCH` times alone is reported failed and the run goes on. After
+    :data:`LOCAL_FRUITLESS_POOLS` pools in a row die without finishing a batch the run stops (resumable).
+    """
+    import collections
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     kwargs = {"model": config.model, "device": config.device, "threads": config.threads}
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_process,
-                             initargs=(worker_cls, kwargs)) as pool:
-        queue = iter(batches)
-        running = set()
-        while True:
-            while len(running) < 2 * config.workers:
-                batch = next(queue, None)
-                if batch is None:
+    queue = collections.deque(enumerate(batches))
+    suspects: set[int] = set()  # batches in flight when a worker died: each runs alone until it completes
+    crashes: collections.Counter = collections.Counter()
+    fruitless = 0
+    while queue:
+        pool = ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_process,
+                                   initargs=(worker_cls, kwargs))
+        running: dict[Any, tuple[int, list[Job]]] = {}
+        lost: list[tuple[int, list[Job]]] = []
+        produced = broken = False
+        try:
+            while (queue or running) and not broken:
+                while queue and len(running) < 2 * config.workers:
+                    alone = queue[0][0] in suspects or any(index in suspects for index, _ in running.values())
+                    if alone and running:
+                        break
+                    index, batch = queue.popleft()
+                    try:
+                        running[pool.submit(_run_in_process, [job.to_dict() for job in batch])] = (index, batch)
+                    except BrokenProcessPool:
+                        queue.appendleft((index, batch))
+                        broken = True
+                        break
+                    if alone:
+                        break
+                if broken:
                     break
-                running.add(pool.submit(_run_in_process, [job.to_dict() for job in batch]))
-            if not running:
-                return
-            finished, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                yield future.result()  # a dead worker process raises BrokenProcessPool: the run stops, resumable
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index, batch = running.pop(future)
+                    try:
+                        rows = future.result()
+                    except BrokenProcessPool:
+                        lost.append((index, batch))
+                        broken = True
+                        continue
+                    suspects.discard(index)
+                    produced = True
+                    yield rows
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for future, (index, batch) in running.items():  # finished before the pool broke, or died with it
+            if future.done() and not future.cancelled() and future.exception() is None:
+                suspects.discard(index)
+                produced = True
+                yield future.result()
+            else:
+                lost.append((index, batch))
+        if not broken:
+            continue
+        fruitless = 0 if produced else fruitless + 1
+        if fruitless >= LOCAL_FRUITLESS_POOLS:
+            raise BatchWorkerError(f"{fruitless} worker pools in a row died before finishing any batch (out of "
+                                   "memory while loading the model?); finished images are kept, re-run to resume")
+        if len(lost) == 1 and lost[0][0] in suspects:  # it ran alone: it is the one that kills its worker
+            index, batch = lost[0]
+            crashes[index] += 1
+            if crashes[index] >= LOCAL_CRASHES_PER_BATCH:
+                suspects.discard(index)
+                lost = []
+                yield _crashed_rows(batch, crashes[index])
+        suspects.update(index for index, _ in lost)
+        queue.extendleft(sorted(lost, key=lambda item: item[0], reverse=True))
 
 
 def _record(job: Job, row: dict[str, Any], batch_index: int, write_s: float) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    from ..batch import BatchConfig, BatchInputError, JobDefaults, run_batch
+    from ..batch import BatchConfig, BatchInputError, BatchWorkerError, JobDefaults, run_batch
 
     defaults = JobDefaults(negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                            guidance_scale=args.guidance_scale, width=args.width, height=args.height,
@@ -48,7 +48,7 @@ def run(args) -> int:
                          threads=args.threads, strict=args.strict, progress=not args.no_progress, defaults=defaults)
     try:
         summary = run_batch(config)
-    except (BatchInputError, FileNotFoundError, ImportError, ValueError) as error:
+    except (BatchInputError, BatchWorkerError, FileNotFoundError, ImportError, ValueError) as error:
         print(f"diffusekit batch: {error}", file=sys.stderr)
         return 2
     print(f"batch: {summary}")
