@@ -14,6 +14,7 @@ import torch
 import diffusekit
 from sd_assets import tiny_unet_kwargs, tiny_vae_kwargs
 from test_unet_2d import DDPM_256_CONFIG, TINY as UNET2D_TINY
+from test_sdxl_models import REFINER_TINY, SDXL_TINY
 from test_unet_2d_condition import SD15_CONFIG
 
 diffusers = pytest.importorskip("diffusers")
@@ -60,6 +61,8 @@ CASES = {
         "UNet2DConditionModel",
         tiny_unet_kwargs(time_embedding_type="fourier", num_class_embeds=3, mid_block_type="UNetMidBlock2D"),
     ),
+    "unet2dcondition-sdxl-tiny": ("UNet2DConditionModel", SDXL_TINY),  # text_time added embedding
+    "unet2dcondition-sdxl-refiner-tiny": ("UNet2DConditionModel", REFINER_TINY),
     "vae-tiny": ("AutoencoderKL", tiny_vae_kwargs()),
     "vae-sd15-reduced": ("AutoencoderKL", SD15_VAE_REDUCED),
 }

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -229,6 +229,41 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
 
     def disable_xformers_memory_efficient_attention(self) -> None:
         """A no-op, see :meth:`set_use_memory_efficient_attention_xformers`."""
+
+    # ------------------------------------------------------------------ training
+
+    # models whose blocks can recompute activations in the backward pass (the UNets and the VAE)
+    _supports_gradient_checkpointing: bool = False
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable | None = None) -> None:
+        """Trade compute for memory in training: each block layer's activations are recomputed in the backward pass
+        instead of stored. Gradients are unchanged. ``gradient_checkpointing_func`` replaces the default
+        ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``, as in diffusers. No effect without grad.
+        """
+        if not self._supports_gradient_checkpointing:
+            raise ValueError(f"{type(self).__name__} does not support gradient checkpointing")
+        if gradient_checkpointing_func is None:
+            import functools
+
+            from torch.utils.checkpoint import checkpoint
+
+            gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        self._set_gradient_checkpointing(True, gradient_checkpointing_func)
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Store activations again (the default)."""
+        if self._supports_gradient_checkpointing:
+            self._set_gradient_checkpointing(False, None)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def _set_gradient_checkpointing(self, enable: bool, func: Callable | None) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module._gradient_checkpointing_func = func
+                module.gradient_checkpointing = enable
 
     # ------------------------------------------------------------------ hooks
 

@@ -230,6 +230,8 @@ class AutoencoderKL(ModelMixin, FromOriginalModelMixin):
     latents; ``force_upcast`` tells pipelines to run the VAE in float32. The model itself does not apply them.
     """
 
+    _supports_gradient_checkpointing = True  # enable_gradient_checkpointing(): recompute block layers
+
     _single_file_kind = "vae"  # from_single_file / save_single_file: docs/SINGLE_FILE.md
 
     @register_to_config

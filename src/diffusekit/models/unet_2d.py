@@ -46,6 +46,8 @@ class UNet2DModel(ModelMixin):
     table), ``"timestep"`` (class labels embedded like timesteps) or ``"identity"`` (labels are embeddings already).
     """
 
+    _supports_gradient_checkpointing = True  # enable_gradient_checkpointing(): recompute block layers
+
     @register_to_config
     def __init__(
         self,

@@ -74,6 +74,8 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     blocks, have no effect.
     """
 
+    _supports_gradient_checkpointing = True  # enable_gradient_checkpointing(): recompute block layers
+
     _single_file_kind = "unet"  # from_single_file / save_single_file: docs/SINGLE_FILE.md
 
     @register_to_config

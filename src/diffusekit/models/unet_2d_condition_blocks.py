@@ -25,7 +25,7 @@ from torch import nn
 from .registry import register_block
 from .resnet import Downsample2D, Upsample2D
 from .transformer_2d import Transformer2DModel
-from .unet_blocks import _resnet, _up_in_channels, interleaved, mid_interleaved
+from .unet_blocks import Checkpointable, _resnet, _up_in_channels, interleaved, mid_interleaved
 
 
 def _layers_list(transformer_layers_per_block: int | Sequence[int], num_layers: int) -> list[int]:
@@ -84,7 +84,7 @@ class _CrossAttnLayers:
 
 
 @register_block("down")
-class CrossAttnDownBlock2D(nn.Module, _CrossAttnLayers):
+class CrossAttnDownBlock2D(nn.Module, _CrossAttnLayers, Checkpointable):
     """``num_layers`` x (resnet -> transformer), then an optional stride-2 conv; returns every layer's output."""
 
     has_cross_attention = True
@@ -144,8 +144,10 @@ class CrossAttnDownBlock2D(nn.Module, _CrossAttnLayers):
         res_samples: tuple[torch.Tensor, ...] = ()
         last = len(self.resnets) - 1
         for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
-            hidden_states = resnet(hidden_states, temb)  # (B, C_out, H, W)
-            hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+            hidden_states = self._layer(resnet, hidden_states, temb)  # (B, C_out, H, W)
+            hidden_states = self._layer(
+                attn, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask
+            )
             if i == last and additional_residuals is not None:
                 hidden_states = hidden_states + additional_residuals
             res_samples += (hidden_states,)
@@ -159,7 +161,7 @@ class CrossAttnDownBlock2D(nn.Module, _CrossAttnLayers):
 
 
 @register_block("mid")
-class UNetMidBlock2DCrossAttn(nn.Module, _CrossAttnLayers):
+class UNetMidBlock2DCrossAttn(nn.Module, _CrossAttnLayers, Checkpointable):
     """resnet, then ``num_layers`` x (transformer -> resnet), at constant resolution and width.
 
     ``resnet_groups=None`` means ``min(in_channels // 4, 32)``; ``resnet_groups_out`` (default ``resnet_groups``) is
@@ -220,10 +222,12 @@ class UNetMidBlock2DCrossAttn(nn.Module, _CrossAttnLayers):
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden_states = self.resnets[0](hidden_states, temb)  # (B, C_out, H, W)
+        hidden_states = self._layer(self.resnets[0], hidden_states, temb)  # (B, C_out, H, W)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = self._layer(
+                attn, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask
+            )
+            hidden_states = self._layer(resnet, hidden_states, temb)
         return hidden_states
 
 
@@ -231,7 +235,7 @@ class UNetMidBlock2DCrossAttn(nn.Module, _CrossAttnLayers):
 
 
 @register_block("up")
-class CrossAttnUpBlock2D(nn.Module, _CrossAttnLayers):
+class CrossAttnUpBlock2D(nn.Module, _CrossAttnLayers, Checkpointable):
     """``num_layers`` x (resnet on ``cat(hidden, skip)`` -> transformer), then an optional 2x upsampler."""
 
     has_cross_attention = True
@@ -292,8 +296,10 @@ class CrossAttnUpBlock2D(nn.Module, _CrossAttnLayers):
     ) -> torch.Tensor:
         for resnet, attn in zip(self.resnets, self.attentions):
             skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
-            hidden_states = resnet(torch.cat([hidden_states, skip], dim=1), temb)  # (B, C_out, H, W)
-            hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+            hidden_states = self._layer(resnet, torch.cat([hidden_states, skip], dim=1), temb)  # (B, C_out, H, W)
+            hidden_states = self._layer(
+                attn, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask
+            )
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C_out, 2H, 2W)
         return hidden_states

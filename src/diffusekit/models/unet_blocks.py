@@ -46,6 +46,23 @@ from .registry import register_block
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
+class Checkpointable:
+    """Mixin of the UNet / VAE stages: their layers can be recomputed in the backward pass instead of stored.
+
+    ``ModelMixin.enable_gradient_checkpointing()`` sets ``gradient_checkpointing`` and the function used on every
+    module that has the attribute (diffusers' mechanism); blocks run each resnet and attention layer through
+    :meth:`_layer`. Gradients are the same as without it (dropout masks are replayed from the saved RNG state).
+    """
+
+    gradient_checkpointing = False
+    _gradient_checkpointing_func = None
+
+    def _layer(self, layer, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(layer, *args)
+        return layer(*args)
+
+
 def _resnet(
     in_channels: int,
     out_channels: int,
@@ -134,7 +151,7 @@ def mid_interleaved(num_layers: int, make_resnet, make_attention) -> tuple[nn.Mo
 
 
 @register_block("down")
-class DownBlock2D(nn.Module):
+class DownBlock2D(nn.Module, Checkpointable):
     """``num_layers`` resnets, then an optional stride-2 conv."""
 
     has_cross_attention = False
@@ -174,7 +191,7 @@ class DownBlock2D(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         res_samples: tuple[torch.Tensor, ...] = ()
         for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, temb)  # (B, C_out, H, W)
+            hidden_states = self._layer(resnet, hidden_states, temb)  # (B, C_out, H, W)
             res_samples += (hidden_states,)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)  # (B, C_out, H/2, W/2)
@@ -183,7 +200,7 @@ class DownBlock2D(nn.Module):
 
 
 @register_block("down")
-class AttnDownBlock2D(nn.Module):
+class AttnDownBlock2D(nn.Module, Checkpointable):
     """``num_layers`` x (resnet -> spatial self-attention), then a downsampler.
 
     ``downsample_type``: ``"conv"`` (stride-2 conv, default) or ``"resnet"`` (a resnet with ``down=True``).
@@ -235,7 +252,7 @@ class AttnDownBlock2D(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         res_samples: tuple[torch.Tensor, ...] = ()
         for resnet, attn in zip(self.resnets, self.attentions):
-            hidden_states = attn(resnet(hidden_states, temb))  # (B, C_out, H, W)
+            hidden_states = self._layer(attn, self._layer(resnet, hidden_states, temb))  # (B, C_out, H, W)
             res_samples += (hidden_states,)
         if self.downsamplers is not None:
             down = self.downsamplers[0]
@@ -253,7 +270,7 @@ class DownEncoderBlock2D(DownBlock2D):
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, None)  # (B, C_out, H, W)
+            hidden_states = self._layer(resnet, hidden_states, None)  # (B, C_out, H, W)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)  # (B, C_out, H/2, W/2)
         return hidden_states
@@ -263,7 +280,7 @@ class DownEncoderBlock2D(DownBlock2D):
 
 
 @register_block("mid")
-class UNetMidBlock2D(nn.Module):
+class UNetMidBlock2D(nn.Module, Checkpointable):
     """resnet, then ``num_layers`` x (spatial self-attention -> resnet), at constant resolution.
 
     ``attn_groups`` (GroupNorm groups of the attentions) defaults to ``resnet_groups`` with
@@ -309,11 +326,11 @@ class UNetMidBlock2D(nn.Module):
         self.attentions, self.resnets = attentions, resnets  # diffusers' registration (state dict) order
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = self.resnets[0](hidden_states, temb)  # (B, C, H, W)
+        hidden_states = self._layer(self.resnets[0], hidden_states, temb)  # (B, C, H, W)
         for i, resnet in enumerate(self.resnets[1:]):
             if self.add_attention:
-                hidden_states = self.attentions[i](hidden_states)
-            hidden_states = resnet(hidden_states, temb)
+                hidden_states = self._layer(self.attentions[i], hidden_states)
+            hidden_states = self._layer(resnet, hidden_states, temb)
         return hidden_states
 
 
@@ -321,7 +338,7 @@ class UNetMidBlock2D(nn.Module):
 
 
 @register_block("up")
-class UpBlock2D(nn.Module):
+class UpBlock2D(nn.Module, Checkpointable):
     """``num_layers`` resnets, each on ``cat(hidden, skip)``, then an optional 2x upsampler."""
 
     has_cross_attention = False
@@ -362,14 +379,14 @@ class UpBlock2D(nn.Module):
     ) -> torch.Tensor:
         for resnet in self.resnets:
             skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
-            hidden_states = resnet(torch.cat([hidden_states, skip], dim=1), temb)  # (B, C_out, H, W)
+            hidden_states = self._layer(resnet, torch.cat([hidden_states, skip], dim=1), temb)  # (B, C_out, H, W)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C_out, 2H, 2W)
         return hidden_states
 
 
 @register_block("up")
-class AttnUpBlock2D(nn.Module):
+class AttnUpBlock2D(nn.Module, Checkpointable):
     """``num_layers`` x (resnet on ``cat(hidden, skip)`` -> spatial self-attention), then an upsampler.
 
     ``upsample_type``: ``"conv"`` (nearest 2x + conv, default) or ``"resnet"`` (a resnet with ``up=True``).
@@ -430,7 +447,7 @@ class AttnUpBlock2D(nn.Module):
     ) -> torch.Tensor:
         for resnet, attn in zip(self.resnets, self.attentions):
             skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
-            hidden_states = attn(resnet(torch.cat([hidden_states, skip], dim=1), temb))  # (B, C_out, H, W)
+            hidden_states = self._layer(attn, self._layer(resnet, torch.cat([hidden_states, skip], dim=1), temb))
         if self.upsamplers is not None:
             up = self.upsamplers[0]
             hidden_states = up(hidden_states, temb) if self.upsample_type == "resnet" else up(hidden_states)
@@ -438,7 +455,7 @@ class AttnUpBlock2D(nn.Module):
 
 
 @register_block("up")
-class UpDecoderBlock2D(nn.Module):
+class UpDecoderBlock2D(nn.Module, Checkpointable):
     """VAE decoder stage: ``num_layers`` resnets (no skip connections), then an optional 2x upsampler."""
 
     has_cross_attention = False
@@ -471,7 +488,7 @@ class UpDecoderBlock2D(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, temb)  # (B, C_out, H, W)
+            hidden_states = self._layer(resnet, hidden_states, temb)  # (B, C_out, H, W)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states)  # (B, C_out, 2H, 2W)
         return hidden_states

@@ -89,6 +89,7 @@ class TrainLoop:
         seed: int = 0,
         device: str | torch.device = "cpu",
         bf16: bool = False,
+        gradient_checkpointing: bool = False,
         checkpoint_every: int = 500,
         time_limit_minutes: float | None = None,
         stop_after: int | None = None,
@@ -108,6 +109,11 @@ class TrainLoop:
             logger.warning("bf16 autocast requested but %s has no native bf16: training in float32", self.device)
             bf16 = False
         self.bf16 = bf16
+        # recompute block activations in the backward pass (models that support it: the UNets and the VAE)
+        self.gradient_checkpointing = gradient_checkpointing
+        for module in self.modules.values():
+            if gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False):
+                module.enable_gradient_checkpointing()
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         names = tuple(self.modules) if ema_names is None else ema_names
@@ -254,6 +260,7 @@ class TrainLoop:
             "threads": torch.get_num_threads(),
             "device": str(self.device),
             "bf16": self.bf16,
+            "gradient_checkpointing": self.gradient_checkpointing,
             "torch": torch.__version__,
             **(extra or {}),
         }

@@ -135,6 +135,7 @@ def _loop_kwargs(args, keys, steps, lr, warmup, description):
     return dict(config={k: getattr(args, k) for k in keys}, lr=lr, total_steps=steps, warmup_steps=warmup,
                 lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
                 ema_decay=args.ema_decay, seed=args.seed, device=args.device, bf16=args.bf16,
+                gradient_checkpointing=args.gradient_checkpointing,
                 checkpoint_every=args.checkpoint_every, time_limit_minutes=args.time_limit,
                 stop_after=args.stop_after, progress=not args.no_progress, description=description)
 

@@ -68,6 +68,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                    help="stop (checkpoint + export) after N steps of this invocation; rerun to continue")
     g.add_argument("--device", default="cpu")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (where the CPU/GPU supports it natively)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet/VAE block activations in the backward pass: less memory, more compute, "
+                        "same gradients")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -143,8 +146,8 @@ def train(args: argparse.Namespace) -> Path:
         out, {"unet": unet}, config=result_config(args), lr=args.lr, total_steps=args.steps,
         warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip or None, ema_decay=args.ema_decay, seed=args.seed, device=args.device,
-        bf16=args.bf16, checkpoint_every=args.checkpoint_every, time_limit_minutes=args.time_limit,
-        stop_after=args.stop_after,
+        bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
+        time_limit_minutes=args.time_limit, stop_after=args.stop_after,
         progress=not args.no_progress, description="unconditional",
     )
     if not args.no_resume and loop.resume():
