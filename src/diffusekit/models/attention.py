@@ -9,7 +9,11 @@ One class serves three uses:
 
 The product is computed by :func:`torch.nn.functional.scaled_dot_product_attention` (default scale
 ``1 / sqrt(dim_head)``). ``upcast_attention`` (or ``upcast_softmax``) runs that product in float32 when the inputs are
-half precision, and casts the result back.
+half precision, and casts the result back. ``set_attention_slice(n)`` computes it for ``n`` (batch, head) pairs at a
+time (diffusers' sliced attention), which bounds the memory of backends that materialise the score matrix.
+
+Not implemented, deliberately: diffusers' attention-processor classes (``set_processor``, ``attn_processors``),
+IP-Adapter, fused QKV projections; the one code path here is SDPA, optionally sliced.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class Attention(nn.Module):
         self.rescale_output_factor = rescale_output_factor
         self.residual_connection = residual_connection
         self.out_dim = out_dim if out_dim is not None else query_dim
+        self.slice_size: int | None = None  # set_attention_slice: (batch, head) pairs per SDPA call; None = all
 
         if norm_num_groups is not None:
             self.group_norm = nn.GroupNorm(num_groups=norm_num_groups, num_channels=query_dim, eps=eps, affine=True)
@@ -76,6 +81,38 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
         self.to_v = nn.Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, self.out_dim, bias=out_bias), nn.Dropout(dropout)])
+
+    @property
+    def sliceable_head_dim(self) -> int:
+        """The number of heads (diffusers' name): the most a slice can hold per batch item."""
+        return self.heads
+
+    def set_attention_slice(self, slice_size: int | None) -> None:
+        """Compute attention for ``slice_size`` (batch, head) pairs at a time; ``None`` turns slicing off.
+
+        The result equals unsliced attention; memory for the score matrix drops to ``slice_size / (B * heads)`` of it
+        where the backend materialises it.
+        """
+        if slice_size is not None and not (isinstance(slice_size, int) and 1 <= slice_size <= self.heads):
+            raise ValueError(f"slice_size {slice_size!r} has to be an int from 1 to the {self.heads} heads, or None")
+        self.slice_size = slice_size
+
+    def _attend(self, query, key, value, mask):
+        """SDPA over (B, heads, N, d), whole or in slices of ``slice_size`` (batch, head) pairs."""
+        batch, heads, length, dim = query.shape
+        pairs = batch * heads
+        if self.slice_size is None or self.slice_size >= pairs:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # (B, heads, N, d)
+        query, key, value = (t.reshape(pairs, t.shape[2], dim) for t in (query, key, value))  # (B*heads, N|M, d)
+        if mask is not None:  # (B|1, 1|heads, 1|N, M) -> (B*heads, 1|N, M)
+            mask = mask.expand(batch, heads, *mask.shape[2:]).reshape(pairs, *mask.shape[2:])
+        out = torch.empty_like(query)
+        for start in range(0, pairs, self.slice_size):
+            part = slice(start, start + self.slice_size)
+            out[part] = F.scaled_dot_product_attention(
+                query[part], key[part], value[part], attn_mask=None if mask is None else mask[part]
+            )
+        return out.view(batch, heads, length, dim)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (B, N, heads * dim_head) -> (B, heads, N, dim_head)
@@ -121,7 +158,7 @@ class Attention(nn.Module):
         if self.upcast and out_dtype in (torch.float16, torch.bfloat16):
             query, key, value = query.float(), key.float(), value.float()
         mask = None if attention_mask is None else self._prepare_mask(attention_mask, query.dtype)
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # (B, heads, N, d)
+        attended = self._attend(query, key, value, mask)  # (B, heads, N, d)
         batch_size, _, length, _ = attended.shape
         attended = attended.transpose(1, 2).reshape(batch_size, length, self.inner_dim).to(out_dtype)  # (B, N, inner)
 
@@ -131,6 +168,35 @@ class Attention(nn.Module):
         if self.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / self.rescale_output_factor
+
+
+def set_attention_slice(model: nn.Module, slice_size: str | int | list[int | None] | None = "auto") -> None:
+    """Set the slice size of every :class:`Attention` in ``model`` (in module order), with diffusers' values.
+
+    ``"auto"``: half of each layer's heads (at least 1); ``"max"``: one (batch, head) pair at a time; an int: that
+    many for every layer; a list: one value per attention layer; ``None``: no slicing.
+    """
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if slice_size == "auto":
+        sizes = [max(1, layer.heads // 2) for layer in layers]  # diffusers: heads // 2, which is 0 for one head
+    elif slice_size == "max":
+        sizes = [1] * len(layers)
+    elif isinstance(slice_size, (list, tuple)):
+        if len(slice_size) != len(layers):
+            raise ValueError(
+                f"slice_size gives {len(slice_size)} values, but {type(model).__name__} has {len(layers)} attention "
+                "layers: give one per layer, or one int, 'auto', 'max' or None"
+            )
+        sizes = list(slice_size)
+    elif slice_size is None or isinstance(slice_size, int):
+        sizes = [slice_size] * len(layers)
+    else:
+        raise ValueError(f"slice_size must be 'auto', 'max', an int, a list of ints or None, got {slice_size!r}")
+    for layer, size in zip(layers, sizes):
+        if size is not None and isinstance(size, int) and size > layer.heads:
+            raise ValueError(f"slice_size {size} has to be smaller or equal to {layer.heads} (the layer's heads)")
+    for layer, size in zip(layers, sizes):
+        layer.set_attention_slice(size)
 
 
 # ---------------------------------------------------------------------------------------------------- legacy keys

@@ -36,6 +36,7 @@ from ..modeling import ModelMixin
 from ..outputs import BaseOutput
 from ..single_file.loading import FromOriginalModelMixin
 from . import unet_2d_condition_blocks, unet_blocks  # noqa: F401  (register the block classes)
+from .attention import set_attention_slice
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .registry import get_block
 from .resnet import get_activation
@@ -322,6 +323,12 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
             self.conv_norm_out = None
             self.conv_act = None
         self.conv_out = nn.Conv2d(width, out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
+
+    def set_attention_slice(self, slice_size: str | int | list[int | None] | None = "auto") -> None:
+        """Sliced attention (diffusers' API): ``"auto"`` halves each layer's heads, ``"max"`` runs one (batch, head)
+        pair at a time, an int is the pairs per slice for every layer, a list gives one per attention layer, ``None``
+        turns it off. Results equal unsliced attention; see ``models.attention.set_attention_slice``."""
+        set_attention_slice(self, slice_size)
 
     # ------------------------------------------------------------------ forward helpers
 

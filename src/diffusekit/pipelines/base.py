@@ -450,6 +450,23 @@ class DiffusionPipeline:
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         self.to_json_file(Path(save_directory) / INDEX_NAME)
 
+    # ------------------------------------------------------------------ memory
+
+    def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
+        """Compute attention in slices of (batch, head) pairs in every component that supports it (the conditional
+        UNet): ``"auto"`` (half the heads), ``"max"`` (one pair at a time) or an int. Same images; less peak memory
+        where the attention backend materialises the score matrix (see BENCHMARKS.md), somewhat slower."""
+        self.set_attention_slice(slice_size)
+
+    def disable_attention_slicing(self) -> None:
+        """Compute attention in one step again (the default)."""
+        self.enable_attention_slicing(None)
+
+    def set_attention_slice(self, slice_size: str | int | None) -> None:
+        for _, module in self._modules():
+            if hasattr(module, "set_attention_slice"):
+                module.set_attention_slice(slice_size)
+
     # ------------------------------------------------------------------ per-call state
 
     def _fresh_scheduler(self):
