@@ -227,3 +227,22 @@ def test_sd_repo_layout_loads_from_the_hub_cache(sd_repo, tmp_path):
     theirs = diffusers.DiffusionPipeline.from_pretrained(sd_repo, safety_checker=None, variant="fp16")
     same_modules(ours, theirs)
     assert type(ours).__name__ == "StableDiffusionPipeline"
+
+
+def test_bin_only_sd_repo_with_legacy_tokenizer_files(sd_repo, tmp_path):
+    """The CompVis/stable-diffusion-v1-4 layout before safetensors: only .bin weights, and a tokenizer of
+    vocab.json + merges.txt without tokenizer.json."""
+    import shutil
+
+    folder = tmp_path / "stable-diffusion-v1-4"
+    shutil.copytree(sd_repo, folder)
+    for path in folder.rglob("*.safetensors"):
+        path.unlink()
+    (folder / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    ours = diffusekit.DiffusionPipeline.from_pretrained(folder)
+    theirs = diffusers.DiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    same_modules(ours, theirs)
+    text = "a photo of an astronaut riding a horse"
+    assert ours.tokenizer(text).input_ids == theirs.tokenizer(text).input_ids
+    with pytest.raises(FileNotFoundError, match="use_safetensors=False"):
+        diffusekit.DiffusionPipeline.from_pretrained(folder, use_safetensors=True)
