@@ -45,6 +45,20 @@ def test_config_key_as_attribute_warns_like_diffusers(cls_name, kwargs, key):
     assert f".config.{key}" in message
 
 
+def test_pipeline_options_read_as_attributes_like_diffusers(tmp_path):
+    from sd_assets import build_tiny_sd
+
+    folder = build_tiny_sd(tmp_path / "sd")
+    ours = diffusekit.StableDiffusionPipeline.from_pretrained(folder)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                               requires_safety_checker=False)
+    value, message = read_with_warning(ours, "requires_safety_checker")
+    expected, their_message = read_with_warning(theirs, "requires_safety_checker")
+    assert value is expected is False and message == their_message
+    with pytest.raises(AttributeError, match="no attribute 'not_an_option'"):
+        ours.not_an_option
+
+
 def test_unknown_attribute_is_still_an_attribute_error():
     unet = diffusekit.UNet2DModel(**UNET)
     with pytest.raises(AttributeError, match="no attribute 'not_a_key'"):

@@ -114,12 +114,13 @@ def register_to_config(init):
     return wrapper
 
 
-def config_attribute(obj: Any, name: str) -> Any:
+def config_attribute(obj: Any, name: str, config: Mapping[str, Any] | None = None) -> Any:
     """``obj.<config key>``: the config value with a ``FutureWarning`` naming ``.config.<key>``, as diffusers does.
 
-    Raises ``AttributeError`` for any other name.
+    ``config`` defaults to ``obj``'s own. Raises ``AttributeError`` for any other name.
     """
-    config = obj.__dict__.get("_config")
+    if config is None:
+        config = obj.__dict__.get("_config")
     if config is not None and not name.startswith("_") and name in config:
         kind = "unet" if isinstance(obj, _torch_module_type()) else "scheduler"
         warnings.warn(

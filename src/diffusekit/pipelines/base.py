@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..configuration import DIFFUSERS_COMPAT_VERSION, FrozenConfig, read_json
+from ..configuration import DIFFUSERS_COMPAT_VERSION, FrozenConfig, config_attribute, read_json
 from ..hub import EntryNotFound, local_checkpoint_folders, local_folder, resolve_file, split_hub_kwargs
 from ..modeling import ModelMixin, resolve_dtype
 from ..outputs import BaseOutput
@@ -96,6 +96,10 @@ class DiffusionPipeline:
     def components(self) -> dict[str, Any]:
         """The pipeline's components by name, ready to build another pipeline: ``Other(**pipe.components)``."""
         return {name: getattr(self, name) for name in self._component_names}
+
+    def __getattr__(self, name: str) -> Any:
+        # options (requires_safety_checker ...) read as attributes, deprecated, as diffusers' config keys are
+        return config_attribute(self, name, self.__dict__.get("_options"))
 
     @property
     def parameters(self) -> dict[str, Any]:
