@@ -26,6 +26,7 @@ from conftest import assert_close
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from sd_assets import build_tiny_sd  # noqa: E402
+from sdxl_assets import WIDTH_2  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- reference table
 
@@ -40,7 +41,8 @@ def reference_unet_prefixes(cfg) -> list[tuple]:
     up_attn = [t.startswith("CrossAttn") for t in cfg["up_block_types"]]
     pairs = [("conv_in.", "input_blocks.0.0.", None), ("time_embedding.linear_1.", "time_embed.0.", None),
              ("time_embedding.linear_2.", "time_embed.2.", None), ("conv_norm_out.", "out.0.", None),
-             ("conv_out.", "out.2.", None)]
+             ("conv_out.", "out.2.", None), ("add_embedding.linear_1.", "label_emb.0.0.", None),
+             ("add_embedding.linear_2.", "label_emb.0.2.", None)]
     i = 1
     for b in range(n):
         for j in range(layers):
@@ -101,15 +103,14 @@ def reference_vae(sd, cfg) -> dict:
     return out
 
 
-def reference_clip(sd) -> dict:
-    return {"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
-            for k, v in sd.items()}
+def reference_clip(sd, p="cond_stage_model.transformer.") -> dict:
+    return {p + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
 
 
-def reference_open_clip(sd, num_layers, extra_layer=True) -> dict:
-    """open_clip's text tower; ``extra_layer`` adds the unused last resblock + projection the released files have."""
+def reference_open_clip(sd, num_layers, extra_layer=True, p="cond_stage_model.model.") -> dict:
+    """open_clip's text tower; ``extra_layer`` adds the unused last resblock + projection the released files have;
+    a model's own projection (SDXL's bigG) is written as open_clip holds it, ``x @ text_projection``."""
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    p = "cond_stage_model.model."
     out = {p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
            p + "positional_embedding": sd["embeddings.position_embedding.weight"],
            p + "ln_final.weight": sd["final_layer_norm.weight"], p + "ln_final.bias": sd["final_layer_norm.bias"]}
@@ -122,6 +123,8 @@ def reference_open_clip(sd, num_layers, extra_layer=True) -> dict:
             out[r + f"ln_2.{kind}"] = sd[s + f"layer_norm2.{kind}"]
             out[r + f"mlp.c_fc.{kind}"] = sd[s + f"mlp.fc1.{kind}"]
             out[r + f"mlp.c_proj.{kind}"] = sd[s + f"mlp.fc2.{kind}"]
+    if "text_projection.weight" in sd:
+        out[p + "text_projection"] = sd["text_projection.weight"].T
     if extra_layer:
         g = torch.Generator().manual_seed(1)
         last = f"{p}transformer.resblocks.{num_layers}."
@@ -577,3 +580,102 @@ def test_cli_convert_both_ways(v1, tmp_path):
     assert main(["convert", str(path), str(tmp_path / "out"), "--config", str(folder)]) == 2
     assert main(["convert", str(path), str(tmp_path / "out"), "--config", str(folder), "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging leftovers
+
+
+# ---------------------------------------------------------------------------------------------------- SDXL
+
+
+def reference_xl_file(folder: Path, path: Path, refiner=False) -> Path:
+    """sd_xl_base_1.0's layout: conditioner.embedders.0.transformer (CLIP-L), .1.model (bigG); the refiner has
+    bigG alone at conditioner.embedders.0.model."""
+    def read(sub, name):
+        return load_file(folder / sub / name), json.loads((folder / sub / "config.json").read_text())
+
+    unet, unet_cfg = read("unet", "diffusion_pytorch_model.safetensors")
+    vae, vae_cfg = read("vae", "diffusion_pytorch_model.safetensors")
+    big, big_cfg = read("text_encoder_2", "model.safetensors")
+    tensors = {**reference_unet(unet, unet_cfg), **reference_vae(vae, vae_cfg)}
+    tensors.update(reference_open_clip(big, big_cfg["num_hidden_layers"], extra_layer=False,
+                                       p=f"conditioner.embedders.{0 if refiner else 1}.model."))
+    if not refiner:
+        tensors.update(reference_clip(read("text_encoder", "model.safetensors")[0],
+                                      p="conditioner.embedders.0.transformer."))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return path
+
+
+def _xl_unet_out(unet):
+    g = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    x = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(2, 5, cfg.cross_attention_dim, generator=g)
+    ids = (cfg.projection_class_embeddings_input_dim - WIDTH_2) // cfg.addition_time_embed_dim
+    cond = {"text_embeds": torch.randn(2, WIDTH_2, generator=g), "time_ids": torch.randn(2, ids, generator=g)}
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
+
+
+def _same_xl_models(a, b):
+    assert_close(_xl_unet_out(a.unet), _xl_unet_out(b.unet))
+    assert_close(_vae_out(a.vae), _vae_out(b.vae))
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(b, name) is None:
+            assert getattr(a, name) is None
+            continue
+        ids = torch.tensor([[998, 5, 17, 999, 999, 999]])
+        with torch.no_grad():
+            x, y = getattr(a, name)(ids, output_hidden_states=True), getattr(b, name)(ids, output_hidden_states=True)
+        assert_close(x[0], y[0])
+        assert_close(x.hidden_states[-2], y.hidden_states[-2])
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["base", "refiner"])
+def test_sdxl_matches_diffusers_and_the_reference_table(tmp_path, refiner, monkeypatch):
+    import sdxl_assets
+
+    # diffusers tells SDXL's two text encoders apart by width (768 vs 1280): the tiny ones must differ too
+    monkeypatch.setattr(sdxl_assets, "WIDTH_1", 24)
+    build_tiny_sdxl = sdxl_assets.build_tiny_sdxl
+    name = "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline"
+    folder = build_tiny_sdxl(tmp_path / "folder", pipeline=name, refiner=refiner)
+    path = reference_xl_file(folder, tmp_path / "xl.safetensors", refiner=refiner)
+    ours = getattr(diffusekit, name).from_single_file(path, config=folder)
+    ref = getattr(diffusers, name).from_single_file(str(path), config=str(folder), local_files_only=True)
+    _same_xl_models(ours, ref)
+    kwargs = {"image": _pil(16), "strength": 0.75} if refiner else {"height": 16, "width": 16}
+    a = ours(["a red sneaker"], num_inference_steps=3, output_type="np", generator=torch.manual_seed(0), **kwargs)
+    b = ref(["a red sneaker"], num_inference_steps=3, output_type="np", generator=torch.manual_seed(0), **kwargs)
+    assert_close(a.images, b.images, rtol=1e-4, atol=1e-4)
+    # our writer gives the reference file, and the folder comes back bit for bit
+    written = load_file(diffusekit.DiffusionPipeline.from_pretrained(folder).save_single_file(tmp_path / "ours.safetensors"))
+    reference = load_file(path)
+    assert sorted(written) == sorted(reference) and all(torch.equal(written[k], reference[k]) for k in reference)
+    # without config: the architecture comes from the shapes (tokenizers passed: the tiny vocabulary is not CLIP's;
+    # what the weights cannot show and differs from SDXL's is passed too)
+    tokenizers = {t: diffusekit.CLIPTokenizer.from_pretrained(folder, subfolder=t)
+                  for t in (["tokenizer_2"] if refiner else ["tokenizer", "tokenizer_2"])}
+    # the text encoders' head counts are not in the weights either: the model classes take them as overrides
+    encoders = {"text_encoder_2": diffusekit.CLIPTextModelWithProjection.from_single_file(path, num_attention_heads=4)}
+    if not refiner:
+        encoders["text_encoder"] = diffusekit.CLIPTextModel.from_single_file(path, num_attention_heads=4)
+    inferred = getattr(diffusekit, name).from_single_file(path, norm_num_groups=8, addition_time_embed_dim=8,
+                                                         attention_head_dim=(2, 4), **tokenizers,
+                                                         **encoders)
+    for key in ("transformer_layers_per_block", "projection_class_embeddings_input_dim",
+                "cross_attention_dim", "addition_embed_type", "use_linear_projection"):
+        assert list(np.atleast_1d(inferred.unet.config[key])) == list(np.atleast_1d(ref.unet.config[key])), key
+    _same_xl_models(inferred, ours)
+    assert inferred.vae.config.scaling_factor == 0.13025
+    assert type(inferred.scheduler).__name__ == "EulerDiscreteScheduler"
+    if refiner:
+        assert inferred.text_encoder is None and inferred.tokenizer is None
+    # an SDXL file is not an SD 1.x/2.x one
+    with pytest.raises(ValueError, match="SDXL"):
+        diffusekit.StableDiffusionPipeline.from_single_file(path)
+
+
+def _pil(size):
+    from PIL import Image
+
+    pixels = (torch.rand(size, size, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)

@@ -133,3 +133,43 @@ def test_tables_are_read_both_ways():
         for original, transforms in owners.items():
             assert len(transforms) == 1 or sorted(t[1] for t in transforms) == [0, 1, 2], original
     assert keymaps.TABLES.keys() == {"unet", "vae", "clip", "open_clip"}
+
+
+SDXL_UNET = dict(sample_size=128, block_out_channels=[320, 640, 1280],
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+BIG_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+             num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+
+
+def test_full_size_sdxl():
+    transformers = pytest.importorskip("transformers")
+    ours = _meta(diffusekit.UNet2DConditionModel, **SDXL_UNET)
+    ref = _meta(diffusers.UNet2DConditionModel, **SDXL_UNET)
+    original = _written(ours, "unet")
+    assert tuple(original["model.diffusion_model.label_emb.0.0.weight"].shape) == (1280, 2816)
+    assert "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight" in original
+    converted = single_file_utils.convert_ldm_unet_checkpoint(original, dict(ref.config))
+    assert _shapes(converted) == _shapes(ref.state_dict())
+    shapes = {k.removeprefix("model.diffusion_model."): tuple(v.shape) for k, v in original.items()}
+    inferred = infer.unet_config(shapes, "xl_base")
+    for key, value in inferred.items():
+        want = ours.config[key]
+        assert (list(value) if isinstance(value, (list, tuple)) else value) == \
+            (list(want) if isinstance(want, (list, tuple)) else want), key
+    # bigG with its projection: every layer is used, the projection is transposed
+    big = _meta(diffusekit.CLIPTextModelWithProjection, **BIG_G)
+    from diffusekit.single_file.loading import component_state_dict
+
+    written = component_state_dict(big, "text_encoder", "conditioner.embedders.1.model.")
+    assert tuple(written["conditioner.embedders.1.model.text_projection"].shape) == (1280, 1280)
+    bare = {k.removeprefix("conditioner.embedders.1.model."): tuple(v.shape) for k, v in written.items()}
+    inferred = infer.text_encoder_config(bare, "open_clip", "xl_base")
+    assert inferred["num_hidden_layers"] == 32 and inferred["num_attention_heads"] == 20
+    with torch.device("meta"):
+        ref_big = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**BIG_G))
+    converted = single_file_utils.convert_open_clip_checkpoint(ref_big, written, prefix="conditioner.embedders.1.model.")
+    assert _shapes(converted) == {k: s for k, s in _shapes(ref_big.state_dict()).items() if "position_ids" not in k}

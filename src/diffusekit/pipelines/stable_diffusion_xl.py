@@ -36,6 +36,7 @@ import torch
 
 from ..outputs import BaseOutput
 from .base import DiffusionPipeline
+from ..single_file.pipeline import FromSingleFileMixin
 from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, XL_EMBEDS, XL_SIZES, call_signature
 from .image_processor import postprocess
 from .pieces import LatentDiffusionMixin, check_denoising_fractions, custom_schedule, cut_at_denoising_end, \
@@ -243,7 +244,7 @@ def _size(value: Any, name: str, default: Size) -> tuple[int, ...]:
     return tuple(value)
 
 
-class StableDiffusionXLPipeline(XLPromptEncodingMixin, LatentDiffusionMixin, DiffusionPipeline):
+class StableDiffusionXLPipeline(XLPromptEncodingMixin, LatentDiffusionMixin, DiffusionPipeline, FromSingleFileMixin):
     """``pipe(prompt, ...).images``: SDXL text-to-image (see the module docstring for the pieces and differences).
 
     Components: ``vae``, ``text_encoder`` (CLIP ViT-L), ``text_encoder_2`` (OpenCLIP bigG with projection),

@@ -22,7 +22,9 @@ from . import infer
 SINGLE_FILE_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 #: the pipeline class a single file becomes, per family
 PIPELINE_FOR_FAMILY = {"v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline",
-                       "inpainting": "StableDiffusionInpaintPipeline", "inpainting_v2": "StableDiffusionInpaintPipeline"}
+                       "inpainting": "StableDiffusionInpaintPipeline", "inpainting_v2": "StableDiffusionInpaintPipeline",
+                       "xl_base": "StableDiffusionXLPipeline", "xl_refiner": "StableDiffusionXLImg2ImgPipeline",
+                       "xl_inpaint": "StableDiffusionXLInpaintPipeline"}
 
 
 def is_single_file(path: str | os.PathLike) -> bool:

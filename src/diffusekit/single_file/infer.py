@@ -25,16 +25,12 @@ class SingleFileError(ValueError):
 # ---------------------------------------------------------------------------------------------------- detection
 
 
-def text_encoder_layout(shapes: Mapping[str, Shape]) -> tuple[str, str] | None:
-    """("clip" | "open_clip", prefix) of the text encoder in a full checkpoint, or None if it has none."""
-    for layout in ("clip", "open_clip"):
-        for prefix in keymaps.TEXT_ENCODER_PREFIXES[layout]:
-            if prefix and prefix + keymaps.ANCHORS[layout] in shapes:
-                return layout, prefix
-    # a file holding only a text encoder
-    for layout in ("clip", "open_clip"):
-        if keymaps.ANCHORS[layout] in shapes:
-            return layout, ""
+def text_encoder_layout(shapes: Mapping[str, Shape], slot: str = "text_encoder") -> tuple[str, str] | None:
+    """("clip" | "open_clip", prefix) of a pipeline's text encoder slot ("text_encoder", "text_encoder_2") in the
+    file, or None if the file has none there."""
+    for layout, prefix in keymaps.TEXT_ENCODER_SLOTS[slot]:
+        if prefix + keymaps.ANCHORS[layout] in shapes:
+            return layout, prefix
     return None
 
 
@@ -48,17 +44,19 @@ def component_prefix(kind: str, shapes: Mapping[str, Shape]) -> str | None:
 
 
 def detect_family(shapes: Mapping[str, Shape], extras: Mapping[str, Any] | None = None) -> str:
-    """"v1", "v2", "inpainting", "inpainting_v2" (diffusers' rules), or "xl" for SDXL files (not supported yet).
+    """"v1", "v2", "inpainting", "inpainting_v2", "xl_base", "xl_refiner", "xl_inpaint" (diffusers' rules).
 
     SD 2.x is told by the UNet's 1024-wide cross-attention (diffusers' rule) or, for UNets of other sizes, by an
-    OpenCLIP text encoder in the file.
+    OpenCLIP text encoder in the file; SDXL by its ``conditioner.embedders`` text encoders.
     """
-    if any(key in shapes for key in keymaps.KEY_SDXL):
-        return "xl"
-    layout = text_encoder_layout(shapes)
-    v2 = (keymaps.KEY_V2 in shapes and shapes[keymaps.KEY_V2][-1] == 1024) or (layout and layout[0] == "open_clip")
     inpainting = keymaps.KEY_CONV_IN in shapes and len(shapes[keymaps.KEY_CONV_IN]) == 4 and \
         shapes[keymaps.KEY_CONV_IN][1] == 9
+    if any(key.startswith(keymaps.PREFIX_SDXL_BASE) for key in shapes):
+        return "xl_inpaint" if inpainting else "xl_base"
+    if any(key.startswith(keymaps.PREFIX_SDXL_REFINER) for key in shapes):
+        return "xl_refiner"
+    layout = text_encoder_layout(shapes)
+    v2 = (keymaps.KEY_V2 in shapes and shapes[keymaps.KEY_V2][-1] == 1024) or (layout and layout[0] == "open_clip")
     if inpainting:
         return "inpainting_v2" if v2 else "inpainting"
     return "v2" if v2 else "v1"
@@ -73,11 +71,6 @@ def prediction_type(family: str, extras: Mapping[str, Any] | None = None) -> str
 
 
 def family_defaults(family: str) -> dict[str, Any]:
-    if family == "xl":
-        raise SingleFileError(
-            "this is an SDXL checkpoint (conditioner.embedders.* keys): SDXL single files are not supported yet "
-            "(load a diffusers-format SDXL folder instead)"
-        )
     return keymaps.FAMILIES[family]
 
 
@@ -110,8 +103,9 @@ def unet_config(shapes: Mapping[str, Shape], family: str, vae_scale: int = 8) ->
 
     attention_keys = [k for k in shapes if k.endswith(".attn2.to_k.weight")]
     proj_in = [k for k in shapes if k.endswith(".proj_in.weight")]
-    depth = [len(_indices(shapes, rf"^input_blocks\.{level[0]}\.1\.transformer_blocks\.(\d+)\."))
-             for level, attn in zip(levels, down_attention) if attn]
+    # transformer depth per level (1 where a level has no attention, as diffusers' configs say)
+    depth = [len(_indices(shapes, rf"^input_blocks\.{level[0]}\.1\.transformer_blocks\.(\d+)\.")) if attn else 1
+             for level, attn in zip(levels, down_attention)]
     kind, value = defaults["unet_heads"]
     heads = value if kind == "count" else [c // value for c in channels]
     config = {
@@ -126,12 +120,13 @@ def unet_config(shapes: Mapping[str, Shape], family: str, vae_scale: int = 8) ->
         "cross_attention_dim": shapes[attention_keys[0]][1] if attention_keys else 1280,
         "attention_head_dim": heads,
         "use_linear_projection": bool(proj_in) and len(shapes[proj_in[0]]) == 2,
-        "transformer_layers_per_block": depth[0] if len(set(depth)) <= 1 and depth else depth,
+        "transformer_layers_per_block": depth[0] if len(set(depth)) == 1 else depth,
         "upcast_attention": defaults["upcast_attention"],
         "norm_num_groups": keymaps.NORM_NUM_GROUPS,
     }
-    if not depth:
-        config["transformer_layers_per_block"] = 1
+    if "label_emb.0.0.weight" in shapes:  # SDXL: pooled text + size / crop time ids
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=defaults["addition_time_embed_dim"],
+                      projection_class_embeddings_input_dim=shapes["label_emb.0.0.weight"][1])
     return config
 
 
@@ -152,16 +147,16 @@ def vae_config(shapes: Mapping[str, Shape], family: str) -> dict[str, Any]:
         "latent_channels": latent,
         "norm_num_groups": keymaps.NORM_NUM_GROUPS,
         "sample_size": defaults["image_size"],
-        "scaling_factor": keymaps.VAE_SCALING_FACTOR,
+        **defaults["vae"],
     }
 
 
-def text_encoder_config(shapes: Mapping[str, Shape], layout: str) -> dict[str, Any]:
+def text_encoder_config(shapes: Mapping[str, Shape], layout: str, family: str = "v1") -> dict[str, Any]:
     """A transformers ``CLIPTextConfig`` from a text encoder's shapes (keys relative to its prefix).
 
     OpenCLIP: SD 2.x conditions on the penultimate layer, so a file with the full tower (the released files carry
     ``text_projection``) gives one layer less; a file without the projection (written from a diffusers model, whose
-    unused last layer is gone) gives all its layers.
+    unused last layer is gone) gives all its layers. SDXL uses every layer of its bigG tower.
     """
     if layout == "clip":
         vocab, width = shapes["text_model.embeddings.token_embedding.weight"]
@@ -175,7 +170,7 @@ def text_encoder_config(shapes: Mapping[str, Shape], layout: str) -> dict[str, A
         layers = len(_indices(shapes, r"^transformer\.resblocks\.(\d+)\."))
         inner = shapes["transformer.resblocks.0.mlp.c_fc.weight"][0]
         projection = shapes["text_projection"][1] if "text_projection" in shapes else width
-        if "text_projection" in shapes:
+        if "text_projection" in shapes and family_defaults(family)["open_clip_penultimate"]:
             layers -= 1
     return {
         "vocab_size": vocab,
@@ -282,7 +277,8 @@ def vae_config_from_original(original: Mapping[str, Any], family: str) -> dict[s
         "latent_channels": dd["z_channels"],
         "norm_num_groups": keymaps.NORM_NUM_GROUPS,
         "sample_size": family_defaults(family)["image_size"],
-        "scaling_factor": original["model"]["params"].get("scale_factor", keymaps.VAE_SCALING_FACTOR),
+        "scaling_factor": original["model"]["params"].get("scale_factor",
+                                                          family_defaults(family)["vae"]["scaling_factor"]),
     }
 
 

@@ -32,12 +32,21 @@ from __future__ import annotations
 #: wins ("" = a file holding only that component, e.g. the A1111 standalone VAE files ``vae-ft-mse-*.safetensors``)
 UNET_PREFIXES = ("model.diffusion_model.", "")
 VAE_PREFIXES = ("first_stage_model.", "vae.", "")
-#: text encoder layouts: "clip" is transformers' CLIPTextModel (OpenAI CLIP ViT-L/14, SD 1.x), "open_clip" is
-#: open_clip's own module tree (OpenCLIP ViT-H/14, SD 2.x)
-TEXT_ENCODER_PREFIXES = {
-    "clip": ("cond_stage_model.transformer.", ""),
-    "open_clip": ("cond_stage_model.model.", ""),
+#: text encoder layouts: "clip" is transformers' CLIPTextModel (OpenAI CLIP ViT-L/14, SD 1.x, SDXL's first),
+#: "open_clip" is open_clip's own module tree (OpenCLIP ViT-H/14 of SD 2.x, ViT-bigG/14 of SDXL)
+#: where a pipeline's text encoder slot is found: (layout, prefix), first match wins ("" = a file with only it)
+TEXT_ENCODER_SLOTS = {
+    "text_encoder": (("clip", "cond_stage_model.transformer."), ("open_clip", "cond_stage_model.model."),
+                     ("clip", "conditioner.embedders.0.transformer."), ("clip", ""), ("open_clip", "")),
+    "text_encoder_2": (("open_clip", "conditioner.embedders.1.model."),  # SDXL base
+                       ("open_clip", "conditioner.embedders.0.model."),  # SDXL refiner
+                       ("open_clip", ""), ("clip", "")),
 }
+#: where a pipeline's text encoders are written: SD 1.x/2.x by layout (SAVE_PREFIXES); SDXL by slot (the refiner
+#: has only bigG)
+XL_TEXT_SAVE_PREFIXES = {"text_encoder": "conditioner.embedders.0.transformer.",
+                         "text_encoder_2": "conditioner.embedders.1.model."}
+XL_REFINER_TEXT_SAVE_PREFIX = "conditioner.embedders.0.model."
 #: a key each component has whatever its size (relative to its prefix): how a component is found in a file
 ANCHORS = {
     "unet": "input_blocks.0.0.weight",
@@ -76,8 +85,9 @@ UNET = (
     ("up_blocks.{block}.resnets.{layer}", "output_blocks.{output}.0", UNET_RESNET, None),
     ("up_blocks.{block}.attentions.{layer}", "output_blocks.{output}.1", None, None),
     ("up_blocks.{block}.upsamplers.0.conv", "output_blocks.{output}.{slot}.conv", None, None),
-    # SDXL (issue 14) adds: ("add_embedding.linear_1", "label_emb.0.0", None, None),
-    #                       ("add_embedding.linear_2", "label_emb.0.2", None, None)
+    # SDXL: pooled text + size / crop time ids
+    ("add_embedding.linear_1", "label_emb.0.0", None, None),
+    ("add_embedding.linear_2", "label_emb.0.2", None, None),
 )
 
 # ---------------------------------------------------------------------------------------------------- VAE
@@ -140,7 +150,8 @@ OPEN_CLIP = (
     ("text_projection.weight", "text_projection", None, "transpose"),
 )
 
-#: keys inside a component's prefix that carry no weights the diffusers model uses: dropped quietly
+#: keys inside a component's prefix that carry no weights the diffusers model uses: dropped quietly (unless the
+#: model has them, e.g. CLIPTextModelWithProjection's projection)
 IGNORED = {
     "unet": (),
     "vae": (r"^loss\.",),  # the LPIPS / discriminator of the VAE's training loss
@@ -157,10 +168,9 @@ TABLES = {"unet": UNET, "vae": VAE, "clip": CLIP, "open_clip": OPEN_CLIP}
 KEY_V1 = "model.diffusion_model.output_blocks.11.0.skip_connection.weight"
 KEY_V2 = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"  # (320, 1024) in SD 2.x
 KEY_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"  # 9 input channels: an inpainting UNet
-KEY_SDXL = (
-    "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",  # SDXL base
-    "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias",  # SDXL refiner
-)
+#: SDXL: diffusers tests resblocks.9 of these OpenCLIP towers; here any key under them counts (any size)
+PREFIX_SDXL_BASE = "conditioner.embedders.1.model."
+PREFIX_SDXL_REFINER = "conditioner.embedders.0.model."
 KEY_EMA_COUNT = 100  # a file holds EMA weights when more than this many keys start with "model_ema." (diffusers)
 EMA_PREFIX = "model_ema."
 EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
@@ -173,27 +183,33 @@ SCHEDULER_BASE = {
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
     "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
 }
+_SD1 = {
+    "image_size": 512, "unet_heads": ("count", 8), "upcast_attention": False, "prediction_type": "epsilon",
+    "scheduler": ("PNDMScheduler", {"skip_prk_steps": True}), "pad_token": {"tokenizer": "<|endoftext|>"},
+    "vae": {"scaling_factor": 0.18215}, "open_clip_penultimate": True, "options": {}, "xl": False,
+}
+_SDXL = {
+    "image_size": 1024, "unet_heads": ("width", 64), "upcast_attention": False, "prediction_type": "epsilon",
+    "scheduler": ("EulerDiscreteScheduler", {"timestep_spacing": "leading", "interpolation_type": "linear"}),
+    "pad_token": {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"},
+    "vae": {"scaling_factor": 0.13025, "force_upcast": True},
+    "addition_time_embed_dim": 256,
+    # SDXL uses bigG's penultimate hidden states *and* its final pooled, projected output: every layer is used
+    "open_clip_penultimate": False, "options": {}, "xl": True,
+}
 FAMILIES = {
-    "v1": {
-        "image_size": 512, "unet_heads": ("count", 8), "upcast_attention": False, "prediction_type": "epsilon",
-        "scheduler": ("PNDMScheduler", {"skip_prk_steps": True}), "pad_token": "<|endoftext|>",
-    },
-    "inpainting": {
-        "image_size": 512, "unet_heads": ("count", 8), "upcast_attention": False, "prediction_type": "epsilon",
-        "scheduler": ("PNDMScheduler", {"skip_prk_steps": True}), "pad_token": "<|endoftext|>",
-    },
-    "v2": {
-        "image_size": 768, "unet_heads": ("width", 64), "upcast_attention": True, "prediction_type": "v_prediction",
-        "scheduler": ("DDIMScheduler", {}), "pad_token": "!",
-    },
-    "inpainting_v2": {
-        "image_size": 512, "unet_heads": ("width", 64), "upcast_attention": False, "prediction_type": "epsilon",
-        "scheduler": ("PNDMScheduler", {"skip_prk_steps": True}), "pad_token": "!",
-    },
+    "v1": _SD1,
+    "inpainting": _SD1,
+    "v2": {**_SD1, "image_size": 768, "unet_heads": ("width", 64), "upcast_attention": True,
+           "prediction_type": "v_prediction", "scheduler": ("DDIMScheduler", {}), "pad_token": {"tokenizer": "!"}},
+    "inpainting_v2": {**_SD1, "unet_heads": ("width", 64), "pad_token": {"tokenizer": "!"}},
+    # stable-diffusion-xl-base-1.0, -refiner-1.0, and diffusers/stable-diffusion-xl-1.0-inpainting-0.1
+    "xl_base": _SDXL,
+    "xl_inpaint": _SDXL,
+    "xl_refiner": {**_SDXL, "options": {"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}},
 }
 #: SD 2.x 512-px base (``v2-1_512-ema-pruned``) predicts noise; diffusers tells it by this training step
 V2_EPSILON_GLOBAL_STEP = 875000
-VAE_SCALING_FACTOR = 0.18215
 NORM_NUM_GROUPS = 32  # every SD UNet and VAE; not visible in the weights
 CLIP_HEAD_WIDTH = 64  # CLIP ViT-L/14 (768 / 12 heads) and OpenCLIP ViT-H/14 (1024 / 16): heads = width / 64
 TEXT_ACTIVATION = {"clip": "quick_gelu", "open_clip": "gelu"}

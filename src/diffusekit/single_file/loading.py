@@ -30,10 +30,10 @@ logger = logging.getLogger(__name__)
 #: no tokenizer, so SD 1.x / 2.x files (49408-token text encoders) get theirs from it
 CLIP_VOCAB_FOLDER = Path(__file__).resolve().parents[1] / "bundled" / "diffusekit-fashion-sd" / "tokenizer"
 #: diffusers' subfolder of each kind of component, tried when ``config=`` names a whole pipeline folder
-DEFAULT_SUBFOLDER = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
+DEFAULT_SUBFOLDER = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 _LEGACY_MODEL_KWARGS = ("low_cpu_mem_usage", "device_map", "disable_mmap", "proxies", "resume_download",
                         "config_revision", "device", "user_agent")
-_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
+_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
 
 
 def _as_checkpoint(source, hub) -> SingleFile:
@@ -46,7 +46,7 @@ def _what_it_holds(ckpt: SingleFile) -> str:
         found.append("a UNet")
     if infer.component_prefix("vae", ckpt.shapes) is not None:
         found.append("a VAE")
-    if infer.text_encoder_layout(ckpt.shapes):
+    if infer.text_encoder_layout(ckpt.shapes) or infer.text_encoder_layout(ckpt.shapes, "text_encoder_2"):
         found.append("a text encoder")
     if any(k.startswith(("lora_unet_", "lora_te", "lora_")) or ".lora_" in k for k in list(ckpt.shapes)[:200]):
         return "it looks like a LoRA file (load it with pipe.load_lora_weights)"
@@ -54,14 +54,16 @@ def _what_it_holds(ckpt: SingleFile) -> str:
         f"its keys start like {sorted(ckpt.shapes)[:3]}: not a Stable Diffusion checkpoint"
 
 
-def locate(kind: str, ckpt: SingleFile) -> tuple[str, str]:
-    """(layout, prefix) of a component ("unet", "vae", "text_encoder") in the file, or a clear error."""
+def locate(kind: str, ckpt: SingleFile, slot: str | None = None) -> tuple[str, str]:
+    """(layout, prefix) of a component ("unet", "vae", "text_encoder" in pipeline slot ``slot``) in the file, or a
+    clear error."""
     if kind == "text_encoder":
-        found = infer.text_encoder_layout(ckpt.shapes)
+        slot = slot or "text_encoder"
+        found = infer.text_encoder_layout(ckpt.shapes, slot)
         if found:
             return found
-        expected = [p + keymaps.ANCHORS[layout] for layout, ps in keymaps.TEXT_ENCODER_PREFIXES.items()
-                    for p in ps if p]
+        expected = [p + keymaps.ANCHORS[layout] for layout, p in keymaps.TEXT_ENCODER_SLOTS[slot] if p]
+        kind = slot
     else:
         prefix = infer.component_prefix(kind, ckpt.shapes)
         if prefix is not None:
@@ -70,7 +72,7 @@ def locate(kind: str, ckpt: SingleFile) -> tuple[str, str]:
         expected = [p + keymaps.ANCHORS[kind] for p in prefixes if p]
     raise SingleFileError(
         f"{ckpt.name} holds no {_NAMES[kind]} (looked for {' or '.join(expected)}); {_what_it_holds(ckpt)}. "
-        f"Pass the {kind} yourself (e.g. {kind}=...from_pretrained(...) or from_single_file(...))"
+        f"Pass the {kind} yourself ({kind}=...from_pretrained(...) or ...from_single_file(...))"
     )
 
 
@@ -105,7 +107,7 @@ def _inferred_config(kind: str, table: str, shapes, ckpt: SingleFile, family: st
     if kind == "vae":
         return infer.vae_config_from_original(original, family) if original is not None else \
             infer.vae_config(shapes, family)
-    config = infer.text_encoder_config(shapes, table)
+    config = infer.text_encoder_config(shapes, table, family)
     if original is not None and table == "open_clip":
         file_layers = len(infer._indices(shapes, r"^transformer\.resblocks\.(\d+)\."))
         config["num_hidden_layers"] = infer.text_layers_from_original(original, file_layers)
@@ -127,16 +129,25 @@ def _ema_getter(ckpt: SingleFile, prefix: str):
     return ema_key
 
 
+def default_slot(cls) -> str:
+    """The pipeline slot a text-encoder class is read from by default: the projected one is SDXL's second."""
+    return "text_encoder_2" if getattr(cls, "_with_projection", False) else "text_encoder"
+
+
 def load_component(cls, kind: str, ckpt: SingleFile, *, config=None, original_config=None, subfolder=None,
-                   torch_dtype: torch.dtype | None = None, extract_ema: bool = False, overrides=None, hub=None):
-    """Build ``cls`` (a diffusekit model) from the ``kind`` component of ``ckpt``."""
+                   torch_dtype: torch.dtype | None = None, extract_ema: bool = False, overrides=None, hub=None,
+                   slot: str | None = None):
+    """Build ``cls`` (a diffusekit model) from the ``kind`` component of ``ckpt`` (text encoders: from pipeline slot
+    ``slot``, default by class)."""
     hub = hub or {}
     overrides = dict(overrides or {})
-    table, prefix = locate(kind, ckpt)
+    if kind == "text_encoder":
+        slot = slot or default_slot(cls)
+    table, prefix = locate(kind, ckpt, slot)
     shapes = ckpt.with_prefix(prefix) if prefix else dict(ckpt.shapes)
     family = infer.detect_family(ckpt.shapes, ckpt.extras)
     if config is not None:
-        init = _config_from_folder(cls, kind, config, subfolder, hub)
+        init = _config_from_folder(cls, slot or kind, config, subfolder, hub)
         source = f"the config in {config}"
     else:
         original = infer.read_original_config(original_config) if original_config is not None else None
@@ -162,7 +173,7 @@ def load_component(cls, kind: str, ckpt: SingleFile, *, config=None, original_co
     file_key = _ema_getter(ckpt, prefix) if extract_ema else (lambda key: prefix + key)
 
     expected = {file_key(k): s for k, s in layout.original_shapes(model_shapes, kmap).items()}
-    found = _relevant_shapes(ckpt, prefix, table, model, extract_ema)
+    found = _relevant_shapes(ckpt, prefix, table, model, extract_ema, set(kmap_original_keys(kmap)))
     diff = state_dict_diff(expected, found)
     if diff:
         raise CheckpointError(
@@ -179,7 +190,11 @@ def load_component(cls, kind: str, ckpt: SingleFile, *, config=None, original_co
     return model.eval()
 
 
-def _relevant_shapes(ckpt, prefix, table, model, extract_ema) -> dict:
+def kmap_original_keys(kmap) -> list[str]:
+    return [ref.key for ref in kmap.values()]
+
+
+def _relevant_shapes(ckpt, prefix, table, model, extract_ema, wanted: set[str]) -> dict:
     """The file's tensors that must match the model: the component's keys less the ones known to be unused."""
     if extract_ema:  # every EMA tensor but the EMA's own bookkeeping
         return {k: s for k, s in ckpt.shapes.items()
@@ -187,7 +202,7 @@ def _relevant_shapes(ckpt, prefix, table, model, extract_ema) -> dict:
     ignore = [re.compile(p) for p in keymaps.IGNORED[table]]
     found = {}
     for key, shape in ckpt.with_prefix(prefix).items():
-        if any(p.search(key) for p in ignore):
+        if key not in wanted and any(p.search(key) for p in ignore):
             continue
         found[key] = shape
     if table == "open_clip":
@@ -267,4 +282,6 @@ class FromOriginalModelMixin:
             if kind == "text_encoder":
                 key = "open_clip" if self.config.get("hidden_act") == "gelu" else "clip"
             prefix = keymaps.STANDALONE_SAVE_PREFIXES[key]
+            if kind == "text_encoder" and default_slot(type(self)) == "text_encoder_2":
+                prefix = keymaps.XL_TEXT_SAVE_PREFIXES["text_encoder_2"]
         return write_single_file(path, component_state_dict(self, kind, prefix, torch_dtype))

@@ -24,7 +24,10 @@ from .loading import CLIP_VOCAB_FOLDER, FromOriginalModelMixin, component_state_
 logger = logging.getLogger(__name__)
 
 #: the components a single file holds, and the class each is read with when ``config=`` does not name one
-FILE_COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
+FILE_COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+                   "text_encoder_2": "CLIPTextModelWithProjection"}
+#: the tokenizer of each text encoder slot
+TOKENIZER_OF = {"tokenizer": "text_encoder", "tokenizer_2": "text_encoder_2"}
 #: diffusers' deprecated ``scheduler_type=`` names
 LEGACY_SCHEDULER_TYPES = {
     "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler", "heun": "HeunDiscreteScheduler",
@@ -43,19 +46,21 @@ def _class(name: str):
         raise ValueError(f"class {name!r} is not implemented by diffusekit") from None
 
 
-def _default_tokenizer(text_encoder, family: str, ckpt: SingleFile):
+def _default_tokenizer(text_encoder, family: str, ckpt: SingleFile, slot: str = "tokenizer"):
     from ..models.clip_tokenizer import CLIPTokenizer
 
+    if text_encoder is None:
+        return None
     vocab = text_encoder.config.vocab_size
     if vocab != keymaps.CLIP_VOCAB_SIZE:
         raise SingleFileError(
             f"{ckpt.name}: its text encoder has a {vocab}-token vocabulary, not CLIP's {keymaps.CLIP_VOCAB_SIZE}, and "
-            "a single file holds no tokenizer: pass tokenizer=CLIPTokenizer.from_pretrained(...) or config= (a "
+            f"a single file holds no tokenizer: pass {slot}=CLIPTokenizer.from_pretrained(...) or config= (a "
             "diffusers folder of this model)"
         )
     return CLIPTokenizer.from_pretrained(
         CLIP_VOCAB_FOLDER, model_max_length=text_encoder.config.max_position_embeddings,
-        pad_token=infer.family_defaults(family)["pad_token"],
+        pad_token=infer.family_defaults(family)["pad_token"][slot],
     )
 
 
@@ -99,7 +104,15 @@ class FromSingleFileMixin:
         ckpt = pretrained_model_link_or_path if isinstance(pretrained_model_link_or_path, SingleFile) else \
             SingleFile(pretrained_model_link_or_path, **hub)
         family = infer.detect_family(ckpt.shapes, ckpt.extras)
-        infer.family_defaults(family)  # refuses SDXL with a clear message
+        defaults = infer.family_defaults(family)
+        xl_class = "text_encoder_2" in cls.component_names
+        if defaults["xl"] != xl_class:
+            wanted = "StableDiffusionXL" if defaults["xl"] else "StableDiffusion"
+            raise SingleFileError(
+                f"{ckpt.name} is {'an SDXL' if defaults['xl'] else 'an SD 1.x/2.x'} checkpoint ({family}): load it "
+                f"with {wanted}Pipeline / {wanted}Img2ImgPipeline / {wanted}InpaintPipeline.from_single_file, not "
+                f"{cls.__name__}"
+            )
         if "unet" not in passed:
             locate("unet", ckpt)  # a file without a UNet (a LoRA, a VAE ...) is named as such first
         index: dict[str, Any] = {}
@@ -115,17 +128,27 @@ class FromSingleFileMixin:
                 model_cls = _class(class_name)
                 if not (isinstance(model_cls, type) and issubclass(model_cls, FromOriginalModelMixin)):
                     raise ValueError(f"{class_name} ({name}) cannot be read from a single file: pass {name}=...")
+                if config is not None and index and _index_class(index, name) is None \
+                        and name in cls._optional_components:
+                    components[name] = None  # the config's pipeline has none (an SDXL refiner's text_encoder)
+                    continue
+                if name.startswith("text_encoder") and name in cls._optional_components and \
+                        infer.text_encoder_layout(ckpt.shapes, name) is None:
+                    components[name] = None  # the file has none and the pipeline can do without
+                    continue
                 components[name] = load_component(
                     model_cls, model_cls._single_file_kind, ckpt, config=config, subfolder=name if config else None,
                     original_config=original_config, torch_dtype=torch_dtype,
                     extract_ema=extract_ema and name == "unet", overrides=overrides.get(name), hub=hub,
+                    slot=name if name.startswith("text_encoder") else None,
                 )
-            elif name == "tokenizer":
+            elif name in TOKENIZER_OF:
                 if config is not None:
-                    components[name] = _class(_index_class(index, name) or "CLIPTokenizer").from_pretrained(
-                        config, subfolder=name, **hub)
+                    class_name = _index_class(index, name)
+                    components[name] = _class(class_name).from_pretrained(config, subfolder=name, **hub) \
+                        if class_name else None
                 else:
-                    components[name] = _default_tokenizer(components["text_encoder"], family, ckpt)
+                    components[name] = _default_tokenizer(components.get(TOKENIZER_OF[name]), family, ckpt, name)
             elif name == "scheduler":
                 components[name] = _scheduler(config, index, original_config, family, ckpt, hub)
             elif name in cls._optional_components:
@@ -142,6 +165,8 @@ class FromSingleFileMixin:
                 components[option] = options[option]
             elif option in index:
                 components[option] = index[option]
+            elif config is None and option in defaults["options"]:
+                components[option] = defaults["options"][option]
         return cls(**components)
 
     def save_single_file(self, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None) -> Path:
@@ -149,13 +174,19 @@ class FromSingleFileMixin:
         weights-only ``.ckpt``), atomically. The tokenizer, scheduler and safety checker are not part of the format
         (an SD 2.x file does not record v-prediction either: loading assumes it, as diffusers does)."""
         tensors: dict[str, torch.Tensor] = {}
+        xl = "text_encoder_2" in self.component_names
         for name in FILE_COMPONENTS:
             model = getattr(self, name, None)
             if model is None:
                 continue
             if not isinstance(model, FromOriginalModelMixin):
                 raise TypeError(f"{name} ({type(model).__name__}) has no single-file layout")
-            tensors.update(component_state_dict(model, model._single_file_kind, torch_dtype=torch_dtype))
+            prefix = None
+            if xl and name.startswith("text_encoder"):
+                prefix = keymaps.XL_TEXT_SAVE_PREFIXES[name]
+                if name == "text_encoder_2" and getattr(self, "text_encoder", None) is None:
+                    prefix = keymaps.XL_REFINER_TEXT_SAVE_PREFIX  # the refiner's only text encoder
+            tensors.update(component_state_dict(model, model._single_file_kind, prefix, torch_dtype))
         return write_single_file(path, tensors)
 
 
@@ -165,13 +196,15 @@ def _index_class(index: dict, name: str) -> str | None:
 
 
 def _split_overrides(kwargs: dict, pipeline_cls) -> dict[str, dict]:
-    """Leftover keyword arguments are config overrides of the UNet / VAE / text encoder (the first that takes it)."""
+    """Leftover keyword arguments are config overrides of every file component whose class takes them (as in
+    diffusers: ``norm_num_groups=`` reaches the UNet and the VAE)."""
     out: dict[str, dict] = {}
     for key in list(kwargs):
-        for name, class_name in FILE_COMPONENTS.items():
-            if key in _class(class_name)._config_params():
-                out.setdefault(name, {})[key] = kwargs.pop(key)
-                break
+        takers = [name for name, class_name in FILE_COMPONENTS.items() if key in _class(class_name)._config_params()]
+        for name in takers:
+            out.setdefault(name, {})[key] = kwargs[key]
+        if takers:
+            del kwargs[key]
     if kwargs:
         raise TypeError(
             f"{pipeline_cls.__name__}.from_single_file got unknown argument(s) {sorted(kwargs)}; components are "
