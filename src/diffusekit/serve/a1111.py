@@ -3,7 +3,8 @@
 Requests become jobs on the shared queue (so A1111 clients and ``/v1/jobs`` clients take turns on one model); the
 response comes when the job finishes. Images come back as base64 PNGs carrying the "parameters" chunk, ``info`` as
 A1111's JSON string. Fields A1111 has but diffusekit does not act on (hires fix, face restoration, tiling,
-subseeds, scripts, ``mask_blur``, ``inpaint_full_res``) are accepted and ignored, as A1111 ignores unknown ones.
+subseeds, scripts, ``mask_blur`` (the inpainting pipelines binarise the mask, as diffusers' do, so a blurred edge
+would change nothing), ``inpaint_full_res``) are accepted and ignored, as A1111 ignores unknown ones.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def _input_images(state, body: Img2ImgRequest, params: GenerationParameters):
             mask = mask.resize(size, Image.LANCZOS)
         if body.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
+
     return image, mask
 
 
@@ -160,7 +162,7 @@ def _info(job: Job, body: Txt2ImgRequest) -> dict[str, Any]:
         "negative_prompt": params.negative_prompt, "all_negative_prompts": [p.negative_prompt for p in all_params],
         "seed": params.seed, "all_seeds": [p.seed for p in all_params], "subseed": -1,
         "all_subseeds": [-1] * len(all_params), "subseed_strength": 0, "width": first.width, "height": first.height,
-        "sampler_name": params.sampler, "cfg_scale": params.cfg_scale, "steps": params.steps,
+        "sampler_name": first.sampler, "cfg_scale": first.cfg_scale, "steps": first.steps,
         "batch_size": job.request.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": job.model_name, "sd_model_hash": job.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": params.denoising_strength,
