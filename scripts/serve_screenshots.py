@@ -23,11 +23,14 @@ def main() -> None:
     import torch
     from PIL import Image, ImageDraw
     from playwright.sync_api import sync_playwright
-    from serve_helpers import running_server, wait_idle
+    from serve_helpers import random_lora, running_server, wait_idle
 
     torch.set_num_threads(1)
     out = ROOT / "docs" / "images"
-    with running_server() as (url, app), sync_playwright() as p:
+    models = ROOT / "out" / "serve-models"  # a models folder with one (random) LoRA, to show the picker
+    (models / "Lora").mkdir(parents=True, exist_ok=True)
+    random_lora(models / "Lora" / "redder.safetensors")
+    with running_server(models_dir=models) as (url, app), sync_playwright() as p:
         wait_idle(app)
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 860})

@@ -15,7 +15,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 webuiapi = pytest.importorskip("webuiapi")
 
-from serve_helpers import running_server, wait_idle  # noqa: E402
+from serve_helpers import random_lora as _random_lora, running_server, wait_idle  # noqa: E402
 
 SD = "diffusekit-fashion-sd"
 DDPM = "diffusekit-fashion-ddpm"
@@ -45,31 +45,6 @@ def models_dir(tmp_path_factory):
 
 
 SINGLE = "tiny-sd.safetensors"
-LORA_PATHS = ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v", "up_blocks.1.resnets.0.conv1")
-
-
-def _random_lora(path):
-    """A random kohya-format LoRA for two layers of the bundled SD UNet (a Linear and a 3x3 conv)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from diffusekit import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(SD, subfolder="unet")
-    generator = torch.Generator().manual_seed(0)
-    tensors = {}
-    for module_path in LORA_PATHS:
-        module = unet.get_submodule(module_path)
-        name = "lora_unet_" + module_path.replace(".", "_")
-        if isinstance(module, torch.nn.Conv2d):
-            down = torch.randn(4, module.in_channels, *module.kernel_size, generator=generator) * 0.5
-            up = torch.randn(module.out_channels, 4, 1, 1, generator=generator) * 0.5
-        else:
-            down = torch.randn(4, module.in_features, generator=generator) * 0.5
-            up = torch.randn(module.out_features, 4, generator=generator) * 0.5
-        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
-        tensors[f"{name}.alpha"] = torch.tensor(4.0)
-    save_file(tensors, path)
 
 
 def _tiny_single_file(path):

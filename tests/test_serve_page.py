@@ -14,7 +14,7 @@ pytest.importorskip("uvicorn")
 playwright_api = pytest.importorskip("playwright.sync_api")
 requests = pytest.importorskip("requests")
 
-from serve_helpers import running_server, wait_idle  # noqa: E402
+from serve_helpers import random_lora, running_server, wait_idle  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -32,8 +32,11 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server() as (url, app):
+def server(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    (models / "Lora").mkdir()
+    random_lora(models / "Lora" / "redder.safetensors")
+    with running_server(models_dir=models) as (url, app):
         wait_idle(app)
         yield url, app
 
@@ -130,4 +133,22 @@ def test_page_inpaints_a_painted_mask(server, browser, tmp_path):
     mask = np.asarray(job.request.mask)
     assert mask.shape == (32, 32) and set(np.unique(mask)) == {0, 255}
     assert 0.02 < (mask == 255).mean() < 0.6  # the painted stroke, not the whole image
+    page.close()
+
+
+def test_page_lora_picker_adds_the_prompt_tag(server, browser):
+    url, app = server
+    wait_idle(app)
+    page = browser.new_page()
+    page.goto(url + "/")
+    page.wait_for_selector("#loras .chip")
+    assert page.locator("#loras .chip").all_inner_texts() == ["redder"]
+    page.fill("#prompt", "a photo of a dress")
+    page.click("#loras .chip")
+    assert page.locator("#prompt").input_value() == "a photo of a dress <lora:redder:1>"
+    page.fill("#steps", "3")
+    page.click("#generate")
+    page.wait_for_selector("#gallery .card img", timeout=120_000)
+    text = page.locator("#gallery .card pre").first.inner_text()
+    assert text.startswith("a photo of a dress <lora:redder:1>\n") and 'Lora hashes: "redder: ' in text
     page.close()

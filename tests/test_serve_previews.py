@@ -44,3 +44,19 @@ def test_pixel_space_preview_is_the_sample():
     sample = torch.rand(1, 1, 4, 4) * 2 - 1
     rgb = identity_preview(1).rgb(sample)
     assert torch.equal(rgb, sample.repeat(1, 3, 1, 1))
+
+
+def test_tiny_vae_previews_decode_exactly(sd_pipe):
+    import numpy as np
+    import torch
+
+    from diffusekit.serve.previews import preview_for
+
+    preview = preview_for(sd_pipe)
+    assert preview.decode is not None  # the bundled VAE's decoder is tiny (0.6 M parameters)
+    output = sd_pipe(prompt="a photo of a yellow bag", num_inference_steps=4, guidance_scale=4, output_type="latent",
+                     generator=torch.manual_seed(0)).images
+    want = sd_pipe.latents_to_images(output, "pil")[0][0]
+    got = preview.image(output)
+    assert got.size == want.size == (32, 32)
+    assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
