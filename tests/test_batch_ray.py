@@ -18,7 +18,9 @@ from test_batch import MODEL, png_files, sample_jobs, write_jobs  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False,
+    # address="local": always a new instance of our own; with no address Ray joins any instance already running on
+    # the machine (another test run's), where num_cpus is refused
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False,
              configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False

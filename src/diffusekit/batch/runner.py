@@ -43,7 +43,9 @@ class BatchConfig:
     workers: int = 1
     device: str = "cpu"
     ray: bool = False
-    ray_address: str | None = None  # None: a local Ray instance (or RAY_ADDRESS); "auto", "ray://host:10001", ...
+    # None: $RAY_ADDRESS, else a running local cluster, else a new local instance (ray.init's rule); "local": always
+    # a new instance; "auto", "HOST:6379", "ray://HOST:10001": that cluster
+    ray_address: str | None = None
     cpus_per_worker: float = 1.0  # Ray: CPUs each actor reserves
     gpus_per_worker: float = 0.0  # Ray: GPUs each actor reserves (1 on a GPU cluster: one actor per GPU)
     # torch threads per worker, the same in every mode: CPU kernels give last-bit different results with 1 thread

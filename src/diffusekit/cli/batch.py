@@ -16,8 +16,9 @@ def add_parser(commands) -> None:
     batch.add_argument("--model", required=True, help="diffusers-format pipeline folder, hub repo id or bundled name")
     batch.add_argument("--out", required=True, help="output folder (PNGs named by job id, manifest.jsonl)")
     batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                       help="run on Ray (pip install 'diffusekit[ray]'): a local instance, or the cluster at ADDRESS "
-                       "('auto', 'ray://head:10001')")
+                       help="run on Ray (pip install 'diffusekit[ray]'): without ADDRESS, the cluster in $RAY_ADDRESS or "
+                       "one already running on this machine, else a new local instance; or ADDRESS: 'auto', "
+                       "'local' (always a new instance), 'HOST:6379', 'ray://HOST:10001'")
     batch.add_argument("--workers", type=int, default=1, help="pipelines working at once: Ray actors, or local "
                        "processes without --ray (default 1)")
     batch.add_argument("--batch-size", type=int, default=1, help="jobs of equal size/steps/sampler/CFG run through "
