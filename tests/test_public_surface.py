@@ -38,8 +38,6 @@ _LORA = "LoRA / adapters: diffusekit's LoRA support (docs) has its own API; peft
 _NO_UPLOAD = "diffusekit never uploads: save_pretrained, then `hf upload` (huggingface_hub)"
 _ATTN_PROCESSORS = "attention-processor classes are not mirrored: attention is always torch SDPA"
 _INTERNAL = "an internal step of diffusers' implementation, public by accident; ours lives in a private helper"
-_SLICING = "attention slicing: owned by the issue-10 work (enable_attention_slicing / set_attention_slice)"
-_CHECKPOINTING = "gradient checkpointing: owned by the issue-10 work"
 _PIPELINE_CONFIG = ("a pipeline's config is its model_index.json (config, load_config, save_config, to_json_string); "
                     "pipelines are built from components (from_pretrained, from_pipe, Cls(**pipe.components)), so "
                     "diffusers' ConfigMixin construction methods are not mirrored")
@@ -106,15 +104,8 @@ ALLOWED: dict[str, str] = {
         "unload_lora_weights", "write_lora_layers", "load_textual_inversion", "unload_textual_inversion",
         "maybe_convert_prompt",
     )},
-    "*.encode_prompt(lora_scale)": _LORA,
     "*.load_lora_weights(hotswap)": "LoRA hotswapping into compiled models: " + _OUT_OF_SCOPE,
     # ---- owned by other work in progress -------------------------------------------------------------------------
-    "*.enable_attention_slicing": _SLICING,
-    "*.disable_attention_slicing": _SLICING,
-    "*.set_attention_slice": _SLICING,
-    "*.enable_gradient_checkpointing": _CHECKPOINTING,
-    "*.disable_gradient_checkpointing": _CHECKPOINTING,
-    "*.is_gradient_checkpointing": _CHECKPOINTING,
     "*.from_single_file": "single-file loading: owned by the single-file work (SD 1.x/2.x first)",
     # ---- internals of diffusers' implementations ---------------------------------------------------------------
     **{f"{cls}.{name}": _INTERNAL for cls, names in {
@@ -161,7 +152,6 @@ ALLOWED: dict[str, str] = {
     "*.__init__(safety_checker)": "optional (default None) here; diffusers requires the argument",
     "*.__init__(feature_extractor)": "optional (default None) here; diffusers requires the argument",
     "*.__init__(depth_estimator)": "optional (default None): built on demand from the folder or a user depth map",
-    "*.popitem(last)": "outputs refuse popitem altogether (as diffusers' pop); keys cannot be removed",
 }
 
 
@@ -359,11 +349,16 @@ if __name__ == "__main__":
     print(f"diffusers {diffusers.__version__}: {counts['checked']} public names checked over {counts['classes']} "
           f"classes; {counts['differ_on_purpose']} differ on purpose ({counts['allow_list_entries']} allow-list "
           "entries)")
+    used = set()
     for name in CLASSES:
         keys, differ = missing_names(name)
         on_purpose = [k for k in differ if allowed(name, k)]
+        used.update(f"{name}.{k}" if f"{name}.{k}" in ALLOWED else f"*.{k}" for k in on_purpose)
         print(f"  {name}: {len(keys)} checked, {len(on_purpose)} on purpose, "
               f"{len(differ) - len(on_purpose)} unexplained")
+    stale = [key for key in ALLOWED if key not in used]
+    if stale:
+        print(f"allow-list entries no longer needed (the names exist now): {stale}")
 
 
 # ------------------------------------------------------------------------------------------------------- behaviour
