@@ -278,10 +278,22 @@ def _split_key(key: str) -> tuple[str, str, str, str] | None:
     return None
 
 
-def _kohya_index(model: nn.Module) -> dict[str, str]:
-    """``down_blocks_0_attentions_0_proj_in`` -> ``down_blocks.0.attentions.0.proj_in`` for every layer of the model."""
-    return {path.replace(".", "_"): path for path, module in model.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d))}
+def _kohya_index(model: nn.Module, component: str) -> dict[str, str]:
+    """kohya layer name -> module path for every layer of the model: ``down_blocks_0_attentions_0_proj_in`` ->
+    ``down_blocks.0.attentions.0.proj_in``; for a UNet also the original (LDM / sgm) names kohya writes for SDXL and
+    older trainers for SD 1.x (``input_blocks_4_1_proj_in``), from the single-file key tables (``keymaps.UNET``)."""
+    paths = [path for path, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    index = {path.replace(".", "_"): path for path in paths}
+    if component == "unet" and "down_block_types" in getattr(model, "config", {}):
+        from ..single_file.layout import original_ref
+
+        for path in paths:
+            try:
+                original = original_ref("unet", f"{path}.weight", model.config).key
+            except NotImplementedError:  # a layer the original layout does not have (e.g. SDXL's add_embedding)
+                continue
+            index.setdefault(original[: -len(".weight")].replace(".", "_"), path)
+    return index
 
 
 def _diffusers_path(name: str) -> str:
@@ -324,7 +336,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], components: Mapping[str, 
             raise LoraError(f"{origin}: key {key!r} is for the pipeline's {component}, which this pipeline does not "
                             "have (a LoRA for another model, e.g. SDXL?)")
         if fmt == "kohya":
-            index = indexes.setdefault(component, _kohya_index(model))
+            index = indexes.setdefault(component, _kohya_index(model, component))
             path = index.get(name)
         else:
             path = _diffusers_path(name)
@@ -602,3 +614,10 @@ class StableDiffusionLoraLoaderMixin:
         if lora_scale is None:
             lora_scale = (getattr(self, "cross_attention_kwargs", None) or {}).get("scale")
         return lora_scale_context(lora_scale)
+
+
+class StableDiffusionXLLoraLoaderMixin(StableDiffusionLoraLoaderMixin):
+    """The LoRA methods for SDXL pipelines: the UNet and both text encoders (kohya ``lora_te1_`` / ``lora_te2_``,
+    diffusers ``text_encoder.`` / ``text_encoder_2.``)."""
+
+    _lora_components = ("unet", "text_encoder", "text_encoder_2")

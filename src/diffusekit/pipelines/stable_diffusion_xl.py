@@ -27,6 +27,7 @@ Differences from diffusers, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import numbers
@@ -34,6 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..loaders.lora import StableDiffusionXLLoraLoaderMixin
 from ..outputs import BaseOutput
 from .base import DiffusionPipeline
 from ..single_file.pipeline import FromSingleFileMixin
@@ -102,8 +104,17 @@ class XLPromptEncodingMixin:
         clip_skip: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)``, each
-        repeated ``num_images_per_prompt`` times (negatives None without guidance). ``lora_scale`` is accepted for
-        diffusers' signature; a LoRA's scale is set where the LoRA is loaded."""
+        repeated ``num_images_per_prompt`` times (negatives None without guidance). ``lora_scale`` scales the text
+        encoders' LoRA layers (default: during a pipeline call, that call's ``cross_attention_kwargs["scale"]``)."""
+        scaled = getattr(self, "_text_encoder_lora_scale", None)
+        with scaled(lora_scale) if scaled is not None else contextlib.nullcontext():
+            return self._encode_prompt_xl(prompt, prompt_2, device, num_images_per_prompt, do_classifier_free_guidance,
+                                          negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                                          pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip)
+
+    def _encode_prompt_xl(self, prompt, prompt_2, device, num_images_per_prompt, do_classifier_free_guidance,
+                          negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                          pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip):
         device = device or self.device
         if prompt_embeds is None:
             prompts = _as_list(prompt, 1)
@@ -244,7 +255,8 @@ def _size(value: Any, name: str, default: Size) -> tuple[int, ...]:
     return tuple(value)
 
 
-class StableDiffusionXLPipeline(XLPromptEncodingMixin, LatentDiffusionMixin, DiffusionPipeline, FromSingleFileMixin):
+class StableDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, XLPromptEncodingMixin, LatentDiffusionMixin,
+                                DiffusionPipeline, FromSingleFileMixin):
     """``pipe(prompt, ...).images``: SDXL text-to-image (see the module docstring for the pieces and differences).
 
     Components: ``vae``, ``text_encoder`` (CLIP ViT-L), ``text_encoder_2`` (OpenCLIP bigG with projection),
