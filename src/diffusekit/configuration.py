@@ -8,7 +8,10 @@ a read-only ``dict`` with attribute access. Files are diffusers' JSON format (``
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -74,6 +77,20 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
+# the file a config being built came from, for error messages (set by from_pretrained / load_config)
+_config_source: contextvars.ContextVar[str | None] = contextvars.ContextVar("diffusekit_config_source", default=None)
+
+
+@contextlib.contextmanager
+def config_source(path: str | os.PathLike | None):
+    """Name ``path`` in validation errors of configs built inside the block."""
+    token = _config_source.set(os.fspath(path) if path is not None else None)
+    try:
+        yield
+    finally:
+        _config_source.reset(token)
+
+
 def register_to_config(init):
     """Decorate ``__init__`` so its bound keyword arguments become the frozen ``self.config``.
 
@@ -101,6 +118,7 @@ def register_to_config(init):
             if name not in ignore:
                 # a mutable default (diffusers' `disable_corrector=[]`) is copied, never shared between objects
                 config[name] = copy.copy(value) if name not in given and isinstance(value, (list, dict)) else value
+        validate_config(type(self), {k: v for k, v in config.items() if k in given}, _config_source.get())
         defaults_used = [name for name in config if name not in given]
         self._config = FrozenConfig({**private, **config}, defaults_used=defaults_used)
         outermost = "_config_sealed" not in self.__dict__
@@ -323,13 +341,31 @@ class ConfigMixin:
         return path
 
 
+MAX_JSON_BYTES = 256 * 2**20  # tokenizer.json files are a few MB; anything near this is not a config
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON") -> dict[str, Any]:
-    """Read a JSON object from ``path`` with an error naming the file on any problem."""
+    """Read a JSON object from ``path`` with an error naming the file on any problem.
+
+    Not UTF-8, not JSON, nested too deep, numbers with thousands of digits, or absurdly large: each is a
+    ``ValueError`` that names the file and says what is wrong, never a bare ``UnicodeDecodeError`` /
+    ``RecursionError``.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ValueError(f"{what} file {path} is {size} bytes, more than the {MAX_JSON_BYTES} a JSON file here "
+                             "may have; it is not a config or index file")
+        raw = path.read_bytes()
     except OSError as err:
         raise OSError(f"cannot read {what} file {path}: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{what} file {path} is not UTF-8 text (invalid byte at offset {err.start}); JSON files must be UTF-8"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -337,6 +373,171 @@ def read_json(path: str | os.PathLike, what: str = "JSON") -> dict[str, Any]:
             f"{what} file {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
             "fix or re-save the file"
         ) from None
+    except RecursionError:
+        raise ValueError(f"{what} file {path} nests arrays/objects too deeply to be a config; refusing it") from None
+    except ValueError as err:  # e.g. an integer with more digits than Python converts (sys.get_int_max_str_digits)
+        raise ValueError(f"{what} file {path} holds a value that cannot be read: {str(err)[:200]}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{what} file {path} must hold a JSON object, found {type(data).__name__}")
     return data
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+#
+# A config is checked before anything is built. The schema of a class is data: the types come from the annotations
+# of its ``__init__`` (int, float, bool, str, None, sequences and unions of them; anything else is not checked), and
+# the ranges from CONFIG_RANGES below, keyed by diffusers' config names (shared by every class that uses the name),
+# plus a class's own ``_config_ranges``.
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds for a number, or for every number in a (nested) sequence."""
+
+    low: float
+    high: float
+    low_open: bool = False  # True: low itself is not allowed
+
+    def check(self, value: Any) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(self.check(v) for v in value)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True  # types are checked separately
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high
+
+    def describe(self) -> str:
+        return f"{'>' if self.low_open else '>='} {self.low} and <= {self.high}"
+
+
+_CHANNELS = Range(1, 65536)
+CONFIG_RANGES: dict[str, Range] = {
+    # model sizes: positive, and small enough that building the model cannot hang or exhaust memory
+    "layers_per_block": Range(1, 100),
+    "transformer_layers_per_block": Range(1, 100),
+    "num_hidden_layers": Range(1, 1000),
+    "attention_head_dim": Range(1, 65536),
+    "num_attention_heads": Range(1, 4096),
+    "block_out_channels": _CHANNELS,
+    "in_channels": _CHANNELS,
+    "out_channels": _CHANNELS,
+    "latent_channels": _CHANNELS,
+    "cross_attention_dim": _CHANNELS,
+    "hidden_size": _CHANNELS,
+    "intermediate_size": Range(1, 1 << 20),
+    "projection_dim": _CHANNELS,
+    "norm_num_groups": Range(1, 65536),
+    "sample_size": Range(1, 1 << 20),
+    "image_size": Range(1, 1 << 20),
+    "patch_size": Range(1, 1 << 16),
+    "vocab_size": Range(1, 10**7),
+    "max_position_embeddings": Range(1, 10**6),
+    "time_embedding_dim": _CHANNELS,
+    "num_class_embeds": Range(1, 10**7),
+    "norm_eps": Range(0, 1, low_open=True),
+    "layer_norm_eps": Range(0, 1, low_open=True),
+    "dropout": Range(0, 1),
+    "attention_dropout": Range(0, 1),
+    "scaling_factor": Range(0, 1e6, low_open=True),
+    # schedulers
+    "num_train_timesteps": Range(1, 10**6),
+    "beta_start": Range(0, 1, low_open=True),
+    "beta_end": Range(0, 1, low_open=True),
+    "solver_order": Range(1, 10),
+    "steps_offset": Range(0, 10**6),
+}
+
+
+class ConfigValidationError(ValueError):
+    """A config value of the wrong type or out of range."""
+
+
+def _annotation_ok(value: Any, annotation: Any) -> bool | None:
+    """True / False when ``annotation`` says; None when it is a type this schema does not check."""
+    import types
+    import typing
+
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return None
+    if annotation is None or annotation is type(None):
+        return value is None
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        results = [_annotation_ok(value, arg) for arg in typing.get_args(annotation)]
+        if any(r is True for r in results):
+            return True
+        return None if any(r is None for r in results) else False
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is bool:
+        return isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    import collections.abc
+
+    if origin in (list, tuple, collections.abc.Sequence) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = typing.get_args(annotation)
+        if not args:
+            return True
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                return False
+            results = [_annotation_ok(v, a) for v, a in zip(value, args)]
+        else:
+            results = [_annotation_ok(v, args[0]) for v in value]
+        return None if any(r is None for r in results) and not any(r is False for r in results) else all(results)
+    if origin in (dict, collections.abc.Mapping) or annotation is dict:
+        return isinstance(value, dict)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _config_schema(cls: type) -> dict[str, tuple[Any, Range | None]]:
+    """Key -> (annotation or None, range or None) for a configurable class, read once."""
+    import typing
+
+    init = cls.__init__
+    raw = inspect.unwrap(init)
+    namespace = {**vars(typing), **getattr(raw, "__globals__", {})}
+    ranges = {**CONFIG_RANGES, **getattr(cls, "_config_ranges", {})}
+    schema = {}
+    for name, param in inspect.signature(raw).parameters.items():
+        if name == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        annotation = param.annotation
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)  # the class's own source annotations, never file data
+            except Exception:
+                annotation = None  # a name only known to type checkers: not checked
+        schema[name] = (annotation, ranges.get(name))
+    return schema
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def validate_config(cls: type, config: Mapping[str, Any], where: str | None = None) -> None:
+    """Check each value of ``config`` that ``cls`` takes against its type and range; raise naming key and file."""
+    schema = _config_schema(cls)
+    for key, value in config.items():
+        if key not in schema:
+            continue
+        annotation, bounds = schema[key]
+        problem = None
+        if annotation is not None and _annotation_ok(value, annotation) is False:
+            expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            problem = f"expected {expected}, got {type(value).__name__} {_short(value)}"
+        elif bounds is not None and not bounds.check(value):
+            problem = f"must be {bounds.describe()}, got {_short(value)}"
+        if problem:
+            place = f"{where}: " if where else ""
+            raise ConfigValidationError(f"{place}{cls.__name__} config key {key!r} {problem}; fix the value")

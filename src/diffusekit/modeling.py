@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from ._io import atomic_checkpoint, reading_checkpoint
-from .configuration import ConfigMixin, config_attribute, read_json, refuse_config_assignment
+from .configuration import (ConfigMixin, ConfigValidationError, config_attribute, config_source, read_json,
+                            refuse_config_assignment, validate_config)
 from .hub import EntryNotFound, local_checkpoint_folders, resolve_file, split_hub_kwargs
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ def with_variant(filename: str, variant: str | None) -> str:
     """``diffusion_pytorch_model.safetensors`` + ``fp16`` -> ``diffusion_pytorch_model.fp16.safetensors``."""
     if not variant:
         return filename
+    if not isinstance(variant, str) or any(c in variant for c in "/\\\x00") or variant in (".", ".."):
+        raise ValueError(f"variant={str(variant)[:80]!r} must be a plain name such as 'fp16' (no path separators)")
     stem, ext = filename.rsplit(".", 1)
     return f"{stem}.{variant}.{ext}"
 
@@ -114,8 +117,10 @@ def read_torch_bin(path: Path) -> StateDict:
     """Read a pickled ``.bin`` state dict with ``weights_only=True``: tensors and plain containers only."""
     import pickle
 
-    try:
-        data = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    import zipfile
+
+    try:  # mmap needs torch's zip format; older (legacy, non-zip) .bin files that diffusers reads load without it
+        data = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors ({str(err).splitlines()[0]}). "
@@ -315,9 +320,11 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword argument(s) {unknown}")
         init_kwargs.update(kwargs)
 
+        validate_config(cls, init_kwargs, os.fspath(config_path))  # types and ranges, before anything is built
         files = cls._find_weight_files(source, subfolder, use_safetensors, variant, hub)
-        with torch.device("meta"), _SkipInit():
+        with torch.device("meta"), _SkipInit(), config_source(config_path):
             model = cls(**init_kwargs)
+        _check_memory(model, config_path, torch_dtype)
         if cls._keep_unknown_config_keys:
             model._keep_foreign_keys(data)  # diffusers-format configs keep unknown keys, as diffusers does
         model.load_weight_files(files, dtype=torch_dtype)
@@ -402,6 +409,16 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         # the check passed: any key the model lacks is one of the ignored ones
         state_dict = {k: v for k, v in state_dict.items() if k in expected}
 
+        model_dtypes = {k: v.dtype for k, v in self.state_dict().items()}
+        for key, value in state_dict.items():  # an int tensor where floats belong (or the reverse) is named here
+            want = model_dtypes[key]
+            if value.is_floating_point() != want.is_floating_point or value.is_complex() != want.is_complex:
+                names = ", ".join(os.fspath(f) for f in files)
+                kind = "floating-point" if want.is_floating_point else f"{want} (not floating-point)"
+                raise CheckpointError(
+                    f"{names}: weight {key!r} has dtype {value.dtype}, but {type(self).__name__} expects a {kind} "
+                    "tensor there; the file is damaged or belongs to another model"
+                )
         target = dtype or torch.get_default_dtype()
         for key, value in state_dict.items():
             if value.is_floating_point() and value.dtype != target:
@@ -486,6 +503,27 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
             }
             (save_directory / _index_name(base, variant)).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         self.save_config(save_directory)
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM this machine has (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_memory(model: torch.nn.Module, config_path, dtype: torch.dtype | None) -> None:
+    """Refuse a config whose parameters alone would not fit in this machine's RAM (model built on meta: free)."""
+    ram = physical_memory()
+    element = torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+    need = sum(t.numel() for t in model.state_dict().values()) * element
+    if ram is not None and need > ram:
+        raise ConfigValidationError(
+            f"{config_path}: {type(model).__name__} built from this config would need {need / 2**30:.1f} GiB for its "
+            f"weights, more than this machine's {ram / 2**30:.1f} GiB of RAM; check the sizes in the config "
+            "(block_out_channels, layers, hidden sizes)"
+        )
 
 
 def _parse_size(size: int | str | None) -> int | None:

@@ -213,6 +213,12 @@ class CLIPTokenizer:
             if name not in tokens:
                 chosen[name] = defaults[name]
         max_length = kwargs.get("model_max_length", config.get("model_max_length"))
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, float))
+                                       or max_length != max_length or max_length < 1
+                                       or (isinstance(max_length, float) and not max_length.is_integer())):
+            where = "model_max_length=" if "model_max_length" in kwargs else f"{config_path}: key 'model_max_length'"
+            raise ValueError(f"{where} must be a positive whole number of tokens (77 for CLIP), got "
+                             f"{str(max_length)[:80]!r}")
         return cls(
             vocab,
             merges,

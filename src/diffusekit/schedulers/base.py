@@ -31,8 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..configuration import ConfigMixin
-from ..hub import split_hub_kwargs
+from ..configuration import ConfigMixin, config_source, read_json
+from ..hub import resolve_file, split_hub_kwargs
 from ..outputs import BaseOutput
 from . import core
 
@@ -163,9 +163,11 @@ class SchedulerMixin(ConfigMixin):
             raise TypeError(
                 f"{cls.__name__}.from_pretrained got unknown argument(s) {bad}; config keys: {sorted(params)}"
             )
-        data = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        path = resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder=subfolder, **hub_kwargs)
+        data = read_json(path, what="config")
         cls.extract_init_kwargs(data, warn_unknown=data.get("_class_name") == cls.__name__)  # warns only
-        return cls.from_config(data, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        with config_source(path):
+            return cls.from_config(data, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
         """Write ``scheduler_config.json`` into ``save_directory`` (diffusers reads it); return its path."""
