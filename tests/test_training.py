@@ -25,7 +25,7 @@ TINY = [
 
 def train(out, *extra):
     cli_main(["train", "unconditional", "--output-dir", str(out), *TINY, *extra])
-    return torch.load(out / "checkpoint.pt", weights_only=False)
+    return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
 def write_idx(path, array: np.ndarray, code: int) -> None:
@@ -102,7 +102,7 @@ def test_ema_follows_the_weights():
 def test_resume_equals_uninterrupted_run(tmp_path):
     straight = train(tmp_path / "a", "--steps", "6", "--checkpoint-every", "0")
     train(tmp_path / "b", "--steps", "6", "--checkpoint-every", "0", "--stop-after", "3")
-    first_half = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    first_half = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert first_half["step"] == 3
     resumed = train(tmp_path / "b", "--steps", "6", "--checkpoint-every", "0")
     assert resumed["step"] == straight["step"] == 6
@@ -151,7 +151,7 @@ def test_exported_pipeline_loads_in_diffusekit_and_diffusers(tmp_path):
     assert a.shape == (2, 28, 28, 1)
     np.testing.assert_allclose(a, b, atol=1e-5)
     # the exported weights are the EMA's, not the raw ones
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     torch.testing.assert_close(ours.unet.state_dict()["conv_out.weight"], ckpt["ema"]["unet"]["shadow"]["conv_out.weight"])
 
 

@@ -33,7 +33,7 @@ from .plot import plot_losses
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: numpy's RNG state stored as tensors + plain values, so resume never unpickles objects
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -143,7 +143,7 @@ class TrainLoop:
             "rng": {
                 "generator": self.generator.get_state(),
                 "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_state_to_plain(np.random.get_state()),
                 "python": random.getstate(),
             },
         }
@@ -165,7 +165,7 @@ class TrainLoop:
         rng = state["rng"]
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
         random.setstate(rng["python"])
         self.step = int(state["step"])
         self.losses = list(state["losses"])
@@ -180,7 +180,16 @@ class TrainLoop:
         """Load ``checkpoint.pt`` from the output folder if there is one; True when it did."""
         if not self.checkpoint_path.is_file():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        import pickle
+
+        try:  # tensors and plain containers only: a checkpoint file never runs code
+            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{self.checkpoint_path} holds objects other than tensors and plain values "
+                f"({str(err).splitlines()[0]}); it is not loaded (an older diffusekit's checkpoint, or not one at "
+                "all): start over with --no-resume or a new --output-dir"
+            ) from None
         self.load_state_dict(state)
         logger.info("resumed from %s at step %d", self.checkpoint_path, self.step)
         return True
@@ -265,6 +274,17 @@ class TrainLoop:
             **(extra or {}),
         }
         atomic_write_text(self.output_dir / "train_log.json", json.dumps(log, indent=2) + "\n")
+
+
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    """numpy's legacy RNG state with its key array as a tensor (``weights_only`` loads refuse numpy arrays)."""
+    name, keys, pos, has_gauss, cached = state
+    return (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _numpy_state_from_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:

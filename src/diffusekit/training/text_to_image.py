@@ -18,6 +18,7 @@ The result is ``<output-dir>/pipeline``: the layout of an SD 1.x checkpoint (``m
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from .._io import atomic_write
 from .data import COLORS, EpochSampler, load_images, make_caption, pad_to, prompt_for, tint
 from .loop import TrainLoop, replace_folder, seed_everything
 from .unconditional import add_common_arguments, diffusion_loss, int_tuple, noise_target
+
+logger = logging.getLogger(__name__)
 
 COLOR_NAMES = tuple(COLORS)
 PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], np.float32)
@@ -205,8 +208,12 @@ def encode_latents(args, vae, images: np.ndarray, labels: np.ndarray) -> dict:
     path = Path(args.output_dir) / "latents.pt"
     key = {"n": args.latent_images, "seed": args.seed, "vae": vae.config.scaling_factor}
     if path.is_file():
-        cached = torch.load(path, weights_only=False)
-        if cached["key"] == key:
+        try:  # tensors and plain values only: never unpickle objects
+            cached = torch.load(path, weights_only=True)
+        except Exception as err:  # an unreadable or foreign cache is rebuilt, not trusted
+            logger.warning("ignoring latent cache %s (%s); encoding again", path, str(err).splitlines()[0])
+            cached = {"key": None}
+        if cached.get("key") == key:
             return cached
     from tqdm.auto import tqdm
 
