@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..random import Generator, randn_tensor
+from .checks import excerpt
 from .image_processor import VaeImageProcessor, check_output_type
 
 logger = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def warn_truncation(tokenizer, prompts: Sequence[str]) -> None:
         ids = tokenizer(prompt).input_ids
         if len(ids) > limit:
             dropped = tokenizer.decode(ids[limit - 1 : -1])
-            logger.warning("prompt truncated to %d CLIP tokens; dropped: %r", limit, dropped)
+            logger.warning("prompt truncated to %d CLIP tokens; dropped: %r", limit, excerpt(dropped))
 
 
 # ---------------------------------------------------------------------------------------------------- guidance

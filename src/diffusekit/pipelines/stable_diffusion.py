@@ -19,6 +19,7 @@ from ..loaders.lora import StableDiffusionLoraLoaderMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from .base import DiffusionPipeline
 from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, call_signature
+from .checks import check_steps, checked_image_size
 from .pieces import LatentDiffusionMixin, custom_schedule, warn_truncation
 from .pieces import guidance_scale_embedding, rescale_noise_cfg  # noqa: F401  (public here since 0.1)
 from .image_processor import postprocess
@@ -141,8 +142,7 @@ class StableDiffusionPipeline(TextualInversionLoaderMixin, StableDiffusionLoraLo
 
     def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                      num_inference_steps, num_images_per_prompt) -> None:
-        if height % 8 or width % 8:
-            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        checked_image_size(self, height, width, multiple=8)
         self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
                                  num_images_per_prompt)
 
@@ -178,8 +178,7 @@ class StableDiffusionPipeline(TextualInversionLoaderMixin, StableDiffusionLoraLo
                 f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                 f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
             )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        check_steps(num_inference_steps)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
 
@@ -211,8 +210,7 @@ class StableDiffusionPipeline(TextualInversionLoaderMixin, StableDiffusionLoraLo
                     f"{SAMPLING} latents prompt_embeds negative_prompt_embeds {OUTPUT} guidance_rescale {CALLBACKS}")
     def __call__(self, call) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
         """Text-to-image (diffusers' signature): returns ``images`` and ``nsfw_content_detected``."""
-        call.height = call.height or self.unet.config.sample_size * self.vae_scale_factor
-        call.width = call.width or self.unet.config.sample_size * self.vae_scale_factor
+        call.height, call.width = checked_image_size(self, call.height, call.width, multiple=8)
         device, scheduler, (prompt_embeds, negative_prompt_embeds) = self.prepare_call(call)
         custom = custom_schedule(call.timesteps, call.sigmas)
         scheduler.set_timesteps(None if custom else call.num_inference_steps, device=device, **custom)

@@ -25,6 +25,7 @@ import torch
 
 from ..random import Generator, randn_tensor
 from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, call_signature
+from .checks import checked_image_size
 from .image_processor import VaeImageProcessor, _is_pil, image_kind, image_size
 from .pieces import check_strength, cut_at_denoising_end, set_strength_schedule
 from .stable_diffusion import StableDiffusionPipelineOutput
@@ -163,8 +164,7 @@ class InpaintMixin:
 
     def check_inpaint_call(self, call) -> None:
         """Sizes (default: the UNet's sample size), image / mask / strength checks, and the UNet kind."""
-        call.height = call.height or self.unet.config.sample_size * self.vae_scale_factor
-        call.width = call.width or self.unet.config.sample_size * self.vae_scale_factor
+        call.height, call.width = checked_image_size(self, call.height, call.width)
         self.check_inpaint_inputs(call.image, call.mask_image, call.height, call.width, call.padding_mask_crop,
                                   call.output_type, call.masked_image_latents)
         check_strength(call.strength)
