@@ -28,7 +28,7 @@ def checked_image_size(pipe: Any, height: Any, width: Any, multiple: int = 1) ->
     scale = int(pipe.vae_scale_factor)
     factor = math.lcm(scale, multiple)
     why = "the VAE scale factor" if factor == scale else f"{multiple}, as in diffusers, and the VAE scale factor"
-    default = pipe.unet.config.sample_size
+    default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
     sides = []
     for name, value, index in (("height", height, 0), ("width", width, 1)):
         if value is None:

@@ -40,6 +40,7 @@ from ..outputs import BaseOutput
 from .base import DiffusionPipeline
 from ..single_file.pipeline import FromSingleFileMixin
 from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, XL_EMBEDS, XL_SIZES, call_signature
+from .checks import checked_image_size
 from .image_processor import postprocess
 from .pieces import LatentDiffusionMixin, check_denoising_fractions, custom_schedule, cut_at_denoising_end, \
     warn_truncation
@@ -300,8 +301,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, XLPromptEncodi
                     f"guidance_rescale {XL_SIZES} {CALLBACKS}")
     def __call__(self, call) -> StableDiffusionXLPipelineOutput | tuple[Any]:
         """SDXL text-to-image (diffusers' signature); ``denoising_end`` stops early for a refiner to take over."""
-        call.height = call.height or self.default_sample_size * self.vae_scale_factor
-        call.width = call.width or self.default_sample_size * self.vae_scale_factor
+        call.height, call.width = checked_image_size(self, call.height, call.width, multiple=8)
         device, scheduler, (prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) = self.prepare_call(call)
         custom = custom_schedule(call.timesteps, call.sigmas)
         scheduler.set_timesteps(None if custom else call.num_inference_steps, device=device, **custom)
