@@ -69,7 +69,8 @@ def test_transformer_layers_per_block_lists_diffusers_accepts(overrides):
     [
         ("UNet2DModel", dict(UNET2D_TINY, attention_head_dim=32), "attention_head_dim=32 is wider"),
         ("UNet2DConditionModel", tiny_unet_kwargs(attention_head_dim=32), "cannot have 32 attention heads"),
-        ("UNet2DConditionModel", tiny_unet_kwargs(attention_head_dim=None), "cannot have None attention heads"),
+        ("UNet2DConditionModel", tiny_unet_kwargs(attention_head_dim=None),
+         "cannot have None attention heads|'attention_head_dim' expected"),
         ("UNet2DConditionModel", tiny_unet_kwargs(transformer_layers_per_block=[1]), "transformer_layers_per_block"),
         ("UNet2DConditionModel", tiny_unet_kwargs(transformer_layers_per_block=[[1], [1]]),
          "reverse_transformer_layers_per_block"),
