@@ -212,3 +212,18 @@ def test_two_processes_saving_at_once_leave_one_whole_checkpoint(tmp_path):
     loaded = UNet2DModel.from_pretrained(tmp_path)
     assert any(same_weights(loaded, unet) for unet in two_unets())
     shutil.rmtree(tmp_path)
+
+
+def test_tokenizer_save_is_whole_and_supersedes_an_old_tokenizer_json(tmp_path):
+    from clip_assets import write_clip_tokenizer
+
+    from diffusekit import CLIPTokenizer
+
+    write_clip_tokenizer(tmp_path / "src", num_merges=10)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "src")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "tokenizer.json").write_text("{}")  # another layout of the same component
+    (tmp_path / "dst" / "README.md").write_text("notes")
+    tokenizer.save_pretrained(tmp_path / "dst")
+    assert not (tmp_path / "dst" / "tokenizer.json").exists() and (tmp_path / "dst" / "README.md").exists()
+    assert CLIPTokenizer.from_pretrained(tmp_path / "dst")("a cat").input_ids == tokenizer("a cat").input_ids

@@ -354,3 +354,18 @@ HOSTILE = sum([
 def test_count_of_hostile_inputs_in_the_docs():
     safety = Path(__file__).resolve().parents[1] / "docs" / "SAFETY.md"
     assert f"{HOSTILE} hostile or malformed inputs" in safety.read_text(), HOSTILE
+
+
+def test_hub_cache_snapshot_symlinks_into_blobs_still_load(tmp_path):
+    """The one allowed way out of a folder: a Hugging Face cache snapshot's files are symlinks into its blobs/."""
+    tiny_unet().save_pretrained(tmp_path / "plain")
+    repo = tmp_path / "models--org--name"
+    snapshot = repo / "snapshots" / "abc123" / "unet"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, name in enumerate(["config.json", "diffusion_pytorch_model.safetensors"]):
+        blob = repo / "blobs" / f"blob{i}"
+        blob.write_bytes((tmp_path / "plain" / name).read_bytes())
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    loaded = UNet2DModel.from_pretrained(repo / "snapshots" / "abc123", subfolder="unet")
+    assert torch.equal(loaded.conv_in.weight, UNet2DModel.from_pretrained(tmp_path / "plain").conv_in.weight)

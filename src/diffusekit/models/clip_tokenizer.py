@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .._io import atomic_write_text
+from .._io import atomic_checkpoint
 from ..configuration import read_json
 from ..hub import EntryNotFound, resolve_file, split_hub_kwargs
 
@@ -270,7 +270,7 @@ class CLIPTokenizer:
         return model["vocab"], merges, added
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
-        """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json (atomically each).
+        """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json (atomically, together).
 
         The layout of SD checkpoints' ``tokenizer/`` folders, which transformers 4.x and 5.x both load.
         """
@@ -311,8 +311,12 @@ class CLIPTokenizer:
             SPECIAL_TOKENS_FILE: dump(special_map),
             CONFIG_FILE: dump(config),
         }
-        for name, text in files.items():
-            atomic_write_text(folder / name, text)
+        # one commit for the four files; a tokenizer.json of an earlier save is superseded (transformers would
+        # prefer it over the files written here)
+        with atomic_checkpoint(folder) as checkpoint:
+            for name, text in files.items():
+                (checkpoint.stage / name).write_text(text, encoding="utf-8")
+            checkpoint.supersede("", {"tokenizer.json"}.__contains__)
         return tuple(os.fspath(folder / name) for name in files)
 
     # ------------------------------------------------------------------ vocabulary
