@@ -324,6 +324,16 @@ def test_huge_prompt_logs_a_short_excerpt(sd_pipe, caplog):
     assert "truncated" in text and len(text) < 2000
 
 
+@pytest.mark.parametrize("loader", ["load_lora_weights", "load_textual_inversion"])
+def test_adapter_weight_name_cannot_leave_the_folder(sd_pipe, tmp_path, loader):
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapters").mkdir()
+    save_file({"x": torch.zeros(1)}, tmp_path / "outside.safetensors")  # exists, but outside the folder named
+    with pytest.raises(ValueError, match="relative path inside|leaves the folder"):
+        getattr(sd_pipe, loader)(tmp_path / "adapters", weight_name="../outside.safetensors")
+
+
 # ------------------------------------------------------------------------------------------ weight dtypes
 
 
@@ -341,7 +351,8 @@ def test_int_weight_where_floats_belong_names_that_key(tmp_path):
 
 # the number of hostile / malformed inputs this file (and test_durability's journal test) tries, by section
 HOSTILE = sum([
-    3 + 1 + 2 + 5 + 4 + 1,  # paths: index entries, symlinked shard, symlinked config/weights, subfolders, variants
+    3 + 1 + 2 + 5 + 4 + 1 + 2,  # paths: index entries, symlinked shard and config/weights, subfolders, variants,
+    # a listing outside the folder, adapters' weight_name
     3,  # unpickling: an index of .bin under use_safetensors=True, a pickle payload in a .bin, in checkpoint.pt
     len(BAD_UNET_CONFIGS) + 1 + 1 + 4 + 4 + len(MALFORMED_JSON),  # configs
     8,  # model_index.json class names
