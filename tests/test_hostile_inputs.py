@@ -196,6 +196,13 @@ def test_bad_config_values_are_refused_naming_file_and_key(unet_folder, change, 
     assert os.fspath(unet_folder / "config.json") in str(info.value) and repr(key) in str(info.value)
 
 
+def test_nulls_that_diffusers_files_carry_are_accepted(unet_folder):
+    config = json.loads((unet_folder / "config.json").read_text())
+    config.update(center_input_sample=None)  # a flag written as null: None means the default
+    (unet_folder / "config.json").write_text(json.dumps(config))
+    UNet2DModel.from_pretrained(unet_folder)
+
+
 def test_config_bigger_than_the_machine_is_refused_before_loading(unet_folder):
     config = json.loads((unet_folder / "config.json").read_text())
     config["block_out_channels"] = [60000, 60000]

@@ -532,6 +532,8 @@ def validate_config(cls: type, config: Mapping[str, Any], where: str | None = No
         if key not in schema:
             continue
         annotation, bounds = schema[key]
+        if value is None and bounds is None:
+            continue  # diffusers' files carry nulls for flags and names (``upcast_attention: null``): its default
         problem = None
         if annotation is not None and _annotation_ok(value, annotation) is False:
             expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
