@@ -24,6 +24,7 @@ def main() -> None:
     from PIL import Image, ImageDraw
     from playwright.sync_api import sync_playwright
     from serve_helpers import random_lora, running_server, wait_idle
+    from test_serve_page import wait_images_loaded
 
     torch.set_num_threads(1)
     out = ROOT / "docs" / "images"
@@ -45,8 +46,7 @@ def main() -> None:
             page.fill("#seed", str(seed))
             count = page.locator("#gallery .card").count()
             page.click("#generate")
-            page.wait_for_function(f"document.querySelectorAll('#gallery .card').length >= {count + 2}",
-                                   timeout=120_000)
+            wait_images_loaded(page, count + 2)
         page.screenshot(path=str(out / "serve-page.png"))
         init = Image.new("RGB", (32, 32), (0, 0, 0))
         ImageDraw.Draw(init).ellipse((6, 4, 26, 28), fill=(200, 30, 40))
@@ -65,7 +65,7 @@ def main() -> None:
         page.fill("#denoising_strength", "0.9")
         count = page.locator("#gallery .card").count()
         page.click("#generate")
-        page.wait_for_function(f"document.querySelectorAll('#gallery .card').length >= {count + 1}", timeout=120_000)
+        wait_images_loaded(page, count + 1)
         page.screenshot(path=str(out / "serve-inpaint.png"), full_page=True)
         browser.close()
     print(f"wrote {out / 'serve-page.png'} and {out / 'serve-inpaint.png'}")

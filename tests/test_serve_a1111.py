@@ -172,7 +172,7 @@ def test_progress_preview_and_interrupt(server, api):
     state = app.state.serve
     box = {}
     worker = threading.Thread(target=lambda: box.setdefault("result", api.txt2img(
-        prompt=PROMPT, seed=1, steps=150, width=64, height=64, cfg_scale=4, sampler_name="Euler")))
+        prompt=PROMPT, seed=1, steps=150, width=96, height=96, cfg_scale=4, sampler_name="Euler")))
     worker.start()
     deadline = time.monotonic() + 120
     progress = api.get_progress()
@@ -184,7 +184,7 @@ def test_progress_preview_and_interrupt(server, api):
     from diffusekit.serve.images import image_from_b64
 
     preview = image_from_b64(progress["current_image"], "preview", 10**6)
-    assert preview.size == (64, 64)  # the latent grid, scaled to the image size
+    assert preview.size == (96, 96)
     assert api.interrupt() == {}
     worker.join(120)
     assert not worker.is_alive()
@@ -192,7 +192,7 @@ def test_progress_preview_and_interrupt(server, api):
     assert job.state == "interrupted" and job.step < 150
     assert box["result"].info["interrupted"] is True
     images = box["result"].images  # decoded from the latents at the interrupt, as A1111 does
-    assert len(images) == 1 and images[0].size == (64, 64)
+    assert len(images) == 1 and images[0].size == (96, 96)
     assert api.get_progress()["state"]["job_count"] == 0
 
 

@@ -17,7 +17,7 @@ requests = pytest.importorskip("requests")
 from serve_helpers import running_server, wait_idle  # noqa: E402
 
 SD = "diffusekit-fashion-sd"
-SLOW_JOB = {"prompt": "a photo of a bag", "steps": 150, "width": 64, "height": 64, "cfg_scale": 4, "seed": 1,
+SLOW_JOB = {"prompt": "a photo of a bag", "steps": 150, "width": 96, "height": 96, "cfg_scale": 4, "seed": 1,
             "sampler_name": "Euler"}
 
 

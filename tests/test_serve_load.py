@@ -126,7 +126,7 @@ def _bad_requests(url, codes):
 
 
 def _interrupter(url, flags):
-    job, _ = _submit(url, {**JOB, "steps": 150, "width": 64, "height": 64})
+    job, _ = _submit(url, {**JOB, "steps": 150, "width": 96, "height": 96})
     if job.status_code != 202:
         return
     job_id = job.json()["id"]

@@ -41,6 +41,14 @@ def server(tmp_path_factory):
         yield url, app
 
 
+def wait_images_loaded(page, count: int) -> None:
+    """Wait until the gallery has ``count`` cards and every card's image has loaded (not just been added)."""
+    page.wait_for_function(
+        "n => { const imgs = [...document.querySelectorAll('#gallery .card img')];"
+        " return imgs.length >= n && imgs.every(i => i.complete && i.naturalWidth > 0); }", arg=count,
+        timeout=120_000)
+
+
 def _library_image(prompt, seed, steps, size, cfg, sampler, **kwargs):
     import torch
 
@@ -75,7 +83,7 @@ def test_page_generates_with_progress_and_shows_parameters(server, browser):
     page.fill("#height", "64")
     page.fill("#seed", "123")
     page.click("#generate")
-    page.wait_for_selector("#gallery .card img", timeout=120_000)
+    wait_images_loaded(page, 1)
     log = page.evaluate("window.dkLog")
     running = [e for e in log if e["state"] == "running" and e["step"]]
     assert running and any(e["preview"] for e in running) and running[-1]["steps"] == 40
@@ -124,7 +132,7 @@ def test_page_inpaints_a_painted_mask(server, browser, tmp_path):
     page.fill("#seed", "8")
     page.fill("#denoising_strength", "0.9")
     page.click("#generate")
-    page.wait_for_selector("#gallery .card img", timeout=120_000)
+    wait_images_loaded(page, 1)
     text = page.locator("#gallery .card pre").first.inner_text()
     assert "Denoising strength: 0.9" in text and "Seed: 8" in text
     jobs = [j for j in app.state.serve.queue._jobs.values() if j.source == "jobs"]
@@ -147,8 +155,9 @@ def test_page_lora_picker_adds_the_prompt_tag(server, browser):
     page.click("#loras .chip")
     assert page.locator("#prompt").input_value() == "a photo of a dress <lora:redder:1>"
     page.fill("#steps", "3")
+    page.fill("#batch_size", "2")
     page.click("#generate")
-    page.wait_for_selector("#gallery .card img", timeout=120_000)
+    wait_images_loaded(page, 2)  # every card of the batch shows its image
     text = page.locator("#gallery .card pre").first.inner_text()
     assert text.startswith("a photo of a dress <lora:redder:1>\n") and 'Lora hashes: "redder: ' in text
     page.close()
