@@ -105,8 +105,6 @@ ALLOWED: dict[str, str] = {
         "maybe_convert_prompt",
     )},
     "*.load_lora_weights(hotswap)": "LoRA hotswapping into compiled models: " + _OUT_OF_SCOPE,
-    # ---- owned by other work in progress -------------------------------------------------------------------------
-    "*.from_single_file": "single-file loading: owned by the single-file work (SD 1.x/2.x first)",
     # ---- internals of diffusers' implementations ---------------------------------------------------------------
     **{f"{cls}.{name}": _INTERNAL for cls, names in {
         "DPMSolverMultistepScheduler": ("dpm_solver_first_order_update", "multistep_dpm_solver_second_order_update",

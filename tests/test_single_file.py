@@ -669,9 +669,13 @@ def test_sdxl_matches_diffusers_and_the_reference_table(tmp_path, refiner, monke
     assert type(inferred.scheduler).__name__ == "EulerDiscreteScheduler"
     if refiner:
         assert inferred.text_encoder is None and inferred.tokenizer is None
-    # an SDXL file is not an SD 1.x/2.x one
+    # an SDXL file is not an SD 1.x/2.x one; `diffusekit generate FILE` picks the file's pipeline class
     with pytest.raises(ValueError, match="SDXL"):
         diffusekit.StableDiffusionPipeline.from_single_file(path)
+    from diffusekit.cli.generate import load_pipeline
+
+    loaded, model_name, digest = load_pipeline(str(path), "cpu", str(folder))
+    assert type(loaded).__name__ == name and model_name == "xl" and len(digest) == 10
 
 
 def _pil(size):

@@ -152,13 +152,13 @@ def load_pipeline(model: str, device: str, config: str | None = None):
 
     path = Path(model)
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        from ..pipelines.stable_diffusion import StableDiffusionPipeline
+        from ..single_file.convert import load_any  # the pipeline class of the file's family (SD 1.x/2.x, SDXL)
 
-        loader = getattr(StableDiffusionPipeline, "from_single_file", None)
-        if loader is None:
-            raise fail(f"{path}: single-file checkpoints need StableDiffusionPipeline.from_single_file, which this "
-                       "version does not have; convert it to a diffusers folder first")
-        return loader(path, config=config).to(device), path.stem, model_hash(path)
+        try:
+            pipe = load_any(path, config=config)
+        except (ValueError, OSError) as exc:
+            raise fail(str(exc)) from None
+        return pipe.to(device), path.stem, model_hash(path)
     if config is not None:
         raise fail("--config applies to single-file checkpoints (.safetensors / .ckpt) only")
     return DiffusionPipeline.from_pretrained(model).to(device), (path.name if path.is_dir() else model), None

@@ -42,8 +42,9 @@ def load_any(source: str | os.PathLike, *, config=None, original_config=None, ex
         infer.family_defaults(family)  # refuses what is not supported, with a clear message
         cls = getattr(diffusekit, PIPELINE_FOR_FAMILY[family])
         # a converted checkpoint has no safety checker: the folder should load without the warning about it
+        options = {"requires_safety_checker": False} if "requires_safety_checker" in cls._option_names else {}
         return cls.from_single_file(ckpt, config=config, original_config=original_config, extract_ema=extract_ema,
-                                    torch_dtype=torch_dtype, requires_safety_checker=False)
+                                    torch_dtype=torch_dtype, **options)
     if config is not None or original_config is not None or extract_ema:
         raise ValueError(f"{source} is a diffusers folder: --config, --original-config and --extract-ema apply to "
                          "single-file sources only")
