@@ -91,28 +91,33 @@ class Attention(nn.Module):
         """Compute attention for ``slice_size`` (batch, head) pairs at a time; ``None`` turns slicing off.
 
         The result equals unsliced attention; memory for the score matrix drops to ``slice_size / (B * heads)`` of it
-        where the backend materialises it.
+        where the backend materialises it (CPU SDPA in torch 2.x does not: BENCHMARKS.md).
         """
         if slice_size is not None and not (isinstance(slice_size, int) and 1 <= slice_size <= self.heads):
             raise ValueError(f"slice_size {slice_size!r} has to be an int from 1 to the {self.heads} heads, or None")
         self.slice_size = slice_size
 
     def _attend(self, query, key, value, mask):
-        """SDPA over (B, heads, N, d), whole or in slices of ``slice_size`` (batch, head) pairs."""
-        batch, heads, length, dim = query.shape
-        pairs = batch * heads
-        if self.slice_size is None or self.slice_size >= pairs:
+        """SDPA over (B, heads, N, d), whole or ``slice_size`` heads of one batch item at a time.
+
+        Slices are views (no copies of q/k/v): each call's score matrix is ``slice_size`` heads big. Slices never span
+        two batch items (diffusers' flat (batch x head) slices can); the numbers are the same either way.
+        """
+        batch, heads = query.shape[:2]
+        size = self.slice_size
+        if size is None or size >= batch * heads:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # (B, heads, N, d)
-        query, key, value = (t.reshape(pairs, t.shape[2], dim) for t in (query, key, value))  # (B*heads, N|M, d)
-        if mask is not None:  # (B|1, 1|heads, 1|N, M) -> (B*heads, 1|N, M)
-            mask = mask.expand(batch, heads, *mask.shape[2:]).reshape(pairs, *mask.shape[2:])
-        out = torch.empty_like(query)
-        for start in range(0, pairs, self.slice_size):
-            part = slice(start, start + self.slice_size)
-            out[part] = F.scaled_dot_product_attention(
-                query[part], key[part], value[part], attn_mask=None if mask is None else mask[part]
-            )
-        return out.view(batch, heads, length, dim)
+        out = query.new_empty(query.shape)  # (B, heads, N, d)
+        for b in range(batch):
+            item_mask = None if mask is None else mask[b if mask.shape[0] > 1 else 0]  # (1|heads, 1|N, M)
+            for h in range(0, heads, size):
+                part_mask = None
+                if item_mask is not None:
+                    part_mask = item_mask[h : h + size] if item_mask.shape[0] > 1 else item_mask
+                out[b, h : h + size] = F.scaled_dot_product_attention(
+                    query[b, h : h + size], key[b, h : h + size], value[b, h : h + size], attn_mask=part_mask
+                )  # (size, N, d)
+        return out
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (B, N, heads * dim_head) -> (B, heads, N, dim_head)
