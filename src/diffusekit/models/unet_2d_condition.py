@@ -73,6 +73,12 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     ``resnet_out_scale_factor``, ``cross_attention_norm``, ``mid_block_only_cross_attention``,
     ``addition_embed_type_num_heads``) are accepted and, as in diffusers for these
     blocks, have no effect.
+
+    Training and memory: ``enable_gradient_checkpointing()`` and ``set_attention_slice()`` as in diffusers
+    (docs/MEMORY.md). Deliberately not implemented (out of scope for now; one attention code path, SDPA): the
+    attention-processor API (``attn_processors``, ``set_attn_processor``: refused; ``set_default_attn_processor``:
+    a no-op, the default is the only processor), IP-Adapter, FreeU (``enable_freeu`` refused, ``disable_freeu`` a
+    no-op) and fused QKV projections (``fuse_qkv_projections`` refused, ``unfuse_qkv_projections`` a no-op).
     """
 
     _supports_gradient_checkpointing = True  # enable_gradient_checkpointing(): recompute block layers
@@ -323,6 +329,29 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
             self.conv_norm_out = None
             self.conv_act = None
         self.conv_out = nn.Conv2d(width, out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
+
+    def set_attn_processor(self, processor: Any) -> None:
+        raise NotImplementedError(
+            "UNet2DConditionModel.set_attn_processor: diffusekit has no attention-processor classes (one SDPA code "
+            "path); use set_attention_slice() for sliced attention"
+        )
+
+    def set_default_attn_processor(self) -> None:
+        """A no-op: the default attention (SDPA) is the only one."""
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        raise NotImplementedError("UNet2DConditionModel.enable_freeu: FreeU is not implemented by diffusekit")
+
+    def disable_freeu(self) -> None:
+        """A no-op: FreeU is never enabled here."""
+
+    def fuse_qkv_projections(self) -> None:
+        raise NotImplementedError(
+            "UNet2DConditionModel.fuse_qkv_projections: fused QKV projections are not implemented by diffusekit"
+        )
+
+    def unfuse_qkv_projections(self) -> None:
+        """A no-op: projections are never fused here."""
 
     def set_attention_slice(self, slice_size: str | int | list[int | None] | None = "auto") -> None:
         """Sliced attention (diffusers' API): ``"auto"`` halves each layer's heads, ``"max"`` runs one (batch, head)
