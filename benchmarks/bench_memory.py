@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse_hidden())
     parser.add_argument("--checkpointing-models", default="sd15,train-default",
                         help="which models the checkpointing benchmark trains one step of (sd15, train-default)")
+    parser.add_argument("--slicing-libraries", default="diffusekit,diffusers",
+                        help="libraries whose UNet the slicing benchmark runs (diffusekit, diffusers)")
     args = parser.parse_args()
     quiet_environment(args.threads)
     if args.child:
@@ -152,7 +154,7 @@ def main() -> None:
                   flush=True)
             results[f"checkpointing/{model}"] = rows
     if not wanted or "slicing" in wanted:
-        for library in ("diffusekit", "diffusers"):
+        for library in [lib.strip() for lib in args.slicing_libraries.split(",") if lib.strip()]:
             for slice_size in (None, "auto"):  # "max" (one head at a time) takes ~7 min per child here
                 row = child({"kind": "slicing", "library": library, "slice": slice_size})
                 print(f"slicing {library} {slice_size}: peak added {row['peak_added_kb'] / mib:.0f} MiB", flush=True)

@@ -109,14 +109,18 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # (B, heads, N, d)
         out = query.new_empty(query.shape)  # (B, heads, N, d)
         for b in range(batch):
-            item_mask = None if mask is None else mask[b if mask.shape[0] > 1 else 0]  # (1|heads, 1|N, M)
+            items = slice(b, b + 1)
+            item_mask = None if mask is None else mask[items if mask.shape[0] > 1 else slice(0, 1)]
             for h in range(0, heads, size):
+                part = slice(h, h + size)
                 part_mask = None
-                if item_mask is not None:
-                    part_mask = item_mask[h : h + size] if item_mask.shape[0] > 1 else item_mask
-                out[b, h : h + size] = F.scaled_dot_product_attention(
-                    query[b, h : h + size], key[b, h : h + size], value[b, h : h + size], attn_mask=part_mask
-                )  # (size, N, d)
+                if item_mask is not None:  # (1, 1|heads, 1|N, M)
+                    part_mask = item_mask[:, part] if item_mask.shape[1] > 1 else item_mask
+                # 4-d views on purpose: CPU SDPA takes its memory-efficient kernel for (B, H, N, d) inputs, and a
+                # path that materialises the score matrix for 3-d ones
+                out[items, part] = F.scaled_dot_product_attention(
+                    query[items, part], key[items, part], value[items, part], attn_mask=part_mask
+                )  # (1, size, N, d)
         return out
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
