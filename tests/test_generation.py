@@ -75,5 +75,6 @@ def test_unconditional_pipeline():
 
     pipe = DiffusionPipeline.from_pretrained("diffusekit-fashion-ddpm")
     pipe.set_progress_bar_config(disable=True)
-    out = generate(pipe, GenerationParameters(steps=2, seed=3, sampler="DDIM"), batch_size=2)
+    out = generate(pipe, GenerationParameters(steps=2, seed=3, sampler="DDIM", cfg_scale=7.5), batch_size=2)
     assert [p.seed for p in out.parameters] == [3, 4] and out.parameters[0].width == 28
+    assert "CFG scale" not in out.parameters[0].to_infotext()  # guidance does not apply to unconditional models

@@ -176,6 +176,8 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     output = run(**kwargs)
     images = list(output.images)
     per_image = [r.replace(seed=s) for r, s in zip((r for r in requests for _ in range(batch_size)), seeds)]
+    if not hasattr(run, "encode_prompt"):  # record only what shaped the image: no guidance, no clip skip
+        per_image = [p.replace(cfg_scale=None, clip_skip=None) for p in per_image]
     if (params.width is None or params.height is None) and images and hasattr(images[0], "size"):
         per_image = [p.replace(width=im.size[0], height=im.size[1]) for p, im in zip(per_image, images)]
     return GenerationResult(images, per_image, getattr(output, "nsfw_content_detected", None))
