@@ -15,6 +15,8 @@ Benchmarks (names for ``--only``):
                      ``set_attention_slice(None / "auto")``; diffusekit (SDPA, sliced or not) and, for
                      reference, diffusers (its default SDPA processor / its sliced processor).
 
+- ``layer``          (only when named) one SD 1.5 first-stage self-attention layer, 4096 tokens, batch 2, sliced or not.
+
 Run ``python -m benchmarks.bench_memory`` from the repository root, under the heavy lock (a few GB per child):
 ``flock /work/coord/heavy.lock .venv/bin/python -m benchmarks.bench_memory``. ``--quick`` uses tiny configs.
 """
@@ -116,6 +118,23 @@ def child_slicing(library: str, slice_size, quick: bool) -> dict:
     return {"peak_added_kb": added}
 
 
+def child_layer(slice_size, quick: bool) -> dict:
+    """One self-attention layer of SD 1.5's first stage (320 channels, 8 heads of 40) on 4096 tokens, batch 2."""
+    import torch
+
+    from diffusekit.models.attention import Attention
+
+    torch.manual_seed(0)
+    layer = Attention(320, heads=8, dim_head=40)
+    if slice_size is not None:
+        layer.set_attention_slice(slice_size)
+    x = torch.randn(2, 256 if quick else 4096, 320)
+    with torch.no_grad():
+        layer(x[:, :64])  # warm-up on a small input
+        added = _measure(lambda: layer(x))
+    return {"peak_added_kb": added}
+
+
 def main() -> None:
     parser = common_args(__doc__.splitlines()[0])
     parser.add_argument("--child", default=None, help=argparse_hidden())
@@ -128,7 +147,9 @@ def main() -> None:
     if args.child:
         set_threads(args.threads)
         spec = json.loads(args.child)
-        if spec["kind"] == "checkpointing":
+        if spec["kind"] == "layer":
+            emit(child_layer(spec["slice"], args.quick))
+        elif spec["kind"] == "checkpointing":
             emit(child_checkpointing(spec["model"], spec["ckpt"], args.quick))
         else:
             emit(child_slicing(spec["library"], spec["slice"], args.quick))
@@ -159,6 +180,12 @@ def main() -> None:
                 row = child({"kind": "slicing", "library": library, "slice": slice_size})
                 print(f"slicing {library} {slice_size}: peak added {row['peak_added_kb'] / mib:.0f} MiB", flush=True)
                 results[f"slicing/{library}/{slice_size}"] = row
+    if wanted and "layer" in wanted:  # light: not part of the default run
+        for slice_size in (None, "auto", 1):
+            size = 4 if slice_size == "auto" else slice_size
+            row = child({"kind": "layer", "slice": size})
+            print(f"layer slice {slice_size}: peak added {row['peak_added_kb'] / mib:.0f} MiB", flush=True)
+            results[f"layer/{slice_size}"] = row
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
