@@ -137,11 +137,15 @@ def test_two_threads_share_one_pipeline(ddpm_folder):
     pipe = quiet(diffusekit.DDIMPipeline.from_pretrained(ddpm_folder))
     torch.set_num_threads(1)
     seeds = [0, 1]
-    sequential = [pipe(num_inference_steps=6, generator=torch.manual_seed(s), output_type="np").images for s in seeds]
+    # one generator object per call: torch.manual_seed returns the process-wide generator, which two threads
+    # would draw from in an arbitrary interleaving
+    sequential = [pipe(num_inference_steps=6, generator=torch.Generator().manual_seed(s), output_type="np").images
+                  for s in seeds]
     results: dict[int, np.ndarray] = {}
 
     def work(seed):
-        results[seed] = pipe(num_inference_steps=6, generator=torch.manual_seed(seed), output_type="np").images
+        results[seed] = pipe(num_inference_steps=6, generator=torch.Generator().manual_seed(seed),
+                             output_type="np").images
 
     threads = [threading.Thread(target=work, args=(s,)) for s in seeds]
     for t in threads:
