@@ -15,22 +15,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import sys
-
-
-def image_grid(images, columns: int | None = None):
-    """Paste equally sized PIL images into one grid image."""
-    from PIL import Image
-
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((i % columns) * width, (i // columns) * height))
-    return grid
 
 
 # command -> module of diffusekit.cli with add_parser(commands) and run(args) -> int. One line per command.

@@ -16,7 +16,7 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     import torch
 
-    from ..__main__ import image_grid
+    from ..utils import image_grid
     from ..models.unet_2d import UNet2DModel
     from ..pipelines.ddpm import DDPMPipeline
     from ..schedulers.ddpm import DDPMScheduler

@@ -250,7 +250,7 @@ def _open_image(path: str | None, mode: str, flag: str):
 
 def write_images(images, parameters, out: Path) -> list[Path]:
     """Write the images as PNGs with their parameters; several -> ``<stem>-<i>.png`` each plus the grid at ``out``."""
-    from ..__main__ import image_grid
+    from ..utils import image_grid
     from ..infotext import save_png
 
     out.parent.mkdir(parents=True, exist_ok=True)

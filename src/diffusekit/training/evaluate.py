@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _grid(images: np.ndarray, path, columns: int) -> None:
-    from ..__main__ import image_grid
+    from ..utils import image_grid
     from ..pipelines.image_processor import numpy_to_pil
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -194,7 +194,7 @@ def train_vae(args, images: np.ndarray) -> Path:
 
 
 def _save_reconstructions(x: torch.Tensor, recon: torch.Tensor, path: Path) -> None:
-    from ..__main__ import image_grid
+    from ..utils import image_grid
     from ..pipelines.image_processor import postprocess
 
     image_grid(postprocess(torch.cat([x, recon]), "pil"), columns=len(x)).save(path)
@@ -295,7 +295,7 @@ def export_pipeline(loop: TrainLoop, args, vae, tokenizer, latent_size: int) -> 
 
 def sample_grid(pipeline_dir, steps: int, guidance_scale: float, seed: int, device: str = "cpu", rows: int = 10):
     """One row per class (the first ``rows``), one column per colour: "a photo of a <colour> <class>"."""
-    from ..__main__ import image_grid
+    from ..utils import image_grid
     from ..pipelines.base import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir).to(device)

@@ -190,7 +190,7 @@ def export_pipeline(loop: TrainLoop, args, scheduler) -> Path:
 
 
 def sample_grid(pipeline_dir, num_images: int, steps: int, seed: int, device: str = "cpu"):
-    from ..__main__ import image_grid
+    from ..utils import image_grid
     from ..pipelines.ddpm import DDPMPipeline
 
     pipe = DDPMPipeline.from_pretrained(pipeline_dir).to(device)
