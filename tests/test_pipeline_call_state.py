@@ -170,13 +170,15 @@ def test_state_is_per_thread(t2i):
 
 # diffusers' parameters a pipeline does not take, and ours it does not have (each explained in the class docstring)
 SIGNATURE_DIFFERENCES = {
-    "StableDiffusionPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"}, set()),
-    "StableDiffusionImg2ImgPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"}, {"guidance_rescale"}),
-    "StableDiffusionInpaintPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"}, {"guidance_rescale"}),
-    "StableDiffusionDepth2ImgPipeline": (set(), set()),
-    "StableDiffusionXLPipeline": (set(), set()),
-    "StableDiffusionXLImg2ImgPipeline": (set(), set()),
-    "StableDiffusionXLInpaintPipeline": (set(), set()),
+    "StableDiffusionPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"}, {"guidance_interval"}),
+    "StableDiffusionImg2ImgPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"},
+                                       {"guidance_rescale", "guidance_interval"}),
+    "StableDiffusionInpaintPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"},
+                                       {"guidance_rescale", "guidance_interval"}),
+    "StableDiffusionDepth2ImgPipeline": (set(), {"guidance_interval"}),
+    "StableDiffusionXLPipeline": (set(), {"guidance_interval"}),
+    "StableDiffusionXLImg2ImgPipeline": (set(), {"guidance_interval"}),
+    "StableDiffusionXLInpaintPipeline": (set(), {"guidance_interval"}),
 }
 
 

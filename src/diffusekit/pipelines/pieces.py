@@ -74,11 +74,14 @@ class PerCallStateMixin:
     _denoising_end = CallState(None)
     _num_timesteps = CallState(None)
     _interrupt = CallState(False)
+    _guidance_interval = CallState(None)
 
     def begin_call(self, *, guidance_scale: float = 1.0, guidance_rescale: float = 0.0, clip_skip: int | None = None,
                    cross_attention_kwargs: dict[str, Any] | None = None, denoising_start: float | None = None,
-                   denoising_end: float | None = None) -> None:
+                   denoising_end: float | None = None,
+                   guidance_interval: tuple[float, float] | None = None) -> None:
         """Reset this thread's per-call state (and clear ``interrupt``) for a new call."""
+        self._guidance_interval = check_guidance_interval(guidance_interval)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -99,6 +102,8 @@ class PerCallStateMixin:
                              doc="Steps this thread's current (or last) call runs: set once its schedule is known.")
     interrupt = property(lambda self: self._interrupt,
                          doc="True once a callback set ``pipe._interrupt = True``: the remaining steps are skipped.")
+    guidance_interval = property(lambda self: self._guidance_interval,
+                                 doc="This call's guidance_interval (None: guidance on every step).")
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -180,6 +185,27 @@ def cut_at_denoising_end(scheduler, timesteps: torch.Tensor, denoising_end: floa
     return timesteps[: int((timesteps >= cutoff).sum())]
 
 
+def check_guidance_interval(interval: Any) -> tuple[float, float] | None:
+    """``guidance_interval`` as ``(lo, hi)`` floats with ``0 <= lo <= hi <= 1`` (or None)."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = interval
+        valid = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (lo, hi)) and 0 <= lo <= hi <= 1
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError("guidance_interval must be a pair (lo, hi) with 0 <= lo <= hi <= 1: the fractions of the "
+                         f"steps run with guidance (step i of n is guided when lo <= i / n < hi), got {interval!r}")
+    return float(lo), float(hi)
+
+
+def guided_step(interval: tuple[float, float] | None, i: int, n: int) -> bool:
+    """Whether step ``i`` of ``n`` runs the unconditional branch: ``lo <= i / n < hi`` (every step without an
+    interval)."""
+    return interval is None or interval[0] <= i / n < interval[1]
+
+
 # ---------------------------------------------------------------------------------------------------- prompts
 
 
@@ -229,6 +255,7 @@ class LatentDiffusionMixin(PerCallStateMixin):
 
     Needs ``self.unet`` and ``self.vae``. ``upcast_vae_when_forced``: run the VAE in float32 when it is float16 and
     its config says ``force_upcast`` (SDXL pipelines, as diffusers'; the SD 1.x/2.x pipelines of diffusers do not).
+    Every pipeline built on it takes one call argument diffusers does not: ``guidance_interval`` (see :meth:`denoise`).
     """
 
     upcast_vae_when_forced = False
@@ -271,7 +298,8 @@ class LatentDiffusionMixin(PerCallStateMixin):
         self.check_callback_inputs(call.callback_on_step_end_tensor_inputs)
         self.begin_call(guidance_scale=call.guidance_scale, guidance_rescale=call.get("guidance_rescale", 0.0),
                         clip_skip=call.clip_skip, cross_attention_kwargs=call.cross_attention_kwargs,
-                        denoising_start=call.get("denoising_start"), denoising_end=call.get("denoising_end"))
+                        denoising_start=call.get("denoising_start"), denoising_end=call.get("denoising_end"),
+                        guidance_interval=call.get("guidance_interval"))
         device = self.device
         return device, self._fresh_scheduler(), self.encode_call(call, device)
 
@@ -388,6 +416,11 @@ class LatentDiffusionMixin(PerCallStateMixin):
         tensors)`` (inpainting with an ordinary UNet puts back the kept region); then ``callback_on_step_end(pipe,
         i, t, {name: tensor})`` for the names asked for, whose returned tensors replace the loop's. A step starts
         only while ``self.interrupt`` is False.
+
+        ``self.guidance_interval`` ``(lo, hi)`` (opt-in; Kynkäänniemi et al. 2024, "Applying guidance in a limited
+        interval"): under guidance, step ``i`` of the ``n`` run is guided only when ``lo <= i / n < hi``; the other
+        steps run the UNet on the conditional half of every doubled tensor only (batch B instead of 2B) and use its
+        prediction as it is, exactly as a step with guidance off (``guidance_scale=1``).
         """
         step_kwargs: dict[str, Any] = {"generator": generator}  # every scheduler's step takes generator=
         if getattr(scheduler, "accepts_eta", False):
@@ -400,12 +433,17 @@ class LatentDiffusionMixin(PerCallStateMixin):
                 continue
             latents = tensors["latents"]
             cfg = self.do_classifier_free_guidance
+            # the UNet's conditioning: (2B, ...) [negative, positive] under guidance; the positive half on a step
+            # outside the guidance interval
+            half = cfg and not guided_step(self.guidance_interval, i, len(timesteps))
+            cond = (lambda x: x.chunk(2)[1]) if half else (lambda x: x)
+            cfg = cfg and not half
             model_input = torch.cat([latents] * 2) if cfg else latents  # (2B or B, C, h, w)
             model_input = scheduler.scale_model_input(model_input, t)
             if concat:
-                model_input = torch.cat([model_input, *(tensors[name] for name in concat)], dim=1)
-            extras = {key: tensors[name] for key, name in added_cond.items()} if added_cond else None
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=tensors["prompt_embeds"],
+                model_input = torch.cat([model_input, *(cond(tensors[name]) for name in concat)], dim=1)
+            extras = {key: cond(tensors[name]) for key, name in added_cond.items()} if added_cond else None
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=cond(tensors["prompt_embeds"]),
                                    timestep_cond=timestep_cond, cross_attention_kwargs=self.cross_attention_kwargs,
                                    added_cond_kwargs=extras, return_dict=False)[0]
             if cfg:

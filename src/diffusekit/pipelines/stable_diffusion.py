@@ -18,7 +18,7 @@ import torch
 from ..loaders.lora import StableDiffusionLoraLoaderMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from .base import DiffusionPipeline
-from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, call_signature
+from .call_signatures import CALLBACKS, OURS, OUTPUT, SAMPLING, call_signature
 from .checks import check_steps, checked_image_size
 from .pieces import LatentDiffusionMixin, custom_schedule, warn_truncation
 from .pieces import guidance_scale_embedding, rescale_noise_cfg  # noqa: F401  (public here since 0.1)
@@ -42,6 +42,9 @@ class StableDiffusionPipeline(TextualInversionLoaderMixin, StableDiffusionLoraLo
 
     Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``; ``safety_checker`` and
     ``feature_extractor`` may be None (``nsfw_content_detected`` is then None).
+
+    Differs from diffusers: one more call argument, last, ``guidance_interval=(lo, hi)`` (guidance only on the steps
+    ``lo <= i / n < hi``; opt-in, docs/PIPELINES.md), in every SD-family pipeline.
     """
 
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
@@ -207,7 +210,8 @@ class StableDiffusionPipeline(TextualInversionLoaderMixin, StableDiffusionLoraLo
 
     @torch.no_grad()
     @call_signature("prompt height width num_inference_steps timesteps sigmas guidance_scale negative_prompt "
-                    f"{SAMPLING} latents prompt_embeds negative_prompt_embeds {OUTPUT} guidance_rescale {CALLBACKS}")
+                    f"{SAMPLING} latents prompt_embeds negative_prompt_embeds {OUTPUT} guidance_rescale "
+                    f"{CALLBACKS} {OURS}")
     def __call__(self, call) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
         """Text-to-image (diffusers' signature): returns ``images`` and ``nsfw_content_detected``."""
         call.height, call.width = checked_image_size(self, call.height, call.width, multiple=8)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .base import ImagePipelineOutput
-from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, call_signature
+from .call_signatures import CALLBACKS, OURS, OUTPUT, SAMPLING, call_signature
 from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
 
 _NEEDS_TRANSFORMERS = (
@@ -149,7 +149,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
 
     @torch.no_grad()
     @call_signature("prompt image depth_map strength num_inference_steps guidance_scale negative_prompt "
-                    f"{SAMPLING} prompt_embeds negative_prompt_embeds {OUTPUT} {CALLBACKS}")
+                    f"{SAMPLING} prompt_embeds negative_prompt_embeds {OUTPUT} {CALLBACKS} {OURS}")
     def __call__(self, call) -> ImagePipelineOutput | tuple[Any]:
         """Depth-guided image-to-image (diffusers' signature)."""
         device, scheduler, (prompt_embeds, negative_prompt_embeds) = self.prepare_call(call)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, call_signature
+from .call_signatures import CALLBACKS, OURS, OUTPUT, SAMPLING, call_signature
 from .pieces import ImageToImageMixin, check_strength, set_strength_schedule
 from .stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
 
@@ -50,7 +50,7 @@ class StableDiffusionImg2ImgPipeline(ImageToImageMixin, StableDiffusionPipeline)
 
     @torch.no_grad()
     @call_signature("prompt image strength num_inference_steps timesteps sigmas guidance_scale negative_prompt "
-                    f"{SAMPLING} prompt_embeds negative_prompt_embeds {OUTPUT} guidance_rescale {CALLBACKS}")
+                    f"{SAMPLING} prompt_embeds negative_prompt_embeds {OUTPUT} guidance_rescale {CALLBACKS} {OURS}")
     def __call__(self, call) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
         """Run ``int(num_inference_steps * strength)`` steps (at least 1) from ``image``; see the module docstring."""
         device, scheduler, (prompt_embeds, negative_prompt_embeds) = self.prepare_call(call)

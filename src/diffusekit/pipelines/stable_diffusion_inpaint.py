@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..random import Generator, randn_tensor
-from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, call_signature
+from .call_signatures import CALLBACKS, OURS, OUTPUT, SAMPLING, call_signature
 from .checks import checked_image_size
 from .image_processor import VaeImageProcessor, _is_pil, image_kind, image_size
 from .pieces import check_strength, cut_at_denoising_end, set_strength_schedule
@@ -219,7 +219,8 @@ class StableDiffusionInpaintPipeline(InpaintMixin, StableDiffusionImg2ImgPipelin
     @torch.no_grad()
     @call_signature("prompt image mask_image masked_image_latents height width padding_mask_crop strength=1.0 "
                     "num_inference_steps timesteps sigmas guidance_scale negative_prompt "
-                    f"{SAMPLING} latents prompt_embeds negative_prompt_embeds {OUTPUT} guidance_rescale {CALLBACKS}")
+                    f"{SAMPLING} latents prompt_embeds negative_prompt_embeds {OUTPUT} guidance_rescale "
+                    f"{CALLBACKS} {OURS}")
     def __call__(self, call) -> StableDiffusionPipelineOutput | tuple[Any, ...]:
         """Inpainting (diffusers' signature): white in ``mask_image`` is repainted."""
         device, scheduler, (prompt_embeds, negative_prompt_embeds) = self.prepare_call(call)

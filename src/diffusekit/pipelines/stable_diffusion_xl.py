@@ -39,7 +39,7 @@ from ..loaders.lora import StableDiffusionXLLoraLoaderMixin
 from ..outputs import BaseOutput
 from .base import DiffusionPipeline
 from ..single_file.pipeline import FromSingleFileMixin
-from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, XL_EMBEDS, XL_SIZES, call_signature
+from .call_signatures import CALLBACKS, OURS, OUTPUT, SAMPLING, XL_EMBEDS, XL_SIZES, call_signature
 from .checks import checked_image_size
 from .image_processor import postprocess
 from .pieces import LatentDiffusionMixin, check_denoising_fractions, custom_schedule, cut_at_denoising_end, \
@@ -262,7 +262,8 @@ class StableDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, XLPromptEncodi
 
     Components: ``vae``, ``text_encoder`` (CLIP ViT-L), ``text_encoder_2`` (OpenCLIP bigG with projection),
     ``tokenizer``, ``tokenizer_2``, ``unet``, ``scheduler``; ``image_encoder`` / ``feature_extractor`` (IP-Adapter)
-    must be None. Option ``force_zeros_for_empty_prompt`` (model_index.json).
+    must be None. Option ``force_zeros_for_empty_prompt`` (model_index.json). One call argument diffusers does not
+    have, last: ``guidance_interval=(lo, hi)`` (guidance only on part of the steps; docs/PIPELINES.md).
     """
 
     component_names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
@@ -298,7 +299,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, XLPromptEncodi
     @torch.no_grad()
     @call_signature("prompt prompt_2 height width num_inference_steps timesteps sigmas denoising_end "
                     f"guidance_scale=5.0 negative_prompt negative_prompt_2 {SAMPLING} latents {XL_EMBEDS} {OUTPUT} "
-                    f"guidance_rescale {XL_SIZES} {CALLBACKS}")
+                    f"guidance_rescale {XL_SIZES} {CALLBACKS} {OURS}")
     def __call__(self, call) -> StableDiffusionXLPipelineOutput | tuple[Any]:
         """SDXL text-to-image (diffusers' signature); ``denoising_end`` stops early for a refiner to take over."""
         call.height, call.width = checked_image_size(self, call.height, call.width, multiple=8)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, XL_EMBEDS, XL_SIZES, call_signature
+from .call_signatures import CALLBACKS, OURS, OUTPUT, SAMPLING, XL_EMBEDS, XL_SIZES, call_signature
 from .pieces import ImageToImageMixin, cut_at_denoising_end
 from .stable_diffusion_xl import ADDED_COND, StableDiffusionXLPipeline, StableDiffusionXLPipelineOutput, _size
 
@@ -66,7 +66,7 @@ class StableDiffusionXLImg2ImgPipeline(XLImageConditioningMixin, ImageToImageMix
     @call_signature("prompt prompt_2 image strength=0.3 num_inference_steps timesteps sigmas denoising_start "
                     f"denoising_end guidance_scale=5.0 negative_prompt negative_prompt_2 {SAMPLING} latents "
                     f"{XL_EMBEDS} {OUTPUT} guidance_rescale {XL_SIZES} aesthetic_score negative_aesthetic_score "
-                    f"{CALLBACKS}")
+                    f"{CALLBACKS} {OURS}")
     def __call__(self, call) -> StableDiffusionXLPipelineOutput | tuple[Any]:
         """SDXL image-to-image / the refiner (diffusers' signature); ``denoising_start`` takes over from a base."""
         device, scheduler, (prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) = self.prepare_call(call)

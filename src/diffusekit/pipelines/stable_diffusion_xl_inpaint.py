@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .call_signatures import CALLBACKS, OUTPUT, SAMPLING, XL_EMBEDS, XL_SIZES, call_signature
+from .call_signatures import CALLBACKS, OURS, OUTPUT, SAMPLING, XL_EMBEDS, XL_SIZES, call_signature
 from .stable_diffusion_inpaint import InpaintMixin
 from .stable_diffusion_xl import ADDED_COND, StableDiffusionXLPipelineOutput
 from .stable_diffusion_xl_img2img import StableDiffusionXLImg2ImgPipeline
@@ -37,7 +37,7 @@ class StableDiffusionXLInpaintPipeline(InpaintMixin, StableDiffusionXLImg2ImgPip
     @call_signature("prompt prompt_2 image mask_image masked_image_latents height width padding_mask_crop "
                     "strength=0.9999 num_inference_steps timesteps sigmas denoising_start denoising_end guidance_scale "
                     f"negative_prompt negative_prompt_2 {SAMPLING} latents {XL_EMBEDS} {OUTPUT} guidance_rescale "
-                    f"{XL_SIZES} aesthetic_score negative_aesthetic_score {CALLBACKS}")
+                    f"{XL_SIZES} aesthetic_score negative_aesthetic_score {CALLBACKS} {OURS}")
     def __call__(self, call) -> StableDiffusionXLPipelineOutput | tuple[Any]:
         """SDXL inpainting (diffusers' signature): white in ``mask_image`` is repainted."""
         device, scheduler, (prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) = self.prepare_call(call)

@@ -196,6 +196,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name == "text-to-image":
             p.add_argument("--per-prompt", type=int, default=10, help="images per (class, colour) prompt")
             p.add_argument("--guidance-scale", type=float, default=4.0)
+            p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                           help="guide only the steps LO <= i / n < HI (the pipelines' guidance_interval)")
         p.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER,
                        help=f"classifier weights (trained and saved here if missing; default {DEFAULT_CLASSIFIER})")
         p.add_argument("--classifier-epochs", type=int, default=4)
@@ -253,6 +255,7 @@ def evaluate_unconditional(args, classifier) -> dict:
     pipe = DiffusionPipeline.from_pretrained(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(args.seed)
+    interval = tuple(args.guidance_interval) if getattr(args, "guidance_interval", None) else None
     start, samples = time.monotonic(), []
     for i in range(0, args.num_samples, args.batch_size):
         n = min(args.batch_size, args.num_samples - i)
@@ -287,11 +290,12 @@ def evaluate_text_to_image(args, classifier) -> dict:
     want_labels = np.array([label for label, _ in pairs for _ in range(args.per_prompt)])
     want_colors = [color for _, color in pairs for _ in range(args.per_prompt)]
     generator = torch.Generator("cpu").manual_seed(args.seed)
+    interval = tuple(args.guidance_interval) if getattr(args, "guidance_interval", None) else None
     start, samples = time.monotonic(), []
     for i in range(0, len(prompts), args.batch_size):
         chunk = prompts[i : i + args.batch_size]
         samples.append(pipe(chunk, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                            generator=generator, output_type="np").images)
+                            guidance_interval=interval, generator=generator, output_type="np").images)
         print(f"sampled {i + len(chunk)}/{len(prompts)}", flush=True)
     samples = np.concatenate(samples)  # (N, H, W, 3)
     seconds = time.monotonic() - start
@@ -314,6 +318,7 @@ def evaluate_text_to_image(args, classifier) -> dict:
         "num_samples": int(len(samples)),
         "sampling_steps": args.steps,
         "guidance_scale": args.guidance_scale,
+        "guidance_interval": list(interval) if interval else None,
         "sampling_seconds": round(seconds, 1),
         "class_match": float((labels == want_labels).mean()),
         "color_match": float(np.mean([g == w for g, w in zip(got_colors, want_colors)])),
