@@ -1,6 +1,6 @@
 """Images per second of ``diffusekit batch``: batch size 1 vs 4, one process vs local processes vs Ray actors.
 
-    flock /work/coord/heavy.lock .venv/bin/python benchmarks/bench_batch.py --jobs 64 --steps 20 --rounds 2
+    .venv/bin/python benchmarks/bench_batch.py --jobs 64 --steps 20 --rounds 2
 
 Runs the same job list (the bundled ``diffusekit-fashion-sd``, 32x32, class x colour prompts, DPM++ 2M, CFG 4)
 through :func:`diffusekit.batch.run_batch` in several configurations, each into a fresh folder, in interleaved

@@ -1,7 +1,7 @@
 """Guidance interval (``guidance_interval=(lo, hi)``) on the bundled ``diffusekit-fashion-sd``: time per image and
 image difference against the default (guidance on every step), same seeds, same process, rounds interleaved.
 
-    flock /work/coord/heavy.lock env PYTHONPATH=src .venv/bin/python benchmarks/bench_guidance_interval.py
+    env PYTHONPATH=src .venv/bin/python benchmarks/bench_guidance_interval.py
 
 Prints one Markdown table (BENCHMARKS.md, "Guidance interval"). Settings: 25 steps, the model's scheduler,
 guidance scale 4, 8 class x colour prompts per batch, 1 thread.

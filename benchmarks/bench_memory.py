@@ -17,8 +17,8 @@ Benchmarks (names for ``--only``):
 
 - ``layer``          (only when named) one SD 1.5 first-stage self-attention layer, 4096 tokens, batch 2, sliced or not.
 
-Run ``python -m benchmarks.bench_memory`` from the repository root, under the heavy lock (a few GB per child):
-``flock /work/coord/heavy.lock .venv/bin/python -m benchmarks.bench_memory``. ``--quick`` uses tiny configs.
+Run ``python -m benchmarks.bench_memory`` from the repository root, with nothing else heavy running (a few GB per child):
+``.venv/bin/python -m benchmarks.bench_memory``. ``--quick`` uses tiny configs.
 """
 
 from __future__ import annotations

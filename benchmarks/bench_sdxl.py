@@ -9,7 +9,7 @@ time ids, as ``StableDiffusionXLPipeline`` feeds them; timestep 500.
 
 Benchmarks (names for ``--only``): ``unet`` at latents ``--sizes`` (default 32 and 128: 256² and 1024² images).
 
-Run it alone on the machine: ``flock /work/coord/heavy.lock python -m benchmarks.bench_sdxl``; ``--quick`` checks
+Run it alone on the machine: ``python -m benchmarks.bench_sdxl``; ``--quick`` checks
 the harness on a tiny SDXL-shaped config.
 """
 

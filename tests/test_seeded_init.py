@@ -90,5 +90,5 @@ def test_seeded_init_depends_on_the_seed():
     ids=["sd15-unet", "ddpm-cat-256", "sd15-vae"],
 )
 def test_seeded_init_equals_diffusers_full_size(name, config):
-    """Real sizes (SD 1.5 UNet: two 860M-parameter models, ~7 GB; run under the heavy lock)."""
+    """Real sizes (SD 1.5 UNet: two 860M-parameter models, ~7 GB; run it with nothing else heavy on the machine)."""
     assert_same_init(name, config)
