@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
-import sys
 from pathlib import Path
 
 import pytest

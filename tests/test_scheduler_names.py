@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import diffusekit
 from diffusekit.schedulers.names import resolve_sampler, sampler_names, schedule_names

@@ -147,6 +147,27 @@ def resolve_file(
                          force_download)
 
 
+def resolve_weights_file(source: str | os.PathLike, names: list[str], hub_kwargs: dict[str, Any],
+                         what: str) -> Path:
+    """``source`` itself when it is a file, else the first of ``names`` in that folder / hub repo.
+
+    ``hub_kwargs`` as :func:`resolve_file` takes them (``subfolder`` included). Raises ``FileNotFoundError``
+    naming ``what`` and every place looked at (used by the LoRA and textual-inversion loaders).
+    """
+    path = Path(source)
+    if path.is_file():
+        return path
+    hub_kwargs = dict(hub_kwargs)
+    subfolder = hub_kwargs.pop("subfolder", None)
+    errors = []
+    for name in names:
+        try:
+            return resolve_file(source, name, subfolder, **hub_kwargs)
+        except (OSError, ValueError) as err:
+            errors.append(str(err))
+    raise FileNotFoundError(f"no {what} in {source}: looked for {', '.join(names)} ({'; '.join(errors)})")
+
+
 def _hub_download(repo_id, filename, subfolder, revision, cache_dir, local_files_only, token, force_download) -> Path:
     # imported here: huggingface_hub costs import time and most uses are local folders
     from huggingface_hub import constants, hf_hub_download

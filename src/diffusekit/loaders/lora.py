@@ -231,9 +231,8 @@ def _read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         try:
             with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
                 raw = (handle.metadata() or {}).get(METADATA_KEY)
-        except Exception as err:  # damaged header: read_weights reports it with the file's name
+        except Exception:  # damaged header: read_weights reports it with the file's name
             raw = None
-            del err
         if raw:
             try:
                 metadata = json.loads(raw)
@@ -246,19 +245,13 @@ def _read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 
 def _resolve(source, weight_name: str | None, hub_kwargs: dict[str, Any]) -> Path:
-    path = Path(source)
-    if path.is_file():
-        return path
-    from ..hub import resolve_file
+    from ..hub import resolve_weights_file
 
     names = [weight_name] if weight_name else [LORA_WEIGHT_NAME_SAFE, LORA_WEIGHT_NAME]
-    errors = []
-    for name in names:
-        try:
-            return resolve_file(source, name, hub_kwargs.pop("subfolder", None), **hub_kwargs)
-        except (OSError, ValueError) as err:
-            errors.append(str(err))
-    raise LoraError(f"no LoRA weights in {source}: looked for {', '.join(names)} ({'; '.join(errors)})")
+    try:
+        return resolve_weights_file(source, names, hub_kwargs, "LoRA weights")
+    except FileNotFoundError as err:
+        raise LoraError(str(err)) from None
 
 
 def _split_key(key: str) -> tuple[str, str, str, str] | None:

@@ -54,22 +54,14 @@ def _read_file(path: Path) -> Any:
         raise TextualInversionError(f"cannot read embedding file {path}: {err}") from None
 
 
-def _resolve(source: str | os.PathLike, weight_name: str | None, hub_kwargs: dict[str, Any]) -> Path:
-    path = Path(source)
-    if path.is_file():
-        return path
-    from ..hub import resolve_file
+def _resolve(source, weight_name: str | None, hub_kwargs: dict[str, Any]) -> Path:
+    from ..hub import resolve_weights_file
 
     names = [weight_name] if weight_name else [TEXT_INVERSION_NAME_SAFE, TEXT_INVERSION_NAME]
-    errors = []
-    for name in names:
-        try:
-            return resolve_file(source, name, hub_kwargs.pop("subfolder", None), **hub_kwargs)
-        except (OSError, ValueError) as err:
-            errors.append(str(err))
-    raise TextualInversionError(
-        f"no textual-inversion weights in {source}: looked for {', '.join(names)} ({'; '.join(errors)})"
-    )
+    try:
+        return resolve_weights_file(source, names, hub_kwargs, "textual-inversion weights")
+    except FileNotFoundError as err:
+        raise TextualInversionError(str(err)) from None
 
 
 def _token_and_vectors(data: Any, token: str | None, origin: str, stem: str | None) -> tuple[str, torch.Tensor]:

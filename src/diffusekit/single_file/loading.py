@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 

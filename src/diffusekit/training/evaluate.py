@@ -255,7 +255,6 @@ def evaluate_unconditional(args, classifier) -> dict:
     pipe = DiffusionPipeline.from_pretrained(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(args.seed)
-    interval = tuple(args.guidance_interval) if getattr(args, "guidance_interval", None) else None
     start, samples = time.monotonic(), []
     for i in range(0, args.num_samples, args.batch_size):
         n = min(args.batch_size, args.num_samples - i)
