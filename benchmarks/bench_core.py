@@ -21,7 +21,7 @@ import sys
 
 from .common import (
     OURS, THEIRS, Report, cached_folder, common_args, emit, interleaved, interleaved_children, max_abs_diff,
-    peak_rss_kb, process_peak_kb, quiet_environment, reset_peak_rss, rss_kb, selected, set_threads,
+    peak_rss_kb, process_peak_kb, quiet_environment, reset_peak_rss, rss_kb, run_benchmarks, set_threads,
 )
 
 #: google/ddpm-cat-256 unet/config.json (also ddpm-church-256 / ddpm-bedroom-256): 113.7M parameters
@@ -272,11 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     report = Report("core: DDPM stack (google/ddpm-cat-256 UNet config, random weights)", args,
                     ["-m", "benchmarks.bench_core", *(sys.argv[1:] if argv is None else argv)])
-    for name, fn in BENCHMARKS.items():
-        if selected(args, name):
-            print(f"[{name}]", flush=True)
-            fn(report, args)
-    report.finish()
+    run_benchmarks(BENCHMARKS, report, args)
 
 
 def argparse_hidden():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .common import (
     OURS, REPO, THEIRS, Report, Stats, cached_folder, common_args, emit, interleaved, interleaved_children,
-    max_abs_diff, peak_rss_kb, process_peak_kb, quiet_environment, reset_peak_rss, rss_kb, selected, set_threads,
+    max_abs_diff, peak_rss_kb, process_peak_kb, quiet_environment, reset_peak_rss, rss_kb, run_benchmarks, set_threads,
 )
 
 LIBS = (OURS, THEIRS)
@@ -337,11 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     report = Report("SD text-to-image: Stable Diffusion 1.5 configs, random weights", args,
                     ["-m", "benchmarks.bench_sd", *(sys.argv[1:] if argv is None else argv)])
-    for name, fn in BENCHMARKS.items():
-        if selected(args, name):
-            print(f"[{name}]", flush=True)
-            fn(report, args)
-    report.finish()
+    run_benchmarks(BENCHMARKS, report, args)
 
 
 if __name__ == "__main__":

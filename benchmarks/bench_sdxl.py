@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import OURS, THEIRS, Report, common_args, interleaved, max_abs_diff, quiet_environment, selected, set_threads
+from .common import (OURS, THEIRS, Report, common_args, interleaved, max_abs_diff, quiet_environment, run_benchmarks,
+                     set_threads)
 
 LIBS = (OURS, THEIRS)
 
@@ -91,11 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     report = Report("SDXL: full-size base UNet, random weights (shared by both libraries)", args,
                     ["-m", "benchmarks.bench_sdxl", *(sys.argv[1:] if argv is None else argv)])
-    for name, fn in BENCHMARKS.items():
-        if selected(args, name):
-            print(f"[{name}]", flush=True)
-            fn(report, args)
-    report.finish()
+    run_benchmarks(BENCHMARKS, report, args)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,15 @@ def selected(args, name: str) -> bool:
     return not wanted or name in wanted
 
 
+def run_benchmarks(benchmarks: dict[str, Callable], report: "Report", args) -> None:
+    """Run the benchmarks ``--only`` selects (all by default) in order, then write the report."""
+    for name, fn in benchmarks.items():
+        if selected(args, name):
+            print(f"[{name}]", flush=True)
+            fn(report, args)
+    report.finish()
+
+
 # ---------------------------------------------------------------------------------------------------- memory
 
 
