@@ -420,6 +420,15 @@ class StableDiffusionLoraLoaderMixin:
         return {name: model for name in self._lora_components
                 if isinstance(model := getattr(self, name, None), nn.Module)}
 
+    def _lora_states(self, components: Sequence[str]):
+        """``(component, model, state)`` for each of ``components`` that is loaded and has LoRA state."""
+        models = self._lora_models()
+        for component in components:
+            model = models.get(component)
+            state = _state(model) if model is not None else None
+            if state is not None:
+                yield component, model, state
+
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, *,
                           weight_name: str | None = None, **hub_kwargs) -> None:
         """Load a LoRA (file, folder, hub repo or state dict; kohya/A1111 or diffusers/PEFT keys) as an adapter.
@@ -549,12 +558,7 @@ class StableDiffusionLoraLoaderMixin:
         """Add the active adapters (or ``adapter_names``) into the weights: ``W += lora_scale * weight * alpha/r *
         up @ down``. The fused adapters stop running as hooks; ``unfuse_lora`` restores the weights exactly.
         ``safe_fusing`` refuses weights that come out non-finite."""
-        models = self._lora_models()
-        for component in components:
-            model = models.get(component)
-            state = _state(model) if model is not None else None
-            if state is None:
-                continue
+        for component, model, state in self._lora_states(components):
             names = list(adapter_names) if adapter_names is not None else list(state.active)
             names = [n for n in names if n in state.adapters and n not in state.fused]
             with torch.no_grad():
@@ -578,12 +582,7 @@ class StableDiffusionLoraLoaderMixin:
 
     def unfuse_lora(self, components: Sequence[str] = ("unet", "text_encoder")) -> None:
         """Put back the weights saved by :meth:`fuse_lora` (bit for bit); the adapters run as hooks again."""
-        models = self._lora_models()
-        for component in components:
-            model = models.get(component)
-            state = _state(model) if model is not None else None
-            if state is None:
-                continue
+        for component, model, state in self._lora_states(components):
             with torch.no_grad():
                 for path, original in state.originals.items():
                     model.get_submodule(path).weight.copy_(original)
