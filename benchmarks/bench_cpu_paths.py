@@ -6,6 +6,12 @@ Variants (each row runs every variant, one fresh child process per variant, in t
 - ``eager``      diffusekit eager fp32 (the default).
 - ``exact``      diffusekit ``optimize()``: the compiled exact path (outputs within 1e-5 relative of eager).
 - ``int8``       diffusekit int8 UNet (``pipe.quantize`` once, saved, reloaded from disk) + ``optimize()``.
+- ``openvino``, ``openvino-int8``  external references, UNet and VAE rows only, not in the default set: diffusers'
+  model converted with ``openvino.convert_model`` and compiled at f32 precision (its default on this CPU is bf16,
+  slower here), and that model quantized by NNCF (weights + activations, 8 calibration inputs). OpenVINO is not a
+  diffusekit dependency: install it beside the venv, e.g. ``pip install --target .bench/site-openvino openvino nncf``
+  (plus nncf's requirements, ``--no-deps`` keeps the venv's own packages) and run with
+  ``PYTHONPATH=.bench/site-openvino``.
 
 Rows (names for ``--only``):
 
@@ -45,6 +51,7 @@ from .common import (
 )
 
 VARIANTS = (THEIRS, "eager", "exact", "int8")
+EXTERNAL = ("openvino", "openvino-int8")
 COMPILED = ("exact", "int8")
 ROWS = ("unet256", "unet512", "vae512", "e2e512")
 
@@ -88,7 +95,50 @@ def _inputs(row: str, quick: bool):
     return ()
 
 
-def _load(row: str, variant: str, path: str):
+def _openvino(row: str, variant: str, path: str, inputs):
+    """diffusers' model converted and compiled by OpenVINO; a callable with the PyTorch model's call shape."""
+    import diffusers
+    import openvino as ov
+    import torch
+
+    class Wrapped(torch.nn.Module):  # a plain tensor out, as convert_model wants
+        def __init__(self):
+            super().__init__()
+            if row.startswith("unet"):
+                self.model = diffusers.UNet2DConditionModel.from_pretrained(path, subfolder="unet",
+                                                                            use_safetensors=True)
+            else:
+                self.model = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
+
+        def forward(self, *args):
+            if row.startswith("unet"):
+                return self.model(args[0], args[1], encoder_hidden_states=args[2]).sample
+            return self.model.decode(args[0]).sample
+
+    module = Wrapped().eval().requires_grad_(False)
+    example = inputs
+    with torch.no_grad():
+        ov_model = ov.convert_model(module, example_input=example)
+    del module
+    if variant == "openvino-int8":
+        import nncf
+
+        gen = torch.Generator().manual_seed(1)
+        calib = [tuple(torch.randn(x.shape, generator=gen) if x.dim() else torch.tensor(100 * (i + 1))
+                       for x in example) for i in range(8)]
+        ov_model = nncf.quantize(ov_model, nncf.Dataset(calib, lambda item: tuple(x.numpy() for x in item)),
+                                 model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+    def call(*args):
+        return torch.from_numpy(compiled([a.numpy() for a in args])[0])
+
+    return call
+
+
+def _load(row: str, variant: str, path: str, inputs=()):
+    if variant in EXTERNAL:
+        return _openvino(row, variant, path, inputs)
     if variant == THEIRS:
         import diffusers as lib
     else:
@@ -112,11 +162,13 @@ def child(args) -> None:
     set_threads(args.threads)
     inputs = _inputs(args.row, args.quick)
     start = time.perf_counter()
-    model = _load(args.row, args.variant, args.path)
+    model = _load(args.row, args.variant, args.path, inputs)
     load_time = time.perf_counter() - start
 
     def call():
         with torch.no_grad():
+            if args.variant in EXTERNAL:
+                return model(*inputs)
             if args.row.startswith("unet"):
                 return model(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
             if args.row == "vae512":
@@ -130,7 +182,7 @@ def child(args) -> None:
     out = call()
     first = time.perf_counter() - start
     warm = []
-    for _ in range(args.calls):
+    for _ in range(args.calls if args.calls is not None else 3):
         start = time.perf_counter()
         out = call()
         warm.append(time.perf_counter() - start)
@@ -153,6 +205,8 @@ def run_row(row: str, args, folders: dict[str, Path], results: list[dict]) -> No
     outs: dict[str, torch.Tensor] = {}
     line = {"row": row, "variants": {}}
     for variant in args.variants:
+        if variant in EXTERNAL and row == "e2e512":
+            continue
         runs = []
         for attempt in range(2 if variant in COMPILED else 1):
             out_file = Path(args.workdir) / f"out-{row}-{variant}.safetensors"
@@ -239,9 +293,9 @@ def main(argv: list[str] | None = None) -> None:
         child(args)
         return
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(args.variants) - set(VARIANTS)
+    unknown = set(args.variants) - set(VARIANTS + EXTERNAL)
     if unknown:
-        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS + EXTERNAL)}")
     if cache.exists() and not args.keep_cache:
         shutil.rmtree(cache)
     set_threads(args.threads)
