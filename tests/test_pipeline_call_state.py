@@ -170,15 +170,15 @@ def test_state_is_per_thread(t2i):
 
 # diffusers' parameters a pipeline does not take, and ours it does not have (each explained in the class docstring)
 SIGNATURE_DIFFERENCES = {
-    "StableDiffusionPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"}, {"guidance_interval"}),
+    "StableDiffusionPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"}, {"guidance_interval", "deep_cache"}),
     "StableDiffusionImg2ImgPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"},
-                                       {"guidance_rescale", "guidance_interval"}),
+                                       {"guidance_rescale", "guidance_interval", "deep_cache"}),
     "StableDiffusionInpaintPipeline": ({"ip_adapter_image", "ip_adapter_image_embeds"},
-                                       {"guidance_rescale", "guidance_interval"}),
-    "StableDiffusionDepth2ImgPipeline": (set(), {"guidance_interval"}),
-    "StableDiffusionXLPipeline": (set(), {"guidance_interval"}),
-    "StableDiffusionXLImg2ImgPipeline": (set(), {"guidance_interval"}),
-    "StableDiffusionXLInpaintPipeline": (set(), {"guidance_interval"}),
+                                       {"guidance_rescale", "guidance_interval", "deep_cache"}),
+    "StableDiffusionDepth2ImgPipeline": (set(), {"guidance_interval", "deep_cache"}),
+    "StableDiffusionXLPipeline": (set(), {"guidance_interval", "deep_cache"}),
+    "StableDiffusionXLImg2ImgPipeline": (set(), {"guidance_interval", "deep_cache"}),
+    "StableDiffusionXLInpaintPipeline": (set(), {"guidance_interval", "deep_cache"}),
 }
 
 

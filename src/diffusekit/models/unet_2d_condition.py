@@ -37,10 +37,12 @@ from ..outputs import BaseOutput
 from ..single_file.loading import FromOriginalModelMixin
 from . import unet_2d_condition_blocks, unet_blocks  # noqa: F401  (register the block classes)
 from .attention import set_attention_slice
+from .deep_cache import DeepCacheStep
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .registry import get_block
 from .resnet import get_activation
 from .transformer_2d import mask_to_bias
+from .unet_blocks import skip_layers
 
 logger = logging.getLogger(__name__)
 
@@ -427,6 +429,38 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
         time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)  # (B, K * D)
         return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))  # (B, temb)
 
+    # ------------------------------------------------------------------ feature caching (DeepCache)
+
+    @property
+    def _num_skips(self) -> int:
+        return 1 + sum(skip_layers(block) for block in self.down_blocks)
+
+    @property
+    def num_deep_cache_branches(self) -> int:
+        """How many ``cache_branch_id`` values feature caching can use (0 to this - 1): one per skip connection
+        (SD 1.x / 2.x: 12, SDXL: 9); 0 when a block of this UNet cannot run part of its layers."""
+        blocks = [*self.down_blocks, *self.up_blocks]
+        return self._num_skips if all(getattr(b, "runs_layer_ranges", False) for b in blocks) else 0
+
+    def _check_deep_cache(self, step: DeepCacheStep, adapters: bool) -> None:
+        branches = self.num_deep_cache_branches
+        if not branches:
+            kinds = sorted({type(b).__name__ for b in [*self.down_blocks, *self.up_blocks]
+                            if not getattr(b, "runs_layer_ranges", False)})
+            raise ValueError(f"deep_cache: this UNet's blocks {kinds} cannot run part of their layers; feature "
+                             "caching needs the SD / SDXL block types")
+        if not isinstance(step.branch, int) or not 0 <= step.branch < branches:
+            raise ValueError(f"deep_cache: cache_branch_id must be an int from 0 to {branches - 1} (this UNet's skip "
+                             f"connections, shallowest first), got {step.branch!r}")
+        if adapters:
+            raise ValueError("deep_cache: ControlNet / T2I-Adapter residuals cannot be combined with feature "
+                             "caching (the cached steps skip the layers they are added to)")
+
+    def _up_block(self, block, sample, res, emb, context, upsample_size, **part) -> torch.Tensor:
+        if block.has_cross_attention:
+            return block(sample, res, emb, upsample_size=upsample_size, **context, **part)
+        return block(sample, res, emb, upsample_size=upsample_size, **part)
+
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -444,6 +478,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
         down_intrablock_additional_residuals: Sequence[torch.Tensor] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
+        deep_cache: DeepCacheStep | None = None,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
         """Predict from a noisy latent.
 
@@ -464,6 +499,10 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
                 T2I-Adapter features (diffusers' deprecated spelling of ``down_intrablock_additional_residuals``).
             down_intrablock_additional_residuals: T2I-Adapter features, added inside the down path.
             return_dict: ``False`` returns ``(sample,)``.
+            deep_cache: diffusekit's, not diffusers': this call's part in DeepCache-style feature reuse
+                (:class:`~diffusekit.models.deep_cache.DeepCacheStep`; the pipelines' ``enable_deep_cache`` passes
+                it): a full step records the feature entering the branch's up layer, a cached step runs only the
+                layers shallower than the branch and continues from the recorded feature.
         """
         if cross_attention_kwargs:
             unused = sorted(k for k in cross_attention_kwargs if k != "scale")
@@ -496,16 +535,26 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
         if intrablock is None and not is_controlnet:
             intrablock = down_block_additional_residuals
         intrablock = None if intrablock is None else list(intrablock)  # a copy: popped below
+        if deep_cache is not None:
+            self._check_deep_cache(deep_cache, adapters=intrablock is not None or is_controlnet)
+        reuse = deep_cache is not None and deep_cache.reuse
 
-        # 2. down: collect the skip tensors, (B, C0, H, W) first
+        # 2. down: collect the skip tensors, (B, C0, H, W) first; a cached step stops after branch k's
         sample = self.conv_in(sample)  # (B, C0, H, W)
         skips: tuple[torch.Tensor, ...] = (sample,)
+        todo = deep_cache.branch if reuse else None  # skip tensors past conv_in's still to compute
         for block in self.down_blocks:
+            part = {}
+            if todo is not None:
+                if todo == 0:
+                    break
+                part = {"stop": min(todo, skip_layers(block))}
+                todo -= part["stop"]
             if block.has_cross_attention:
                 extra = intrablock.pop(0) if intrablock else None
-                sample, res = block(sample, emb, additional_residuals=extra, **context)
+                sample, res = block(sample, emb, additional_residuals=extra, **context, **part)
             else:
-                sample, res = block(sample, emb)
+                sample, res = block(sample, emb, **part)
                 if intrablock:  # added to the block output, which is also its last skip tensor
                     sample = sample + intrablock.pop(0)
                     res = res[:-1] + (sample,)
@@ -520,7 +569,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
             skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
 
         # 3. mid: (B, C_last, H / factor, W / factor)
-        if self.mid_block is not None:
+        if self.mid_block is not None and not reuse:
             if self.mid_block.has_cross_attention:
                 sample = self.mid_block(sample, emb, **context)
             else:
@@ -530,17 +579,32 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
         if is_controlnet:
             sample = sample + mid_block_additional_residual
 
-        # 4. up: each block consumes one skip per resnet, deepest first
+        # 4. up: each block consumes one skip per resnet, deepest first. With deep_cache, the up layer eating
+        # branch k's skip (``entry`` among all up layers) starts from the cached feature on a cached step (the
+        # layers before it are skipped); a full step records the feature entering it.
         upsample_size = None
+        entry = None if deep_cache is None else self._num_skips - 1 - deep_cache.branch
+        first = 0  # the block's first layer among all up layers
         for i, block in enumerate(self.up_blocks):
             k = len(block.resnets)
-            skips, res = skips[:-k], skips[-k:]
+            split = entry - first if entry is not None and first <= entry < first + k else None
+            first += k
+            if reuse and split is None and first <= entry:
+                continue  # deeper than the branch: its output is part of the cached feature
+            if split is not None:
+                if reuse:
+                    sample = deep_cache.cached
+                else:  # the block's layers before the entry, then record what enters it
+                    if split:
+                        skips, res = skips[:-split], skips[-split:]
+                        sample = self._up_block(block, sample, res, emb, context, None, stop=split)
+                    deep_cache.feature = sample
+            start = split or 0
+            skips, res = skips[: start - k], skips[start - k:]
             if forward_upsample_size and i < len(self.up_blocks) - 1:
                 upsample_size = skips[-1].shape[2:]
-            if block.has_cross_attention:
-                sample = block(sample, res, emb, upsample_size=upsample_size, **context)
-            else:
-                sample = block(sample, res, emb, upsample_size=upsample_size)
+            part = {"start": start} if start else {}
+            sample = self._up_block(block, sample, res, emb, context, upsample_size, **part)
 
         # 5. out: (B, out_channels, H, W)
         if self.conv_norm_out is not None:

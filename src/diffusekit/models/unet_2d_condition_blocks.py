@@ -25,7 +25,7 @@ from torch import nn
 from .registry import register_block
 from .resnet import Downsample2D, Upsample2D
 from .transformer_2d import Transformer2DModel
-from .unet_blocks import Checkpointable, _resnet, _up_in_channels, interleaved, mid_interleaved
+from .unet_blocks import Checkpointable, _resnet, _up_in_channels, interleaved, mid_interleaved, skip_layers
 
 
 def _layers_list(transformer_layers_per_block: int | Sequence[int], num_layers: int) -> list[int]:
@@ -88,6 +88,7 @@ class CrossAttnDownBlock2D(nn.Module, _CrossAttnLayers, Checkpointable):
     """``num_layers`` x (resnet -> transformer), then an optional stride-2 conv; returns every layer's output."""
 
     has_cross_attention = True
+    runs_layer_ranges = True  # forward(..., stop=) (up blocks: start= too): part of the layers, for feature caching
 
     def __init__(
         self,
@@ -140,10 +141,15 @@ class CrossAttnDownBlock2D(nn.Module, _CrossAttnLayers, Checkpointable):
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         additional_residuals: torch.Tensor | None = None,  # (B, C_out, H, W)
+        stop: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``stop``: run only the first ``stop`` layers (the downsampler is the last one), for feature caching."""
+        stop = skip_layers(self) if stop is None else stop
         res_samples: tuple[torch.Tensor, ...] = ()
         last = len(self.resnets) - 1
         for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
+            if i >= stop:
+                return hidden_states, res_samples
             hidden_states = self._layer(resnet, hidden_states, temb)  # (B, C_out, H, W)
             hidden_states = self._layer(
                 attn, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask
@@ -151,7 +157,7 @@ class CrossAttnDownBlock2D(nn.Module, _CrossAttnLayers, Checkpointable):
             if i == last and additional_residuals is not None:
                 hidden_states = hidden_states + additional_residuals
             res_samples += (hidden_states,)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and stop > len(self.resnets):
             hidden_states = self.downsamplers[0](hidden_states)  # (B, C_out, H/2, W/2)
             res_samples += (hidden_states,)
         return hidden_states, res_samples
@@ -239,6 +245,7 @@ class CrossAttnUpBlock2D(nn.Module, _CrossAttnLayers, Checkpointable):
     """``num_layers`` x (resnet on ``cat(hidden, skip)`` -> transformer), then an optional 2x upsampler."""
 
     has_cross_attention = True
+    runs_layer_ranges = True  # forward(..., stop=) (up blocks: start= too): part of the layers, for feature caching
 
     def __init__(
         self,
@@ -293,13 +300,19 @@ class CrossAttnUpBlock2D(nn.Module, _CrossAttnLayers, Checkpointable):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> torch.Tensor:
-        for resnet, attn in zip(self.resnets, self.attentions):
+        """``start`` / ``stop``: run only layers ``start`` to ``stop`` (``hidden_states`` enters layer ``start``;
+        ``res_hidden_states_tuple`` holds those layers' skips; the upsampler runs with the last layer), for feature
+        caching."""
+        stop = len(self.resnets) if stop is None else stop
+        for resnet, attn in zip(self.resnets[start:stop], self.attentions[start:stop]):
             skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
             hidden_states = self._layer(resnet, torch.cat([hidden_states, skip], dim=1), temb)  # (B, C_out, H, W)
             hidden_states = self._layer(
                 attn, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask
             )
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop == len(self.resnets):
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C_out, 2H, 2W)
         return hidden_states

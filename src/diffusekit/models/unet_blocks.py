@@ -123,6 +123,11 @@ def _up_in_channels(i: int, num_layers: int, in_channels: int, prev_output_chann
     return hidden, skip
 
 
+def skip_layers(block: nn.Module) -> int:
+    """The skip tensors a UNet down block yields: one per resnet layer, one more after its downsampler."""
+    return len(block.resnets) + (getattr(block, "downsamplers", None) is not None)
+
+
 def interleaved(num_layers: int, make_resnet, make_attention) -> tuple[nn.ModuleList, nn.ModuleList]:
     """``(resnets, attentions)`` built in diffusers' order: resnet 0, attention 0, resnet 1, attention 1, ...
 
@@ -153,6 +158,8 @@ def mid_interleaved(num_layers: int, make_resnet, make_attention) -> tuple[nn.Mo
 @register_block("down")
 class DownBlock2D(nn.Module, Checkpointable):
     """``num_layers`` resnets, then an optional stride-2 conv."""
+
+    runs_layer_ranges = True  # forward(..., stop=) (up blocks: start= too): part of the layers, for feature caching
 
     has_cross_attention = False
 
@@ -187,13 +194,15 @@ class DownBlock2D(nn.Module, Checkpointable):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, stop: int | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``stop``: run only the first ``stop`` layers (the downsampler is the last one), for feature caching."""
+        stop = skip_layers(self) if stop is None else stop
         res_samples: tuple[torch.Tensor, ...] = ()
-        for resnet in self.resnets:
+        for resnet in self.resnets[:stop]:
             hidden_states = self._layer(resnet, hidden_states, temb)  # (B, C_out, H, W)
             res_samples += (hidden_states,)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and stop > len(self.resnets):
             hidden_states = self.downsamplers[0](hidden_states)  # (B, C_out, H/2, W/2)
             res_samples += (hidden_states,)
         return hidden_states, res_samples
@@ -341,6 +350,8 @@ class UNetMidBlock2D(nn.Module, Checkpointable):
 class UpBlock2D(nn.Module, Checkpointable):
     """``num_layers`` resnets, each on ``cat(hidden, skip)``, then an optional 2x upsampler."""
 
+    runs_layer_ranges = True  # forward(..., stop=) (up blocks: start= too): part of the layers, for feature caching
+
     has_cross_attention = False
 
     def __init__(
@@ -376,11 +387,17 @@ class UpBlock2D(nn.Module, Checkpointable):
         res_hidden_states_tuple: tuple[torch.Tensor, ...],
         temb: torch.Tensor | None = None,
         upsample_size: tuple[int, int] | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> torch.Tensor:
-        for resnet in self.resnets:
+        """``start`` / ``stop``: run only layers ``start`` to ``stop`` (``hidden_states`` enters layer ``start``;
+        ``res_hidden_states_tuple`` holds those layers' skips; the upsampler runs with the last layer), for feature
+        caching."""
+        stop = len(self.resnets) if stop is None else stop
+        for resnet in self.resnets[start:stop]:
             skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
             hidden_states = self._layer(resnet, torch.cat([hidden_states, skip], dim=1), temb)  # (B, C_out, H, W)
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop == len(self.resnets):
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C_out, 2H, 2W)
         return hidden_states
 

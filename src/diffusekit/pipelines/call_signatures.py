@@ -76,6 +76,7 @@ PARAMETERS: dict[str, tuple[Any, Any]] = {
     "callback_on_step_end_tensor_inputs": (Sequence[str], ("latents",)),
     # ours, not diffusers' (after diffusers' parameters, so positional calls mean the same)
     "guidance_interval": (tuple[float, float] | None, None),
+    "deep_cache": (Any, None),
 }
 
 # runs of parameters that several signatures share, in diffusers' order (for f-strings in the specs)
@@ -83,7 +84,7 @@ SAMPLING = "num_images_per_prompt eta generator"
 OUTPUT = "output_type return_dict cross_attention_kwargs"
 CALLBACKS = "clip_skip callback_on_step_end callback_on_step_end_tensor_inputs"
 #: diffusekit's own parameters, last in every Stable Diffusion signature (docs/PIPELINES.md)
-OURS = "guidance_interval"
+OURS = "guidance_interval deep_cache"
 XL_EMBEDS = "prompt_embeds negative_prompt_embeds pooled_prompt_embeds negative_pooled_prompt_embeds " \
             "ip_adapter_image ip_adapter_image_embeds"
 XL_SIZES = "original_size crops_coords_top_left target_size negative_original_size negative_crops_coords_top_left " \

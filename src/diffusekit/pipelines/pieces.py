@@ -25,6 +25,7 @@ import torch
 
 from ..random import Generator, randn_tensor
 from .checks import excerpt
+from .deep_cache import DeepCacheConfig, DeepCacheRun, deep_cache_config
 from .image_processor import VaeImageProcessor, check_output_type
 
 logger = logging.getLogger(__name__)
@@ -75,13 +76,17 @@ class PerCallStateMixin:
     _num_timesteps = CallState(None)
     _interrupt = CallState(False)
     _guidance_interval = CallState(None)
+    _deep_cache = CallState(None)  # this call's DeepCacheConfig (None: off)
+    _deep_cache_run = CallState(None)  # this call's DeepCacheRun: the cached features, which steps ran in full
 
     def begin_call(self, *, guidance_scale: float = 1.0, guidance_rescale: float = 0.0, clip_skip: int | None = None,
                    cross_attention_kwargs: dict[str, Any] | None = None, denoising_start: float | None = None,
                    denoising_end: float | None = None,
-                   guidance_interval: tuple[float, float] | None = None) -> None:
+                   guidance_interval: tuple[float, float] | None = None, deep_cache: Any = None) -> None:
         """Reset this thread's per-call state (and clear ``interrupt``) for a new call."""
         self._guidance_interval = check_guidance_interval(guidance_interval)
+        self._deep_cache = self._checked_deep_cache(deep_cache_config(deep_cache, self.deep_cache))
+        self._deep_cache_run = None
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -104,6 +109,41 @@ class PerCallStateMixin:
                          doc="True once a callback set ``pipe._interrupt = True``: the remaining steps are skipped.")
     guidance_interval = property(lambda self: self._guidance_interval,
                                  doc="This call's guidance_interval (None: guidance on every step).")
+
+    # ------------------------------------------------------------------ feature caching
+
+    def enable_deep_cache(self, cache_interval: int = 3, cache_branch_id: int = 0, skip_mode: str = "uniform",
+                          center: float | None = None, pow: float = 1.4) -> None:
+        """DeepCache-style feature reuse for the following calls (opt-in; :mod:`diffusekit.pipelines.deep_cache`):
+        every ``cache_interval``-th step runs the whole UNet, the steps between run only the layers shallower than
+        skip branch ``cache_branch_id`` (0: the shallowest, fastest) on the deep features of the last full step.
+        ``skip_mode="non-uniform"`` clusters the full steps around ``center`` (a fraction of the schedule).
+        A call's ``deep_cache=`` argument overrides this for that call. diffusekit's, not diffusers'."""
+        self._deep_cache_default = self._checked_deep_cache(DeepCacheConfig(
+            cache_interval=cache_interval, cache_branch_id=cache_branch_id, skip_mode=skip_mode, center=center,
+            pow=pow))
+
+    def disable_deep_cache(self) -> None:
+        """Every step runs the whole UNet again (the default)."""
+        self.__dict__.pop("_deep_cache_default", None)
+
+    @property
+    def deep_cache(self) -> DeepCacheConfig | None:
+        """The feature-caching settings of ``enable_deep_cache`` (None: off)."""
+        return self.__dict__.get("_deep_cache_default")
+
+    def _checked_deep_cache(self, config: DeepCacheConfig | None) -> DeepCacheConfig | None:
+        if config is None:
+            return None
+        unet = getattr(self, "unet", None)
+        branches = getattr(unet, "num_deep_cache_branches", 0)
+        if not branches:
+            raise ValueError(f"deep cache: {type(unet).__name__} cannot run part of its layers (feature caching "
+                             "needs a UNet2DConditionModel with the SD / SDXL block types)")
+        if config.cache_branch_id >= branches:
+            raise ValueError(f"cache_branch_id must be below {branches} for this UNet (one branch per skip "
+                             f"connection, 0 the shallowest), got {config.cache_branch_id}")
+        return config
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -299,7 +339,7 @@ class LatentDiffusionMixin(PerCallStateMixin):
         self.begin_call(guidance_scale=call.guidance_scale, guidance_rescale=call.get("guidance_rescale", 0.0),
                         clip_skip=call.clip_skip, cross_attention_kwargs=call.cross_attention_kwargs,
                         denoising_start=call.get("denoising_start"), denoising_end=call.get("denoising_end"),
-                        guidance_interval=call.get("guidance_interval"))
+                        guidance_interval=call.get("guidance_interval"), deep_cache=call.get("deep_cache"))
         device = self.device
         return device, self._fresh_scheduler(), self.encode_call(call, device)
 
@@ -421,6 +461,9 @@ class LatentDiffusionMixin(PerCallStateMixin):
         interval"): under guidance, step ``i`` of the ``n`` run is guided only when ``lo <= i / n < hi``; the other
         steps run the UNet on the conditional half of every doubled tensor only (batch B instead of 2B) and use its
         prediction as it is, exactly as a step with guidance off (``guidance_scale=1``).
+
+        ``self._deep_cache`` (``enable_deep_cache`` or the call's ``deep_cache``; :mod:`.deep_cache`): the steps
+        between full ones run the UNet's shallow layers on the last full step's deep features (step 0 is full).
         """
         step_kwargs: dict[str, Any] = {"generator": generator}  # every scheduler's step takes generator=
         if getattr(scheduler, "accepts_eta", False):
@@ -428,6 +471,8 @@ class LatentDiffusionMixin(PerCallStateMixin):
         callback_names = callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_callback_inputs(callback_names)
         self._num_timesteps = len(timesteps)
+        cache = DeepCacheRun(self._deep_cache, len(timesteps)) if self._deep_cache is not None else None
+        self._deep_cache_run = cache
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 continue
@@ -443,9 +488,12 @@ class LatentDiffusionMixin(PerCallStateMixin):
             if concat:
                 model_input = torch.cat([model_input, *(cond(tensors[name]) for name in concat)], dim=1)
             extras = {key: cond(tensors[name]) for key, name in added_cond.items()} if added_cond else None
+            reuse = {"deep_cache": cache.step(i, doubled=cfg)} if cache is not None else {}
             noise_pred = self.unet(model_input, t, encoder_hidden_states=cond(tensors["prompt_embeds"]),
                                    timestep_cond=timestep_cond, cross_attention_kwargs=self.cross_attention_kwargs,
-                                   added_cond_kwargs=extras, return_dict=False)[0]
+                                   added_cond_kwargs=extras, return_dict=False, **reuse)[0]
+            if cache is not None:
+                cache.keep(reuse["deep_cache"], doubled=cfg)
             if cfg:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)

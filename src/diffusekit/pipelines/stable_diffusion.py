@@ -43,8 +43,9 @@ class StableDiffusionPipeline(TextualInversionLoaderMixin, StableDiffusionLoraLo
     Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``; ``safety_checker`` and
     ``feature_extractor`` may be None (``nsfw_content_detected`` is then None).
 
-    Differs from diffusers: one more call argument, last, ``guidance_interval=(lo, hi)`` (guidance only on the steps
-    ``lo <= i / n < hi``; opt-in, docs/PIPELINES.md), in every SD-family pipeline.
+    Differs from diffusers: two more call arguments, last, ``guidance_interval=(lo, hi)`` (guidance only on the steps
+    ``lo <= i / n < hi``; opt-in, docs/PIPELINES.md) and ``deep_cache`` (DeepCache-style feature reuse for this call;
+    ``enable_deep_cache()`` / ``disable_deep_cache()`` set it for every call), in every SD-family pipeline.
     """
 
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")

@@ -262,8 +262,9 @@ class StableDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, XLPromptEncodi
 
     Components: ``vae``, ``text_encoder`` (CLIP ViT-L), ``text_encoder_2`` (OpenCLIP bigG with projection),
     ``tokenizer``, ``tokenizer_2``, ``unet``, ``scheduler``; ``image_encoder`` / ``feature_extractor`` (IP-Adapter)
-    must be None. Option ``force_zeros_for_empty_prompt`` (model_index.json). One call argument diffusers does not
-    have, last: ``guidance_interval=(lo, hi)`` (guidance only on part of the steps; docs/PIPELINES.md).
+    must be None. Option ``force_zeros_for_empty_prompt`` (model_index.json). Two call arguments diffusers does not
+    have, last: ``guidance_interval=(lo, hi)`` (guidance only on part of the steps; docs/PIPELINES.md) and
+    ``deep_cache`` (feature reuse across steps; ``enable_deep_cache()``).
     """
 
     component_names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
