@@ -314,7 +314,15 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     def _load(cls, source, subfolder, use_safetensors, variant, torch_dtype, hub, kwargs):
         config_path = resolve_file(source, cls.config_name, subfolder, **hub)
         data = read_json(config_path, what="config")
-        init_kwargs = cls._config_kwargs_from_file(data)
+        quantization = data.get("quantization_config")
+        if quantization is not None:  # an int8 checkpoint (diffusekit.quantization): checked before anything is built
+            from .quantization.format import validate_quantization_config
+
+            validate_quantization_config(quantization, config_path)
+            if torch_dtype not in (None, torch.float32):
+                raise ValueError(f"{config_path}: this is an int8 quantized checkpoint; it loads with float32 scales "
+                                 f"and biases only, not dtype={torch_dtype}. Load the float checkpoint for that dtype")
+        init_kwargs = cls._config_kwargs_from_file({k: v for k, v in data.items() if k != "quantization_config"})
         unknown = sorted(k for k in kwargs if k not in cls._config_params() and not k.startswith("_"))
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword argument(s) {unknown}")
@@ -324,9 +332,15 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         files = cls._find_weight_files(source, subfolder, use_safetensors, variant, hub)
         with torch.device("meta"), _SkipInit(), config_source(config_path):
             model = cls(**init_kwargs)
+        if quantization is not None:
+            from .quantization.format import convert_for_loading
+
+            convert_for_loading(model, quantization, config_path)
         _check_memory(model, config_path, torch_dtype)
         if cls._keep_unknown_config_keys:
             model._keep_foreign_keys(data)  # diffusers-format configs keep unknown keys, as diffusers does
+        if quantization is not None and "quantization_config" not in model.config:
+            model.register_to_config(quantization_config=quantization)
         model.load_weight_files(files, dtype=torch_dtype)
         return model.eval()
 

@@ -471,6 +471,28 @@ class DiffusionPipeline:
             if hasattr(module, "set_attention_slice"):
                 module.set_attention_slice(slice_size)
 
+    # ------------------------------------------------------------------ int8
+
+    def quantize(self, prompts: Iterable[str] | None = None, *, num_inference_steps: int = 20,
+                 guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+                 **kwargs: Any) -> "DiffusionPipeline":
+        """Quantize the UNet to int8 weights and activations (CPU), calibrated by running this pipeline; returns self.
+
+        Each of ``prompts`` (default: a built-in set of 8 varied prompts) runs through the whole schedule of
+        ``num_inference_steps`` with ``guidance_scale`` at ``height`` x ``width`` (latent output, fixed seeds
+        ``seed``, ``seed + 1``, ...), so the activation ranges cover every timestep and both halves of the CFG batch.
+        Other keyword arguments: ``negative_prompt``, ``seed`` (0), ``modules_to_not_convert``, ``observer``
+        (``"minmax"``/``"percentile"``), ``percentile``, and anything the pipeline's ``__call__`` takes. The
+        quantized UNet saves with ``save_pretrained`` and loads with ``from_pretrained`` without recalibrating.
+        Eagerly it is simulated int8 (slower than float32); call ``optimize()`` for the int8 speed. Not in diffusers.
+        See docs/QUANTIZATION.md.
+        """
+        from ..quantization.pipeline import quantize_pipeline
+
+        return quantize_pipeline(self, None if prompts is None else list(prompts) if not isinstance(prompts, str)
+                                 else [prompts], num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, height=height, width=width, **kwargs)
+
     # ------------------------------------------------------------------ per-call state
 
     def _fresh_scheduler(self):
