@@ -76,6 +76,7 @@ _EXPORTS: dict[str, str] = {
     "AutoPipelineForInpainting": "pipelines.auto",
     # A1111 prompt syntax
     "encode_prompt_a1111": "prompts",
+    "encode_prompt_a1111_xl": "prompts",
     "parse_prompt_attention": "prompts",
 }
 

@@ -149,11 +149,10 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
         # A1111 counts the last layer as clip skip 1, diffusers as 0
         clip_skip = params.clip_skip - 1 if params.clip_skip is not None and params.clip_skip > 1 else None
         if prompt_syntax == "a1111":
-            from .prompts import encode_prompt_a1111
+            from .prompts import a1111_prompt_kwargs  # SD and SDXL (pooled embeddings too)
 
-            embeds, negative = encode_prompt_a1111(run, prompts, negatives, clip_skip=clip_skip,
-                                                   lora_scale=_lora_scale(pipeline_kwargs))
-            kwargs.update(prompt_embeds=embeds, negative_prompt_embeds=negative)
+            kwargs.update(a1111_prompt_kwargs(run, prompts, negatives, clip_skip=clip_skip,
+                                              lora_scale=_lora_scale(pipeline_kwargs)))
         else:
             kwargs.update(prompt=prompts, negative_prompt=negatives if any(negatives) else None)  # None encodes ""
             if clip_skip is not None:

@@ -30,7 +30,8 @@ prompt, as A1111's batches do).
 
 Use: ``prompt_embeds, negative_prompt_embeds = encode_prompt_a1111(pipe, prompt, negative_prompt)`` then
 ``pipe(prompt_embeds=..., negative_prompt_embeds=...)``; a plain prompt of up to 75 tokens gives exactly the
-pipeline's own embeddings.
+pipeline's own embeddings. SDXL: :func:`encode_prompt_a1111_xl` (both text encoders, pooled embeddings as A1111's);
+:func:`a1111_prompt_kwargs` gives either family's pipeline-call arguments.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PromptChunk", "encode_prompt_a1111", "encode_weighted_chunks", "parse_prompt_attention",
-           "tokenize_weighted"]
+__all__ = ["PromptChunk", "a1111_prompt_kwargs", "encode_prompt_a1111", "encode_prompt_a1111_xl",
+           "encode_weighted_chunks", "parse_prompt_attention", "tokenize_weighted"]
 
 ROUND = 1.1  # "(word)"
 SQUARE = 1 / 1.1  # "[word]"
@@ -209,11 +210,29 @@ def encode_weighted_chunks(text_encoder, chunks: Sequence[PromptChunk], clip_ski
     ``clip_skip`` as in the pipelines: ``None`` takes the last layer, ``k`` the output ``k`` layers before it
     (through the final layer norm).
     """
+    return _encode_chunks(text_encoder, chunks, clip_skip, device, sdxl=False)[0]
+
+
+def _encode_chunks(text_encoder, chunks: Sequence[PromptChunk], clip_skip: int | None, device, *,
+                   sdxl: bool) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+    """``(weighted hidden states (1, 77 n, D), pooled (1, P) of the first chunk or None)``.
+
+    SD 1.x / 2.x (``sdxl=False``): the last layer, or ``clip_skip`` layers before it through the final layer norm.
+    SDXL: the penultimate layer's output without the norm (``clip_skip`` more layers back), as diffusers' SDXL and
+    A1111's ``sd_models_xl``; the pooled output is the projected pool of the first chunk, before any weighting
+    (A1111 takes ``zs[0].pooled``), or ``None`` for an encoder without a projection.
+    """
     import torch
 
     device = device if device is not None else text_encoder.device
     ids = torch.tensor([chunk.ids for chunk in chunks], device=device)  # (n, 77)
-    if clip_skip is None:
+    pooled = None
+    if sdxl:
+        out = text_encoder(ids, output_hidden_states=True)
+        hidden = out.hidden_states[-(2 + (clip_skip or 0))]  # (n, 77, D)
+        text_embeds = getattr(out, "text_embeds", None)
+        pooled = None if text_embeds is None else text_embeds[:1]  # (1, P)
+    elif clip_skip is None:
         hidden = text_encoder(ids)[0]
     else:
         states = text_encoder(ids, output_hidden_states=True)[-1][-(clip_skip + 1)]
@@ -223,7 +242,7 @@ def encode_weighted_chunks(text_encoder, chunks: Sequence[PromptChunk], clip_ski
         means = hidden.mean(dim=(1, 2), keepdim=True)  # (n, 1, 1)
         weighted = hidden * weights[..., None]
         hidden = weighted * (means / weighted.mean(dim=(1, 2), keepdim=True))
-    return hidden.reshape(1, -1, hidden.shape[-1])  # (1, 77 n, D)
+    return hidden.reshape(1, -1, hidden.shape[-1]), pooled  # (1, 77 n, D), (1, P) or None
 
 
 def _as_list(prompt: str | Sequence[str] | None, batch: int, name: str) -> list[str]:
@@ -275,12 +294,94 @@ def encode_prompt_a1111(pipe, prompt: str | Sequence[str], negative_prompt: str 
     return embeds.chunk(2)
 
 
-def _expand_tokens(pipe, text: str) -> str:
+def encode_prompt_a1111_xl(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                           prompt_2: str | Sequence[str] | None = None,
+                           negative_prompt_2: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
+                           do_classifier_free_guidance: bool = True, clip_skip: int | None = None, device=None,
+                           lora_scale: float | None = None) -> tuple:
+    """SDXL: ``(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)`` for
+    ``pipe(...)`` from prompts in A1111 syntax (negatives ``None`` without guidance).
+
+    Each text encoder reads its prompt with A1111's rules on its own tokenizer (``prompt`` for the first,
+    ``prompt_2`` for the second, default ``prompt``; the refiner's only encoder gets ``prompt``), as A1111's SDXL
+    conditioner runs both: chunks of 75 tokens encoded alone, the penultimate layer weighted and mean-restored per
+    encoder, then the encoders' states concatenated along the width ``(B, 77 n, D1 + D2)``. The pooled embedding
+    is the second encoder's projected pool of the *first* chunk, unweighted (A1111's ``zs[0].pooled``). All
+    prompts, the negatives and both encoders are padded to one chunk count with the empty prompt's encoding.
+    An empty negative prompt (and empty ``negative_prompt_2``) gives zeros, hidden states and pooled, when the
+    pipeline's ``force_zeros_for_empty_prompt`` says so (the base model: A1111 zeros an empty negative prompt for
+    every SDXL model; diffusers only a missing one); zero rows are padded with zeros, which is what A1111's separate
+    unconditional pass computes when the lengths differ.
+    """
+    import torch
+
+    from .loaders.lora import lora_scale_context as scaled_lora
+
+    prompts = [prompt] if isinstance(prompt, str) else _as_list(prompt, len(prompt), "prompt")
+    if not prompts:
+        raise ValueError("prompt is an empty list")
+    batch = len(prompts)
+    prompts_2 = prompts if prompt_2 is None else _as_list(prompt_2, batch, "prompt_2")
+    negatives = _as_list(negative_prompt, batch, "negative_prompt")
+    negatives_2 = negatives if negative_prompt_2 is None else _as_list(negative_prompt_2, batch, "negative_prompt_2")
+    zeros = [pipe._options.get("force_zeros_for_empty_prompt", False) and not n and not n2
+             for n, n2 in zip(negatives, negatives_2)]
+    encoders = pipe._encoders()
+    text_lists = [prompts + negatives, prompts_2 + negatives_2][:len(encoders)]
+    if not do_classifier_free_guidance:
+        text_lists = [texts[:batch] for texts in text_lists]
+    per_encoder = []
+    for texts, (tokenizer, _) in zip(text_lists, encoders):
+        multi_vector = _multi_vector_ids(pipe, tokenizer)
+        per_encoder.append([tokenize_weighted(tokenizer, _expand_tokens(pipe, t, tokenizer),
+                                              multi_vector=multi_vector) for t in texts])
+    count = max(len(chunks) for per_text in per_encoder for chunks in per_text)
+    states, pooled = [], None
+    with torch.no_grad(), scaled_lora(lora_scale):
+        for per_text, (tokenizer, encoder) in zip(per_encoder, encoders):
+            empty = tokenize_weighted(tokenizer, "")[0]
+            rows = [_encode_chunks(encoder, chunks + [empty] * (count - len(chunks)), clip_skip, device, sdxl=True)
+                    for chunks in per_text]
+            states.append(torch.cat([hidden for hidden, _ in rows]))  # (texts, 77 n, D_i)
+            if pooled is None and rows[0][1] is not None:
+                pooled = torch.cat([p for _, p in rows])  # (texts, P)
+    if pooled is None:
+        raise ValueError(f"{type(pipe).__name__}: no text encoder with a projection (text_encoder_2) for the pooled "
+                         "embeddings")
+    embeds = torch.cat(states, dim=-1)  # (texts, 77 n, D1 + D2)
+    target = pipe.text_encoder_2.dtype if pipe.text_encoder_2 is not None else pipe.unet.dtype
+    device = device if device is not None else pipe.device
+
+    def finish(x):
+        return x.to(device=device, dtype=target).repeat_interleave(num_images_per_prompt, dim=0)
+
+    if not do_classifier_free_guidance:
+        return finish(embeds), None, finish(pooled), None
+    keep = torch.tensor([0.0 if z else 1.0 for z in zeros], dtype=embeds.dtype, device=embeds.device)
+    negative, negative_pooled = embeds[batch:] * keep[:, None, None], pooled[batch:] * keep[:, None]
+    return finish(embeds[:batch]), finish(negative), finish(pooled[:batch]), finish(negative_pooled)
+
+
+def a1111_prompt_kwargs(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                        clip_skip: int | None = None, lora_scale: float | None = None) -> dict[str, "torch.Tensor"]:
+    """The pipeline call's embedding arguments for prompts in A1111 syntax, for any prompt-conditioned family:
+    ``prompt_embeds`` / ``negative_prompt_embeds``, plus ``pooled_prompt_embeds`` /
+    ``negative_pooled_prompt_embeds`` for SDXL (a pipeline with ``text_encoder_2``)."""
+    if hasattr(pipe, "text_encoder_2"):
+        embeds, negative, pooled, negative_pooled = encode_prompt_a1111_xl(
+            pipe, prompt, negative_prompt, clip_skip=clip_skip, lora_scale=lora_scale)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled}
+    embeds, negative = encode_prompt_a1111(pipe, prompt, negative_prompt, clip_skip=clip_skip, lora_scale=lora_scale)
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+
+
+def _expand_tokens(pipe, text: str, tokenizer=None) -> str:
     """Multi-vector textual-inversion tokens spelled out (``tok`` -> ``tok tok_1 tok_2``), as the pipelines do."""
     convert = getattr(pipe, "maybe_convert_prompt", None)
-    return convert(text, pipe.tokenizer) if convert is not None else text
+    return convert(text, tokenizer or pipe.tokenizer) if convert is not None else text
 
 
-def _multi_vector_ids(pipe) -> dict[int, int]:
+def _multi_vector_ids(pipe, tokenizer=None) -> dict[int, int]:
     groups = getattr(pipe, "textual_inversion_groups", None)
-    return groups() if callable(groups) else {}
+    return groups(tokenizer) if callable(groups) else {}

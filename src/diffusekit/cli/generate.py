@@ -227,12 +227,13 @@ def load_embeddings(pipe, specs: list[str]) -> dict[str, str]:
         path, token = split_suffix(spec, "--embedding", str)
         if not Path(path).is_file():
             raise fail(f"--embedding {path}: no such file")
-        before = set(pipe.tokenizer.added_tokens_encoder)
+        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)  # SDXL refiner: the 2nd
+        before = set(tokenizer.added_tokens_encoder)
         try:
             pipe.load_textual_inversion(path, token=token)
         except TextualInversionError as err:
             raise fail(f"--embedding: {err}") from None
-        new = [t for t in pipe.tokenizer.added_tokens_encoder if t not in before]
+        new = [t for t in tokenizer.added_tokens_encoder if t not in before]
         hashes[new[0]] = model_hash(path)
     return hashes
 

@@ -6,7 +6,9 @@ The pieces SDXL adds to those of :mod:`.pieces` (see docs/PIPELINES.md):
   the width (768 + 1280 = 2048), and the pooled, projected output of the encoder that has a projection (bigG);
   ``prompt_2`` / ``negative_prompt_2`` go to the second encoder (default: the first prompts). The refiner has only
   the second encoder, which then gets ``prompt``. An empty negative prompt is all zeros when the pipeline's
-  ``force_zeros_for_empty_prompt`` says so (the base: yes).
+  ``force_zeros_for_empty_prompt`` says so (the base: yes). Textual inversion as diffusers' (one call per encoder),
+  plus A1111 / kohya SDXL files in one call; ``pipe.prompt_syntax = "a1111"`` reads A1111's prompt syntax on both
+  encoders (:func:`diffusekit.prompts.encode_prompt_a1111_xl`, docs/LORA_AND_PROMPTS.md).
 - **conditioning extras**: ``add_text_embeds`` (the pooled embeddings) and ``add_time_ids`` (original size, crop
   top-left and target size, or, for the refiner, an aesthetic score instead of the target size), given to the UNet
   as ``added_cond_kwargs``; negative size conditioning for the unconditional branch.
@@ -36,6 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from ..loaders.lora import StableDiffusionXLLoraLoaderMixin
+from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..outputs import BaseOutput
 from .base import DiffusionPipeline
 from ..single_file.pipeline import FromSingleFileMixin
@@ -69,6 +72,10 @@ class XLPromptEncodingMixin:
     """SDXL prompt encoding and size conditioning (needs ``tokenizer`` / ``text_encoder`` (may be None),
     ``tokenizer_2`` / ``text_encoder_2``, ``unet``, and the ``force_zeros_for_empty_prompt`` option)."""
 
+    #: "plain": prompts read as diffusers reads them; "a1111": A1111's emphasis, BREAK and long-prompt rules on both
+    #: text encoders, pooled embeddings as A1111 makes them (:func:`diffusekit.prompts.encode_prompt_a1111_xl`)
+    prompt_syntax: str = "plain"
+
     def _encoders(self) -> list[tuple[Any, Any]]:
         pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
         return [(tok, enc) for tok, enc in pairs if tok is not None and enc is not None]
@@ -78,6 +85,8 @@ class XLPromptEncodingMixin:
         """One prompt list per encoder -> (hidden states cat along the width (B, L, D1 + D2), pooled (B, P))."""
         states, pooled = [], None
         for texts, (tokenizer, encoder) in zip(prompts, self._encoders()):
+            convert = getattr(self, "maybe_convert_prompt", None)  # multi-vector textual-inversion tokens
+            texts = convert(list(texts), tokenizer) if convert is not None else texts
             if max_length is None:
                 warn_truncation(tokenizer, texts)
             ids = tokenizer(texts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
@@ -106,9 +115,20 @@ class XLPromptEncodingMixin:
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)``, each
         repeated ``num_images_per_prompt`` times (negatives None without guidance). ``lora_scale`` scales the text
-        encoders' LoRA layers (default: during a pipeline call, that call's ``cross_attention_kwargs["scale"]``)."""
+        encoders' LoRA layers (default: during a pipeline call, that call's ``cross_attention_kwargs["scale"]``).
+        With ``pipe.prompt_syntax = "a1111"`` the prompts are read with A1111's syntax
+        (:func:`diffusekit.prompts.encode_prompt_a1111_xl`) unless embeddings are given."""
+        if self.prompt_syntax not in ("plain", "a1111"):
+            raise ValueError(f"prompt_syntax must be 'plain' or 'a1111', got {self.prompt_syntax!r}")
         scaled = getattr(self, "_text_encoder_lora_scale", None)
         with scaled(lora_scale) if scaled is not None else contextlib.nullcontext():
+            if self.prompt_syntax == "a1111" and prompt_embeds is None and negative_prompt_embeds is None:
+                from ..prompts import encode_prompt_a1111_xl
+
+                return encode_prompt_a1111_xl(
+                    self, prompt, negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                    num_images_per_prompt=num_images_per_prompt,
+                    do_classifier_free_guidance=do_classifier_free_guidance, clip_skip=clip_skip, device=device)
             return self._encode_prompt_xl(prompt, prompt_2, device, num_images_per_prompt, do_classifier_free_guidance,
                                           negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                                           pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip)
@@ -256,8 +276,8 @@ def _size(value: Any, name: str, default: Size) -> tuple[int, ...]:
     return tuple(value)
 
 
-class StableDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, XLPromptEncodingMixin, LatentDiffusionMixin,
-                                DiffusionPipeline, FromSingleFileMixin):
+class StableDiffusionXLPipeline(TextualInversionLoaderMixin, StableDiffusionXLLoraLoaderMixin, XLPromptEncodingMixin,
+                                LatentDiffusionMixin, DiffusionPipeline, FromSingleFileMixin):
     """``pipe(prompt, ...).images``: SDXL text-to-image (see the module docstring for the pieces and differences).
 
     Components: ``vae``, ``text_encoder`` (CLIP ViT-L), ``text_encoder_2`` (OpenCLIP bigG with projection),

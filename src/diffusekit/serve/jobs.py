@@ -334,8 +334,8 @@ class Worker:
             recorded = params.replace(extra={**params.extra, "Lora hashes": ", ".join(
                 f"{name}: {digest}" for name, digest in lora_hashes.items())})
         params = params.replace(prompt=prompt)
-        # A1111's prompt syntax ((emphasis:1.2), BREAK, long prompts) for the SD 1.x/2.x family
-        syntax = "a1111" if hasattr(pipe, "text_encoder") and not hasattr(pipe, "text_encoder_2") else "plain"
+        # A1111's prompt syntax ((emphasis:1.2), BREAK, long prompts) for the SD 1.x/2.x and SDXL families
+        syntax = "a1111"
         base_seed = params.seed
         for index in range(request.n_iter):
             if job._stop is not None:
