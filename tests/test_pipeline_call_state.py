@@ -179,6 +179,9 @@ SIGNATURE_DIFFERENCES = {
     "StableDiffusionXLPipeline": (set(), {"guidance_interval", "deep_cache"}),
     "StableDiffusionXLImg2ImgPipeline": (set(), {"guidance_interval", "deep_cache"}),
     "StableDiffusionXLInpaintPipeline": (set(), {"guidance_interval", "deep_cache"}),
+    # the step callback, which diffusers' unconditional pipelines lack (serve's progress; pipelines/ddpm.py)
+    "DDPMPipeline": (set(), {"callback_on_step_end", "callback_on_step_end_tensor_inputs"}),
+    "DDIMPipeline": (set(), {"callback_on_step_end", "callback_on_step_end_tensor_inputs"}),
 }
 
 

@@ -161,3 +161,43 @@ def test_to_moves_modules_and_dtype(ddpm_folder):
     pipe = diffusekit.DDPMPipeline.from_pretrained(ddpm_folder)
     assert pipe.to(torch.float64).dtype == torch.float64
     assert pipe.unet.dtype == torch.float64
+
+
+@pytest.mark.parametrize("cls", ["DDPMPipeline", "DDIMPipeline"])
+def test_step_callback_sees_replaces_and_interrupts(ddpm_folder, cls):
+    """Our extension: callback_on_step_end on the unconditional pipelines (diffusers' have none)."""
+    pipe = quiet(getattr(diffusekit, cls).from_pretrained(ddpm_folder))
+    plain = pipe(num_inference_steps=4, generator=torch.manual_seed(0), output_type="pt").images
+    seen = []
+
+    def watch(p, i, t, tensors):
+        seen.append((i, int(t), tensors["latents"].clone(), p.num_timesteps))
+        return {}
+
+    watched = pipe(num_inference_steps=4, generator=torch.manual_seed(0), output_type="pt",
+                   callback_on_step_end=watch).images
+    torch.testing.assert_close(watched, plain, rtol=0, atol=0)  # watching changes nothing
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(4)
+    assert [(i, t, n) for i, t, _, n in seen] == [(i, int(t), 4) for i, t in enumerate(scheduler.timesteps)]
+    torch.testing.assert_close(((seen[-1][2] / 2 + 0.5).clamp(0, 1)), plain)  # the last step's sample is the image
+    assert not torch.equal(seen[0][2], seen[-1][2])
+    # a returned sample replaces the loop's; pipe._interrupt = True skips the remaining steps
+    grey = pipe(num_inference_steps=4, generator=torch.manual_seed(0), output_type="pt",
+                callback_on_step_end=lambda p, i, t, x: {"latents": torch.zeros_like(x["latents"])}).images
+    assert torch.all(grey == 0.5)
+    calls = []
+
+    def stop(p, i, t, tensors):
+        calls.append(i)
+        p._interrupt = True
+        return {}
+
+    early = pipe(num_inference_steps=4, generator=torch.manual_seed(0), output_type="pt",
+                 callback_on_step_end=stop).images
+    assert calls == [0] and pipe.interrupt
+    torch.testing.assert_close(early, (seen[0][2] / 2 + 0.5).clamp(0, 1))
+    pipe(num_inference_steps=1, output_type="pt")  # the next call starts afresh
+    assert not pipe.interrupt
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs must be among"):
+        pipe(num_inference_steps=1, callback_on_step_end=watch, callback_on_step_end_tensor_inputs=["prompt_embeds"])

@@ -94,6 +94,40 @@ def test_job_stream_previews_and_images_equal_the_library_output(server):
     assert requests.get(f"{url}/v1/jobs/nope", timeout=30).status_code == 404
 
 
+def test_unconditional_model_streams_progress_and_previews(server):
+    """DDPM / DDIM report every step (their step-callback extension), with a preview of the pixel-space sample."""
+    import torch
+    from PIL import Image
+
+    from diffusekit import DiffusionPipeline
+
+    url, app = server
+    wait_idle(app)
+    body = {"model": "diffusekit-fashion-ddpm", "steps": 4, "seed": 5}
+    job_id = requests.post(f"{url}/v1/jobs", json=body, timeout=30).json()["id"]
+    steps, previews = [], []
+    with requests.get(f"{url}/v1/jobs/{job_id}/events", stream=True, timeout=120) as stream:
+        for name, data in sse_events(stream):
+            if name == "progress" and data["state"] == "running" and data["step"]:
+                steps.append(data["step"])
+                previews.append(data["preview"])
+                assert data["steps"] == 4
+            if name == "done":
+                final = data
+                break
+    assert final["state"] == "done" and final["seeds"] == [5]
+    assert steps and steps == sorted(steps) and set(steps) <= {1, 2, 3, 4}
+    head, _, payload = previews[-1].partition(",")
+    assert head == "data:image/png;base64"
+    preview = Image.open(io.BytesIO(base64.b64decode(payload)))
+    pipe = DiffusionPipeline.from_pretrained("diffusekit-fashion-ddpm")
+    pipe.set_progress_bar_config(disable=True)
+    [direct] = pipe(num_inference_steps=4, generator=[torch.Generator("cpu").manual_seed(5)]).images
+    assert preview.size == direct.size
+    got = Image.open(io.BytesIO(requests.get(f"{url}{final['images'][0]}", timeout=30).content))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(direct))
+
+
 def test_bounded_queue_cancel_waiting_and_running(server):
     url, app = server
     wait_idle(app)

@@ -112,7 +112,7 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     """Run ``params`` on ``pipe`` and return ``batch_size`` images with their own parameters.
 
     ``params.seed`` of ``None`` or ``-1`` draws a random seed (recorded in the result). ``on_step(step, total,
-    latents)`` is called after every denoising step of prompt-conditioned pipelines; returning ``True`` from it
+    latents)`` is called after every denoising step (for DDPM / DDIM the latents are the pixel-space sample); returning ``True`` from it
     stops the run early (the images so far are decoded, as A1111's interrupt does). Extra keyword arguments go to
     the pipeline call as they are (``cross_attention_kwargs=...``). ``prompt_syntax="a1111"`` reads the prompts
     with A1111's emphasis / ``BREAK`` / long-prompt rules (:mod:`diffusekit.prompts`); ``"plain"`` as diffusers.
@@ -171,6 +171,8 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
             kwargs["callback_on_step_end"] = _step_callback(on_step, params.steps)
     else:  # unconditional: the prompt and guidance do not apply
         kwargs["batch_size"] = len(seeds)
+        if on_step is not None:  # DDPM / DDIM take the step callback as an extension (pipelines/ddpm.py)
+            kwargs["callback_on_step_end"] = _step_callback(on_step, params.steps)
     kwargs.update(pipeline_kwargs)
     output = run(**kwargs)
     images = list(output.images)

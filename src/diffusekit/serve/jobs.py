@@ -133,7 +133,8 @@ class Job:
         if cached is not None and cached[0] is latents:
             return cached[1]
         params = self.request.params
-        size = (params.width, params.height) if params.width and params.height else None
+        sized = params.width and params.height and not preview.pixel_space  # a pixel-space sample is the image
+        size = (params.width, params.height) if sized else None
         png = preview.png(latents, 0, size)
         self._preview = (latents, png)
         return png

@@ -39,6 +39,7 @@ class LatentPreview:
     bias: Any  # torch.Tensor (3,)
     r2: float = 1.0  # fraction of the pooled decoded colours' variance the fit explains on its fitting set
     decode: Any = None  # latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], for tiny decoders
+    pixel_space: bool = False  # the sample is the image (DDPM / DDIM): shown at its own size
 
     def with_decoder(self, vae) -> "LatentPreview":
         """This preview, rendering with ``vae``'s own decoder (for VAEs small enough to decode every step)."""
@@ -101,7 +102,7 @@ def identity_preview(channels: int) -> LatentPreview:
         weight[:, :, 0, 0] = torch.eye(3)
     else:
         weight[:, :, 0, 0] = 1.0 / channels
-    return LatentPreview(weight, torch.zeros(3))
+    return LatentPreview(weight, torch.zeros(3), pixel_space=True)
 
 
 def _fitting_images(samples: int, pixels: int, generator):
