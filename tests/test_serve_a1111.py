@@ -159,12 +159,28 @@ def test_img2img_and_inpainting_equal_the_library_output(api, sd_pipe):
     mask = Image.new("L", (32, 32), 0)
     ImageDraw.Draw(mask).rectangle((0, 0, 15, 31), fill=255)  # white = repaint
     painted = api.img2img(images=[init], mask_image=mask, prompt="a photo of a blue dress", seed=8, steps=5,
-                          width=32, height=32, cfg_scale=4, denoising_strength=0.9, sampler_name="Euler")
+                          width=32, height=32, cfg_scale=4, denoising_strength=0.9, sampler_name="Euler",
+                          mask_blur=0)
     direct = _direct(sd_pipe, "StableDiffusionInpaintPipeline", "Euler", [8], prompt=["a photo of a blue dress"],
                      image=init, mask_image=mask, strength=0.9, num_inference_steps=5, guidance_scale=4.0,
                      height=32, width=32)
     _same(painted.image, direct[0])
     assert painted.info["is_using_inpainting_conditioning"] is True
+    assert "Mask blur" not in painted.info["infotexts"][0]
+    # A1111's default mask_blur (4): the mask blurred, the result composited onto the original (test_mask_blur.py)
+    from diffusekit.generation import generate
+    from diffusekit.infotext import GenerationParameters
+
+    blurred = api.img2img(images=[init], mask_image=mask, prompt="a photo of a blue dress", seed=8, steps=5,
+                          width=32, height=32, cfg_scale=4, denoising_strength=0.9, sampler_name="Euler")
+    text = blurred.info["infotexts"][0]
+    assert "Mask blur: 4" in text
+    library = generate(sd_pipe, GenerationParameters.from_infotext(text), image=init, mask=mask,
+                       prompt_syntax="a1111").images[0]
+    _same(blurred.image, library)
+    far = np.s_[:, 26:]  # more than the blur's 10-pixel reach from the painted half: the original, exactly
+    np.testing.assert_array_equal(np.asarray(blurred.image)[far], np.asarray(init)[far])
+    assert not np.array_equal(np.asarray(blurred.image), np.asarray(painted.image))
 
 
 def test_progress_preview_and_interrupt(server, api):

@@ -122,6 +122,10 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     ``batch_size`` images from its own seeds, in order. ``image`` / ``mask`` are then one for all or a list with one
     per request. Batching changes convolution numerics in the last bits (up to 1/255 after conversion to 8 bits on
     CPU), never the noise: an image is the same up to that whatever it was batched with.
+
+    Inpainting with a request's ``extra["Mask blur"]`` above 0 does what A1111's ``mask_blur`` does
+    (:mod:`diffusekit.mask_blur`): the pipeline gets the binary mask blurred, and each image is composited onto the
+    original through it; 0 (or absent) leaves the pipeline's output as it is.
     """
     import torch
 
@@ -137,6 +141,12 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     task = task_of(image, mask)
     image = _per_image(image, len(requests), batch_size, "image")
     mask = _per_image(mask, len(requests), batch_size, "mask")
+    overlays = None  # A1111's mask_blur: a blurred mask, and the result composited onto the image (mask_blur.py)
+    if mask is not None:
+        from .mask_blur import blur_masks
+
+        mask, overlays = blur_masks(image, mask, [r for r in requests for _ in range(batch_size)],
+                                    (params.width, params.height))
     run = request_pipeline(pipe, task, _sampler_name(params))
     kwargs: dict[str, Any] = {"generator": generators, "output_type": output_type}
     if params.steps is not None:
@@ -176,6 +186,10 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     kwargs.update(pipeline_kwargs)
     output = run(**kwargs)
     images = list(output.images)
+    if overlays is not None:
+        from .mask_blur import apply_overlays
+
+        images = apply_overlays(images, overlays)
     per_image = [r.replace(seed=s) for r, s in zip((r for r in requests for _ in range(batch_size)), seeds)]
     if not hasattr(run, "encode_prompt"):  # record only what shaped the image: no guidance, no clip skip
         per_image = [p.replace(cfg_scale=None, clip_skip=None) for p in per_image]

@@ -33,6 +33,7 @@ PARAMETER_FLAGS: dict[str, tuple[str, object]] = {
 DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength for image-to-image
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PROMPT_SYNTAX_KEY = "Prompt syntax"  # recorded only when it is not A1111's
+DEFAULT_MASK_BLUR = 4  # A1111's
 RECOMPUTED_KEYS = ("Lora hashes", "TI hashes")
 
 
@@ -65,6 +66,9 @@ def add_parser(commands) -> None:
     gen.add_argument("--strength", type=float, default=None,
                      help=f"image-to-image denoising strength (default {DEFAULT_STRENGTH})")
     gen.add_argument("--mask", default=None, help="inpainting mask (white = repaint), with --image")
+    gen.add_argument("--mask-blur", type=float, default=None, metavar="PIXELS",
+                     help="A1111's mask blur: Gaussian blur of the mask, result composited onto the image through it "
+                          "(default 4, or the --from-png image's; 0: the pipeline's output as it is)")
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                      help="LoRA file (kohya/A1111 or diffusers format) with its weight (default 1, or the weight of "
                           "a <lora:NAME:WEIGHT> tag in the prompt); repeatable")
@@ -134,6 +138,15 @@ def request_parameters(args):
         params = params.replace(denoising_strength=DEFAULT_STRENGTH)
     if args.image is None:
         params = params.replace(denoising_strength=None)
+    from ..mask_blur import MASK_BLUR_KEY
+
+    if args.mask_blur is not None and not args.mask_blur >= 0:
+        raise fail(f"--mask-blur must be >= 0 pixels, got {args.mask_blur}")
+    blur = args.mask_blur if args.mask_blur is not None else params.extra.get(
+        MASK_BLUR_KEY, 0 if args.from_png else DEFAULT_MASK_BLUR)  # A1111 records it only when above 0
+    params.extra.pop(MASK_BLUR_KEY, None)
+    if args.mask is not None and blur not in (0, "0"):
+        params.extra[MASK_BLUR_KEY] = int(blur) if isinstance(blur, float) and blur.is_integer() else blur
     for key in RECOMPUTED_KEYS:  # describe this run's files, written again from the files given now
         params.extra.pop(key, None)
     syntax = args.prompt_syntax or params.extra.pop(PROMPT_SYNTAX_KEY, "a1111")

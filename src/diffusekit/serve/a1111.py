@@ -3,8 +3,9 @@
 Requests become jobs on the shared queue (so A1111 clients and ``/v1/jobs`` clients take turns on one model); the
 response comes when the job finishes. Images come back as base64 PNGs carrying the "parameters" chunk, ``info`` as
 A1111's JSON string. Fields A1111 has but diffusekit does not act on (hires fix, face restoration, tiling,
-subseeds, scripts, ``mask_blur`` (the inpainting pipelines binarise the mask, as diffusers' do, so a blurred edge
-would change nothing), ``inpaint_full_res``) are accepted and ignored, as A1111 ignores unknown ones.
+subseeds, scripts, ``inpaint_full_res``) are accepted and ignored, as A1111 ignores unknown ones. ``mask_blur``
+(default 4, as A1111's) blurs the inpainting mask and composites the result onto the original, as A1111 does
+(:mod:`diffusekit.mask_blur`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] | None = None
     send_images: bool = True
     save_images: bool = False
+
+
+MASK_BLUR_DEFAULT = 4  # A1111's, when a request leaves mask_blur out
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -126,6 +130,11 @@ def build_request(state, body: Txt2ImgRequest, *, img2img: bool, model: str | No
         image, mask = _input_images(state, body, params)
         params = params.replace(denoising_strength=body.denoising_strength if body.denoising_strength is not None
                                 else 0.75)
+        blur = MASK_BLUR_DEFAULT if body.mask_blur is None else body.mask_blur
+        if blur < 0:
+            raise _unprocessable(f"mask_blur must be >= 0 pixels, got {blur}")
+        if mask is not None and blur > 0:  # recorded as A1111 records it: "Mask blur: 4"
+            params = params.replace(extra={**params.extra, "Mask blur": blur})
     return JobRequest(model=entry.name, params=params, batch_size=body.batch_size, n_iter=body.n_iter, image=image,
                       mask=mask)
 

@@ -1,0 +1,176 @@
+"""AUTOMATIC1111's ``mask_blur`` for inpainting: a blurred mask, and the result composited onto the original image.
+
+A1111's order (``modules/processing.py``, ``StableDiffusionProcessingImg2Img.init`` and ``apply_overlay``), which
+:func:`diffusekit.generation.generate` follows when a request's ``Mask blur`` is above 0:
+
+1. the mask is made binary (grey levels above 128 become 255, the rest 0);
+2. it is blurred with a Gaussian of standard deviation ``mask_blur`` pixels, first along the rows, then along the
+   columns, each pass ``2 * int(2.5 * mask_blur + 0.5) + 1`` taps wide, borders mirrored without repeating the edge
+   pixel, in the 8-bit fixed point OpenCV uses (A1111 runs ``cv2.GaussianBlur`` on 8-bit images; the tests check
+   the result equals OpenCV's bit for bit);
+3. the blurred mask is what the pipeline gets (its latent mask);
+4. the overlay mask is the blurred mask doubled and clipped to 255 (so the original shows through only where the
+   blurred mask is below one half), and the original image with alpha ``255 - overlay mask`` is alpha-composited
+   over each generated image, as A1111 does with PIL's premultiplied ``RGBa`` paste and ``alpha_composite``.
+
+With ``mask_blur`` 0 nothing here runs: the pipeline's output is returned as it is (A1111 would still paste the
+original back outside the hard mask; diffusekit keeps the diffusers output, which it always returned).
+Only numpy and Pillow; OpenCV is a test-time reference (``tests/test_mask_blur.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["MASK_BLUR_KEY", "apply_overlay", "apply_overlays", "blur_mask", "blur_masks", "binary_mask",
+           "gaussian_kernel", "mask_blur_of", "overlay_for"]
+
+#: the infotext key A1111 records the blur under (only when above 0); a request carries it in ``params.extra``
+MASK_BLUR_KEY = "Mask blur"
+
+
+def binary_mask(mask) -> Any:
+    """A1111's ``create_binary_mask``: a PIL mask -> mode ``L`` with 255 where the grey level is above 128, else 0."""
+    return mask.convert("L").point(lambda v: 255 if v > 128 else 0)
+
+
+def gaussian_kernel(sigma: float) -> list[int]:
+    """The 1-D Gaussian of ``sigma`` A1111 blurs with, in OpenCV's 8-bit fixed point: ``2 * int(2.5 * sigma + 0.5)
+    + 1`` integer taps summing to 256 (the float taps times 256, rounded left to right with the rounding error
+    carried to the next tap, mirrored, the centre tap taking what is left)."""
+    import math
+
+    radius = int(2.5 * sigma + 0.5)
+    n = 2 * radius + 1
+    scale = -0.125 / (sigma * sigma)
+    values = [math.exp((x * x) * scale) for x in range(1 - n, 0, 2)]  # x: twice the offset from the centre
+    total = 2 * sum(values) + 1.0
+    taps, err, side = [0] * n, 0.0, 0
+    for i, value in enumerate(values):
+        adjusted = value / total * 256 + err
+        rounded = _round_half_away(adjusted)
+        err = adjusted - rounded
+        taps[i] = taps[n - 1 - i] = rounded
+        side += rounded
+    taps[radius] = 256 - 2 * side
+    return taps
+
+
+def _round_half_away(x: float) -> int:
+    return int(math.floor(x + 0.5)) if x >= 0 else -int(math.floor(-x + 0.5))
+
+
+def _blur_axis(array, taps: list[int], axis: int):
+    """One 8-bit pass along ``axis``: integer taps (sum 256), mirrored borders without repeating the edge pixel
+    (OpenCV's default), the sum divided by 256 rounding halves up, as OpenCV's fixed-point blur of 8-bit images."""
+    import numpy as np
+
+    radius = len(taps) // 2
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (radius, radius)
+    padded = np.pad(array.astype(np.int64), pad, mode="reflect")  # numpy's "reflect" is OpenCV's REFLECT_101
+    total = np.zeros(array.shape, dtype=np.int64)
+    length = array.shape[axis]
+    for tap, weight in enumerate(taps):
+        total += weight * (padded[tap:tap + length, :] if axis == 0 else padded[:, tap:tap + length])
+    return ((total + 128) >> 8).clip(0, 255).astype(np.uint8)
+
+
+def blur_mask(mask, mask_blur: float) -> Any:
+    """Steps 1 and 2: the binary mask blurred along the rows then the columns (a PIL ``L`` image)."""
+    import numpy as np
+    from PIL import Image
+
+    array = np.asarray(binary_mask(mask))  # (H, W) uint8
+    if mask_blur > 0:
+        kernel = gaussian_kernel(float(mask_blur))
+        array = _blur_axis(_blur_axis(array, kernel, axis=1), kernel, axis=0)
+    return Image.fromarray(array, "L")
+
+
+def overlay_for(image, blurred_mask) -> Any:
+    """Step 4's overlay: ``image`` (RGB, resized to the mask's size if it differs) with alpha ``255 - min(2 *
+    mask, 255)``, built as A1111 builds it (a premultiplied paste), as an ``RGBA`` image."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    doubled = np.clip(np.asarray(blurred_mask.convert("L")).astype(np.float32) * 2, 0, 255).astype(np.uint8)
+    for_overlay = Image.fromarray(doubled, "L")
+    image = image.convert("RGB")
+    if image.size != for_overlay.size:
+        image = image.resize(for_overlay.size, Image.LANCZOS)
+    overlay = Image.new("RGBa", image.size)
+    overlay.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(for_overlay))
+    return overlay.convert("RGBA")
+
+
+def apply_overlay(generated, overlay) -> Any:
+    """``generated`` (PIL) with ``overlay`` alpha-composited over it, back in RGB (A1111's ``apply_overlay``); an
+    overlay of another size (a pipeline that rounded the size to a multiple of 8) is resized to the image's."""
+    from PIL import Image
+
+    if generated.size != overlay.size:
+        overlay = overlay.resize(generated.size, Image.LANCZOS)
+    composited = generated.convert("RGBA")
+    composited.alpha_composite(overlay)
+    return composited.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------- one request
+
+
+def mask_blur_of(params) -> float:
+    """A request's ``Mask blur`` (``params.extra``; an int, or its text from a PNG's parameters), 0 when absent."""
+    value = params.extra.get(MASK_BLUR_KEY)
+    if value is None or value == "":
+        return 0.0
+    try:
+        blur = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{MASK_BLUR_KEY} must be a number of pixels >= 0, got {value!r}") from None
+    if not blur >= 0 or math.isinf(blur):
+        raise ValueError(f"{MASK_BLUR_KEY} must be a number of pixels >= 0, got {value!r}")
+    return blur
+
+
+def blur_masks(image: Any, mask: Any, requests: list, size: tuple[int | None, int | None]) -> tuple[Any, Any]:
+    """``(mask for the pipeline, overlays or None)`` for one pipeline call of :func:`diffusekit.generation.generate`.
+
+    ``image`` / ``mask``: one for all or one per output image; ``requests``: each output image's parameters. With
+    every ``Mask blur`` at 0 the mask comes back as it was and there is nothing to composite. Otherwise each mask
+    is resized to ``size`` (width, height; default the image's) if it differs (as the server does with uploads),
+    made binary and blurred, and an overlay made from its image; images with a blur of 0 get ``None``.
+    """
+    blurs = [mask_blur_of(r) for r in requests]
+    if not any(blurs):
+        return mask, None
+    count = len(requests)
+    images = list(image) if isinstance(image, (list, tuple)) else [image] * count
+    masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * count
+    if not all(hasattr(x, "convert") for x in images + masks):
+        raise ValueError(f"{MASK_BLUR_KEY} needs the image and the mask as PIL images (A1111 blurs 8-bit masks); "
+                         "pass PIL images, or a blur of 0")
+    blurred, overlays = [], []
+    for picture, one_mask, blur in zip(images, masks, blurs):
+        if not blur:
+            blurred.append(one_mask)
+            overlays.append(None)
+            continue
+        target = size if size[0] and size[1] else picture.size
+        if one_mask.size != tuple(target):
+            from PIL import Image
+
+            one_mask = one_mask.convert("L").resize(tuple(target), Image.LANCZOS)
+        one_mask = blur_mask(one_mask, blur)
+        blurred.append(one_mask)
+        overlays.append(overlay_for(picture, one_mask))
+    single = not isinstance(mask, (list, tuple)) and len(set(blurs)) == 1
+    return (blurred[0] if single else blurred), overlays
+
+
+def apply_overlays(images: list, overlays: list) -> list:
+    """Each generated image with its overlay composited over it (``None``: unchanged)."""
+    if not all(hasattr(x, "convert") for x in images):
+        raise ValueError(f"{MASK_BLUR_KEY} composites PIL images: use output_type='pil', or a blur of 0")
+    return [image if overlay is None else apply_overlay(image, overlay) for image, overlay in zip(images, overlays)]

@@ -1,0 +1,153 @@
+"""A1111's ``mask_blur`` for inpainting (diffusekit.mask_blur through generation.generate, the CLI and the server):
+the blur equals OpenCV's as A1111 calls it, bit for bit; the composite equals the alpha blend written out; a blur of
+0 leaves today's output unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from diffusekit.generation import generate
+from diffusekit.infotext import GenerationParameters, read_parameters
+from diffusekit.mask_blur import apply_overlay, binary_mask, blur_mask, gaussian_kernel, overlay_for
+
+SD = "diffusekit-fashion-sd"
+
+
+def random_mask(rng, size=None):
+    size = size or (int(rng.integers(12, 70)), int(rng.integers(12, 70)))
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+    for _ in range(3):
+        x, y = (int(v) for v in rng.integers(0, 40, 2))
+        draw.rectangle((x, y, x + int(rng.integers(2, 30)), y + int(rng.integers(2, 30))),
+                       fill=int(rng.integers(0, 256)))
+    return mask
+
+
+def test_blur_equals_opencv_as_a1111_calls_it():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    for sigma in (0.5, 1, 2, 3, 4, 6.5, 11, 40):  # 40: a kernel wider than the mask (mirrored again and again)
+        for _ in range(3):
+            mask = random_mask(rng)
+            expected = np.asarray(binary_mask(mask)).copy()
+            taps = 2 * int(2.5 * sigma + 0.5) + 1
+            expected = cv2.GaussianBlur(expected, (taps, 1), sigma)  # modules/processing.py: x, then y
+            expected = cv2.GaussianBlur(expected, (1, taps), sigma)
+            np.testing.assert_array_equal(np.asarray(blur_mask(mask, sigma)), expected)
+    assert sum(gaussian_kernel(4)) == 256 and len(gaussian_kernel(4)) == 21
+    # binary first: grey levels above 128 are white
+    assert np.asarray(binary_mask(Image.new("L", (2, 1), 129))).tolist() == [[255, 255]]
+    assert np.asarray(binary_mask(Image.new("L", (2, 1), 128))).tolist() == [[0, 0]]
+
+
+def test_composite_is_the_alpha_blend_through_the_doubled_mask():
+    rng = np.random.default_rng(1)
+    original = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "RGB")
+    generated = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "RGB")
+    mask = Image.new("L", (48, 40), 0)
+    ImageDraw.Draw(mask).rectangle((10, 5, 37, 30), fill=200)
+    blurred = blur_mask(mask, 4)
+    got = np.asarray(apply_overlay(generated, overlay_for(original, blurred))).astype(float)
+    m = np.asarray(blurred).astype(float)[..., None]
+    alpha = (255 - np.minimum(2 * m, 255)) / 255  # the original's weight
+    expected = alpha * np.asarray(original) + (1 - alpha) * np.asarray(generated)
+    assert np.abs(got - expected).max() <= 2  # PIL's premultiplied 8-bit steps round on the way
+    keep, paint = alpha[..., 0] == 1, alpha[..., 0] == 0
+    assert keep.any() and paint.any() and (~keep & ~paint).any()
+    np.testing.assert_array_equal(got[keep], np.asarray(original)[keep])
+    np.testing.assert_array_equal(got[paint], np.asarray(generated)[paint])
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    from diffusekit import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(SD)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def photo_and_mask():
+    photo = Image.new("RGB", (32, 32), (30, 90, 200))
+    ImageDraw.Draw(photo).ellipse((4, 6, 28, 26), fill=(220, 200, 40))
+    mask = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(mask).rectangle((8, 0, 23, 31), fill=255)
+    return photo, mask
+
+
+def _params(blur=None, **kw):
+    extra = {} if blur is None else {"Mask blur": blur}
+    return GenerationParameters(prompt="a photo of a green dress", steps=2, sampler="Euler", cfg_scale=4.0, seed=3,
+                                width=32, height=32, denoising_strength=0.9, extra=extra, **kw)
+
+
+def test_generate_blurs_then_composites_and_zero_changes_nothing(sd_pipe, photo_and_mask):
+    import torch
+
+    from diffusekit import StableDiffusionInpaintPipeline, get_scheduler
+
+    photo, mask = photo_and_mask
+    run = StableDiffusionInpaintPipeline.from_pipe(sd_pipe, scheduler=get_scheduler("Euler", sd_pipe.scheduler.config))
+    run.set_progress_bar_config(disable=True)
+
+    def direct(mask_image):
+        return run(prompt=["a photo of a green dress"], image=photo, mask_image=mask_image, strength=0.9,
+                   num_inference_steps=2, guidance_scale=4.0, height=32, width=32,
+                   generator=[torch.Generator("cpu").manual_seed(3)]).images[0]
+
+    plain = generate(sd_pipe, _params(), image=photo, mask=mask, prompt_syntax="plain")
+    zero = generate(sd_pipe, _params(0), image=photo, mask=mask, prompt_syntax="plain")
+    today = direct(mask)
+    np.testing.assert_array_equal(np.asarray(plain.images[0]), np.asarray(today))
+    np.testing.assert_array_equal(np.asarray(zero.images[0]), np.asarray(today))
+
+    blurred = generate(sd_pipe, _params(2), image=photo, mask=mask, prompt_syntax="plain")
+    assert "Mask blur: 2" in blurred.parameters[0].to_infotext()
+    # the pipeline got the blurred mask (A1111's latent mask) ...
+    generated = direct(blur_mask(mask, 2))
+    # ... and its image was blended with the original through min(2 * blurred, 255)
+    m = np.asarray(blur_mask(mask, 2)).astype(float)[..., None]
+    alpha = (255 - np.minimum(2 * m, 255)) / 255
+    expected = alpha * np.asarray(photo) + (1 - alpha) * np.asarray(generated)
+    got = np.asarray(blurred.images[0]).astype(float)
+    assert np.abs(got - expected).max() <= 2  # PIL's premultiplied 8-bit steps round on the way
+    outside, inside = alpha[..., 0] == 1, alpha[..., 0] == 0
+    assert outside.any() and inside.any() and (~outside & ~inside).any()
+    np.testing.assert_array_equal(got[outside], np.asarray(photo)[outside])  # the original, untouched
+    np.testing.assert_array_equal(got[inside], np.asarray(generated)[inside])
+    assert not np.array_equal(np.asarray(blurred.images[0]), np.asarray(today))
+    # a mask of another size is resized to the request's size first (as the server does with uploads)
+    wide = generate(sd_pipe, _params(4), image=photo, mask=mask.resize((64, 64), Image.NEAREST),
+                    prompt_syntax="plain")
+    assert wide.images[0].size == (32, 32)
+    with pytest.raises(ValueError, match="Mask blur must be a number of pixels >= 0"):
+        generate(sd_pipe, _params(-1), image=photo, mask=mask)
+    with pytest.raises(ValueError, match="Mask blur composites PIL images"):
+        generate(sd_pipe, _params(4), image=photo, mask=mask, output_type="np")
+
+
+def test_cli_mask_blur_default_flag_and_from_png(tmp_path, photo_and_mask):
+    from diffusekit.__main__ import main
+
+    photo, mask = photo_and_mask
+    photo.save(tmp_path / "photo.png")
+    mask.save(tmp_path / "mask.png")
+    common = ["generate", SD, "--prompt", "a green dress", "--image", str(tmp_path / "photo.png"), "--mask",
+              str(tmp_path / "mask.png"), "--num-images", "1", "--steps", "2", "--seed", "4"]
+    assert main([*common, "--out", str(tmp_path / "default.png")]) == 0
+    assert "Mask blur: 4" in read_parameters(tmp_path / "default.png")  # A1111's default
+    assert main([*common, "--mask-blur", "0", "--out", str(tmp_path / "zero.png")]) == 0
+    assert "Mask blur" not in read_parameters(tmp_path / "zero.png")
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(tmp_path / "default.png"), "--image", str(tmp_path / "photo.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--out", str(again)]) == 0
+    assert "Mask blur: 4" in read_parameters(again)
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(tmp_path / "default.png")))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "zero.png")),
+                              np.asarray(Image.open(tmp_path / "default.png")))
+    with pytest.raises(SystemExit, match="--mask-blur must be >= 0"):
+        main([*common, "--mask-blur", "-2", "--out", str(tmp_path / "bad.png")])
