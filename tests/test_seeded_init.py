@@ -92,3 +92,35 @@ def test_seeded_init_depends_on_the_seed():
 def test_seeded_init_equals_diffusers_full_size(name, config):
     """Real sizes (SD 1.5 UNet: two 860M-parameter models, ~7 GB; run it with nothing else heavy on the machine)."""
     assert_same_init(name, config)
+
+
+CLIP_CONFIGS = {
+    "tiny": dict(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=10, projection_dim=8),
+    "scaled-gelu": dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                        num_attention_heads=4, max_position_embeddings=77, projection_dim=24, hidden_act="gelu",
+                        initializer_factor=0.5, initializer_range=0.05),
+}
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["CLIPTextModel", "CLIPTextModelWithProjection"])
+@pytest.mark.parametrize("config", sorted(CLIP_CONFIGS))
+def test_clip_text_seeded_init_equals_transformers(config, projection):
+    """transformers 5 initialises twice (a generic pass, then CLIP's, children before parents) and builds the
+    projection after initialising the text transformer: the same seed gives the same tensors here."""
+    transformers = pytest.importorskip("transformers")
+    name = "CLIPTextModelWithProjection" if projection else "CLIPTextModel"
+    cfg = CLIP_CONFIGS[config]
+    torch.manual_seed(0)
+    ours = getattr(diffusekit, name)(**cfg).state_dict()
+    torch.manual_seed(0)
+    ref = getattr(transformers, name)(transformers.CLIPTextConfig(**cfg, bos_token_id=0, eos_token_id=1,
+                                                                  pad_token_id=1)).state_dict()
+    # transformers 5's CLIPTextModel is the text transformer itself: its keys lack the checkpoints' "text_model."
+    ref = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v for k, v in ref.items()}
+    assert list(ours) == list(ref), "state dict keys differ (in names or order)"
+    differing = [k for k in ref if not torch.equal(ours[k], ref[k])]
+    assert not differing, f"{len(differing)} of {len(ref)} tensors differ after the same seed: {differing[:8]}"
+    torch.manual_seed(1)
+    assert not torch.equal(getattr(diffusekit, name)(**cfg).state_dict()["text_model.encoder.layers.0.mlp.fc1.weight"],
+                           ours["text_model.encoder.layers.0.mlp.fc1.weight"])

@@ -98,9 +98,10 @@ class CLIPAttention(nn.Module):
             raise ValueError(f"hidden_size={hidden_size} is not a multiple of num_attention_heads={num_heads}")
         self.num_heads = num_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        # built in transformers' order (k, v, q): seeded initialisation draws in the same order
         self.k_proj = nn.Linear(hidden_size, hidden_size)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -259,34 +260,56 @@ class _CLIPTextBase(ModelMixin, FromOriginalModelMixin):
         eos_token_id: int | list[int] | None = 49407,
     ):
         super().__init__()
+        # transformers 5 builds and initialises the text transformer first (a sub-model), then the projection
         self.text_model = CLIPTextTransformer(self.config)
+        self._init_weights()
         if self._with_projection:
             self.text_projection = nn.Linear(hidden_size, projection_dim, bias=False)
-        self._init_weights()
+            self._init_projection()
 
     @torch.no_grad()
     def _init_weights(self) -> None:
-        """transformers' CLIP initialisation (normal, scaled by depth and width); a no-op on the meta device."""
+        """transformers 5's CLIP initialisation, draw for draw, so ``torch.manual_seed(s); CLIPTextModel(config)``
+        equals transformers': every module, children before parents, first gets the generic pass (``Linear`` /
+        ``Embedding`` weights normal with ``initializer_range``, biases zero, layer norms one / zero), then CLIP's
+        own (normal, scaled by depth and width) redraws the weights of its children. A no-op on the meta device."""
         cfg = self.config
         factor, width, depth = cfg.initializer_factor, cfg.hidden_size, cfg.num_hidden_layers
+        std = cfg.initializer_range or 0.02
         in_std = width**-0.5 * (2 * depth) ** -0.5 * factor
+
+        def generic(*modules: nn.Module) -> None:
+            for module in modules:
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=std)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.LayerNorm):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+
         embeddings = self.text_model.embeddings
+        generic(embeddings.token_embedding, embeddings.position_embedding)
         nn.init.normal_(embeddings.token_embedding.weight, std=0.02 * factor)
         nn.init.normal_(embeddings.position_embedding.weight, std=0.02 * factor)
         for layer in self.text_model.encoder.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            attn, mlp = layer.self_attn, layer.mlp
+            generic(attn.k_proj, attn.v_proj, attn.q_proj, attn.out_proj)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                 nn.init.normal_(proj.weight, std=in_std)
-            nn.init.normal_(layer.self_attn.out_proj.weight, std=width**-0.5 * factor)
-            nn.init.normal_(layer.mlp.fc1.weight, std=(2 * width) ** -0.5 * factor)
-            nn.init.normal_(layer.mlp.fc2.weight, std=in_std)
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        if self._with_projection:
-            nn.init.normal_(self.text_projection.weight, std=width**-0.5 * factor)
+            nn.init.normal_(attn.out_proj.weight, std=width**-0.5 * factor)
+            generic(layer.layer_norm1, mlp.fc1, mlp.fc2)
+            nn.init.normal_(mlp.fc1.weight, std=(2 * width) ** -0.5 * factor)
+            nn.init.normal_(mlp.fc2.weight, std=in_std)
+            generic(layer.layer_norm2)
+        generic(self.text_model.final_layer_norm)
+
+    @torch.no_grad()
+    def _init_projection(self) -> None:
+        """The projection's generic draw, then CLIP's (transformers 5, after the text transformer's)."""
+        cfg = self.config
+        nn.init.normal_(self.text_projection.weight, std=cfg.initializer_range or 0.02)
+        nn.init.normal_(self.text_projection.weight, std=cfg.hidden_size**-0.5 * cfg.initializer_factor)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_model.embeddings.token_embedding
