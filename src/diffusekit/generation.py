@@ -141,6 +141,10 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     task = task_of(image, mask)
     image = _per_image(image, len(requests), batch_size, "image")
     mask = _per_image(mask, len(requests), batch_size, "mask")
+    if mask is not None and len(seeds) > 1 and not isinstance(image, (list, tuple)):
+        # one image per output image: the inpainting pipelines encode a single image once, with the first image's
+        # generator, so the others would depend on their batch; each image's own generator encodes its copy
+        image = [image] * len(seeds)
     overlays = None  # A1111's mask_blur: a blurred mask, and the result composited onto the image (mask_blur.py)
     if mask is not None:
         from .mask_blur import blur_masks
