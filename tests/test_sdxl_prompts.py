@@ -221,3 +221,25 @@ def test_prompt_syntax_option_generate_and_embedding_groups(pipe, embedding):
             assert second.ids[1:4] == tokenizer.convert_tokens_to_ids([TOKEN, f"{TOKEN}_1", f"{TOKEN}_2"])
     finally:
         pipe.unload_textual_inversion()
+
+
+def test_refiner_takes_clip_g_and_the_syntax(tmp_path, embedding):
+    """The refiner has only the bigG encoder: an SDXL file loads its clip_g there, and the A1111 path reads the
+    prompt with that encoder alone."""
+    folder = build_tiny_sdxl(tmp_path / "refiner", pipeline="StableDiffusionXLImg2ImgPipeline", refiner=True)
+    pipe = diffusekit.DiffusionPipeline.from_pretrained(folder)
+    pipe.load_textual_inversion(embedding)
+    names = [TOKEN, f"{TOKEN}_1", f"{TOKEN}_2"]
+    assert pipe.tokenizer is None and pipe.tokenizer_2.convert_tokens_to_ids(names) == [1000, 1001, 1002]
+    torch.testing.assert_close(pipe.text_encoder_2.get_input_embeddings().weight[1000:],
+                               load_file(embedding)["clip_g"])
+    embeds, _, pooled, _ = encode_prompt_a1111_xl(pipe, "a (dress:1.2)", do_classifier_free_guidance=False)
+    reference = transformers.CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").eval()
+    [chunk] = tokenize_weighted(pipe.tokenizer_2, "a (dress:1.2)")
+    with torch.no_grad():
+        out = reference(torch.tensor([chunk.ids]), output_hidden_states=True)
+    z, w = out.hidden_states[-2], torch.tensor([chunk.weights])[..., None]
+    torch.testing.assert_close(embeds, z * w * (z.mean() / (z * w).mean()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, out.text_embeds, rtol=1e-5, atol=1e-5)
+    pipe.unload_textual_inversion(names)
+    assert len(pipe.tokenizer_2) == 1000
