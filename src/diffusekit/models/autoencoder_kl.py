@@ -231,6 +231,7 @@ class AutoencoderKL(ModelMixin, FromOriginalModelMixin):
     """
 
     _supports_gradient_checkpointing = True  # enable_gradient_checkpointing(): recompute block layers
+    _optimize_targets = ("encoder", "decoder")  # optimize(): the parts encode() / decode() run
 
     _single_file_kind = "vae"  # from_single_file / save_single_file: docs/SINGLE_FILE.md
 

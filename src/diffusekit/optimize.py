@@ -1,0 +1,288 @@
+"""The exact fast path: ``model.optimize()`` / ``pipe.optimize()`` compile models for inference with inductor.
+
+Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-out kernels). What it does:
+
+- **CPU**: ``torch.compile`` with inductor *freezing*: under ``torch.no_grad()`` / ``torch.inference_mode()`` (as the
+  pipelines run) the weights become constants, so convolution / linear weights are pre-packed for oneDNN once and
+  GroupNorm+SiLU and the other pointwise chains are fused into the C++ kernels inductor writes (see
+  ``CPU_OPTIONS``; docs/PERFORMANCE.md has the measurements behind each setting).
+- **CUDA / MPS / other accelerators**: plain ``torch.compile`` (no CPU-only settings); fp16 / bf16 work there.
+- **Shapes are static** (``dynamic=False``): each input shape (batch, resolution, prompt length) compiles once,
+  specialised (fastest kernels); a pipeline run uses one or two shapes (full and half batch around a guidance
+  interval), and the persistent cache makes each shape a one-time cost per machine.
+- **Persistent cache**: inductor's own FX-graph cache, pointed at ``default_cache_dir()`` (env
+  ``DIFFUSEKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffusekit/compile``, else ``~/.cache/diffusekit/compile``), one
+  folder per torch + diffusekit version. Entries hold generated code only, never weights: with freezing inductor keys
+  a graph by its structure, shapes, dtypes and settings, and re-derives the pre-packed constants from the live
+  weights of each process, so a fine-tune of the same architecture shares the entry and a changed weight can never
+  be served stale. The cache is only set while our compiled models run (the ``TORCHINDUCTOR_CACHE_DIR`` of the rest
+  of the process is untouched); a user's own ``TORCHINDUCTOR_CACHE_DIR`` wins. Nothing is written at import.
+- **Fallbacks** (never a crash, one warning): no C++ compiler (CPU) or no inductor -> eager; a compile that fails
+  (e.g. a corrupt cache entry, an op inductor cannot lower) -> retried once without the cache, then eager. Grad mode
+  -> eager (autograd unchanged; freezing only applies to inference). Weights changed in place after optimize()
+  (``load_state_dict``, ``fuse_lora``) -> recompiled on the next call (the cache makes that the cheap part).
+
+``torch._dynamo`` / ``torch._inductor`` are imported on the first compiled call, never by ``import diffusekit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import time
+import types
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: inductor settings of the CPU path (passed per compile through ``torch.compile(options=...)``, never set globally)
+CPU_OPTIONS: dict[str, Any] = {
+    # weights as constants: constant folding, oneDNN weight pre-packing, conv/linear + pointwise fusions
+    "freezing": True,
+}
+
+_CACHE_ENV = "DIFFUSEKIT_CACHE_DIR"
+_counter = itertools.count()
+
+
+def default_cache_dir() -> Path:
+    """Root of diffusekit's compile cache: ``$DIFFUSEKIT_CACHE_DIR``, ``$XDG_CACHE_HOME/diffusekit/compile`` or
+    ``~/.cache/diffusekit/compile`` (not created until a compile writes to it)."""
+    env = os.environ.get(_CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "diffusekit" / "compile"
+
+
+def _versioned(root: Path) -> Path:
+    from . import __version__
+
+    return root / f"torch-{torch.__version__}-diffusekit-{__version__}".replace("+", "_")
+
+
+@contextlib.contextmanager
+def _inductor_cache(folder: Path | None) -> Iterator[None]:
+    """Point inductor's on-disk caches at ``folder`` while compiled code runs, then restore the environment."""
+    if folder is None:
+        yield
+        return
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
+def _user_inductor_cache() -> bool:
+    """Whether the user chose inductor's cache folder (inductor itself exports its default into the environment)."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not chosen:
+        return False
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+
+    return os.path.abspath(chosen) != os.path.abspath(inductor_default())
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why inductor cannot compile for ``device`` here (``None`` when it can)."""
+    try:
+        import torch._inductor  # noqa: F401  (lazy: only when optimize() is called)
+    except Exception as err:  # pragma: no cover - a torch build without inductor
+        return f"torch inductor is unavailable ({err})"
+    if device.type == "cpu" and _cpp_compiler() is None:
+        return "no C++ compiler found (inductor's CPU backend needs one: install g++ or clang, or set CXX)"
+    return None
+
+
+def _cpp_compiler() -> str | None:
+    from torch._inductor import config
+
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else []
+    cxx = config.cpp.cxx
+    names += [c for c in (cxx if isinstance(cxx, (tuple, list)) else (cxx,)) if c]
+    names += ["g++", "clang++", "c++"]
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _weights_state(module: torch.nn.Module) -> tuple:
+    """Identity and in-place version of every parameter and buffer: changes when weights are replaced or edited."""
+    return tuple((id(t), t._version) for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def _fresh_entry(module: torch.nn.Module) -> Callable[..., Any]:
+    """A function calling ``module`` with a code object of its own: dynamo keeps compiled code (and its recompile
+    budget) per code object, so each optimize() gets a clean slate instead of sharing ``Module._call_impl``'s."""
+    call = module._call_impl
+
+    def entry(*args, **kwargs):
+        return call(*args, **kwargs)
+
+    code = entry.__code__.replace(co_name=f"diffusekit_optimized_{type(module).__name__}_{next(_counter)}")
+    return types.FunctionType(code, entry.__globals__, code.co_name, None, entry.__closure__)
+
+
+class CompiledCall:
+    """What ``optimize()`` installs as the module's ``_compiled_call_impl``: compiled inference, eager otherwise.
+
+    ``stats`` counts calls by path (``compiled``, ``eager_grad``, ``eager_fallback``) and compiles (with inductor's
+    cache hits / misses), for tests and for ``diffusekit`` benchmarks.
+    """
+
+    def __init__(self, module: torch.nn.Module, cache_dir: Path | None, options: dict[str, Any] | None,
+                 dynamic: bool | None, mode: str | None) -> None:
+        self.module = module
+        self.device = _module_device(module)
+        self.cache_dir = cache_dir
+        self.options = options
+        self.dynamic = dynamic
+        self.mode = mode
+        self.disabled: str | None = None
+        self.stats: dict[str, float] = {"compiled": 0, "eager_grad": 0, "eager_fallback": 0, "compiles": 0,
+                                        "fxgraph_cache_hit": 0, "fxgraph_cache_miss": 0, "compile_seconds": 0.0}
+        self._build()
+
+    def _build(self) -> None:
+        self.compiled = torch.compile(_fresh_entry(self.module), dynamic=self.dynamic, mode=self.mode,
+                                      options=self.options)
+        self.weights = _weights_state(self.module)
+        self.seen: set[tuple] = set()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        if self.disabled is not None:
+            self.stats["eager_fallback"] += 1
+            return module._call_impl(*args, **kwargs)
+        if torch.is_grad_enabled():
+            self.stats["eager_grad"] += 1
+            return module._call_impl(*args, **kwargs)
+        if _weights_state(module) != self.weights:
+            logger.info("%s: weights changed since optimize(); recompiling", type(module).__name__)
+            self._build()
+        signature = _signature(args, kwargs)
+        first = signature not in self.seen
+        try:
+            with _inductor_cache(self.cache_dir):
+                if not first:
+                    out = self.compiled(*args, **kwargs)
+                else:
+                    out = self._first_call(args, kwargs)
+        except Exception as err:  # noqa: BLE001 - decided below: the input's fault (re-raised) or the compiler's
+            return self._fall_back(err, args, kwargs)
+        self.seen.add(signature)
+        self.stats["compiled"] += 1
+        return out
+
+    def _first_call(self, args, kwargs):
+        from torch._dynamo.utils import counters
+
+        before = dict(counters["inductor"])
+        start = time.perf_counter()
+        out = self.compiled(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        after = counters["inductor"]
+        self.stats["compiles"] += 1
+        self.stats["compile_seconds"] += seconds
+        for key in ("fxgraph_cache_hit", "fxgraph_cache_miss"):
+            self.stats[key] += after.get(key, 0) - before.get(key, 0)
+        logger.info("%s: compiled for %s in %.1f s (inductor cache hits %d, misses %d)", type(self.module).__name__,
+                    _signature(args, kwargs)[0], seconds, after.get("fxgraph_cache_hit", 0) -
+                    before.get("fxgraph_cache_hit", 0), after.get("fxgraph_cache_miss", 0) -
+                    before.get("fxgraph_cache_miss", 0))
+        return out
+
+    def _fall_back(self, err: Exception, args, kwargs) -> Any:
+        module = self.module
+        out = module._call_impl(*args, **kwargs)  # an error in the input raises here, as eager would
+        if self.cache_dir is not None and not getattr(self, "_retried", False):
+            self._retried = True  # a corrupt cache entry: one more try that neither reads nor writes the cache
+            warnings.warn(f"{type(module).__name__}.optimize(): compiling failed ({_short(err)}); retrying once "
+                          f"without the compile cache", RuntimeWarning, stacklevel=3)
+            self.options = {**(self.options or {}), "fx_graph_cache": False}
+            self._build()
+            return out
+        self.disabled = _short(err)
+        warnings.warn(f"{type(module).__name__}.optimize(): compiling failed ({self.disabled}); running eager",
+                      RuntimeWarning, stacklevel=3)
+        self.stats["eager_fallback"] += 1
+        return out
+
+
+def _short(err: Exception) -> str:
+    text = f"{type(err).__name__}: {err}".strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def _signature(args, kwargs) -> tuple:
+    """The input shapes / dtypes (what a static compile specialises on), for stats and logs."""
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape), str(value.dtype).removeprefix("torch."))
+        if isinstance(value, (list, tuple)):
+            return tuple(describe(v) for v in value)
+        if isinstance(value, dict):
+            return tuple((k, describe(v)) for k, v in sorted(value.items()))
+        return type(value).__name__
+
+    return (describe(tuple(args)), describe(kwargs))
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | None = None,
+                    use_cache: bool = True, dynamic: bool | None = False, mode: str | None = None,
+                    options: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Compile ``module``'s calls for inference in place (see the module docstring); returns ``module``.
+
+    ``cache_dir`` overrides :func:`default_cache_dir`; ``use_cache=False`` neither reads nor writes a persistent
+    cache. ``dynamic``, ``mode`` and ``options`` go to ``torch.compile`` (``options`` are added to the CPU defaults
+    on CPU; a key set to ``None`` removes a default). Calling it again recompiles (e.g. after changing the device).
+    """
+    device = _module_device(module)
+    reason = unavailable_reason(device)
+    if reason is not None:
+        warnings.warn(f"{type(module).__name__}.optimize(): {reason}; running eager", RuntimeWarning, stacklevel=3)
+        module._compiled_call_impl = None
+        return module
+    merged = dict(CPU_OPTIONS) if device.type == "cpu" else {}
+    merged.update(options or {})
+    merged = {k: v for k, v in merged.items() if v is not None}
+    folder = None
+    if use_cache and (cache_dir is not None or not _user_inductor_cache()):
+        folder = _versioned(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
+    elif not use_cache:
+        merged["fx_graph_cache"] = False
+    module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode)
+    return module
+
+
+def compiled_call(module: torch.nn.Module) -> CompiledCall | None:
+    """The :class:`CompiledCall` optimize() installed on ``module`` (``None`` when it runs eager)."""
+    call = getattr(module, "_compiled_call_impl", None)
+    return call if isinstance(call, CompiledCall) else None
+
+
+def unoptimize_module(module: torch.nn.Module) -> torch.nn.Module:
+    """Back to eager calls."""
+    module._compiled_call_impl = None
+    return module

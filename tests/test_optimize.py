@@ -1,0 +1,295 @@
+"""``optimize()``: the compiled exact path (docs/PERFORMANCE.md).
+
+Parity first: a tiny random UNet of the real architecture, compiled with the CPU settings, must give eager's output
+(and diffusers' on the same weights) within 1e-5 relative; the persistent cache must be hit by a second, fresh
+process (inductor's counters, not time); fallbacks (no compiler, a failing compile, grad mode) must run eager.
+Compiles are slow on 2 cores: the default suite compiles one tiny UNet and, twice in subprocesses, a toy model; the
+VAE / text encoder / whole-pipeline checks are ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_close
+from diffusekit import UNet2DConditionModel
+from diffusekit import optimize as opt
+
+diffusers = pytest.importorskip("diffusers")
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TINY_UNET = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+                 norm_num_groups=8)
+
+
+def assert_matches(actual, expected, rel: float = 1e-5) -> None:
+    """The exact path's bound: max |difference| within ``rel`` of the output's largest magnitude."""
+    scale = expected.abs().max().item()
+    diff = (actual - expected).abs().max().item()
+    assert scale > 0 and diff <= rel * scale, f"max abs difference {diff:.3g} > {rel:g} x {scale:.3g}"
+
+
+def _perturb(model: torch.nn.Module, seed: int = 123) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _unet_pair(tmp_path):
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(**TINY_UNET).eval()
+    _perturb(ref)
+    ref.save_pretrained(tmp_path / "unet")
+    return UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval(), ref
+
+
+def _unet_inputs(batch=2, size=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, size, size, generator=g), torch.tensor(321),
+            torch.randn(batch, 7, 16, generator=g))
+
+
+def test_unet_optimize_matches_eager_and_diffusers(tmp_path):
+    ours, ref = _unet_pair(tmp_path)
+    sample, t, text = _unet_inputs()
+    with torch.no_grad():
+        eager = ours(sample, t, encoder_hidden_states=text).sample
+        expected = ref(sample, t, encoder_hidden_states=text).sample
+    assert ours.optimize(cache_dir=tmp_path / "cache") is ours
+    call = opt.compiled_call(ours)
+    assert call is not None and call.options["freezing"] is True
+    with torch.no_grad():
+        fast = ours(sample, t, encoder_hidden_states=text).sample
+        again = ours(sample, t, encoder_hidden_states=text, return_dict=False)[0]
+    assert call.stats["compiled"] == 2 and call.stats["eager_fallback"] == 0
+    assert call.stats["fxgraph_cache_miss"] >= 1  # it really went through inductor, into our folder
+    assert any((tmp_path / "cache").rglob("*")), "nothing written to the compile cache"
+    assert_matches(fast, eager)
+    assert_matches(again, eager)
+    assert_matches(fast, expected)
+
+    # grad mode: eager, autograd intact
+    out = ours(sample, t, encoder_hidden_states=text).sample
+    out.square().mean().backward()
+    assert call.stats["eager_grad"] == 1 and ours.conv_in.weight.grad is not None
+    assert_close(out.detach(), eager)
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys, warnings
+    import torch
+    from diffusekit.optimize import compiled_call, optimize_module
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(),
+                                torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        eager = model(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimize_module(model, cache_dir=sys.argv[1])
+            fast = model(x)
+    stats = dict(compiled_call(model).stats)
+    stats["max_rel"] = ((fast - eager).abs().max() / eager.abs().max()).item()
+    stats["warnings"] = [str(w.message) for w in caught if "optimize()" in str(w.message)]
+    print(json.dumps(stats))
+""")
+
+
+def _child(cache: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(cache)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_compile_cache_is_hit_by_a_fresh_process_and_survives_corruption(tmp_path):
+    cache = tmp_path / "cache"
+    first = _child(cache)
+    assert first["fxgraph_cache_miss"] >= 1 and first["fxgraph_cache_hit"] == 0, first
+    entries = list((opt._versioned(cache) / "fxgraph").rglob("*"))
+    assert entries, "no FX-graph entry in our cache folder"
+    second = _child(cache)
+    assert second["fxgraph_cache_hit"] >= 1 and second["fxgraph_cache_miss"] == 0, second
+    for result in (first, second):
+        assert result["compiled"] == 1 and result["eager_fallback"] == 0 and result["max_rel"] < 1e-5
+        assert result["warnings"] == []
+    # every cache file truncated (a disk full / killed writer): still the right numbers, rebuilt
+    for path in opt._versioned(cache).rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    third = _child(cache)
+    assert third["max_rel"] < 1e-5 and third["compiled"] + third["eager_fallback"] == 1, third
+    assert len(third["warnings"]) <= 1, third
+
+
+def _toy():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2)).eval()
+
+
+def test_weights_edited_after_optimize_are_never_served_stale(tmp_path):
+    model = _toy()
+    x = torch.randn(3, 4)
+    opt.optimize_module(model, cache_dir=tmp_path)
+    with torch.no_grad():
+        assert_matches(model(x), model._call_impl(x))
+        model[0].weight.mul_(1.5)  # fuse_lora / load_state_dict edit in place; the frozen constants are rebuilt
+        expected = model._call_impl(x)
+        assert_matches(model(x), expected)
+    stats = opt.compiled_call(model).stats
+    assert stats["compiles"] == 2 and stats["compiled"] == 2 and stats["eager_fallback"] == 0
+
+
+def test_no_compiler_warns_once_and_runs_eager(monkeypatch):
+    monkeypatch.setattr(opt, "_cpp_compiler", lambda: None)
+    model = _toy()
+    x = torch.randn(3, 4)
+    expected = model(x)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as caught:
+        assert opt.optimize_module(model) is model
+    assert len(caught) == 1 and opt.compiled_call(model) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            assert_close(model(x), expected)
+
+
+def test_failing_compile_retries_without_cache_then_runs_eager(monkeypatch, tmp_path):
+    builds = []
+
+    def broken_compile(fn, **kwargs):
+        builds.append(kwargs["options"])
+
+        def run(*args, **kw):
+            raise RuntimeError("C++ compile error: simulated")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = _toy()
+    x = torch.randn(3, 4)
+    expected = model(x)
+    opt.optimize_module(model, cache_dir=tmp_path)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="retrying once without the compile cache"):
+            assert_close(model(x), expected)
+        with pytest.warns(RuntimeWarning, match="running eager"):
+            assert_close(model(x), expected)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one warning, then quiet
+            assert_close(model(x), expected)
+        # an input error is the input's: raised as eager raises it, not hidden
+        with pytest.raises(RuntimeError, match="shape"):
+            model(torch.randn(3, 5))
+    assert len(builds) == 2 and builds[1]["fx_graph_cache"] is False
+    assert opt.compiled_call(model).stats["eager_fallback"] == 3  # the disabled calls, the bad input included
+
+
+def test_input_errors_are_raised_not_swallowed(monkeypatch, tmp_path):
+    def compile_then_fail(fn, **kwargs):
+        return fn  # "compiled" = the eager function: an input error raises in both paths
+
+    monkeypatch.setattr(torch, "compile", compile_then_fail)
+    model = opt.optimize_module(_toy(), cache_dir=tmp_path)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="shape"):
+        model(torch.randn(3, 5))
+    assert opt.compiled_call(model).disabled is None
+
+
+def test_cache_location_and_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DIFFUSEKIT_CACHE_DIR", str(tmp_path / "mine"))
+    assert opt.default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("DIFFUSEKIT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert opt.default_cache_dir() == tmp_path / "xdg" / "diffusekit" / "compile"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with opt._inductor_cache(tmp_path / "x"):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "x")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert not (tmp_path / "xdg").exists()  # nothing written until a compile writes
+
+
+def test_import_stays_light():
+    code = ("import sys, diffusekit; diffusekit.UNet2DConditionModel.optimize; diffusekit.DiffusionPipeline.optimize;"
+            "import diffusekit.optimize; print(sorted(m for m in ('torch._dynamo', 'torch._inductor') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------ slow
+
+
+@pytest.mark.slow
+def test_vae_and_text_encoder_optimize_match_eager(tmp_path):
+    import transformers
+
+    from diffusekit import AutoencoderKL, CLIPTextModel
+
+    torch.manual_seed(0)
+    ref_vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4,
+                                      layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                                      up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    _perturb(ref_vae)
+    ref_vae.save_pretrained(tmp_path / "vae")
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        eager = vae.decode(z).sample
+        expected = ref_vae.decode(z).sample
+        vae.optimize(cache_dir=tmp_path / "cache")
+        fast = vae.decode(z).sample
+    assert opt.compiled_call(vae.decoder).stats["compiled"] == 1
+    assert_matches(fast, eager)
+    assert_matches(fast, expected)
+
+    config = transformers.CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=12)
+    ref_text = transformers.CLIPTextModel(config).eval()
+    ref_text.save_pretrained(tmp_path / "text")
+    text = CLIPTextModel.from_pretrained(tmp_path / "text").eval()
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        eager = text(ids)[0]
+        expected = ref_text(ids)[0]
+        text.optimize(cache_dir=tmp_path / "cache")
+        fast = text(ids)[0]
+    assert opt.compiled_call(text).stats["compiled"] == 1
+    assert_matches(fast, eager)
+    assert_matches(fast, expected)
+
+
+@pytest.mark.slow
+def test_pipeline_optimize_matches_eager(tmp_path):
+    from sd_assets import build_tiny_sd
+
+    from diffusekit import StableDiffusionPipeline
+
+    folder = build_tiny_sd(tmp_path / "sd")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    kwargs = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="np")
+    eager = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert pipe.optimize(cache_dir=tmp_path / "cache") is pipe
+    fast = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    for module in (pipe.unet, pipe.vae.decoder, pipe.text_encoder):
+        stats = opt.compiled_call(module).stats
+        assert stats["compiled"] >= 1 and stats["eager_fallback"] == 0, (type(module).__name__, stats)
+    assert_matches(torch.from_numpy(fast), torch.from_numpy(eager))
