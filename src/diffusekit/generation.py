@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from .infotext import GenerationParameters
 
-__all__ = ["SHARED_FIELDS", "GenerationResult", "generate", "random_seed", "request_pipeline", "task_of"]
+__all__ = ["SHARED_FIELDS", "GenerationResult", "generate", "random_seed", "request_pipeline", "step_savings",
+           "task_of"]
 
 SEED_RANGE = 2**32  # A1111 draws random seeds below 2**32
 
@@ -56,6 +57,8 @@ def request_pipeline(pipe, task: str, sampler: str | None = None):
     run = target.from_pipe(pipe, **overrides)
     if hasattr(pipe, "_progress_bar_config"):  # a quiet pipe (e.g. in a server) stays quiet per call
         run.set_progress_bar_config(**pipe._progress_bar_config)
+    if getattr(pipe, "deep_cache", None) is not None:  # enable_deep_cache() on pipe holds for its requests
+        run._deep_cache_default = pipe.deep_cache
     return run
 
 
@@ -76,7 +79,39 @@ def _sampler_name(params: GenerationParameters) -> str | None:
 
 # fields every request of one generate() call must share: they shape the one pipeline call that runs them all
 SHARED_FIELDS = ("steps", "sampler", "schedule_type", "cfg_scale", "width", "height", "denoising_strength",
-                 "clip_skip")
+                 "clip_skip", "guidance_interval", "deep_cache_interval", "deep_cache_branch")
+
+
+def step_savings(guidance_interval: Any = None, deep_cache: Any = None) -> dict[str, Any]:
+    """A request's opt-in step savings, checked, as :class:`GenerationParameters` fields: ``guidance_interval``
+    ``(lo, hi)`` (guidance only on the steps ``lo <= i / n < hi``) and ``deep_cache`` (DeepCache feature reuse: an
+    int ``cache_interval``, or ``(cache_interval, cache_branch_id)``). The one reader of these for the command line,
+    the server and batch jobs; raises ``ValueError`` naming the field."""
+    from .pipelines.deep_cache import deep_cache_config
+    from .pipelines.pieces import check_guidance_interval
+
+    fields: dict[str, Any] = {"guidance_interval": check_guidance_interval(
+        tuple(guidance_interval) if isinstance(guidance_interval, list) else guidance_interval)}
+    if deep_cache is not None and not isinstance(deep_cache, (bool, dict)):
+        config = deep_cache_config(tuple(deep_cache) if isinstance(deep_cache, list) else deep_cache)
+        fields.update(deep_cache_interval=config.cache_interval, deep_cache_branch=config.cache_branch_id)
+    elif deep_cache is not None:
+        raise ValueError(f"deep_cache must be an int cache_interval or a pair [cache_interval, cache_branch_id], got "
+                         f"{deep_cache!r}")
+    else:
+        fields.update(deep_cache_interval=None, deep_cache_branch=None)
+    return fields
+
+
+def _deep_cache_argument(params: GenerationParameters) -> Any:
+    """The pipeline call's ``deep_cache`` for ``params`` (None: the pipeline's own setting)."""
+    if params.deep_cache_interval is None:
+        return None
+    return {"cache_interval": params.deep_cache_interval, "cache_branch_id": params.deep_cache_branch or 0,
+            "skip_mode": params.extra.get(DEEP_CACHE_MODE_KEY, "uniform")}
+
+
+DEEP_CACHE_MODE_KEY = "Deep cache mode"  # recorded only for a pipeline enabled with skip_mode="non-uniform"
 
 
 def _request_list(params) -> list[GenerationParameters]:
@@ -116,6 +151,9 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     stops the run early (the images so far are decoded, as A1111's interrupt does). Extra keyword arguments go to
     the pipeline call as they are (``cross_attention_kwargs=...``). ``prompt_syntax="a1111"`` reads the prompts
     with A1111's emphasis / ``BREAK`` / long-prompt rules (:mod:`diffusekit.prompts`); ``"plain"`` as diffusers.
+
+    ``params.guidance_interval`` / ``deep_cache_interval`` / ``deep_cache_branch`` are the opt-in step savings
+    (:func:`step_savings`); without them a pipeline's own ``enable_deep_cache`` setting holds and is recorded.
 
     ``params`` may be a list of requests that share size, steps, sampler, CFG scale and strength
     (:data:`SHARED_FIELDS`) but not prompts or seeds: they run through the model in one batch, each giving
@@ -173,6 +211,9 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
                 kwargs["clip_skip"] = clip_skip
         if params.cfg_scale is not None:
             kwargs["guidance_scale"] = params.cfg_scale
+        if params.guidance_interval is not None:
+            kwargs["guidance_interval"] = params.guidance_interval
+        kwargs["deep_cache"] = _deep_cache_argument(params)
         if task == "text-to-image":
             kwargs.update(height=params.height, width=params.width)
         else:
@@ -196,10 +237,22 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
         images = apply_overlays(images, overlays)
     per_image = [r.replace(seed=s) for r, s in zip((r for r in requests for _ in range(batch_size)), seeds)]
     if not hasattr(run, "encode_prompt"):  # record only what shaped the image: no guidance, no clip skip
-        per_image = [p.replace(cfg_scale=None, clip_skip=None) for p in per_image]
+        per_image = [p.replace(cfg_scale=None, clip_skip=None, guidance_interval=None, deep_cache_interval=None,
+                               deep_cache_branch=None) for p in per_image]
+    elif params.deep_cache_interval is None and getattr(run, "deep_cache", None) is not None:
+        per_image = [_with_pipeline_deep_cache(p, run.deep_cache) for p in per_image]
     if (params.width is None or params.height is None) and images and hasattr(images[0], "size"):
         per_image = [p.replace(width=im.size[0], height=im.size[1]) for p, im in zip(per_image, images)]
     return GenerationResult(images, per_image, getattr(output, "nsfw_content_detected", None))
+
+
+def _with_pipeline_deep_cache(params: GenerationParameters, config) -> GenerationParameters:
+    """Record the pipeline's ``enable_deep_cache`` setting a request ran with."""
+    params = params.replace(deep_cache_interval=config.cache_interval, deep_cache_branch=config.cache_branch_id,
+                            extra=dict(params.extra))
+    if config.skip_mode != "uniform":
+        params.extra[DEEP_CACHE_MODE_KEY] = config.skip_mode
+    return params
 
 
 def _lora_scale(pipeline_kwargs: dict[str, Any]) -> float | None:

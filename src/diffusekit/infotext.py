@@ -35,8 +35,21 @@ _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _NEGATIVE = "Negative prompt:"
 
-# typed fields: dataclass field -> (A1111 key, type). The order is A1111's order on the parameter line.
-_FIELDS: dict[str, tuple[str, type]] = {
+def _interval(text: str) -> tuple[float, float]:
+    """``"0.2-0.8"`` -> ``(0.2, 0.8)`` (diffusekit's "Guidance interval" value)."""
+    lo, sep, hi = text.partition("-")
+    if not sep:
+        raise ValueError(text)
+    return float(lo), float(hi)
+
+
+def _format_interval(value: tuple[float, float]) -> str:
+    return "-".join(format_value(float(v)) for v in value)
+
+
+# typed fields: dataclass field -> (A1111 key, type or parser). The order is A1111's order on the parameter line;
+# the last three are diffusekit's step savings (docs/STEP_SAVINGS.md), written only when used.
+_FIELDS: dict[str, tuple[str, Any]] = {
     "steps": ("Steps", int),
     "sampler": ("Sampler", str),
     "schedule_type": ("Schedule type", str),
@@ -47,7 +60,11 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "model": ("Model", str),
     "denoising_strength": ("Denoising strength", float),
     "clip_skip": ("Clip skip", int),
+    "guidance_interval": ("Guidance interval", _interval),
+    "deep_cache_interval": ("Deep cache interval", int),
+    "deep_cache_branch": ("Deep cache branch", int),
 }
+_FORMATTERS = {"guidance_interval": _format_interval}
 _BY_KEY = {key: (name, kind) for name, (key, kind) in _FIELDS.items()}
 
 
@@ -121,7 +138,14 @@ class GenerationParameters:
     model: str | None = None
     denoising_strength: float | None = None
     clip_skip: int | None = None
+    guidance_interval: tuple[float, float] | None = None  # guidance only on the steps lo <= i / n < hi
+    deep_cache_interval: int | None = None  # DeepCache: a full UNet step every N steps
+    deep_cache_branch: int | None = None  # DeepCache: the skip branch of the cached steps
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # other "Key: value" pairs, in order
+
+    def __post_init__(self):
+        if isinstance(self.guidance_interval, list):  # from JSON
+            self.guidance_interval = tuple(self.guidance_interval)
 
     def to_infotext(self) -> str:
         pairs: list[tuple[str, Any]] = []
@@ -129,7 +153,7 @@ class GenerationParameters:
             value = (f"{self.width}x{self.height}" if self.width is not None and self.height is not None else None) \
                 if name == "size" else getattr(self, name)
             if value is not None:
-                pairs.append((key, value))
+                pairs.append((key, _FORMATTERS[name](value) if name in _FORMATTERS else value))
         pairs.extend(self.extra.items())
         lines = [self.prompt]
         if self.negative_prompt:
@@ -155,7 +179,8 @@ class GenerationParameters:
             try:
                 setattr(params, name, kind(value))
             except ValueError:
-                raise ValueError(f"infotext: {key!r} should be {kind.__name__}, got {value!r}") from None
+                what = "lo-hi" if kind is _interval else kind.__name__
+                raise ValueError(f"infotext: {key!r} should be {what}, got {value!r}") from None
         return params
 
     def replace(self, **changes) -> "GenerationParameters":

@@ -6,7 +6,8 @@ One job per line::
 
 Keys (:data:`JOB_KEYS`): ``id``, ``prompt``, ``negative_prompt``, ``seed``, ``steps``, ``guidance_scale``,
 ``width``, ``height``, ``sampler``, ``image`` / ``mask`` (paths, relative to the jobs file's folder) and
-``strength`` for image-to-image / inpainting. A missing key takes the command-line default (:class:`JobDefaults`).
+``strength`` for image-to-image / inpainting, and the opt-in step savings ``guidance_interval`` (``[lo, hi]``) and
+``deep_cache`` (an int interval or ``[interval, branch]``; docs/STEP_SAVINGS.md). A missing key takes the command-line default (:class:`JobDefaults`).
 A job without ``id`` is named by its line number (``line-000012``); a job without ``seed`` takes ``--seed`` when
 given, else a seed derived from its id, so every job has a fixed seed and a re-run remakes the same image. A bad
 line (not JSON, unknown key, wrong type, missing file, repeated id) becomes an :class:`InvalidLine` naming the line
@@ -35,7 +36,7 @@ from ..infotext import GenerationParameters
 __all__ = ["JOB_KEYS", "InvalidLine", "Job", "JobDefaults", "load_jobs", "plan_batches"]
 
 JOB_KEYS = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "sampler",
-            "image", "mask", "strength")
+            "image", "mask", "strength", "guidance_interval", "deep_cache")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")  # a file name: no separators, no leading dot
 SEED_LIMIT = 2**32
 
@@ -52,6 +53,8 @@ class JobDefaults:
     height: int | None = None
     sampler: str | None = None
     strength: float | None = 0.75
+    guidance_interval: tuple[float, float] | None = None
+    deep_cache: int | tuple[int, int] | None = None
     model: str | None = None  # written into each image's parameters ("Model: ...")
 
 
@@ -78,7 +81,7 @@ class Job:
         """Jobs with equal keys can run through the model together."""
         p = self.params
         return (self.task, self.image_size, p.width, p.height, p.steps, p.sampler, p.schedule_type, p.cfg_scale,
-                p.denoising_strength, p.clip_skip)
+                p.denoising_strength, p.clip_skip, p.guidance_interval, p.deep_cache_interval, p.deep_cache_branch)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form, to ship a job to another process or machine."""
@@ -165,7 +168,7 @@ def derived_seed(job_id: str) -> int:
 
 
 def _job(raw: Any, line: int, folder: Path, defaults: JobDefaults) -> Job:
-    from ..generation import random_seed
+    from ..generation import random_seed, step_savings
     from ..schedulers.names import resolve_sampler
 
     if not isinstance(raw, dict):
@@ -209,13 +212,18 @@ def _job(raw: Any, line: int, folder: Path, defaults: JobDefaults) -> Job:
         raise _Bad("'strength' applies to image-to-image and inpainting: give an 'image' too, or drop it")
     if image and strength is None:
         strength = defaults.strength
+    try:
+        savings = step_savings(raw.get("guidance_interval", defaults.guidance_interval),
+                               raw.get("deep_cache", defaults.deep_cache))
+    except ValueError as error:
+        raise _Bad(str(error)) from None
     params = GenerationParameters(
         prompt=prompt or "", negative_prompt=negative if negative is not None else defaults.negative_prompt,
         steps=steps if steps is not None else defaults.steps, sampler=sampler or None,
         cfg_scale=guidance if guidance is not None else defaults.guidance_scale, seed=seed,
         width=width if width is not None else defaults.width,
         height=height if height is not None else defaults.height,
-        denoising_strength=strength if image else None, model=defaults.model)
+        denoising_strength=strength if image else None, model=defaults.model, **savings)
     return Job(job_id, line, params, image, mask, image_size)
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 def add_parser(commands) -> None:
     batch = commands.add_parser("batch", help="one PNG per job of a JSON-lines file, locally or on Ray (docs/BATCH.md)",
                                 description="Run every job of JOBS (JSON lines: id, prompt, negative_prompt, seed, "
-                                "steps, guidance_scale, width, height, sampler, image, mask, strength) not done yet; "
-                                "flags give the defaults for keys a job leaves out. Writes DIR/<id>.png and "
-                                "DIR/manifest.jsonl; re-running the same command resumes.")
+                                "steps, guidance_scale, width, height, sampler, image, mask, strength, "
+                                "guidance_interval, deep_cache) not done yet; flags give the defaults for keys a job "
+                                "leaves out. Writes DIR/<id>.png and DIR/manifest.jsonl; re-running the same command "
+                                "resumes.")
     batch.add_argument("jobs", help="JSON-lines file, one job per line")
     batch.add_argument("--model", required=True, help="diffusers-format pipeline folder, hub repo id or bundled name")
     batch.add_argument("--out", required=True, help="output folder (PNGs named by job id, manifest.jsonl)")
@@ -35,6 +36,19 @@ def add_parser(commands) -> None:
                                 ("--guidance-scale", float, 7.5), ("--width", int, None), ("--height", int, None),
                                 ("--sampler", str, None), ("--strength", float, 0.75)):
         batch.add_argument(flag, type=kind, default=default, help=f"default for jobs without it ({default})")
+    batch.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                       help="default for jobs without 'guidance_interval': guide only the steps LO <= i / n < HI")
+    batch.add_argument("--deep-cache", type=int, nargs="+", default=None, metavar=("N", "BRANCH"),
+                       help="default for jobs without 'deep_cache': DeepCache, a full UNet step every N steps, "
+                            "skip branch BRANCH (default 0) on the others")
+
+
+def _deep_cache_flag(values: list[int] | None):
+    if values is None:
+        return None
+    if len(values) > 2:
+        raise SystemExit(f"diffusekit batch: error: --deep-cache takes N and optionally BRANCH, got {values}")
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def run(args) -> int:
@@ -42,7 +56,9 @@ def run(args) -> int:
 
     defaults = JobDefaults(negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                            guidance_scale=args.guidance_scale, width=args.width, height=args.height,
-                           sampler=args.sampler, strength=args.strength, model=Path(args.model).name)
+                           sampler=args.sampler, strength=args.strength, model=Path(args.model).name,
+                           guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+                           deep_cache=_deep_cache_flag(args.deep_cache))
     config = BatchConfig(args.jobs, args.model, args.out, batch_size=args.batch_size, workers=args.workers,
                          device=args.device, ray=args.ray is not None, ray_address=args.ray or None,
                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,

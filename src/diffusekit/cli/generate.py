@@ -75,6 +75,12 @@ def add_parser(commands) -> None:
     gen.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                      help="textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds); the "
                           "token defaults to the file's name (A1111) or the one it records; repeatable")
+    gen.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                     help="guide only the steps LO <= i / n < HI (e.g. 0.2 0.8); the others run the UNet on the "
+                          "conditional half only (docs/STEP_SAVINGS.md)")
+    gen.add_argument("--deep-cache", type=int, nargs="+", default=None, metavar=("N", "BRANCH"),
+                     help="DeepCache feature reuse: a full UNet step every N steps, the others run only the layers "
+                          "shallower than skip branch BRANCH (default 0, the fastest); N=1 is off")
     gen.add_argument("--from-png", default=None, metavar="PNG",
                      help="take prompt and settings from a PNG's A1111 parameters; flags given here override")
     gen.add_argument("--config", default=None, metavar="FOLDER",
@@ -147,6 +153,7 @@ def request_parameters(args):
     params.extra.pop(MASK_BLUR_KEY, None)
     if args.mask is not None and blur not in (0, "0"):
         params.extra[MASK_BLUR_KEY] = int(blur) if isinstance(blur, float) and blur.is_integer() else blur
+    params = _step_savings(args, params)
     for key in RECOMPUTED_KEYS:  # describe this run's files, written again from the files given now
         params.extra.pop(key, None)
     syntax = args.prompt_syntax or params.extra.pop(PROMPT_SYNTAX_KEY, "a1111")
@@ -155,6 +162,25 @@ def request_parameters(args):
     if syntax != "a1111":
         params.extra[PROMPT_SYNTAX_KEY] = syntax
     return params, syntax
+
+
+def _step_savings(args, params):
+    """--guidance-interval / --deep-cache over what the --from-png image recorded (checked by generation's reader)."""
+    from ..generation import step_savings
+
+    try:
+        if args.guidance_interval is not None:
+            params = params.replace(guidance_interval=step_savings(guidance_interval=args.guidance_interval)[
+                "guidance_interval"])
+        if args.deep_cache is not None:
+            if len(args.deep_cache) > 2:
+                raise ValueError(f"--deep-cache takes N and optionally BRANCH, got {len(args.deep_cache)} values")
+            fields = step_savings(deep_cache=args.deep_cache[0] if len(args.deep_cache) == 1 else args.deep_cache)
+            params = params.replace(deep_cache_interval=fields["deep_cache_interval"],
+                                    deep_cache_branch=fields["deep_cache_branch"])
+    except ValueError as err:
+        raise fail(f"--guidance-interval / --deep-cache: {err}") from None
+    return params
 
 
 def load_pipeline(model: str, device: str, config: str | None = None):
@@ -308,8 +334,11 @@ def run(args) -> int:
     images, per_image = [], []
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
-        result = generate(pipe, params.replace(seed=params.seed + start), batch_size=count, image=image, mask=mask,
-                          prompt_syntax=syntax)
+        try:
+            result = generate(pipe, params.replace(seed=params.seed + start), batch_size=count, image=image,
+                              mask=mask, prompt_syntax=syntax)
+        except ValueError as err:  # a request this model cannot run (e.g. a DeepCache branch it does not have)
+            raise fail(str(err)) from None
         images += result.images
         per_image += [p.replace(prompt=recorded_prompt) for p in result.parameters]
     written = write_images(images, per_image, Path(args.out))

@@ -52,6 +52,10 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] | None = None
     send_images: bool = True
     save_images: bool = False
+    # diffusekit's step savings (not A1111's; docs/SERVE.md): guidance only on the steps lo <= i / n < hi, and
+    # DeepCache feature reuse (an int cache_interval, or [cache_interval, cache_branch_id])
+    guidance_interval: list[float] | None = None
+    deep_cache: int | list[int] | None = None
 
 
 MASK_BLUR_DEFAULT = 4  # A1111's, when a request leaves mask_blur out
@@ -77,7 +81,7 @@ def _unprocessable(message: str) -> HTTPException:
 
 def build_request(state, body: Txt2ImgRequest, *, img2img: bool, model: str | None = None) -> JobRequest:
     """Check ``body`` against the server's limits and turn it into a :class:`JobRequest` (422 when it cannot run)."""
-    from ..generation import random_seed
+    from ..generation import random_seed, step_savings
     from ..schedulers.names import resolve_sampler
 
     config = state.config
@@ -119,11 +123,15 @@ def build_request(state, body: Txt2ImgRequest, *, img2img: bool, model: str | No
     clip_skip = overrides.get("CLIP_stop_at_last_layers")
     if clip_skip is not None and (not isinstance(clip_skip, int) or clip_skip < 1):
         raise _unprocessable(f"override_settings.CLIP_stop_at_last_layers must be an int >= 1, got {clip_skip!r}")
+    try:
+        savings = step_savings(body.guidance_interval, body.deep_cache)
+    except ValueError as exc:
+        raise _unprocessable(str(exc)) from None
     seed = random_seed() if body.seed is None or body.seed < 0 else body.seed
     params = GenerationParameters(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
         schedule_type=label, cfg_scale=body.cfg_scale, seed=seed, width=body.width, height=body.height,
-        clip_skip=clip_skip if clip_skip and clip_skip > 1 else None,
+        clip_skip=clip_skip if clip_skip and clip_skip > 1 else None, **savings,
     )
     image = mask = None
     if img2img:

@@ -125,6 +125,9 @@ function requestBody() {
     cfg_scale: number("cfg_scale"), width: number("width"), height: number("height"),
     batch_size: number("batch_size"), seed: number("seed"),
   };
+  const interval = $("guidance_interval").value.trim();  // "lo-hi"; the server checks the numbers
+  if (interval) body.guidance_interval = interval.split("-").map(Number);
+  if (number("deep_cache") > 1) body.deep_cache = number("deep_cache");
   if (state.image) {
     body.init_images = [$("image-canvas").toDataURL("image/png")];
     body.denoising_strength = number("denoising_strength");
