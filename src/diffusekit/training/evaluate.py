@@ -198,6 +198,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--guidance-scale", type=float, default=4.0)
             p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                            help="guide only the steps LO <= i / n < HI (the pipelines' guidance_interval)")
+            p.add_argument("--deep-cache", type=int, nargs="+", default=None, metavar=("N", "BRANCH"),
+                           help="DeepCache feature reuse: a full UNet step every N steps, skip branch BRANCH "
+                                "(default 0) on the others (the pipelines' deep_cache)")
         p.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER,
                        help=f"classifier weights (trained and saved here if missing; default {DEFAULT_CLASSIFIER})")
         p.add_argument("--classifier-epochs", type=int, default=4)
@@ -290,11 +293,15 @@ def evaluate_text_to_image(args, classifier) -> dict:
     want_colors = [color for _, color in pairs for _ in range(args.per_prompt)]
     generator = torch.Generator("cpu").manual_seed(args.seed)
     interval = tuple(args.guidance_interval) if getattr(args, "guidance_interval", None) else None
+    deep_cache = tuple(args.deep_cache) if getattr(args, "deep_cache", None) else None
+    if deep_cache is not None and len(deep_cache) == 1:
+        deep_cache = deep_cache[0]
     start, samples = time.monotonic(), []
     for i in range(0, len(prompts), args.batch_size):
         chunk = prompts[i : i + args.batch_size]
         samples.append(pipe(chunk, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                            guidance_interval=interval, generator=generator, output_type="np").images)
+                            guidance_interval=interval, deep_cache=deep_cache, generator=generator,
+                            output_type="np").images)
         print(f"sampled {i + len(chunk)}/{len(prompts)}", flush=True)
     samples = np.concatenate(samples)  # (N, H, W, 3)
     seconds = time.monotonic() - start
@@ -318,6 +325,7 @@ def evaluate_text_to_image(args, classifier) -> dict:
         "sampling_steps": args.steps,
         "guidance_scale": args.guidance_scale,
         "guidance_interval": list(interval) if interval else None,
+        "deep_cache": list(args.deep_cache) if deep_cache is not None else None,
         "sampling_seconds": round(seconds, 1),
         "class_match": float((labels == want_labels).mean()),
         "color_match": float(np.mean([g == w for g, w in zip(got_colors, want_colors)])),
