@@ -302,3 +302,22 @@ def test_pipeline_refuses_bad_settings(sd):
     assert sd.deep_cache == DeepCacheConfig(2, 3)
     sd.disable_deep_cache()
     assert sd.deep_cache is None
+
+
+@pytest.mark.slow
+def test_deep_cache_under_optimize_matches_eager():
+    """optimize() compiles the full and the cached call as two graphs; both match eager (the feature a compiled
+    full step keeps too)."""
+    torch.manual_seed(0)
+    unet = diffusekit.UNet2DConditionModel(**tiny_unet_kwargs()).eval()
+    sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        eager_full = DeepCacheStep(1)
+        eager = unet(sample, 10, context, deep_cache=eager_full).sample
+        eager_cached = unet(sample * 0.9, 10, context, deep_cache=DeepCacheStep(1, eager_full.feature)).sample
+        unet.optimize(use_cache=False)
+        full = DeepCacheStep(1)
+        compiled = unet(sample, 10, context, deep_cache=full).sample
+        cached = unet(sample * 0.9, 10, context, deep_cache=DeepCacheStep(1, full.feature)).sample
+    for got, want in ((compiled, eager), (full.feature, eager_full.feature), (cached, eager_cached)):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()

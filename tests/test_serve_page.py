@@ -161,3 +161,21 @@ def test_page_lora_picker_adds_the_prompt_tag(server, browser):
     text = page.locator("#gallery .card pre").first.inner_text()
     assert text.startswith("a photo of a dress <lora:redder:1>\n") and 'Lora hashes: "redder: ' in text
     page.close()
+
+
+def test_page_sends_the_step_savings(server, browser):
+    """The page's "Guidance interval" and "Deep cache" inputs reach the job and its infotext."""
+    url, app = server
+    wait_idle(app)
+    page = browser.new_page()
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelectorAll('#sampler_name option').length > 5")
+    page.fill("#prompt", "a photo of a red bag")
+    page.fill("#steps", "4")
+    page.fill("#guidance_interval", "0.2-0.8")
+    page.fill("#deep_cache", "3")
+    page.click("#generate")
+    wait_images_loaded(page, 1)
+    text = page.locator("#gallery .card pre").first.inner_text()
+    assert "Guidance interval: 0.2-0.8, Deep cache interval: 3, Deep cache branch: 0" in text
+    page.close()
