@@ -46,12 +46,13 @@ def pipe(folder):
 
 
 def load_as_diffusers_documents(pipe, path):
-    """diffusers' documented SDXL recipe: one call per text encoder."""
+    """diffusers' documented SDXL recipe (docs/source/en/using-diffusers/textual_inversion_inference.md): one call
+    per text encoder, clip_g first."""
     state_dict = load_file(path)
-    pipe.load_textual_inversion(state_dict["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder,
-                                tokenizer=pipe.tokenizer)
     pipe.load_textual_inversion(state_dict["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2,
                                 tokenizer=pipe.tokenizer_2)
+    pipe.load_textual_inversion(state_dict["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
 
 
 def encoded(pipe, **kwargs):
@@ -86,7 +87,7 @@ def test_pipeline_with_an_embedding_matches_diffusers(folder, embedding, pipe):
     load_as_diffusers_documents(ref, embedding)
     pipe.load_textual_inversion(embedding)
     try:
-        kwargs = dict(prompt=PROMPT, num_inference_steps=2, output_type="np")
+        kwargs = dict(prompt="a red sneaker", negative_prompt=TOKEN, num_inference_steps=2, output_type="np")
         a = pipe(generator=torch.manual_seed(0), **kwargs).images
         b = ref(generator=torch.manual_seed(0), **kwargs).images
     finally:
