@@ -117,7 +117,9 @@ def test_embedding_flag(tmp_path):
     assert main([*args, "--embedding", str(emb), "--out", str(out)]) == 0
     assert main([*args, "--out", str(plain)]) == 0
     assert not np.array_equal(pixels(out), pixels(plain))
-    assert params_of(out).extra["TI hashes"].startswith("redstyle: ")
+    from diffusekit.infotext import embedding_hash
+
+    assert params_of(out).extra["TI hashes"] == f"redstyle: {embedding_hash(emb)}"  # A1111's 12 hex digits
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(out), "--embedding", f"{emb}:redstyle", "--out", str(again)]) == 0
     assert np.array_equal(pixels(again), pixels(out))

@@ -66,3 +66,31 @@ def test_model_hash_is_sha256_prefix(tmp_path):
     data = b"weights" * 100_000
     (tmp_path / "m.safetensors").write_bytes(data)
     assert model_hash(tmp_path / "m.safetensors", chunk_size=4096) == hashlib.sha256(data).hexdigest()[:10]
+
+
+def test_lora_and_embedding_hashes_are_a1111s(tmp_path):
+    """A1111 writes 12 hex digits in "Lora hashes" / "TI hashes"; for a .safetensors LoRA it hashes the tensor data
+    only (kohya's "addnet" hash), so the same weights with other metadata keep their hash."""
+    import hashlib
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from diffusekit.infotext import embedding_hash, lora_hash
+
+    tensors = {"lora_unet_a.lora_down.weight": torch.arange(6.0).reshape(2, 3),
+               "lora_unet_a.lora_up.weight": torch.ones(3, 2), "lora_unet_a.alpha": torch.tensor(2.0)}
+    save_file(tensors, tmp_path / "a.safetensors", metadata={"ss_network_dim": "2"})
+    save_file(tensors, tmp_path / "b.safetensors", metadata={"ss_network_dim": "2", "ss_output_name": "renamed"})
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    header_length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_length])
+    data = raw[8 + header_length:]
+    spans = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
+    expected = hashlib.sha256(b"".join(data[a:b] for a, b in spans)).hexdigest()[:12]
+    assert lora_hash(tmp_path / "a.safetensors") == lora_hash(tmp_path / "b.safetensors") == expected
+    assert model_hash(tmp_path / "a.safetensors") != model_hash(tmp_path / "b.safetensors")
+    (tmp_path / "c.pt").write_bytes(b"not a safetensors file")
+    whole = hashlib.sha256(b"not a safetensors file").hexdigest()
+    assert lora_hash(tmp_path / "c.pt") == embedding_hash(tmp_path / "c.pt") == whole[:12]

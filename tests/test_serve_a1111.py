@@ -236,6 +236,17 @@ def test_models_listing_and_switching(server, api, models_dir):
     assert one.info["sd_model_name"] == DDPM and api.util_get_current_model() == SD
 
 
+def test_embeddings_a_prompt_uses_are_recorded_as_ti_hashes(api, models_dir):
+    from diffusekit.infotext import GenerationParameters, embedding_hash
+
+    common = dict(seed=2, steps=1, width=32, height=32, cfg_scale=4, sampler_name="Euler")
+    used = api.txt2img(prompt="a photo of a dress", negative_prompt="glowstyle9, blurry", **common)
+    params = GenerationParameters.from_infotext(used.info["infotexts"][0])
+    assert params.extra["TI hashes"] == f"glowstyle9: {embedding_hash(models_dir / 'embeddings' / 'glowstyle9.safetensors')}"
+    unused = api.txt2img(prompt="a photo of a glowstyle99 dress", **common)  # another word: not the embedding
+    assert "TI hashes" not in unused.info["infotexts"][0]
+
+
 def test_png_info_samplers_schedulers_loras_embeddings(api):
     from diffusekit.schedulers.names import resolve_sampler
 
@@ -309,7 +320,10 @@ def test_lora_tags_and_a1111_prompt_syntax(server, api, sd_pipe, models_dir):
                    guidance_scale=4.0, height=32, width=32)[0]
     _same(styled.image, want)
     text = styled.info["infotexts"][0]
-    assert text.startswith(f"{PROMPT} <lora:redder:0.8>\n") and 'Lora hashes: "redder: ' in text
+    from diffusekit.infotext import lora_hash
+
+    assert text.startswith(f"{PROMPT} <lora:redder:0.8>\n")
+    assert f'Lora hashes: "redder: {lora_hash(models_dir / "Lora" / "redder.safetensors")}"' in text
     plain = api.txt2img(prompt=PROMPT, **common)  # no tag: the LoRA is off again
     _same(plain.image, _direct(sd_pipe, "StableDiffusionPipeline", "Euler", [5], prompt=[PROMPT],
                                num_inference_steps=3, guidance_scale=4.0, height=32, width=32)[0])

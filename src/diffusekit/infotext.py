@@ -12,7 +12,8 @@ string). :class:`GenerationParameters` is the typed form, with the fields every 
 order, in ``extra``.
 
 ``save_png(image, path, params)`` writes a PNG carrying the chunk (atomically), ``read_parameters(png)`` returns the
-text back, and ``model_hash(path)`` is A1111's short model hash (first 10 hex digits of the file's SHA-256).
+text back, and ``model_hash(path)`` is A1111's short model hash (first 10 hex digits of the file's SHA-256);
+``lora_hash`` / ``embedding_hash`` the 12-digit ones A1111 writes in "Lora hashes" / "TI hashes".
 """
 
 from __future__ import annotations
@@ -228,8 +229,30 @@ def read_parameters(image_or_path) -> str | None:
 
 def model_hash(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """A1111's model hash of a checkpoint file: the first 10 hex digits of its SHA-256."""
+    return _sha256(path, 0, chunk_size)[:10]
+
+
+def lora_hash(path: str | os.PathLike) -> str:
+    """A1111's short hash of a LoRA file in "Lora hashes": the first 12 hex digits of the SHA-256 of a
+    ``.safetensors`` file's tensor data, after its JSON header (kohya's "addnet" hash, which A1111 computes for
+    safetensors LoRAs), or of the whole file for other formats."""
+    path = Path(path)
+    offset = 0
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as handle:
+            offset = 8 + int.from_bytes(handle.read(8), "little")  # u64 header length, then the header
+    return _sha256(path, offset)[:12]
+
+
+def embedding_hash(path: str | os.PathLike) -> str:
+    """A1111's short hash of a textual-inversion file in "TI hashes": the first 12 hex digits of its SHA-256."""
+    return _sha256(path, 0)[:12]
+
+
+def _sha256(path: str | os.PathLike, offset: int, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
+        handle.seek(offset)
         for block in iter(lambda: handle.read(chunk_size), b""):
             digest.update(block)
-    return digest.hexdigest()[:10]
+    return digest.hexdigest()

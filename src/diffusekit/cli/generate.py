@@ -224,7 +224,7 @@ def load_loras(pipe, specs: list[str], prompt: str) -> tuple[str, str, dict[str,
     Returns ``(prompt for the model, prompt to record, {name: short file hash})``: the recorded prompt carries a
     tag for every LoRA used (A1111's convention, so the PNG says which LoRAs made it).
     """
-    from ..infotext import model_hash
+    from ..infotext import lora_hash
     from ..loaders.lora import LoraError
 
     files: dict[str, tuple[str, float | None]] = {}
@@ -253,12 +253,12 @@ def load_loras(pipe, specs: list[str], prompt: str) -> tuple[str, str, dict[str,
     pipe.set_adapters(list(weights), list(weights.values()))
     stripped = LORA_TAG.sub("", prompt).strip()
     recorded = stripped + "".join(f" <lora:{name}:{weight:g}>" for name, weight in weights.items())
-    return stripped, recorded.strip(), {name: model_hash(path) for name, (path, _) in files.items()}
+    return stripped, recorded.strip(), {name: lora_hash(path) for name, (path, _) in files.items()}
 
 
 def load_embeddings(pipe, specs: list[str]) -> dict[str, str]:
     """Load ``FILE[:TOKEN]`` embeddings; returns token -> short file hash (A1111's "TI hashes")."""
-    from ..infotext import model_hash
+    from ..infotext import embedding_hash
     from ..loaders.textual_inversion import TextualInversionError
 
     hashes = {}
@@ -273,7 +273,7 @@ def load_embeddings(pipe, specs: list[str]) -> dict[str, str]:
         except TextualInversionError as err:
             raise fail(f"--embedding: {err}") from None
         new = [t for t in tokenizer.added_tokens_encoder if t not in before]
-        hashes[new[0]] = model_hash(path)
+        hashes[new[0]] = embedding_hash(path)
     return hashes
 
 

@@ -335,6 +335,10 @@ class Worker:
         if lora_hashes:
             recorded = params.replace(extra={**params.extra, "Lora hashes": ", ".join(
                 f"{name}: {digest}" for name, digest in lora_hashes.items())})
+        ti_hashes = loaded.embeddings_used(params.prompt, params.negative_prompt)
+        if ti_hashes:  # as A1111 records the embeddings a prompt used
+            recorded = recorded.replace(extra={**recorded.extra, "TI hashes": ", ".join(
+                f"{name}: {digest}" for name, digest in ti_hashes.items())})
         params = params.replace(prompt=prompt)
         # A1111's prompt syntax ((emphasis:1.2), BREAK, long prompts) for the SD 1.x/2.x and SDXL families
         syntax = "a1111"

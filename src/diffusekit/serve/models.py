@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -153,11 +154,14 @@ class LoadedModel:
         self.preview = preview
         self.loras: dict[str, str] = {}  # adapter name -> short file hash
         self.embeddings: dict[str, dict[str, Any]] = {}  # A1111's /embeddings "loaded"
+        self.embedding_hashes: dict[str, str] = {}  # name -> A1111's short hash ("TI hashes")
         self.skipped_embeddings: dict[str, dict[str, Any]] = {}
 
     def load_embeddings(self, files: list[Path]) -> None:
         """Load every textual-inversion file of the models folder, as A1111 does at start; one that does not fit
         this model (another text encoder width, a bad file) is listed as skipped, with the reason logged."""
+        from ..infotext import embedding_hash
+
         if not hasattr(self.pipe, "load_textual_inversion"):
             return
         for path in files:
@@ -168,12 +172,19 @@ class LoadedModel:
                 self.skipped_embeddings[path.stem] = _embedding_info(None)
                 continue
             self.embeddings[path.stem] = _embedding_info(self.name)
+            self.embedding_hashes[path.stem] = embedding_hash(path)
+
+    def embeddings_used(self, *prompts: str) -> dict[str, str]:
+        """``{name: short hash}`` of the loaded embeddings the prompts name (as a whole word), for "TI hashes"."""
+        text = " ".join(p for p in prompts if p)
+        return {name: digest for name, digest in self.embedding_hashes.items()
+                if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)}
 
     def apply_loras(self, prompt: str, registry: "ModelRegistry") -> tuple[str, dict[str, str]]:
         """Activate the LoRAs ``<lora:name:weight>`` tags in ``prompt`` name (loading them on first use) and
         deactivate the rest; returns the prompt without the tags and ``{name: short file hash}``."""
         from ..cli.generate import LORA_TAG
-        from ..infotext import model_hash
+        from ..infotext import lora_hash
 
         tags = parse_lora_tags(prompt)
         if not tags:
@@ -186,7 +197,7 @@ class LoadedModel:
             if name not in self.loras:
                 path = registry.lora_file(name)
                 self.pipe.load_lora_weights(str(path), adapter_name=name)
-                self.loras[name] = model_hash(path)
+                self.loras[name] = lora_hash(path)
         self.pipe.enable_lora()
         self.pipe.set_adapters(list(tags), list(tags.values()))
         return LORA_TAG.sub("", prompt).strip(), {name: self.loras[name] for name in tags}
