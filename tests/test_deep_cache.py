@@ -220,6 +220,7 @@ def test_cached_steps_skip_the_deep_blocks(case):
         for h in handles:
             h.remove()
     assert pipe._deep_cache_run.ran == [True, False, False, True, False, False]
+    assert pipe._deep_cache_run.feature is None  # released at the end of the call
     last = len(unet.up_blocks) - 1
     assert counts["mid"] == 2 and counts["down0"] == 2  # full steps only (branch 0: down block 0 is deep too)
     assert counts[f"up{last}.resnet{len(unet.up_blocks[last].resnets) - 1}"] == STEPS  # the branch's up layer

@@ -506,6 +506,8 @@ class LatentDiffusionMixin(PerCallStateMixin):
             if callback_on_step_end is not None:
                 returned = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_names})
                 tensors.update({k: v for k, v in (returned or {}).items() if k in tensors})
+        if cache is not None:
+            cache.feature = None  # the call is over: do not hold its features until the thread's next call
         return tensors["latents"]
 
 
