@@ -92,10 +92,10 @@ _CHILD = textwrap.dedent("""
     import torch
     from diffusekit.optimize import compiled_call, optimize_module
     torch.set_num_threads(1)
-    torch.manual_seed(0)
+    torch.manual_seed(int(sys.argv[2]))
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(),
                                 torch.nn.Conv2d(8, 4, 1)).eval()
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         eager = model(x)
         with warnings.catch_warnings(record=True) as caught:
@@ -105,15 +105,16 @@ _CHILD = textwrap.dedent("""
     stats = dict(compiled_call(model).stats)
     stats["max_rel"] = ((fast - eager).abs().max() / eager.abs().max()).item()
     stats["warnings"] = [str(w.message) for w in caught if "optimize()" in str(w.message)]
+    stats["sum"] = fast.sum().item()
     print(json.dumps(stats))
 """)
 
 
-def _child(cache: Path) -> dict:
+def _child(cache: Path, seed: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(cache)], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(cache), str(seed)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -125,8 +126,10 @@ def test_compile_cache_is_hit_by_a_fresh_process_and_survives_corruption(tmp_pat
     assert first["fxgraph_cache_miss"] >= 1 and first["fxgraph_cache_hit"] == 0, first
     entries = list((opt._versioned(cache) / "fxgraph").rglob("*"))
     assert entries, "no FX-graph entry in our cache folder"
-    second = _child(cache)
+    # other weights, same architecture: the same entry (weights are not in the key), their own outputs
+    second = _child(cache, seed=1)
     assert second["fxgraph_cache_hit"] >= 1 and second["fxgraph_cache_miss"] == 0, second
+    assert abs(second["sum"] - first["sum"]) > 1e-3
     for result in (first, second):
         assert result["compiled"] == 1 and result["eager_fallback"] == 0 and result["max_rel"] < 1e-5
         assert result["warnings"] == []
@@ -155,6 +158,32 @@ def test_weights_edited_after_optimize_are_never_served_stale(tmp_path):
         assert_matches(model(x), expected)
     stats = opt.compiled_call(model).stats
     assert stats["compiles"] == 2 and stats["compiled"] == 2 and stats["eager_fallback"] == 0
+
+
+def test_file_pages_of_the_weights_are_handed_back_never_lost(tmp_path):
+    from safetensors.torch import save_file
+
+    from diffusekit.modeling import read_safetensors
+
+    save_file({"weight": torch.randn(1024, 2048), "bias": torch.randn(1024)}, tmp_path / "w.safetensors")
+    layer = torch.nn.Linear(2048, 1024)
+    layer.load_state_dict(read_safetensors(tmp_path / "w.safetensors"), assign=True)
+    expected = layer.weight.clone()
+
+    def rss_file_kb():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile"))
+
+    pages = opt._FilePages(layer)
+    assert pages.ranges, "the weights are not memory-mapped from the file"
+    layer.weight.sum()
+    before = rss_file_kb()
+    pages.page_out()
+    assert before - rss_file_kb() > 6000  # the 8 MB weight left this process's memory
+    assert torch.equal(layer.weight, expected)  # and reads back from the file
+    with torch.no_grad():
+        layer.weight[0].add_(1.0)  # edited in place: a private page that page-out must keep
+    pages.page_out()
+    assert torch.equal(layer.weight[0], expected[0] + 1.0) and torch.equal(layer.weight[1:], expected[1:])
 
 
 def test_no_compiler_warns_once_and_runs_eager(monkeypatch):

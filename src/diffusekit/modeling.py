@@ -278,20 +278,22 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
 
     def optimize(self, *, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                  dynamic: bool | None = False, mode: str | None = None,
-                 options: dict[str, Any] | None = None) -> "ModelMixin":
+                 options: dict[str, Any] | None = None, release_weights: bool = True) -> "ModelMixin":
         """Compile this model for faster inference, outputs within 1e-5 relative of eager fp32; returns ``self``.
 
         CPU: inductor with freezing (weights pre-packed for oneDNN) under ``torch.no_grad()`` / ``inference_mode``;
         accelerators: plain ``torch.compile``. Compiles lazily on the first call per input shape; compiled code is
         cached on disk (``cache_dir``, default ``diffusekit.optimize.default_cache_dir()``) so later processes skip
-        the C++ build. Grad mode runs eager; no compiler -> one warning, eager. Not in diffusers (its users call
-        ``torch.compile`` themselves). See docs/PERFORMANCE.md.
+        the C++ build. Grad mode runs eager; no compiler -> one warning, eager. ``release_weights``: give the
+        memory-mapped checkpoint pages back to the OS once the compiled code has its pre-packed copies (about one
+        copy of the weights in memory instead of two). Not in diffusers (its users call ``torch.compile``
+        themselves). See docs/PERFORMANCE.md.
         """
         from .optimize import optimize_module
 
         for name in self._optimize_targets:
             optimize_module(self.get_submodule(name), cache_dir=cache_dir, use_cache=use_cache, dynamic=dynamic,
-                            mode=mode, options=options)
+                            mode=mode, options=options, release_weights=release_weights)
         return self
 
     # ------------------------------------------------------------------ hooks

@@ -500,7 +500,7 @@ class DiffusionPipeline:
 
     def optimize(self, *, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                  dynamic: bool | None = False, mode: str | None = None,
-                 options: dict[str, Any] | None = None) -> "DiffusionPipeline":
+                 options: dict[str, Any] | None = None, release_weights: bool = True) -> "DiffusionPipeline":
         """Compile the UNet, the VAE and the text encoder(s) for faster inference (``ModelMixin.optimize`` on
         each): images within 1e-5 relative of eager fp32, compiled code cached on disk per machine; returns
         ``self``. Each model compiles on its first call per input shape. See docs/PERFORMANCE.md."""
@@ -508,7 +508,7 @@ class DiffusionPipeline:
             component = self.components.get(name)
             if component is not None and hasattr(component, "optimize"):
                 component.optimize(cache_dir=cache_dir, use_cache=use_cache, dynamic=dynamic, mode=mode,
-                                   options=options)
+                                   options=options, release_weights=release_weights)
         return self
 
     # ------------------------------------------------------------------ per-call state
