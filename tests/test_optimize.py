@@ -322,3 +322,13 @@ def test_pipeline_optimize_matches_eager(tmp_path):
         stats = opt.compiled_call(module).stats
         assert stats["compiled"] >= 1 and stats["eager_fallback"] == 0, (type(module).__name__, stats)
     assert_matches(torch.from_numpy(fast), torch.from_numpy(eager))
+
+    # with DeepCache-style reuse (a per-step object passed to the UNet): still compiled, still exact
+    kwargs.update(num_inference_steps=3, deep_cache=2)
+    pipe.unet._compiled_call_impl = None
+    eager = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe.unet.optimize(cache_dir=tmp_path / "cache")
+    fast = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    stats = opt.compiled_call(pipe.unet).stats
+    assert stats["compiled"] == 3 and stats["eager_fallback"] == 0, stats
+    assert_matches(torch.from_numpy(fast), torch.from_numpy(eager))
