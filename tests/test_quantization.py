@@ -103,6 +103,26 @@ def test_int8_layer_refuses_a_gpu_tensor_clearly():
         layer(torch.zeros(1, 4, device="meta"))
 
 
+# ------------------------------------------------------------------------------------ observers
+
+
+def test_observers_track_the_range_over_all_calls():
+    from diffusekit.quantization.observers import make_observer
+
+    calls = [torch.randn(4000) * s + m for s, m in ((1.0, 0.0), (3.0, 1.0), (0.5, -2.0))]
+    minmax, pct, avg = make_observer("minmax"), make_observer("percentile", 99.0), make_observer("average")
+    for x in calls:
+        for obs in (minmax, pct, avg):
+            obs.observe(x)
+    assert minmax.range() == (min(float(x.min()) for x in calls), max(float(x.max()) for x in calls))
+    q = [torch.quantile(x, torch.tensor([0.01, 0.99])) for x in calls]
+    assert pct.range() == pytest.approx((min(float(v[0]) for v in q), max(float(v[1]) for v in q)), abs=1e-2)
+    assert avg.range() == pytest.approx((sum(float(x.min()) for x in calls) / 3, sum(float(x.max()) for x in calls)
+                                         / 3))
+    with pytest.raises(ValueError, match="percentile"):
+        make_observer("percentile", 30)
+
+
 # ------------------------------------------------------------------------------------ quantize_model
 
 
@@ -258,10 +278,30 @@ def test_pipeline_quantize_calibrates_over_the_schedule_and_round_trips(sd_folde
     assert torch.equal(again, out)
 
 
+def test_pipeline_quantize_vae_decoder_on_the_calibration_latents(sd_folder, tmp_path):
+    pipe = diffusekit.StableDiffusionPipeline.from_pretrained(sd_folder)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    pipe.quantize(["a dog"], num_inference_steps=2, components=("unet", "vae"))
+    assert isinstance(pipe.vae.decoder.up_blocks[0].resnets[0].conv1, Int8Conv2d)
+    assert type(pipe.vae.decoder.conv_out) is nn.Conv2d and type(pipe.vae.post_quant_conv) is nn.Conv2d
+    assert not is_quantized(pipe.vae.encoder)
+    out = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert float((out - ref).abs().mean()) < 0.05
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = diffusekit.DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(loaded.vae.decoder.up_blocks[0].resnets[0].conv1, Int8Conv2d)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.vae.decode(z).sample, pipe.vae.decode(z).sample)
+
+
 def test_pipeline_quantize_refuses_bad_prompts(sd_folder):
     pipe = diffusekit.StableDiffusionPipeline.from_pretrained(sd_folder)
     with pytest.raises(ValueError, match="prompts"):
         pipe.quantize([])
+    with pytest.raises(ValueError, match="components"):
+        pipe.quantize(["a dog"], components=("vae",))
 
 
 # ------------------------------------------------------------------------------------ compiled int8

@@ -482,7 +482,9 @@ class DiffusionPipeline:
         ``num_inference_steps`` with ``guidance_scale`` at ``height`` x ``width`` (latent output, fixed seeds
         ``seed``, ``seed + 1``, ...), so the activation ranges cover every timestep and both halves of the CFG batch.
         Other keyword arguments: ``negative_prompt``, ``seed`` (0), ``modules_to_not_convert``, ``observer``
-        (``"minmax"``/``"percentile"``), ``percentile``, and anything the pipeline's ``__call__`` takes. The
+        (``"minmax"`` / ``"percentile"`` / ``"average"``), ``percentile``, ``components`` (``("unet",)``; add
+        ``"vae"`` to also quantize the VAE decoder on the latents of the same runs), and anything the pipeline's
+        ``__call__`` takes. The
         quantized UNet saves with ``save_pretrained`` and loads with ``from_pretrained`` without recalibrating.
         Eagerly it is simulated int8 (slower than float32); call ``optimize()`` for the int8 speed. Not in diffusers.
         See docs/QUANTIZATION.md.

@@ -6,6 +6,7 @@ an observer sees many calls per layer. Each observer keeps a running ``(low, hig
 - ``minmax``: the smallest and largest value ever seen. Nothing is clipped; a rare outlier widens the scale.
 - ``percentile``: per call, the ``percentile`` / ``100 - percentile`` quantiles of (a sample of) the input; the
   running range is the widest of those. Clips the rare extremes of each call and keeps resolution for the rest.
+- ``average``: the mean over calls of each call's min and max (clips the calls with the widest ranges).
 """
 
 from __future__ import annotations
@@ -47,14 +48,35 @@ class PercentileObserver(MinMaxObserver):
         flat = x.detach().reshape(-1).float()
         if flat.numel() > MAX_SAMPLE:
             flat = flat[:: -(-flat.numel() // MAX_SAMPLE)]
-        q = torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0], dtype=flat.dtype)
-        low, high = torch.quantile(flat, q).tolist()
+        n = flat.numel()
+        k = min(n, max(1, round(n * (1.0 - self.percentile / 100.0)) + 1))  # k-th smallest / largest value
+        low = float(torch.kthvalue(flat, k).values)
+        high = float(torch.kthvalue(flat, n + 1 - k).values)
         self.low = min(self.low, low)
         self.high = max(self.high, high)
         self.calls += 1
 
 
-OBSERVERS = {"minmax": MinMaxObserver, "percentile": PercentileObserver}
+class AverageMinMaxObserver(MinMaxObserver):
+    """The mean over calls of each call's min and max (PyTorch's moving-average observer without the decay)."""
+
+    name = "average"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._low_sum = self._high_sum = 0.0
+
+    def observe(self, x: torch.Tensor) -> None:
+        low, high = torch.aminmax(x.detach().float())
+        self._low_sum += float(low)
+        self._high_sum += float(high)
+        self.calls += 1
+
+    def range(self) -> tuple[float, float]:
+        return self._low_sum / max(self.calls, 1), self._high_sum / max(self.calls, 1)
+
+
+OBSERVERS = {"minmax": MinMaxObserver, "percentile": PercentileObserver, "average": AverageMinMaxObserver}
 
 
 def make_observer(kind: str, percentile: float | None = None):

@@ -21,6 +21,12 @@ DEFAULT_CALIBRATION_PROMPTS: tuple[str, ...] = (
 )
 
 
+# VAE (components=("unet", "vae")): only the decoder is quantized; its first and last convolutions stay float32
+VAE_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
+    "encoder", "quant_conv", "post_quant_conv", "decoder.conv_in", "decoder.conv_out",
+)
+
+
 def quantize_pipeline(
     pipe: Any,
     prompts: Sequence[str] | None = None,
@@ -34,16 +40,24 @@ def quantize_pipeline(
     modules_to_not_convert: Sequence[str] | None = None,
     observer: str = "minmax",
     percentile: float | None = None,
+    components: Sequence[str] = ("unet",),
     **call_kwargs: Any,
 ) -> Any:
     unet = getattr(pipe, "unet", None)
     if unet is None:
         raise ValueError(f"{type(pipe).__name__}.quantize: this pipeline has no UNet to quantize")
+    components = tuple(components)
+    if not components or not set(components) <= {"unet", "vae"} or "unet" not in components:
+        raise ValueError(f"quantize: components={components!r}; expected ('unet',) or ('unet', 'vae')")
+    if "vae" in components and getattr(pipe, "vae", None) is None:
+        raise ValueError(f"{type(pipe).__name__}.quantize: components include 'vae' but the pipeline has none")
     prompts = list(DEFAULT_CALIBRATION_PROMPTS if prompts is None else ([prompts] if isinstance(prompts, str)
                                                                          else prompts))
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("quantize: prompts must be a non-empty list of strings (or None for the built-in set)")
     text = getattr(pipe, "text_encoder", None) is not None  # text-to-image family: prompts, CFG, latent output
+
+    latents = []
 
     def run(_unet) -> int:
         for i, prompt in enumerate(prompts):
@@ -54,7 +68,9 @@ def quantize_pipeline(
                               output_type="latent")
                 if negative_prompt is not None:
                     kwargs["negative_prompt"] = negative_prompt
-            pipe(**kwargs)
+            out = pipe(**kwargs)
+            if "vae" in components:
+                latents.append(out[0] if isinstance(out, tuple) else getattr(out, "images", None))
         return len(prompts)
 
     info = {"calibration_runs": len(prompts), "num_inference_steps": int(num_inference_steps)}
@@ -62,4 +78,15 @@ def quantize_pipeline(
         info["guidance_scale"] = float(guidance_scale)
     quantize_model(unet, run, modules_to_not_convert=modules_to_not_convert, observer=observer,
                    percentile=percentile, calibration_info=info)
+    if "vae" in components:
+        vae = pipe.vae
+        scale = vae.config.scaling_factor
+
+        def decode(_vae) -> int:  # the decoder on the latents the calibration runs produced (the encoder stays float)
+            for z in latents:
+                vae.decode(z / scale)
+            return len(latents)
+
+        quantize_model(vae, decode, modules_to_not_convert=VAE_MODULES_TO_NOT_CONVERT, observer=observer,
+                       percentile=percentile, calibration_info=info)
     return pipe
