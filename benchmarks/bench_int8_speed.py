@@ -1,0 +1,148 @@
+"""int8 speed and memory on the full-size SD 1.5 UNet (random weights): fp32 eager vs int8 compiled, one step.
+
+Random weights give unrepresentative activation ranges: fine for speed and memory, not for quality
+(``bench_int8_quality`` measures quality on a trained model). Steps:
+
+- ``build``: quantize the fp32 UNet of ``--folder`` (calibrated on 3 random 32x32 CFG batches at t = 900, 500, 100)
+  and save it to ``--out`` (once).
+- ``time``: one process, both models loaded; a CFG step (batch 2, 77x768 context) at ``--latent`` 32 (256² image)
+  and 64 (512²): fp32 eager vs int8 compiled with inductor freezing, interleaved; relative error of the int8 output.
+- ``memory``: a fresh process loads one model (``--variant fp32|int8|int8-eager``), runs one step (compiled for
+  ``int8``), and prints its peak RSS next to the fp32 weight file's size.
+
+Full-size runs belong under the shared heavy lock::
+
+    flock /work/coord/heavy.lock python -m benchmarks.bench_int8_speed build --folder .bench/sd15-random --out DIR
+    flock /work/coord/heavy.lock python -m benchmarks.bench_int8_speed time --folder .bench/sd15-random --out DIR
+    flock /work/coord/heavy.lock python -m benchmarks.bench_int8_speed memory --folder .bench/sd15-random --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def inputs(latent: int, seed: int = 0, t: int = 500):
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(2, 4, latent, latent, generator=g), timestep=torch.tensor(t),
+                encoder_hidden_states=torch.randn(2, 77, 768, generator=g))
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compiled(model):
+    """Prefer the library's optimize(); plain torch.compile with global freezing otherwise."""
+    if hasattr(model, "optimize"):
+        return model.optimize()
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(model)
+
+
+def build(args):
+    from diffusekit import UNet2DConditionModel
+    from diffusekit.quantization import quantize_model
+
+    unet = UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet")
+    start = time.perf_counter()
+    quantize_model(unet, [inputs(32, seed=i, t=t) for i, t in enumerate((900, 500, 100))])
+    print(f"quantized in {time.perf_counter() - start:.1f} s")
+    unet.save_pretrained(args.out)
+
+
+def timing(args):
+    from diffusekit import UNet2DConditionModel
+
+    fp32 = UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet")
+    int8 = UNet2DConditionModel.from_pretrained(args.out)
+    fast = compiled(int8)
+    results = {}
+    with torch.no_grad():
+        for latent in args.latents:
+            x = inputs(latent, seed=7)
+            start = time.perf_counter()
+            out8 = fast(**x).sample
+            first = time.perf_counter() - start
+            ref = fp32(**x).sample
+            eager8 = int8(**x).sample if args.eager_int8 else None
+            times = {"fp32_eager": [], "int8_compiled": []}
+            for _ in range(args.repeat):
+                for name, fn in (("fp32_eager", fp32), ("int8_compiled", fast)):
+                    start = time.perf_counter()
+                    fn(**x)
+                    times[name].append(time.perf_counter() - start)
+            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            results[latent] = {
+                "fp32_eager_s": round(med["fp32_eager"], 3), "int8_compiled_s": round(med["int8_compiled"], 3),
+                "ratio": round(med["int8_compiled"] / med["fp32_eager"], 3), "int8_first_call_s": round(first, 1),
+                "rel_err_vs_fp32": round(float((out8 - ref).norm() / ref.norm()), 4),
+                **({"compiled_vs_eager_int8_rel": float((out8 - eager8).norm() / eager8.norm())}
+                   if eager8 is not None else {}),
+            }
+            print(latent, json.dumps(results[latent]), flush=True)
+    from torch._dynamo.utils import counters
+
+    print(json.dumps({k: v for k, v in counters["inductor"].items() if k.startswith("q")}))
+
+
+def memory_child(args):
+    from diffusekit import UNet2DConditionModel
+
+    torch.set_num_threads(2)
+    model = UNet2DConditionModel.from_pretrained(args.folder if args.variant == "fp32" else args.out,
+                                                 **({"subfolder": "unet"} if args.variant == "fp32" else {}))
+    loaded = peak_mb()
+    if args.variant == "int8":
+        model = compiled(model)
+    with torch.no_grad():
+        model(**inputs(args.latents[0]))
+    print(json.dumps({"variant": args.variant, "peak_after_load_mb": round(loaded), "peak_mb": round(peak_mb())}))
+
+
+def memory(args):
+    weights = (Path(args.folder) / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size / 2**20
+    int8_file = (Path(args.out) / "diffusion_pytorch_model.safetensors").stat().st_size / 2**20
+    print(json.dumps({"fp32_weight_file_mb": round(weights), "int8_weight_file_mb": round(int8_file)}))
+    for variant in args.variants:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_int8_speed", "memory-child", "--variant",
+                              variant, "--folder", args.folder, "--out", args.out, "--latents",
+                              str(args.latents[0])], capture_output=True, text=True, env=os.environ)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+        if not line:
+            print(out.stderr[-2000:])
+            continue
+        row = json.loads(line[-1])
+        row["peak_vs_fp32_file"] = round(row["peak_mb"] / weights, 3)
+        print(json.dumps(row), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("step", choices=["build", "time", "memory", "memory-child"])
+    parser.add_argument("--folder", default=".bench/sd15-random")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--latents", type=int, nargs="*", default=[32, 64])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eager-int8", action="store_true", help="also compare compiled int8 with eager int8")
+    parser.add_argument("--variant", default="int8")
+    parser.add_argument("--variants", nargs="*", default=["fp32", "int8", "int8-eager"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    {"build": build, "time": timing, "memory": memory, "memory-child": memory_child}[args.step](args)
+
+
+if __name__ == "__main__":
+    main()
