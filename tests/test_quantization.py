@@ -307,9 +307,12 @@ def test_pipeline_quantize_refuses_bad_prompts(sd_folder):
 # ------------------------------------------------------------------------------------ compiled int8
 
 
-def test_compiled_int8_matches_eager_int8_and_lowers_to_onednn():
-    """Inductor freezing turns the QDQ pattern into oneDNN int8 convolutions / matmuls (counted), same numbers."""
+def test_compiled_int8_matches_eager_int8_and_lowers_to_onednn(tmp_path):
+    """optimize() (inductor freezing) turns the QDQ pattern into oneDNN int8 convolutions / matmuls (counted), with
+    the eager int8 numbers."""
     from torch._dynamo.utils import counters
+
+    from diffusekit.optimize import compiled_call, optimize_module
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 16, 3, padding=1),
@@ -318,9 +321,11 @@ def test_compiled_int8_matches_eager_int8_and_lowers_to_onednn():
     quantize_model(model, [x * 1.2, x])
     torch._dynamo.reset()
     counters.clear()
-    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+    with torch.no_grad():
         eager = model(x)
-        compiled = torch.compile(model)(x)
+        optimize_module(model, cache_dir=tmp_path)
+        compiled = model(x)
+    assert compiled_call(model).stats["compiled"] == 1 and compiled_call(model).stats["eager_fallback"] == 0
     assert counters["inductor"]["qconv_weight_prepack_matcher_count"] == 2
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == 1
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)

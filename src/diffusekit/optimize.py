@@ -86,6 +86,14 @@ def _inductor_cache(folder: Path | None) -> Iterator[None]:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
 
 
+def _global_freezing(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
+
+
 def _user_inductor_cache() -> bool:
     """Whether the user chose inductor's cache folder (inductor itself exports its default into the environment)."""
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -239,6 +247,10 @@ class CompiledCall:
                                       options=self.options)
         self.weights = _weights_state(self.module)
         self.seen: set[tuple] = set()
+        # int8 layers (diffusekit.quantization) only lower to oneDNN int8 kernels when dynamo traces with freezing
+        # set globally (it then makes the weights graph constants); the per-compile option alone does not
+        self.global_freezing = bool((self.options or {}).get("freezing")) and any(
+            getattr(m, "_needs_global_freezing", False) for m in self.module.modules())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
@@ -254,7 +266,7 @@ class CompiledCall:
         signature = _signature(args, kwargs)
         first = signature not in self.seen
         try:
-            with _inductor_cache(self.cache_dir):
+            with _inductor_cache(self.cache_dir), _global_freezing(self.global_freezing):
                 if not first:
                     out = self.compiled(*args, **kwargs)
                 else:
