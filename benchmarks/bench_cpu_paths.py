@@ -25,7 +25,9 @@ Every child reports the time of its first call, the median of its warm calls, it
 relative error = max |ours - theirs| / max |theirs|) and the peak RSS of the whole process (``VmHWM``: load + all
 calls), also shown as a multiple of the fp32 UNet weight file. Compiled variants run two children per row: the
 first with the compile cache as the row found it (for the first row: empty, so its first call is the cold compile),
-the second with the cache warm; both first-call times are reported.
+the second with the cache warm; both first-call times are reported. End to end, each variant runs one child: eager
+ones one call, compiled ones a first call (with the caches the UNet and VAE rows left, so the text encoder compiles
+cold there) and a warm call.
 
     python -m benchmarks.bench_cpu_paths [--only unet256,unet512,vae512,e2e512] [--steps 25] [--json F]
 
@@ -201,14 +203,18 @@ def run_row(row: str, args, folders: dict[str, Path], results: list[dict]) -> No
     import torch
     from safetensors.torch import load_file
 
-    calls = args.calls if args.calls is not None else (1 if row == "e2e512" else 3)
+    e2e = row == "e2e512"
     outs: dict[str, torch.Tensor] = {}
     line = {"row": row, "variants": {}}
     for variant in args.variants:
-        if variant in EXTERNAL and row == "e2e512":
+        if variant in EXTERNAL and e2e:
             continue
+        compiled = variant in COMPILED
+        # end to end, eager variants take one call (their first call is a warm one), compiled ones a second, warm
+        # call, in one child: the UNet and VAE rows before it have already measured cold compiles
+        calls = args.calls if args.calls is not None else ((1 if compiled else 0) if e2e else 3)
         runs = []
-        for attempt in range(2 if variant in COMPILED else 1):
+        for attempt in range(2 if compiled and not e2e else 1):
             out_file = Path(args.workdir) / f"out-{row}-{variant}.safetensors"
             argv = ["-m", "benchmarks.bench_cpu_paths", "--child", "--row", row, "--variant", variant,
                     "--path", str(folders[variant]), "--out", str(out_file), "--threads", str(args.threads),
@@ -260,7 +266,7 @@ def markdown(results: list[dict], args, command: str, info: dict) -> str:
                 continue
             ratio = "" if v["ratio"] is None else f" ({v['ratio']:.2f}x)"
             first = fmt_time(v["first"])
-            if variant in COMPILED:
+            if variant in COMPILED and len(v["runs"]) > 1:
                 first = f"{fmt_time(v['first_cold'])} / {fmt_time(v['first'])}"
             err = "" if v["rel_err"] is None or variant == THEIRS else f"; err {v['rel_err']:.1e}"
             cells.append(f"{fmt_time(v['warm'])}{ratio}; first {first}; {fmt_mib(v['peak_kb'])} "
