@@ -229,13 +229,13 @@ def run_row(row: str, args, folders: dict[str, Path], results: list[dict]) -> No
             "warm": statistics.median(last["warm"]) if last["warm"] else last["first"],
             "warm_all": last["warm"], "peak_kb": max(r["peak_kb"] for r in runs), "runs": runs,
         }
-    ref = outs.get(THEIRS)
+    ref = outs[THEIRS] if THEIRS in outs else outs.get("eager")  # the reference: diffusers, else our eager
     for variant, out in outs.items():
         v = line["variants"][variant]
         v["rel_err"] = None if ref is None else float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         base = line["variants"].get(THEIRS)
         v["ratio"] = v["warm"] / base["warm"] if base else None
-        v["weights_ratio"] = v["peak_kb"] / _weights_kb(folders[THEIRS])
+        v["weights_ratio"] = v["peak_kb"] / _weights_kb(args.fp32_folder)
         ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}"
         print(f"    {variant}: warm {fmt_time(v['warm'])} first {fmt_time(v['first'])} "
               f"(cold {fmt_time(v['first_cold'])}) peak {fmt_mib(v['peak_kb'])} ratio {ratio} "
@@ -255,7 +255,7 @@ def markdown(results: list[dict], args, command: str, info: dict) -> str:
     variants = list(args.variants)
     head = "| row | " + " | ".join(variants) + " |"
     lines = [f"`{command}`", "", "Time (ratio to diffusers), then first call in a fresh process (cold cache / warm "
-             "cache), peak RSS of the process (x the fp32 UNet weight file), relative error vs diffusers.", "",
+             "cache), peak RSS of the process (x the fp32 UNet weight file), relative error vs diffusers (or vs diffusekit eager when diffusers is not run).", "",
              head, "|---|" + "---|" * len(variants)]
     for line in results:
         cells = []
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     command = "python -m benchmarks.bench_cpu_paths " + " ".join(sys.argv[1:] if argv is None else argv)
     info = machine_info(args.threads)
-    fp32 = sd_folder(args)
+    fp32 = args.fp32_folder = sd_folder(args)
     folders = {v: fp32 for v in args.variants}
     if "int8" in args.variants:
         folders["int8"] = int8_folder(args)
