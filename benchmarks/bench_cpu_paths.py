@@ -255,7 +255,8 @@ def markdown(results: list[dict], args, command: str, info: dict) -> str:
     variants = list(args.variants)
     head = "| row | " + " | ".join(variants) + " |"
     lines = [f"`{command}`", "", "Time (ratio to diffusers), then first call in a fresh process (cold cache / warm "
-             "cache), peak RSS of the process (x the fp32 UNet weight file), relative error vs diffusers (or vs diffusekit eager when diffusers is not run).", "",
+             "cache), peak RSS of the process (x the fp32 UNet weight file), relative error vs diffusers (or vs "
+             "diffusekit eager when diffusers is not run).", "",
              head, "|---|" + "---|" * len(variants)]
     for line in results:
         cells = []
