@@ -330,3 +330,23 @@ def test_compiled_int8_matches_eager_int8_and_lowers_to_onednn(tmp_path):
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == 1
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
     assert rel_err(compiled, eager) < 5e-3
+
+
+@pytest.mark.slow
+def test_optimize_on_a_quantized_unet_matches_eager_int8(quantized, tmp_path):
+    """The loaded int8 UNet under optimize(): compiled (no eager fallback), oneDNN int8 kernels, eager int8 numbers."""
+    from torch._dynamo.utils import counters
+
+    from diffusekit.optimize import compiled_call
+
+    loaded = diffusekit.UNet2DConditionModel.from_pretrained(quantized[2])
+    inputs = unet_inputs(1, seed=9)[0]
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        eager = loaded(**inputs).sample
+        loaded.optimize(cache_dir=tmp_path)
+        compiled = loaded(**inputs).sample
+    assert compiled_call(loaded).stats["compiled"] == 1 and compiled_call(loaded).stats["eager_fallback"] == 0
+    assert counters["inductor"]["qconv_weight_prepack_matcher_count"] > 10
+    assert rel_err(compiled, eager) < 2e-2
