@@ -69,7 +69,7 @@ def test_unet_optimize_matches_eager_and_diffusers(tmp_path):
         expected = ref(sample, t, encoder_hidden_states=text).sample
     assert ours.optimize(cache_dir=tmp_path / "cache") is ours
     call = opt.compiled_call(ours)
-    assert call is not None and call.options["freezing"] is True
+    assert call is not None
     with torch.no_grad():
         fast = ours(sample, t, encoder_hidden_states=text).sample
         again = ours(sample, t, encoder_hidden_states=text, return_dict=False)[0]
@@ -186,6 +186,17 @@ def test_file_pages_of_the_weights_are_handed_back_never_lost(tmp_path):
     assert torch.equal(layer.weight[0], expected[0] + 1.0) and torch.equal(layer.weight[1:], expected[1:])
 
 
+def test_freezing_opt_in_prepacks_weights_and_matches(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    opt.optimize_module(model, cache_dir=tmp_path, options={"freezing": True})
+    with torch.no_grad():
+        assert_matches(model(x), model._call_impl(x))
+    stats = opt.compiled_call(model).stats
+    assert stats["weight_packs"] >= 2 and stats["compiled"] == 1  # both convs pre-packed for oneDNN
+
+
 def test_no_compiler_warns_once_and_runs_eager(monkeypatch):
     monkeypatch.setattr(opt, "_cpp_compiler", lambda: None)
     model = _toy()
@@ -204,7 +215,7 @@ def test_failing_compile_retries_without_cache_then_runs_eager(monkeypatch, tmp_
     builds = []
 
     def broken_compile(fn, **kwargs):
-        builds.append(kwargs["options"])
+        builds.append(fn)
 
         def run(*args, **kw):
             raise RuntimeError("C++ compile error: simulated")
@@ -226,7 +237,7 @@ def test_failing_compile_retries_without_cache_then_runs_eager(monkeypatch, tmp_
         # an input error is the input's: raised as eager raises it, not hidden
         with pytest.raises(RuntimeError, match="shape"):
             model(torch.randn(3, 5))
-    assert len(builds) == 2 and builds[1]["fx_graph_cache"] is False
+    assert len(builds) == 2 and opt.compiled_call(model).options["fx_graph_cache"] is False
     assert opt.compiled_call(model).stats["eager_fallback"] == 3  # the disabled calls, the bad input included
 
 

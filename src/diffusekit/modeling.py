@@ -281,7 +281,8 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
                  options: dict[str, Any] | None = None, release_weights: bool = True) -> "ModelMixin":
         """Compile this model for faster inference, outputs within 1e-5 relative of eager fp32; returns ``self``.
 
-        CPU: inductor with freezing (weights pre-packed for oneDNN) under ``torch.no_grad()`` / ``inference_mode``;
+        CPU: inductor (fused C++ kernels; freezing opt-in via ``options={"freezing": True}``, automatic for int8
+        QDQ models) under ``torch.no_grad()`` / ``inference_mode``;
         accelerators: plain ``torch.compile``. Compiles lazily on the first call per input shape; compiled code is
         cached on disk (``cache_dir``, default ``diffusekit.optimize.default_cache_dir()``) so later processes skip
         the C++ build. Grad mode runs eager; no compiler -> one warning, eager. ``release_weights``: give the

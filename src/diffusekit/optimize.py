@@ -2,24 +2,25 @@
 
 Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-out kernels). What it does:
 
-- **CPU**: ``torch.compile`` with inductor *freezing*: under ``torch.no_grad()`` / ``torch.inference_mode()`` (as the
-  pipelines run) the weights become constants, so convolution / linear weights are pre-packed for oneDNN once and
-  GroupNorm+SiLU and the other pointwise chains are fused into the C++ kernels inductor writes (see
-  ``CPU_OPTIONS``; docs/PERFORMANCE.md has the measurements behind each setting).
+- **CPU**: ``torch.compile`` (inductor): fused C++ kernels (GroupNorm+SiLU and other pointwise chains), oneDNN /
+  MKL convolutions and matmuls, compiled code cached on disk. Freezing (weights pre-packed for oneDNN) is opt-in
+  (``options={"freezing": True}``) and on by itself for int8 QDQ models (``QUANTIZED_OPTIONS``); inductor does not
+  cache frozen graphs, so it costs the whole compile in every process. Settings are a config patch around each
+  compiled call (``CPU_OPTIONS``); docs/PERFORMANCE.md has the measurements.
 - **CUDA / MPS / other accelerators**: plain ``torch.compile`` (no CPU-only settings); fp16 / bf16 work there.
 - **Shapes are static** (``dynamic=False``): each input shape (batch, resolution, prompt length) compiles once,
   specialised (fastest kernels); a pipeline run uses one or two shapes (full and half batch around a guidance
   interval), and the persistent cache makes each shape a one-time cost per machine.
 - **Persistent cache**: inductor's own FX-graph cache, pointed at ``default_cache_dir()`` (env
   ``DIFFUSEKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffusekit/compile``, else ``~/.cache/diffusekit/compile``), one
-  folder per torch + diffusekit version. Entries hold generated code only, never weights: with freezing inductor keys
-  a graph by its structure, shapes, dtypes and settings, and re-derives the pre-packed constants from the live
-  weights of each process, so a fine-tune of the same architecture shares the entry and a changed weight can never
+  folder per torch + diffusekit version. Entries hold generated code only, never weights (the compiled code takes
+  the parameters as inputs), keyed by inductor on the graph's structure, shapes, dtypes and settings: a fine-tune of
+  the same architecture shares the entry and a changed weight can never
   be served stale. The cache is only set while our compiled models run (the ``TORCHINDUCTOR_CACHE_DIR`` of the rest
   of the process is untouched); a user's own ``TORCHINDUCTOR_CACHE_DIR`` wins. Nothing is written at import.
 - **Fallbacks** (never a crash, one warning): no C++ compiler (CPU) or no inductor -> eager; a compile that fails
   (e.g. a corrupt cache entry, an op inductor cannot lower) -> retried once without the cache, then eager. Grad mode
-  -> eager (autograd unchanged; freezing only applies to inference). Weights changed in place after optimize()
+  -> eager (autograd unchanged). Weights changed in place after optimize()
   (``load_state_dict``, ``fuse_lora``) -> recompiled on the next call (the cache makes that the cheap part).
 
 ``torch._dynamo`` / ``torch._inductor`` are imported on the first compiled call, never by ``import diffusekit``.
@@ -42,11 +43,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: inductor settings of the CPU path (passed per compile through ``torch.compile(options=...)``, never set globally)
-CPU_OPTIONS: dict[str, Any] = {
-    # weights as constants: constant folding, oneDNN weight pre-packing, conv/linear + pointwise fusions
-    "freezing": True,
-}
+#: inductor settings of the CPU path (a config patch around each compiled call, never set process-wide)
+CPU_OPTIONS: dict[str, Any] = {}
+#: added for quantized (QDQ) models: freezing is what lets inductor fold quantize/dequantize pairs into oneDNN int8
+#: kernels. Not the fp32 default: with freezing inductor bypasses its FX-graph cache (frozen, pre-packed constants
+#: are not cacheable), so every process would pay the whole compile again (about 2 min per SD model on 2 cores);
+#: ``optimize(options={"freezing": True})`` opts in (weights pre-packed for oneDNN, compiled per process).
+QUANTIZED_OPTIONS: dict[str, Any] = {"freezing": True}
 
 _CACHE_ENV = "DIFFUSEKIT_CACHE_DIR"
 _counter = itertools.count()
@@ -86,12 +89,13 @@ def _inductor_cache(folder: Path | None) -> Iterator[None]:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
 
 
-def _global_freezing(enabled: bool):
-    if not enabled:
+def _inductor_config(options: dict[str, Any] | None):
+    """``torch._inductor.config.patch(**options)`` for the duration of one call (nothing when there are none)."""
+    if not options:
         return contextlib.nullcontext()
-    import torch._inductor.config as inductor_config
+    from torch._inductor import config
 
-    return inductor_config.patch(freezing=True)
+    return config.patch(options)
 
 
 def _user_inductor_cache() -> bool:
@@ -239,18 +243,18 @@ class CompiledCall:
         self.mode = mode
         self.disabled: str | None = None
         self.stats: dict[str, float] = {"compiled": 0, "eager_grad": 0, "eager_fallback": 0, "compiles": 0,
-                                        "fxgraph_cache_hit": 0, "fxgraph_cache_miss": 0, "compile_seconds": 0.0}
+                                        "fxgraph_cache_hit": 0, "fxgraph_cache_miss": 0, "weight_packs": 0,
+                                        "compile_seconds": 0.0}
         self._build()
 
     def _build(self) -> None:
-        self.compiled = torch.compile(_fresh_entry(self.module), dynamic=self.dynamic, mode=self.mode,
-                                      options=self.options)
+        # inductor settings are applied as a config patch around each compiled call, not torch.compile(options=):
+        # with options= torch 2.13 never freezes (dynamo decides how to treat parameters from the *global*
+        # config while tracing; measured: no oneDNN weight packing at all), and a per-call patch keeps the
+        # process-wide config untouched between calls
+        self.compiled = torch.compile(_fresh_entry(self.module), dynamic=self.dynamic, mode=self.mode)
         self.weights = _weights_state(self.module)
         self.seen: set[tuple] = set()
-        # int8 layers (diffusekit.quantization) only lower to oneDNN int8 kernels when dynamo traces with freezing
-        # set globally (it then makes the weights graph constants); the per-compile option alone does not
-        self.global_freezing = bool((self.options or {}).get("freezing")) and any(
-            getattr(m, "_needs_global_freezing", False) for m in self.module.modules())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
@@ -266,7 +270,7 @@ class CompiledCall:
         signature = _signature(args, kwargs)
         first = signature not in self.seen
         try:
-            with _inductor_cache(self.cache_dir), _global_freezing(self.global_freezing):
+            with _inductor_cache(self.cache_dir), _inductor_config(self.options):
                 if not first:
                     out = self.compiled(*args, **kwargs)
                 else:
@@ -291,6 +295,9 @@ class CompiledCall:
         self.stats["compile_seconds"] += seconds
         for key in ("fxgraph_cache_hit", "fxgraph_cache_miss"):
             self.stats[key] += after.get(key, 0) - before.get(key, 0)
+        # oneDNN weight pre-packing that freezing did (conv + linear): proof the CPU settings took effect
+        self.stats["weight_packs"] += sum(after.get(k, 0) - before.get(k, 0) for k in after
+                                          if k.endswith("weight_pack_matcher_count"))
         logger.info("%s: compiled for %s in %.1f s (inductor cache hits %d, misses %d)", type(self.module).__name__,
                     _signature(args, kwargs)[0], seconds, after.get("fxgraph_cache_hit", 0) -
                     before.get("fxgraph_cache_hit", 0), after.get("fxgraph_cache_miss", 0) -
@@ -357,6 +364,8 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
         module._compiled_call_impl = None
         return module
     merged = dict(CPU_OPTIONS) if device.type == "cpu" else {}
+    if device.type == "cpu" and _is_quantized(module):
+        merged.update(QUANTIZED_OPTIONS)
     merged.update(options or {})
     merged = {k: v for k, v in merged.items() if v is not None}
     folder = None
@@ -367,6 +376,11 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     release = release_weights and device.type == "cpu" and bool(merged.get("freezing"))
     module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode, release)
     return module
+
+
+def _is_quantized(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds diffusekit's int8 QDQ layers (``diffusekit.quantization``)."""
+    return any(getattr(m, "_needs_global_freezing", False) for m in module.modules())
 
 
 def compiled_call(module: torch.nn.Module) -> CompiledCall | None:
