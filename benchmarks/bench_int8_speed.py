@@ -12,9 +12,9 @@ Random weights give unrepresentative activation ranges: fine for speed and memor
 
 Full-size runs belong under the shared heavy lock::
 
-    flock /work/coord/heavy.lock python -m benchmarks.bench_int8_speed build --folder .bench/sd15-random --out DIR
-    flock /work/coord/heavy.lock python -m benchmarks.bench_int8_speed time --folder .bench/sd15-random --out DIR
-    flock /work/coord/heavy.lock python -m benchmarks.bench_int8_speed memory --folder .bench/sd15-random --out DIR
+    python -m benchmarks.bench_int8_speed build --folder .bench/sd15-random --out DIR
+    python -m benchmarks.bench_int8_speed time --folder .bench/sd15-random --out DIR
+    python -m benchmarks.bench_int8_speed memory --folder .bench/sd15-random --out DIR
 """
 
 from __future__ import annotations
