@@ -10,7 +10,7 @@ Random weights give unrepresentative activation ranges: fine for speed and memor
 - ``memory``: a fresh process loads one model (``--variant fp32|int8|int8-eager``), runs one step (compiled for
   ``int8``), and prints its peak RSS next to the fp32 weight file's size.
 
-Full-size runs belong under the shared heavy lock::
+Full-size runs want a quiet machine (nothing else heavy running)::
 
     python -m benchmarks.bench_int8_speed build --folder .bench/sd15-random --out DIR
     python -m benchmarks.bench_int8_speed time --folder .bench/sd15-random --out DIR
