@@ -236,7 +236,6 @@ class CompiledCall:
                  dynamic: bool | None, mode: str | None, release_weights: bool = False) -> None:
         self.module = module
         self.release_weights = release_weights
-        self.device = _module_device(module)
         self.cache_dir = cache_dir
         self.options = options
         self.dynamic = dynamic
@@ -274,14 +273,14 @@ class CompiledCall:
                 if not first:
                     out = self.compiled(*args, **kwargs)
                 else:
-                    out = self._first_call(args, kwargs)
+                    out = self._first_call(args, kwargs, signature)
         except Exception as err:  # noqa: BLE001 - decided below: the input's fault (re-raised) or the compiler's
             return self._fall_back(err, args, kwargs)
         self.seen.add(signature)
         self.stats["compiled"] += 1
         return out
 
-    def _first_call(self, args, kwargs):
+    def _first_call(self, args, kwargs, signature: tuple):
         from torch._dynamo.utils import counters
 
         before = dict(counters["inductor"])
@@ -299,7 +298,7 @@ class CompiledCall:
         self.stats["weight_packs"] += sum(after.get(k, 0) - before.get(k, 0) for k in after
                                           if k.endswith("weight_pack_matcher_count"))
         logger.info("%s: compiled for %s in %.1f s (inductor cache hits %d, misses %d)", type(self.module).__name__,
-                    _signature(args, kwargs)[0], seconds, after.get("fxgraph_cache_hit", 0) -
+                    signature[0], seconds, after.get("fxgraph_cache_hit", 0) -
                     before.get("fxgraph_cache_hit", 0), after.get("fxgraph_cache_miss", 0) -
                     before.get("fxgraph_cache_miss", 0))
         return out
@@ -380,7 +379,7 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
 
 def _is_quantized(module: torch.nn.Module) -> bool:
     """Whether ``module`` holds diffusekit's int8 QDQ layers (``diffusekit.quantization``)."""
-    return any(getattr(m, "_needs_global_freezing", False) for m in module.modules())
+    return any(getattr(m, "_needs_freezing", False) for m in module.modules())
 
 
 def compiled_call(module: torch.nn.Module) -> CompiledCall | None:

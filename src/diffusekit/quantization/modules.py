@@ -60,8 +60,8 @@ def activation_qparams(low: float, high: float) -> tuple[float, int]:
 class _Int8Layer(nn.Module):
     """Shared buffers and forward helpers of the int8 layers."""
 
-    # optimize() traces models holding these layers with inductor freezing set globally (see optimize.CompiledCall)
-    _needs_global_freezing = True
+    # optimize() compiles models holding these layers with inductor freezing on (optimize.QUANTIZED_OPTIONS)
+    _needs_freezing = True
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
