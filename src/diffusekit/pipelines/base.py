@@ -491,8 +491,7 @@ class DiffusionPipeline:
         """
         from ..quantization.pipeline import quantize_pipeline
 
-        return quantize_pipeline(self, None if prompts is None else list(prompts) if not isinstance(prompts, str)
-                                 else [prompts], num_inference_steps=num_inference_steps,
+        return quantize_pipeline(self, prompts, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, height=height, width=width, **kwargs)
 
     # ------------------------------------------------------------------ speed
