@@ -214,7 +214,7 @@ def split_suffix(spec: str, flag: str, convert):
     return spec, None
 
 
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # A1111's <lora:name:weight> prompt tag
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # A1111's <lora:name:weight> prompt tag (<lyco:...> is its alias)
 
 
 def load_loras(pipe, specs: list[str], prompt: str) -> tuple[str, str, dict[str, str]]:

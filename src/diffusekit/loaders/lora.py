@@ -13,6 +13,9 @@ File formats (the key tables below are the only place names are converted):
 * kohya / A1111: ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
   ``lora_te_...`` (text encoder; ``lora_te1_`` / ``lora_te2_`` in SDXL files). Linear layers and conv layers
   (LoCon: a ``k x k`` down conv with the layer's stride and padding, then a ``1 x 1`` up conv).
+* LyCORIS (kohya / A1111 files, same prefixes and layer names): LoHa (``.hada_w1_a`` ... ``.hada_t2``), LoKr
+  (``.lokr_w1`` ... ``.lokr_t2``) and DoRA's ``.dora_scale``; their weight deltas are built in
+  :mod:`diffusekit.loaders.lora_layers` (one class per adapter kind, chosen from the parts a layer has).
 * diffusers / PEFT: ``unet.<module path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.``...), the older
   ``.lora.down.weight`` / ``.lora.up.weight`` and attention-processor spellings, optional ``.alpha`` keys, and
   the ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``) diffusers writes into safetensors files.
@@ -38,8 +41,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .lora_layers import BUILDERS, KIND_NAMES, LayerAdapter, LoraError, LoraWeights  # noqa: F401 (re-exported)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.bin"
 LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"
@@ -54,11 +58,33 @@ KOHYA_PREFIXES: dict[str, str] = {
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
 }
-#: kohya key suffix -> part
+#: kohya key suffix -> part (LyCORIS LoHa / LoKr files use the same prefixes and layer names)
 KOHYA_SUFFIXES: dict[str, str] = {
     ".lora_down.weight": "down",
     ".lora_up.weight": "up",
     ".alpha": "alpha",
+    ".dora_scale": "dora_scale",
+    ".hada_w1_a": "hada_w1_a",
+    ".hada_w1_b": "hada_w1_b",
+    ".hada_w2_a": "hada_w2_a",
+    ".hada_w2_b": "hada_w2_b",
+    ".hada_t1": "hada_t1",
+    ".hada_t2": "hada_t2",
+    ".lokr_w1": "lokr_w1",
+    ".lokr_w1_a": "lokr_w1_a",
+    ".lokr_w1_b": "lokr_w1_b",
+    ".lokr_w2": "lokr_w2",
+    ".lokr_w2_a": "lokr_w2_a",
+    ".lokr_w2_b": "lokr_w2_b",
+    ".lokr_t2": "lokr_t2",
+}
+#: part -> adapter kind it belongs to (parts not listed, ``alpha`` and ``dora_scale``, go with any kind)
+PART_KINDS: dict[str, str] = {
+    "down": "lora", "up": "lora",
+    "hada_w1_a": "loha", "hada_w1_b": "loha", "hada_w2_a": "loha", "hada_w2_b": "loha", "hada_t1": "loha",
+    "hada_t2": "loha",
+    "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr", "lokr_w2": "lokr", "lokr_w2_a": "lokr",
+    "lokr_w2_b": "lokr", "lokr_t2": "lokr",
 }
 #: diffusers / PEFT key prefix -> pipeline component
 DIFFUSERS_PREFIXES: dict[str, str] = {
@@ -91,18 +117,18 @@ DIFFUSERS_PATH_RENAMES: dict[str, str] = {
 }
 #: key fragments of other adapter kinds, refused with a clear message
 UNSUPPORTED_KINDS: dict[str, str] = {
-    "hada_w1_a": "LoHa (LyCORIS)",
-    "lokr_w1": "LoKr (LyCORIS)",
     "lora_mid": "LoCon with a CP-decomposed middle (LyCORIS)",
-    "dora_scale": "DoRA",
-    "lora_magnitude_vector": "DoRA",
+    "lokr_t1": "LoKr with a Tucker-decomposed first factor (LyCORIS)",
+    "lora_magnitude_vector": "DoRA in PEFT's layout (diffusers keys)",
     ".diff": "a full weight difference (LyCORIS 'full')",
     "lora_B.bias": "LoRA with bias",
+    ".oft_blocks": "OFT (LyCORIS)",
+    ".oft_diag": "OFT (LyCORIS)",
+    ".w_norm": "trained norm layers (LyCORIS)",
+    ".b_norm": "trained norm layers (LyCORIS)",
+    ".on_input": "(IA)^3 (LyCORIS)",
+    ".a1.weight": "GLoRA (LyCORIS)",
 }
-
-
-class LoraError(ValueError):
-    """A LoRA file or argument that cannot be used (the message names the file and key)."""
 
 
 # ---------------------------------------------------------------------------------------------------- per-call scale
@@ -146,32 +172,14 @@ def _unet_scale_post_hook(module, args, kwargs, output):
 # ---------------------------------------------------------------------------------------------------- the layer
 
 
-@dataclasses.dataclass
-class LoraWeights:
-    """One adapter's weights on one layer: ``down`` (r, in[, k, k]), ``up`` (out, r[, 1, 1]), ``alpha / r``."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha_scale: float
-
-    def delta_weight(self) -> torch.Tensor:
-        """``up @ down`` in the shape of the layer's weight."""
-        up = self.up.reshape(self.up.shape[0], -1)  # (out, r)
-        down = self.down.reshape(self.down.shape[0], -1)  # (r, in * k * k)
-        return (up @ down).reshape(self.up.shape[0], *self.down.shape[1:])
-
-    def to(self, like: torch.Tensor) -> None:
-        if self.down.device != like.device or self.down.dtype != like.dtype:
-            self.down = self.down.to(like.device, like.dtype)
-            self.up = self.up.to(like.device, like.dtype)
-
-
 class LoraHook:
-    """The forward hook on one ``Linear`` / ``Conv2d``: adds each active adapter's ``up(down(x)) * scale``."""
+    """The forward hook on one ``Linear`` / ``Conv2d``: adds each active adapter's output delta (for LoRA
+    ``up(down(x)) * scale``; the other kinds apply their weight delta with the layer's own operation)."""
 
-    def __init__(self, state: "LoraState"):
+    def __init__(self, state: "LoraState", path: str):
         self.state = state
-        self.adapters: dict[str, LoraWeights] = {}
+        self.path = path
+        self.adapters: dict[str, LayerAdapter] = {}
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         state = self.state
@@ -180,16 +188,12 @@ class LoraHook:
         x = args[0]
         call_scale = current_scale()
         for name, weight in state.active.items():
-            lora = self.adapters.get(name)
-            if lora is None or name in state.fused:
+            adapter = self.adapters.get(name)
+            if adapter is None or name in state.fused:
                 continue
-            lora.to(x)
-            if isinstance(module, nn.Conv2d):
-                hidden = F.conv2d(x, lora.down, None, module.stride, module.padding, module.dilation)
-                delta = F.conv2d(hidden, lora.up)
-            else:
-                delta = F.linear(F.linear(x, lora.down), lora.up)
-            output = output + delta * (lora.alpha_scale * weight * call_scale)
+            adapter.to(x)
+            base = state.originals.get(self.path, module.weight)  # DoRA reads the weight before any fuse_lora
+            output = output + adapter.forward_delta(module, x, base.detach(), weight * call_scale)
         return output
 
 
@@ -308,13 +312,13 @@ def _alpha_from_metadata(metadata: Mapping[str, Any] | None, component: str, pat
 
 
 def parse_lora(state_dict: Mapping[str, torch.Tensor], components: Mapping[str, nn.Module], origin: str,
-               metadata: Mapping[str, Any] | None = None) -> dict[str, dict[str, LoraWeights]]:
+               metadata: Mapping[str, Any] | None = None) -> dict[str, dict[str, LayerAdapter]]:
     """A LoRA state dict -> ``{component: {module path: LoraWeights}}``, every key and shape checked."""
     for key in state_dict:
         for fragment, kind in UNSUPPORTED_KINDS.items():
             if fragment in key:
-                raise LoraError(f"{origin}: key {key!r} belongs to {kind}, which diffusekit does not load (plain "
-                                "LoRA and LoCon only)")
+                raise LoraError(f"{origin}: key {key!r} belongs to {kind}, which diffusekit does not load (LoRA, "
+                                "LoCon, LyCORIS LoHa / LoKr and their DoRA only)")
     parts: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
     indexes: dict[str, dict[str, str]] = {}
     for key, tensor in state_dict.items():
@@ -322,7 +326,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], components: Mapping[str, 
         if split is None:
             known = ", ".join([*KOHYA_PREFIXES, *DIFFUSERS_PREFIXES])
             raise LoraError(f"{origin}: key {key!r} is not a LoRA key diffusekit knows (prefixes {known}; suffixes "
-                            "lora_down/lora_up/alpha or lora_A/lora_B)")
+                            "lora_down/lora_up/alpha, LyCORIS hada_*/lokr_*/dora_scale, or lora_A/lora_B)")
         fmt, component, name, part = split
         model = components.get(component)
         if model is None:
@@ -342,21 +346,20 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], components: Mapping[str, 
                             f"({type(model).__name__}) does not have: a LoRA for another model?")
         parts.setdefault((component, path), {})[part] = (key, tensor)
 
-    out: dict[str, dict[str, LoraWeights]] = {}
+    out: dict[str, dict[str, LayerAdapter]] = {}
     for (component, path), found in parts.items():
-        if "down" not in found or "up" not in found:
-            have, missing = next(iter(found.values()))[0], "up" if "up" not in found else "down"
-            raise LoraError(f"{origin}: key {have!r} has no matching {missing} weight")
+        kinds = sorted({PART_KINDS[part] for part in found if part in PART_KINDS})
+        if len(kinds) != 1:
+            keys = [key for key, _ in found.values()]
+            raise LoraError(f"{origin}: keys {keys} are for one layer but " + (
+                f"mix {' and '.join(KIND_NAMES[k] for k in kinds)} weights" if kinds
+                else "hold no adapter weights (only alpha / dora_scale)"))
         module = _get_module(components[component], path)
-        (down_key, down), (up_key, up) = found["down"], found["up"]
-        down, up = _check_shapes(module, down, up, down_key, up_key, origin)
-        rank = down.shape[0]
         if "alpha" in found:
             alpha = float(found["alpha"][1].float().reshape(-1)[0])
         else:
             alpha = _alpha_from_metadata(metadata, component, path)
-            alpha = float(rank) if alpha is None else alpha
-        out.setdefault(component, {})[path] = LoraWeights(down, up, alpha / rank)
+        out.setdefault(component, {})[path] = BUILDERS[kinds[0]](module, found, alpha, origin)
     return out
 
 
@@ -365,47 +368,6 @@ def _get_module(model: nn.Module, path: str) -> nn.Module | None:
         return model.get_submodule(path)
     except AttributeError:
         return None
-
-
-def _check_shapes(module: nn.Module, down: torch.Tensor, up: torch.Tensor, down_key: str, up_key: str,
-                  origin: str) -> tuple[torch.Tensor, torch.Tensor]:
-    down, up = down.detach().float(), up.detach().float()
-    if isinstance(module, nn.Linear):
-        if down.ndim == 4 and down.shape[2:] == (1, 1):
-            down = down[:, :, 0, 0]
-        if up.ndim == 4 and up.shape[2:] == (1, 1):
-            up = up[:, :, 0, 0]
-        want_down, want_up = f"(rank, {module.in_features})", f"({module.out_features}, rank)"
-        ok_down = down.ndim == 2 and down.shape[1] == module.in_features
-        ok_up = up.ndim == 2 and up.shape[0] == module.out_features
-    else:
-        kernel = tuple(module.kernel_size)
-        if down.ndim == 2:
-            down = down[:, :, None, None]
-        if up.ndim == 2:
-            up = up[:, :, None, None]
-        want_down = f"(rank, {module.in_channels}, {kernel[0]}, {kernel[1]}) or (rank, {module.in_channels}, 1, 1)"
-        want_up = f"({module.out_channels}, rank, 1, 1)"
-        ok_down = down.ndim == 4 and down.shape[1] == module.in_channels and \
-            tuple(down.shape[2:]) in (kernel, (1, 1)) and module.groups == 1
-        ok_up = up.ndim == 4 and up.shape[0] == module.out_channels and tuple(up.shape[2:]) == (1, 1)
-        if ok_down and tuple(down.shape[2:]) != kernel:  # a 1x1 down on a kxk layer: pad to the layer's kernel
-            if module.padding != tuple(k // 2 for k in kernel) or module.stride != (1, 1):
-                ok_down = False
-            else:
-                padded = down.new_zeros(down.shape[0], down.shape[1], *kernel)
-                padded[:, :, kernel[0] // 2, kernel[1] // 2] = down[:, :, 0, 0]
-                down = padded
-    if not ok_down:
-        raise LoraError(f"{origin}: key {down_key!r} has shape {tuple(down.shape)}, the layer needs {want_down} "
-                        "(a LoRA for another model?)")
-    if not ok_up:
-        raise LoraError(f"{origin}: key {up_key!r} has shape {tuple(up.shape)}, the layer needs {want_up} "
-                        "(a LoRA for another model?)")
-    if down.shape[0] != up.shape[1]:
-        raise LoraError(f"{origin}: wrong ranks: {down_key!r} has rank {down.shape[0]} but {up_key!r} has rank "
-                        f"{up.shape[1]}")
-    return down, up
 
 
 # ---------------------------------------------------------------------------------------------------- the mixin
@@ -469,7 +431,7 @@ class StableDiffusionLoraLoaderMixin:
                 module = model.get_submodule(path)
                 hook = state.hooks.get(path)
                 if hook is None:
-                    hook = state.hooks[path] = LoraHook(state)
+                    hook = state.hooks[path] = LoraHook(state, path)
                     state.handles[path] = module.register_forward_hook(hook)
                 lora.to(module.weight.detach())
                 hook.adapters[adapter_name] = lora
@@ -571,10 +533,10 @@ class StableDiffusionLoraLoaderMixin:
                     if path not in state.originals:
                         state.originals[path] = weight.detach().clone()
                     fused = weight.detach().clone()
-                    for name, lora in chosen:
-                        lora.to(fused)
-                        scale = lora.alpha_scale * state.active.get(name, 1.0) * lora_scale
-                        fused = fused + lora.delta_weight() * scale
+                    original = state.originals[path]
+                    for name, adapter in chosen:
+                        adapter.to(fused)
+                        fused = fused + adapter.weight_delta(original, state.active.get(name, 1.0) * lora_scale)
                     if safe_fusing and not torch.isfinite(fused).all():
                         raise LoraError(f"fusing {names} into {component}.{path} gives non-finite weights")
                     weight.copy_(fused)

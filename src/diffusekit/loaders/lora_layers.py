@@ -1,0 +1,359 @@
+"""The weight deltas of the adapter kinds the LoRA loader takes, one class per kind, built from a file's parts
+(already grouped per layer by :func:`diffusekit.loaders.lora.parse_lora`), every factor's shape checked.
+
+Kinds (the formulas are those of kohya / LyCORIS / A1111, ``W`` of shape (out, in[, k, k])):
+
+* LoRA / LoCon: ``ΔW = up @ down``, scale ``alpha / rank`` (``rank = down.shape[0]``).
+* LoHa (LyCORIS ``hada_``): ``ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b)``; ``w*_a`` (out, r), ``w*_b`` (r, in·k·k). With the
+  CP / Tucker convolution form (``hada_t1`` / ``hada_t2`` (r, r, k, k), ``w*_a`` (r, out), ``w*_b`` (r, in)) each
+  factor is ``t ×₀ w*_a ×₁ w*_b``: ``Σ_ij t[i, j] · w_a[i, o] · w_b[j, c]``. Scale ``alpha / rank``
+  (``rank = hada_w1_b.shape[0]``).
+* LoKr (LyCORIS ``lokr_``): ``ΔW = kron(w1, w2)`` reshaped to the layer's weight; ``w1`` (a, c) is ``lokr_w1`` or
+  ``lokr_w1_a @ lokr_w1_b``, ``w2`` (b, d[, k, k]) is ``lokr_w2``, ``lokr_w2_a @ lokr_w2_b`` (``w2_b`` (r, d·k·k)) or
+  the Tucker form ``lokr_t2`` (r, r, k, k) with ``lokr_w2_a`` (r, b), ``lokr_w2_b`` (r, d); ``a·b = out``,
+  ``c·d = in``. The scale ``alpha / rank`` applies only when a factor is low-rank (``rank`` from ``lokr_w2_b``, else
+  ``lokr_w1_b``); two full factors are used as they are (LyCORIS writes ``alpha = rank`` for them, A1111 ignores it).
+
+Without an ``alpha`` key the scale is 1, as in kohya, LyCORIS and A1111.
+
+DoRA (``dora_scale``, kohya / LyCORIS "weight decompose", any kind): the layer's weight becomes
+``W + m · (d ⊙ (W + sΔW) / ‖W + sΔW‖ − W)`` with ``s`` the kind's scale and ``m`` the adapter weight times the
+call's scale, as A1111 applies it. ``d`` of shape (1, in[, 1, 1]) holds column norms (LyCORIS's default layout,
+the norm taken over the output and kernel dimensions); (out, 1[, 1, 1]) holds row norms (LyCORIS ``wd_on_out``).
+``W`` is the layer's weight before any ``fuse_lora``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Found = Mapping[str, tuple[str, torch.Tensor]]  # part -> (key in the file, tensor)
+
+
+class LoraError(ValueError):
+    """A LoRA file or argument that cannot be used (the message names the file and key)."""
+
+
+def _layer_op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's own operation with ``weight`` and no bias (stride, padding, dilation and groups of a conv)."""
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+    return F.linear(x, weight)
+
+
+def _dora(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's change to ``base`` for a scaled ``delta``: ``magnitude · (base + delta) / ‖base + delta‖ − base``, the
+    norm over every dimension but the one ``magnitude`` runs along (input columns or output rows)."""
+    merged = base + delta
+    keep = 1 if magnitude.shape[0] == 1 else 0
+    dims = [d for d in range(merged.ndim) if d != keep]
+    return merged * (magnitude / torch.linalg.vector_norm(merged, dim=dims, keepdim=True)) - base
+
+
+@dataclasses.dataclass
+class LayerAdapter:
+    """One adapter on one layer: the unscaled ``delta_weight()`` of its kind, ``alpha_scale``, optional DoRA."""
+
+    alpha_scale: float
+    dora_scale: torch.Tensor | None
+
+    def delta_weight(self) -> torch.Tensor:  # pragma: no cover - every kind defines it
+        raise NotImplementedError
+
+    def weight_delta(self, base: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """What this adapter adds to the layer's weight ``base`` at ``multiplier`` (adapter weight × call scale)."""
+        if self.dora_scale is None:
+            return self.delta_weight() * (self.alpha_scale * multiplier)
+        return _dora(base, self.delta_weight() * self.alpha_scale, self.dora_scale) * multiplier
+
+    def forward_delta(self, module: nn.Module, x: torch.Tensor, base: torch.Tensor,
+                      multiplier: float) -> torch.Tensor:
+        """What this adapter adds to the layer's output for input ``x``."""
+        return _layer_op(module, x, self.weight_delta(base, multiplier))
+
+    def to(self, like: torch.Tensor) -> None:
+        """Move every tensor to ``like``'s device and dtype (once; later calls are free)."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, torch.Tensor) and (value.device != like.device or value.dtype != like.dtype):
+                setattr(self, field.name, value.to(like.device, like.dtype))
+
+
+@dataclasses.dataclass
+class LoraWeights(LayerAdapter):
+    """LoRA / LoCon: ``down`` (r, in[, k, k]), ``up`` (out, r[, 1, 1])."""
+
+    down: torch.Tensor = None
+    up: torch.Tensor = None
+
+    def delta_weight(self) -> torch.Tensor:
+        """``up @ down`` in the shape of the layer's weight."""
+        up = self.up.reshape(self.up.shape[0], -1)  # (out, r)
+        down = self.down.reshape(self.down.shape[0], -1)  # (r, in * k * k)
+        return (up @ down).reshape(self.up.shape[0], *self.down.shape[1:])
+
+    def forward_delta(self, module, x, base, multiplier):
+        if self.dora_scale is not None:
+            return super().forward_delta(module, x, base, multiplier)
+        if isinstance(module, nn.Conv2d):  # low rank all the way: never builds the (out, in, k, k) delta
+            delta = F.conv2d(F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation), self.up)
+        else:
+            delta = F.linear(F.linear(x, self.down), self.up)
+        return delta * (self.alpha_scale * multiplier)
+
+
+def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """LyCORIS's CP / Tucker rebuild: ``t`` (r1, r2, k, k), ``wa`` (r1, out), ``wb`` (r2, in) -> (out, in, k, k)."""
+    return torch.einsum("ijkl,ip,jq->pqkl", t, wa, wb)
+
+
+@dataclasses.dataclass
+class LohaWeights(LayerAdapter):
+    """LoHa: the Hadamard product of two low-rank (or CP-decomposed) factors, in the layer's ``shape``."""
+
+    shape: tuple[int, ...] = ()
+    w1_a: torch.Tensor = None
+    w1_b: torch.Tensor = None
+    w2_a: torch.Tensor = None
+    w2_b: torch.Tensor = None
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.t1 is not None:
+            return _tucker(self.t1, self.w1_a, self.w1_b) * _tucker(self.t2, self.w2_a, self.w2_b)
+        return ((self.w1_a @ self.w1_b) * (self.w2_a @ self.w2_b)).reshape(self.shape)
+
+
+@dataclasses.dataclass
+class LokrWeights(LayerAdapter):
+    """LoKr: the Kronecker product of a small factor ``w1`` and a large one ``w2``, in the layer's ``shape``."""
+
+    shape: tuple[int, ...] = ()
+    w1: torch.Tensor | None = None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w1`` (a, c) and ``w2`` as (b, d·k·k)."""
+        w1 = self.w1 if self.w1 is not None else self.w1_a @ self.w1_b
+        if self.w2 is not None:
+            w2 = self.w2
+        elif self.t2 is not None:
+            w2 = _tucker(self.t2, self.w2_a, self.w2_b)
+        else:
+            w2 = self.w2_a @ self.w2_b.reshape(self.w2_b.shape[0], -1)
+        return w1, w2.reshape(w2.shape[0], -1)
+
+    def delta_weight(self) -> torch.Tensor:
+        # kron((a, c), (b, d·k·k)) is (a·b, c·d·k·k): row i·b + j, column m·d·k·k + n·k·k + p·k + q holds
+        # w1[i, m] · w2[j, n, p, q], which is (out, in, k, k) element [i·b + j, m·d + n, p, q] after the reshape
+        return torch.kron(*self.factors()).reshape(self.shape)
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def _fan(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
+    """``(out, in · k · k, kernel)`` of the layer's weight (``in`` per group for a grouped conv)."""
+    shape = tuple(module.weight.shape)
+    return shape[0], math.prod(shape[1:]), shape[2:]
+
+
+def _tensor(found: Found, part: str) -> torch.Tensor | None:
+    return found[part][1].detach().float() if part in found else None
+
+
+def _key(found: Found, part: str) -> str:
+    return found[part][0]
+
+
+def _need(found: Found, parts: tuple[str, ...], origin: str, kind: str) -> None:
+    missing = [p for p in parts if p not in found]
+    if missing:
+        have = next(iter(found.values()))[0]
+        raise LoraError(f"{origin}: key {have!r} ({kind}) has no matching {' / '.join(missing)} weight for its layer")
+
+
+def _want(ok: bool, found: Found, part: str, tensor: torch.Tensor, want: str, origin: str) -> None:
+    if not ok:
+        raise LoraError(f"{origin}: key {_key(found, part)!r} has shape {tuple(tensor.shape)}, the layer needs "
+                        f"{want} (a file for another model?)")
+
+
+def _same_rank(found: Found, first: str, second: str, a: int, b: int, origin: str) -> None:
+    if a != b:
+        raise LoraError(f"{origin}: wrong ranks: {_key(found, first)!r} has rank {a} but {_key(found, second)!r} has "
+                        f"rank {b}")
+
+
+def _scale(alpha: float | None, rank: int | None) -> float:
+    return 1.0 if alpha is None or not rank else alpha / rank
+
+
+def _dora_scale(module: nn.Module, found: Found, origin: str) -> torch.Tensor | None:
+    """``dora_scale`` as (1, in[, 1, 1]) (column norms) or (out, 1[, 1, 1]) (row norms)."""
+    scale = _tensor(found, "dora_scale")
+    if scale is None:
+        return None
+    weight = module.weight
+    ones = [1] * (weight.ndim - 2)
+    out, fan_in = weight.shape[0], weight.shape[1]
+    if scale.numel() == fan_in and scale.shape[0] == 1:
+        return scale.reshape(1, fan_in, *ones)
+    if scale.numel() == out and (scale.ndim == 1 or scale.shape[1:].numel() == 1):
+        return scale.reshape(out, 1, *ones)
+    raise LoraError(f"{origin}: key {_key(found, 'dora_scale')!r} has shape {tuple(scale.shape)}; DoRA needs "
+                    f"(1, {fan_in}{', 1, 1' if ones else ''}) (column norms) or (out {out}, 1{', 1, 1' if ones else ''})"
+                    " (row norms) for this layer")
+
+
+def build_lora(module: nn.Module, found: Found, alpha: float | None, origin: str) -> LoraWeights:
+    if "down" not in found or "up" not in found:
+        have, missing = next(iter(found.values()))[0], "up" if "up" not in found else "down"
+        raise LoraError(f"{origin}: key {have!r} has no matching {missing} weight")
+    down, up = _lora_shapes(module, found, origin)
+    rank = down.shape[0]
+    alpha = float(rank) if alpha is None else alpha
+    return LoraWeights(alpha / rank, _dora_scale(module, found, origin), down, up)
+
+
+def _lora_shapes(module: nn.Module, found: Found, origin: str) -> tuple[torch.Tensor, torch.Tensor]:
+    down, up = _tensor(found, "down"), _tensor(found, "up")
+    if isinstance(module, nn.Linear):
+        if down.ndim == 4 and down.shape[2:] == (1, 1):
+            down = down[:, :, 0, 0]
+        if up.ndim == 4 and up.shape[2:] == (1, 1):
+            up = up[:, :, 0, 0]
+        want_down, want_up = f"(rank, {module.in_features})", f"({module.out_features}, rank)"
+        ok_down = down.ndim == 2 and down.shape[1] == module.in_features
+        ok_up = up.ndim == 2 and up.shape[0] == module.out_features
+    else:
+        kernel = tuple(module.kernel_size)
+        if down.ndim == 2:
+            down = down[:, :, None, None]
+        if up.ndim == 2:
+            up = up[:, :, None, None]
+        want_down = f"(rank, {module.in_channels}, {kernel[0]}, {kernel[1]}) or (rank, {module.in_channels}, 1, 1)"
+        want_up = f"({module.out_channels}, rank, 1, 1)"
+        ok_down = down.ndim == 4 and down.shape[1] == module.in_channels and \
+            tuple(down.shape[2:]) in (kernel, (1, 1)) and module.groups == 1
+        ok_up = up.ndim == 4 and up.shape[0] == module.out_channels and tuple(up.shape[2:]) == (1, 1)
+        if ok_down and tuple(down.shape[2:]) != kernel:  # a 1x1 down on a kxk layer: pad to the layer's kernel
+            if module.padding != tuple(k // 2 for k in kernel) or module.stride != (1, 1):
+                ok_down = False
+            else:
+                padded = down.new_zeros(down.shape[0], down.shape[1], *kernel)
+                padded[:, :, kernel[0] // 2, kernel[1] // 2] = down[:, :, 0, 0]
+                down = padded
+    _want(ok_down, found, "down", down, want_down, origin)
+    _want(ok_up, found, "up", up, want_up, origin)
+    _same_rank(found, "down", "up", down.shape[0], up.shape[1], origin)
+    return down, up
+
+
+def build_loha(module: nn.Module, found: Found, alpha: float | None, origin: str) -> LohaWeights:
+    _need(found, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), origin, "LoHa")
+    out, fan_in, kernel = _fan(module)
+    tucker = "hada_t1" in found or "hada_t2" in found
+    factors: dict[str, torch.Tensor] = {}
+    if tucker:
+        _need(found, ("hada_t1", "hada_t2"), origin, "LoHa with CP-decomposed convolutions")
+        in_channels = module.weight.shape[1]
+        for i in ("1", "2"):
+            t, a, b = (_tensor(found, f"hada_{p}") for p in (f"t{i}", f"w{i}_a", f"w{i}_b"))
+            _want(t.ndim == 2 + len(kernel) and tuple(t.shape[2:]) == kernel and len(kernel) > 0, found,
+                  f"hada_t{i}", t, f"(rank, rank, {', '.join(map(str, kernel)) or 'k, k'})", origin)
+            _want(a.ndim == 2 and a.shape[1] == out, found, f"hada_w{i}_a", a, f"(rank, {out})", origin)
+            _want(b.ndim == 2 and b.shape[1] == in_channels, found, f"hada_w{i}_b", b, f"(rank, {in_channels})",
+                  origin)
+            _same_rank(found, f"hada_t{i}", f"hada_w{i}_a", t.shape[0], a.shape[0], origin)
+            _same_rank(found, f"hada_t{i}", f"hada_w{i}_b", t.shape[1], b.shape[0], origin)
+            factors |= {f"t{i}": t, f"w{i}_a": a, f"w{i}_b": b}
+    else:
+        for i in ("1", "2"):
+            a, b = _tensor(found, f"hada_w{i}_a"), _tensor(found, f"hada_w{i}_b")
+            a = a.reshape(a.shape[0], -1) if a.ndim > 2 and a.shape[2:].numel() == 1 else a
+            b = b.reshape(b.shape[0], -1)
+            _want(a.ndim == 2 and a.shape[0] == out, found, f"hada_w{i}_a", a, f"({out}, rank)", origin)
+            _want(b.shape[1] == fan_in, found, f"hada_w{i}_b", b, f"(rank, {fan_in})", origin)
+            _same_rank(found, f"hada_w{i}_a", f"hada_w{i}_b", a.shape[1], b.shape[0], origin)
+            factors |= {f"w{i}_a": a, f"w{i}_b": b}
+    rank = factors["w1_b"].shape[0]
+    return LohaWeights(_scale(alpha, rank), _dora_scale(module, found, origin), tuple(module.weight.shape),
+                       **factors)
+
+
+def _need_factor(found: Found, name: str, origin: str) -> None:
+    """A LoKr factor is ``name`` itself or the pair ``name_a`` / ``name_b``."""
+    pair = (f"{name}_a", f"{name}_b")
+    if not any(p in found for p in pair):
+        _need(found, (f"{name} (or {name}_a and {name}_b)",), origin, "LoKr")
+    _need(found, pair, origin, "LoKr")
+
+
+def build_lokr(module: nn.Module, found: Found, alpha: float | None, origin: str) -> LokrWeights:
+    out, fan_in, kernel = _fan(module)
+    factors: dict[str, torch.Tensor] = {}
+    rank = None
+    if "lokr_w1" in found:
+        factors["w1"] = w1 = _tensor(found, "lokr_w1")
+        _want(w1.ndim == 2, found, "lokr_w1", w1, "a 2-d factor (a, c)", origin)
+    else:
+        _need_factor(found, "lokr_w1", origin)
+        a, b = _tensor(found, "lokr_w1_a"), _tensor(found, "lokr_w1_b")
+        _want(a.ndim == 2, found, "lokr_w1_a", a, "a 2-d factor (a, rank)", origin)
+        _want(b.ndim == 2, found, "lokr_w1_b", b, "a 2-d factor (rank, c)", origin)
+        _same_rank(found, "lokr_w1_a", "lokr_w1_b", a.shape[1], b.shape[0], origin)
+        factors |= {"w1_a": a, "w1_b": b}
+        rank = b.shape[0]
+    if "lokr_w2" in found:
+        factors["w2"] = w2 = _tensor(found, "lokr_w2")
+        _want(w2.ndim in (2, 2 + len(kernel)) and (w2.ndim == 2 or tuple(w2.shape[2:]) == kernel), found,
+              "lokr_w2", w2, f"(b, d{''.join(f', {k}' for k in kernel)})", origin)
+    else:
+        _need_factor(found, "lokr_w2", origin)
+        a, b = _tensor(found, "lokr_w2_a"), _tensor(found, "lokr_w2_b")
+        if "lokr_t2" in found:
+            t = _tensor(found, "lokr_t2")
+            _want(len(kernel) > 0 and t.ndim == 2 + len(kernel) and tuple(t.shape[2:]) == kernel, found, "lokr_t2",
+                  t, f"(rank, rank, {', '.join(map(str, kernel)) or 'k, k'}) on a convolution", origin)
+            _want(a.ndim == 2, found, "lokr_w2_a", a, "(rank, b)", origin)
+            _want(b.ndim == 2, found, "lokr_w2_b", b, "(rank, d)", origin)
+            _same_rank(found, "lokr_t2", "lokr_w2_a", t.shape[0], a.shape[0], origin)
+            _same_rank(found, "lokr_t2", "lokr_w2_b", t.shape[1], b.shape[0], origin)
+            factors["t2"] = t
+        else:
+            _want(a.ndim == 2, found, "lokr_w2_a", a, "(b, rank)", origin)
+            _same_rank(found, "lokr_w2_a", "lokr_w2_b", a.shape[1], b.shape[0], origin)
+        factors |= {"w2_a": a, "w2_b": b}
+        rank = b.shape[0]
+    adapter = LokrWeights(_scale(alpha, rank), _dora_scale(module, found, origin), tuple(module.weight.shape),
+                          **factors)
+    w1, w2 = adapter.factors()
+    if (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]) != (out, fan_in):
+        keys = [found[p][0] for p in found if p.startswith("lokr_")]
+        raise LoraError(f"{origin}: LoKr keys {keys} give a ({w1.shape[0] * w2.shape[0]}, "
+                        f"{w1.shape[1] * w2.shape[1]}) weight, the layer needs ({out}, {fan_in}) (out, in·k·k): a "
+                        "file for another model?")
+    return adapter
+
+
+#: adapter kind -> builder ``(layer, parts found, alpha or None, origin) -> LayerAdapter``
+BUILDERS: dict[str, Callable[[nn.Module, Found, float | None, str], LayerAdapter]] = {
+    "lora": build_lora,
+    "loha": build_loha,
+    "lokr": build_lokr,
+}
+#: adapter kind -> its name in messages
+KIND_NAMES: dict[str, str] = {"lora": "LoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)"}

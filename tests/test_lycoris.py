@@ -1,0 +1,385 @@
+"""LyCORIS LoHa / LoKr (and DoRA's ``dora_scale``) in the LoRA loader: files written here in kohya / LyCORIS keys
+(``lora_unet_<layer>.hada_w1_a`` ..., ``.lokr_w1`` ..., ``.alpha``, with kohya's ``ss_network_module`` metadata)
+load with the numbers peft's LoHa / LoKr layers give for the same tensors (UNet outputs of diffusers + peft, CLIP
+outputs of transformers + peft, per-layer weight deltas); the LoKr full-matrix scale and DoRA against the formulas
+of LyCORIS / A1111 written out here; set_adapters weights, fuse / unfuse / unload, the CLI's ``<lora:name:w>`` tag
+and hash; malformed files name the file and key."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import diffusekit
+from diffusekit.loaders.lora import LoraError
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from sd_assets import CROSS_DIM, build_tiny_sd  # noqa: E402
+
+UNET_PATHS = [
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+    "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
+    "down_blocks.0.attentions.0.proj_in",  # 1x1 conv
+    "down_blocks.0.resnets.0.conv1",  # 3x3 conv (16 -> 16)
+    "down_blocks.0.resnets.0.time_emb_proj",
+    "mid_block.resnets.0.conv2",  # 3x3 conv (32 -> 32)
+    "up_blocks.1.resnets.0.conv_shortcut",
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v",
+]
+TE_PATHS = [
+    "text_model.encoder.layers.0.self_attn.q_proj",
+    "text_model.encoder.layers.1.self_attn.out_proj",
+    "text_model.encoder.layers.2.mlp.fc1",  # 32 -> 37 (a prime: LoKr factors 1 x 37)
+]
+
+
+def kohya_metadata(algo: str, dim: int, alpha: float) -> dict[str, str]:
+    """The metadata kohya's trainer writes for a LyCORIS network (``--network_module lycoris.kohya``)."""
+    return {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(dim), "ss_network_alpha": str(alpha),
+            "ss_network_args": json.dumps({"algo": algo, "conv_dim": str(dim), "conv_alpha": str(alpha)})}
+
+
+def peft_file(model, config, paths, prefix, alpha, seed, std=0.3, strip=""):
+    """Inject peft LoHa / LoKr layers for ``paths`` into ``model``, fill them with random numbers, and return them
+    as a kohya / LyCORIS state dict (``prefix + path with _`` + ``.hada_w1_a`` ...; peft's parameter names and
+    shapes are LyCORIS's)."""
+    targets = [p[len(strip):] if p.startswith(strip) else p for p in paths]
+    config.target_modules = targets
+    peft.inject_adapter_in_model(config, model, adapter_name="x")
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    with torch.no_grad():
+        for path, target in zip(paths, targets):
+            layer = model.get_submodule(target)
+            name = prefix + path.replace(".", "_")
+            for part in layer.adapter_layer_names:
+                params = getattr(layer, part)
+                if "x" in params:
+                    params["x"].copy_(torch.randn(params["x"].shape, generator=g) * std)
+                    sd[f"{name}.{part}"] = params["x"].detach().clone()
+            sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("sd-lycoris"))
+
+
+@pytest.fixture
+def pipes(sd_folder):
+    ours = diffusekit.StableDiffusionPipeline.from_pretrained(sd_folder)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder)
+    for pipe in (ours, ref):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, ref
+
+
+def unet_out(unet, **kwargs):
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, CROSS_DIM, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=ctx, **kwargs).sample
+
+
+def peft_layers(model):
+    return [m for m in model.modules() if isinstance(m, peft.tuners.lycoris_utils.LycorisLayer)]
+
+
+CONFIGS = {
+    # LoHa on Linear and 1x1 convs, CP / Tucker (hada_t1 / hada_t2) on the 3x3 convs
+    "loha": lambda: peft.LoHaConfig(r=4, alpha=2.0, use_effective_conv2d=True, init_weights=False),
+    "loha-plain-conv": lambda: peft.LoHaConfig(r=2, alpha=3.0, init_weights=False),
+    # LoKr with a low-rank w1 and w2 and the Tucker w2 (lokr_t2) on 3x3 convs
+    "lokr": lambda: peft.LoKrConfig(r=1, alpha=0.5, decompose_both=True, use_effective_conv2d=True,
+                                    init_weights=False),
+    # LoKr with a full w1, and w2 full on the 16-channel layers, low-rank / Tucker (rank 2) on the 32-channel ones
+    # (alpha = rank: peft scales full factors by alpha / rank, LyCORIS and A1111 do not)
+    "lokr-tucker": lambda: peft.LoKrConfig(r=2, alpha=2.0, use_effective_conv2d=True, init_weights=False),
+    # LoKr with full w1 and w2 where the rank is large
+    "lokr-full": lambda: peft.LoKrConfig(r=8, alpha=8.0, decompose_factor=4, init_weights=False),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_unet_matches_peft(pipes, tmp_path, kind):
+    ours, ref = pipes
+    base = unet_out(ours.unet)
+    keys = list(ours.unet.state_dict())
+    config = CONFIGS[kind]()
+    lyco = peft_file(ref.unet, config, UNET_PATHS, "lora_unet_", config.alpha, seed=1, std=0.4)
+    parts = {k.rsplit(".", 1)[1] for k in lyco}
+    expected_parts = {
+        "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"},
+        "loha-plain-conv": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+        "lokr": {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
+        "lokr-tucker": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
+        "lokr-full": {"lokr_w1", "lokr_w2", "alpha"},
+    }[kind]
+    assert parts == expected_parts  # every layout of the kind is exercised
+    file = tmp_path / f"{kind}.safetensors"
+    save_file(lyco, file, metadata=kohya_metadata(kind[:4], config.r, config.alpha))
+    ours.load_lora_weights(file, adapter_name="lyco")
+    assert list(ours.unet.state_dict()) == keys
+    assert ours.get_list_adapters() == {"unet": ["lyco"]}
+    with_adapter = unet_out(ours.unet)
+    torch.testing.assert_close(with_adapter, unet_out(ref.unet), rtol=1e-4, atol=1e-5)
+    assert (with_adapter - base).abs().max() > 1e-2
+    # the call scale (diffusers scales peft's LyCORIS layers through cross_attention_kwargs too)
+    torch.testing.assert_close(unet_out(ours.unet, cross_attention_kwargs={"scale": 0.5}),
+                               unet_out(ref.unet, cross_attention_kwargs={"scale": 0.5}), rtol=1e-4, atol=1e-5)
+    # an adapter weight (set_adapters; A1111's <lora:name:0.6>) is peft's set_scale
+    ours.set_adapters("lyco", 0.6)
+    for layer in peft_layers(ref.unet):
+        layer.set_scale("x", 0.6)
+    weighted = unet_out(ours.unet)
+    torch.testing.assert_close(weighted, unet_out(ref.unet), rtol=1e-4, atol=1e-5)
+    # fused: the same numbers from the weights; unfuse restores them bit for bit; unload keeps fused weights
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    ours.fuse_lora()
+    torch.testing.assert_close(unet_out(ours.unet), weighted, rtol=1e-4, atol=1e-5)
+    changed = [k for k, v in ours.unet.state_dict().items() if not torch.equal(v, before[k])]
+    assert sorted(changed) == sorted(f"{p}.weight" for p in UNET_PATHS)
+    ours.unfuse_lora()
+    assert all(torch.equal(v, before[k]) for k, v in ours.unet.state_dict().items())
+    torch.testing.assert_close(unet_out(ours.unet), weighted, rtol=0, atol=0)
+    ours.unload_lora_weights()
+    torch.testing.assert_close(unet_out(ours.unet), base, rtol=0, atol=0)
+
+
+def test_two_kinds_together_fuse_to_peft_deltas(pipes):
+    """LoHa and LoKr active at once with adapter weights: the fused weights are the base plus each adapter's
+    weight times peft's delta for its tensors."""
+    ours, ref = pipes
+    loha = peft_file(ref.unet, CONFIGS["loha"](), UNET_PATHS[:6], "lora_unet_", 2.0, seed=2)
+    expected = {}
+    with torch.no_grad():
+        for layer_path in UNET_PATHS[:6]:
+            layer = ref.unet.get_submodule(layer_path)
+            expected[layer_path] = 0.7 * layer.get_delta_weight("x")
+    fresh = diffusers.UNet2DConditionModel.from_config(ref.unet.config)
+    lokr = peft_file(fresh, CONFIGS["lokr"](), UNET_PATHS[3:], "lora_unet_", 0.5, seed=3)
+    with torch.no_grad():
+        for layer_path in UNET_PATHS[3:]:
+            delta = 0.3 * fresh.get_submodule(layer_path).get_delta_weight("x")
+            expected[layer_path] = expected.get(layer_path, 0) + delta
+    ours.load_lora_weights(loha, adapter_name="hada")
+    ours.load_lora_weights(lokr, adapter_name="kron")
+    ours.set_adapters(["hada", "kron"], adapter_weights=[0.7, 0.3])
+    unfused = unet_out(ours.unet)
+    base = {p: ours.unet.get_submodule(p).weight.detach().clone() for p in UNET_PATHS}
+    ours.fuse_lora()
+    for layer_path in UNET_PATHS:
+        torch.testing.assert_close(ours.unet.get_submodule(layer_path).weight - base[layer_path],
+                                   expected[layer_path], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=1e-4, atol=1e-5)
+
+
+def test_lokr_full_factors_ignore_alpha_and_low_rank_ones_use_it(pipes):
+    """LyCORIS / A1111: ``kron(w1, w2)`` as it is when both factors are full (whatever the alpha), times
+    ``alpha / rank`` when one is low-rank. Written out here from the LyCORIS definition."""
+    ours, _ = pipes
+    g = torch.Generator().manual_seed(4)
+    linear, conv = UNET_PATHS[0], UNET_PATHS[4]  # (16, 16) Linear, (16, 16, 3, 3) conv
+    name = {p: "lora_unet_" + p.replace(".", "_") for p in (linear, conv)}
+    w1, w2 = torch.randn(4, 2, generator=g), torch.randn(4, 8, generator=g)
+    c1, c2a, c2b = torch.randn(2, 4, generator=g), torch.randn(8, 3, generator=g), torch.randn(3, 4 * 9, generator=g)
+    sd = {f"{name[linear]}.lokr_w1": w1, f"{name[linear]}.lokr_w2": w2, f"{name[linear]}.alpha": torch.tensor(5.0),
+          f"{name[conv]}.lokr_w1": c1, f"{name[conv]}.lokr_w2_a": c2a, f"{name[conv]}.lokr_w2_b": c2b,
+          f"{name[conv]}.alpha": torch.tensor(6.0)}
+    base = {p: ours.unet.get_submodule(p).weight.detach().clone() for p in (linear, conv)}
+    ours.load_lora_weights(sd)
+    ours.fuse_lora()
+    # kron by hand: [i*b + j, m*d + n] = w1[i, m] * w2[j, n]
+    want_linear = torch.einsum("im,jn->ijmn", w1, w2).reshape(16, 16)
+    torch.testing.assert_close(ours.unet.get_submodule(linear).weight - base[linear], want_linear, rtol=1e-5,
+                               atol=1e-6)
+    w2_conv = (c2a @ c2b).reshape(8, 4, 3, 3)
+    want_conv = torch.einsum("im,jnpq->ijmnpq", c1, w2_conv).reshape(16, 16, 3, 3) * (6.0 / 3)
+    torch.testing.assert_close(ours.unet.get_submodule(conv).weight - base[conv], want_conv, rtol=1e-5, atol=1e-6)
+
+
+def a1111_dora(base, delta, magnitude, multiplier):
+    """A1111's ``apply_weight_decompose`` then the multiplier (``network.py``), column norms for (1, in) and row
+    norms for (out, 1) magnitudes."""
+    merged = base + delta
+    if magnitude.shape[0] == 1:
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(merged.shape[1], *[1] * (base.ndim - 1)).transpose(0, 1)
+    else:
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (base.ndim - 1))
+    return (merged * (magnitude / norm) - base) * multiplier
+
+
+def test_dora_scale_as_a1111(pipes):
+    ours, _ = pipes
+    g = torch.Generator().manual_seed(6)
+    lin, conv, conv2 = UNET_PATHS[1], UNET_PATHS[4], UNET_PATHS[6]  # to_k (16 <- 32), 3x3 16->16, 3x3 32->32
+    names = {p: "lora_unet_" + p.replace(".", "_") for p in (lin, conv, conv2)}
+    weights = {p: ours.unet.get_submodule(p).weight.detach().clone() for p in (lin, conv, conv2)}
+    sd, deltas, mags = {}, {}, {}
+    # LoRA (kohya keys) + column-norm dora_scale (1, in)
+    down, up = torch.randn(2, 32, generator=g) * 0.3, torch.randn(16, 2, generator=g) * 0.3
+    sd |= {f"{names[lin]}.lora_down.weight": down, f"{names[lin]}.lora_up.weight": up,
+           f"{names[lin]}.alpha": torch.tensor(1.0)}
+    deltas[lin] = (up @ down) * 0.5
+    mags[lin] = weights[lin].norm(dim=0, keepdim=True) * (1 + 0.2 * torch.rand(1, 32, generator=g))
+    # LoHa + column-norm dora_scale (1, in, 1, 1)
+    h = [torch.randn(s, generator=g) * 0.3 for s in ((16, 2), (2, 144), (16, 2), (2, 144))]
+    sd |= {f"{names[conv]}.hada_{n}": t for n, t in zip(("w1_a", "w1_b", "w2_a", "w2_b"), h)}
+    deltas[conv] = ((h[0] @ h[1]) * (h[2] @ h[3])).reshape(16, 16, 3, 3)
+    mags[conv] = torch.rand(1, 16, 1, 1, generator=g) + 0.5
+    # LoKr + row-norm dora_scale (out, 1, 1, 1) (LyCORIS wd_on_out)
+    k1, k2 = torch.randn(4, 4, generator=g) * 0.3, torch.randn(8, 8, 3, 3, generator=g) * 0.3
+    sd |= {f"{names[conv2]}.lokr_w1": k1, f"{names[conv2]}.lokr_w2": k2}
+    deltas[conv2] = torch.einsum("im,jnpq->ijmnpq", k1, k2).reshape(32, 32, 3, 3)
+    mags[conv2] = torch.rand(32, 1, 1, 1, generator=g) + 0.5
+    for p in (lin, conv, conv2):
+        sd[f"{names[p]}.dora_scale"] = mags[p]
+    before = unet_out(ours.unet)
+    ours.load_lora_weights(sd, adapter_name="dora")
+    ours.set_adapters("dora", 0.6)
+    unfused = unet_out(ours.unet)
+    assert (unfused - before).abs().max() > 1e-2
+    ours.fuse_lora()
+    for p in (lin, conv, conv2):
+        want = a1111_dora(weights[p], deltas[p], mags[p], 0.6)
+        torch.testing.assert_close(ours.unet.get_submodule(p).weight - weights[p], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=1e-4, atol=1e-5)  # hooks = fused weights
+    # at weight 1 the layer's weight is exactly the magnitude times the direction
+    ours.unfuse_lora()
+    ours.set_adapters("dora", 1.0)
+    ours.fuse_lora()
+    merged = weights[lin] + deltas[lin]
+    torch.testing.assert_close(ours.unet.get_submodule(lin).weight, merged * mags[lin] / merged.norm(dim=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_text_encoder_matches_peft(pipes, sd_folder, kind):
+    ours, _ = pipes
+    hf = transformers.CLIPTextModel.from_pretrained(sd_folder / "text_encoder").eval()
+    strip = "" if hasattr(hf, "text_model") else "text_model."  # transformers 5 drops the text_model level
+    config = (peft.LoHaConfig(r=2, alpha=1.0, init_weights=False) if kind == "loha" else
+              peft.LoKrConfig(r=1, alpha=2.0, decompose_both=True, init_weights=False))
+    lyco = peft_file(hf, config, TE_PATHS, "lora_te_", config.alpha, seed=7, strip=strip)
+    ids = ours.tokenizer(["a red sneaker"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = ours.text_encoder(ids)[0]
+        ours.load_lora_weights(lyco, adapter_name="te")
+        assert ours.get_list_adapters() == {"text_encoder": ["te"]}
+        a = ours.text_encoder(ids)[0]
+        torch.testing.assert_close(a, hf(ids)[0], rtol=1e-5, atol=1e-5)
+        assert (a - plain).abs().max() > 1e-3
+        for layer in peft_layers(hf):
+            layer.scale_layer(0.5)
+        expected = hf(ids)[0]
+    embeds, _ = ours.encode_prompt("a red sneaker", do_classifier_free_guidance=False, lora_scale=0.5)
+    torch.testing.assert_close(embeds, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_te1_te2_and_original_unet_names(tmp_path):
+    """SDXL files: ``lora_te1_`` / ``lora_te2_`` reach the two text encoders, UNet layers by kohya's sgm names; the
+    fused weights are the base plus the deltas written out here."""
+    from sdxl_assets import build_tiny_sdxl
+
+    pipe = diffusekit.StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(tmp_path / "sdxl"))
+    g = torch.Generator().manual_seed(8)
+    te1, te2 = "text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.mlp.fc2"  # 32<-32, 37
+    unet = "down_blocks.1.attentions.0.proj_in"  # lora_unet_input_blocks_3_1_proj_in
+    h = [torch.randn(s, generator=g) * 0.3 for s in ((32, 2), (2, 32), (32, 2), (2, 32))]
+    k1, k2a, k2b = torch.randn(4, 1, generator=g), torch.randn(8, 2, generator=g), torch.randn(2, 37, generator=g)
+    u1, u2 = torch.randn(4, 4, generator=g) * 0.3, torch.randn(8, 8, generator=g) * 0.3
+    sd = {f"lora_te1_{te1.replace('.', '_')}.hada_{n}": t for n, t in zip(("w1_a", "w1_b", "w2_a", "w2_b"), h)}
+    sd |= {f"lora_te1_{te1.replace('.', '_')}.alpha": torch.tensor(1.0)}
+    name2 = f"lora_te2_{te2.replace('.', '_')}"
+    sd |= {f"{name2}.lokr_w1": k1, f"{name2}.lokr_w2_a": k2a, f"{name2}.lokr_w2_b": k2b,
+           f"{name2}.alpha": torch.tensor(4.0)}
+    sd |= {"lora_unet_input_blocks_3_1_proj_in.lokr_w1": u1, "lora_unet_input_blocks_3_1_proj_in.lokr_w2": u2}
+    models = {"text_encoder": (pipe.text_encoder, te1), "text_encoder_2": (pipe.text_encoder_2, te2),
+              "unet": (pipe.unet, unet)}
+    base = {c: m.get_submodule(p).weight.detach().clone() for c, (m, p) in models.items()}
+    pipe.load_lora_weights(sd, adapter_name="xl")
+    assert pipe.get_list_adapters() == {"unet": ["xl"], "text_encoder": ["xl"], "text_encoder_2": ["xl"]}
+    pipe.fuse_lora(components=("unet", "text_encoder", "text_encoder_2"))
+    want = {"text_encoder": (h[0] @ h[1]) * (h[2] @ h[3]) * 0.5,
+            "text_encoder_2": torch.kron(k1, k2a @ k2b) * 2.0,
+            "unet": torch.kron(u1, u2).reshape(base["unet"].shape)}
+    for c, (model, p) in models.items():
+        torch.testing.assert_close(model.get_submodule(p).weight - base[c], want[c], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_prompt_tag_and_hash(tmp_path):
+    from PIL import Image
+
+    from diffusekit.__main__ import main
+    from diffusekit.infotext import GenerationParameters, lora_hash, read_parameters
+
+    sd = "diffusekit-fashion-sd"
+    unet = diffusekit.UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
+    module = unet.get_submodule(layer)
+    g = torch.Generator().manual_seed(9)
+    name = "lora_unet_" + layer.replace(".", "_")
+    out, fan_in = module.weight.shape
+    lyco = {f"{name}.hada_w1_a": torch.randn(out, 4, generator=g), f"{name}.hada_w1_b": torch.randn(4, fan_in, generator=g),
+            f"{name}.hada_w2_a": torch.randn(out, 4, generator=g), f"{name}.hada_w2_b": torch.randn(4, fan_in, generator=g),
+            f"{name}.alpha": torch.tensor(4.0)}
+    file = tmp_path / "hadastyle.safetensors"
+    save_file(lyco, file, metadata=kohya_metadata("loha", 4, 4.0))
+    args = ["generate", sd, "--num-images", "1", "--steps", "2", "--width", "32", "--height", "32"]
+    pixels = lambda p: np.asarray(Image.open(p).convert("RGB"), dtype=int)  # noqa: E731
+    plain, flag, tag, lyco_tag = (tmp_path / f"{n}.png" for n in ("plain", "flag", "tag", "lyco"))
+    assert main([*args, "--prompt", "a dress", "--out", str(plain)]) == 0
+    assert main([*args, "--prompt", "a dress", "--lora", f"{file}:0.8", "--out", str(flag)]) == 0
+    assert not np.array_equal(pixels(plain), pixels(flag))
+    params = GenerationParameters.from_infotext(read_parameters(flag))
+    assert params.prompt == "a dress <lora:hadastyle:0.8>"
+    assert params.extra["Lora hashes"] == f"hadastyle: {lora_hash(file)}"
+    assert main([*args, "--prompt", "a dress <lora:hadastyle:0.8>", "--lora", str(file), "--out", str(tag)]) == 0
+    assert np.array_equal(pixels(tag), pixels(flag))
+    # the LyCORIS extension's <lyco:name:w> spelling, which A1111 keeps as an alias of <lora:...>
+    assert main([*args, "--prompt", "a dress <lyco:hadastyle:0.8>", "--lora", str(file), "--out", str(lyco_tag)]) == 0
+    assert np.array_equal(pixels(lyco_tag), pixels(flag))
+
+
+def test_malformed_files_name_the_file_and_key(pipes, tmp_path):
+    ours, _ = pipes
+    n = "lora_unet_" + UNET_PATHS[0].replace(".", "_")  # Linear (16 <- 16)
+    c = "lora_unet_" + UNET_PATHS[4].replace(".", "_")  # conv 3x3 (16 <- 16)
+    r = lambda *s: torch.zeros(*s)  # noqa: E731
+    loha = {f"{n}.hada_w1_a": r(16, 2), f"{n}.hada_w1_b": r(2, 16), f"{n}.hada_w2_a": r(16, 2),
+            f"{n}.hada_w2_b": r(2, 16)}
+    cases = {
+        "missing": ({k: v for k, v in loha.items() if "w2_b" not in k},
+                    rf"key '{n}.hada_w1_a' \(LoHa\) has no matching hada_w2_b weight"),
+        "shape": ({**loha, f"{n}.hada_w2_b": r(2, 24)}, rf"key '{n}.hada_w2_b' has shape \(2, 24\), the layer needs "
+                  r"\(rank, 16\)"),
+        "rank": ({**loha, f"{n}.hada_w1_b": r(3, 16)}, rf"wrong ranks: '{n}.hada_w1_a' has rank 2 but "
+                 rf"'{n}.hada_w1_b' has rank 3"),
+        "cp_half": ({f"{c}.hada_t1": r(2, 2, 3, 3), f"{c}.hada_w1_a": r(2, 16), f"{c}.hada_w1_b": r(2, 16),
+                     f"{c}.hada_w2_a": r(2, 16), f"{c}.hada_w2_b": r(2, 16)}, "has no matching hada_t2 weight"),
+        "lokr_missing": ({f"{n}.lokr_w1": r(4, 4)}, r"has no matching lokr_w2 \(or lokr_w2_a and lokr_w2_b\)"),
+        "lokr_half": ({f"{n}.lokr_w1": r(4, 4), f"{n}.lokr_w2_a": r(4, 2)}, "has no matching lokr_w2_b weight"),
+        "lokr_shape": ({f"{n}.lokr_w1": r(4, 4), f"{n}.lokr_w2": r(4, 8)},
+                       r"LoKr keys .*lokr_w1.*lokr_w2.* give a \(16, 32\) weight, the layer needs \(16, 16\)"),
+        "lokr_t2_linear": ({f"{n}.lokr_w1": r(4, 4), f"{n}.lokr_w2_a": r(2, 4), f"{n}.lokr_w2_b": r(2, 4),
+                            f"{n}.lokr_t2": r(2, 2, 3, 3)}, rf"key '{n}.lokr_t2' has shape .* on a convolution"),
+        "mixed": ({**loha, f"{n}.lokr_w1": r(4, 4)}, "mix LoHa .* and LoKr"),
+        "alpha_only": ({f"{n}.alpha": torch.tensor(1.0)}, "hold no adapter weights"),
+        "dora": ({**loha, f"{n}.dora_scale": r(3, 16)}, rf"key '{n}.dora_scale' has shape \(3, 16\); DoRA needs"),
+        "oft": ({f"{n}.oft_blocks": r(4, 4, 4)}, r"belongs to OFT \(LyCORIS\)"),
+    }
+    for case, (state_dict, message) in cases.items():
+        path = tmp_path / f"{case}.safetensors"
+        save_file(state_dict, path, metadata=kohya_metadata("loha", 2, 1.0))
+        with pytest.raises(LoraError, match=f"{case}.safetensors: .*{message}"):
+            ours.load_lora_weights(path)
+    assert ours.get_list_adapters() == {}  # nothing half-loaded
