@@ -151,3 +151,31 @@ def test_cli_mask_blur_default_flag_and_from_png(tmp_path, photo_and_mask):
                               np.asarray(Image.open(tmp_path / "default.png")))
     with pytest.raises(SystemExit, match="--mask-blur must be >= 0"):
         main([*common, "--mask-blur", "-2", "--out", str(tmp_path / "bad.png")])
+
+
+def test_separate_x_and_y_blurs_equal_opencv_as_a1111_calls_it():
+    """A1111's mask_blur_x / mask_blur_y: cv2.GaussianBlur with a (k, 1) kernel of sigma X, then (1, k) of sigma Y,
+    each only when above 0."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(3)
+    for sigma_x, sigma_y in ((1, 5), (4, 0), (0, 3), (2.5, 7)):
+        mask = random_mask(rng)
+        expected = np.asarray(binary_mask(mask)).copy()
+        if sigma_x > 0:
+            expected = cv2.GaussianBlur(expected, (2 * int(2.5 * sigma_x + 0.5) + 1, 1), sigma_x)
+        if sigma_y > 0:
+            expected = cv2.GaussianBlur(expected, (1, 2 * int(2.5 * sigma_y + 0.5) + 1), sigma_y)
+        np.testing.assert_array_equal(np.asarray(blur_mask(mask, sigma_x, sigma_y)), expected)
+
+
+def test_blur_keys_in_the_parameters():
+    from diffusekit.infotext import GenerationParameters
+    from diffusekit.mask_blur import mask_blur_extra, mask_blurs_of
+
+    assert mask_blur_extra(4, 4) == {"Mask blur": 4} and mask_blur_extra(0, 0) == {}
+    assert mask_blur_extra(1, 5.5) == {"Mask blur X": 1, "Mask blur Y": 5.5}
+    params = GenerationParameters.from_infotext("x\nSteps: 2, Seed: 1, Mask blur X: 1, Mask blur Y: 5")
+    assert mask_blurs_of(params) == (1.0, 5.0)
+    assert mask_blurs_of(GenerationParameters.from_infotext("x\nSteps: 2, Seed: 1, Mask blur: 3")) == (3.0, 3.0)
+    with pytest.raises(ValueError, match="Mask blur Y must be a number of pixels >= 0"):
+        mask_blurs_of(GenerationParameters.from_infotext("x\nSteps: 2, Seed: 1, Mask blur Y: -1"))

@@ -37,6 +37,10 @@ def models_dir(tmp_path_factory):
 
     save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
               root / "embeddings" / "glowstyle9.safetensors")  # A1111's embedding format, 2 vectors
+    torch.save({"string_to_token": {"*": 265}, "name": "oldstyle", "step": 1500, "sd_checkpoint": "a9263745",
+                "sd_checkpoint_name": "v1-5",
+                "string_to_param": {"*": torch.randn(3, 32, generator=torch.Generator().manual_seed(1))}},
+               root / "embeddings" / "oldstyle.pt")  # A1111's .pt, 3 vectors
     outside = tmp_path_factory.mktemp("outside")
     shutil.copytree(BUNDLED_DIR / DDPM, outside / "secret")
     (root / "linked").symlink_to(outside / "secret")  # a link out of the folder must not be served
@@ -160,7 +164,7 @@ def test_img2img_and_inpainting_equal_the_library_output(api, sd_pipe):
     ImageDraw.Draw(mask).rectangle((0, 0, 15, 31), fill=255)  # white = repaint
     painted = api.img2img(images=[init], mask_image=mask, prompt="a photo of a blue dress", seed=8, steps=5,
                           width=32, height=32, cfg_scale=4, denoising_strength=0.9, sampler_name="Euler",
-                          mask_blur=0)
+                          mask_blur=0, inpaint_full_res=False)  # the whole picture (A1111's API default: only masked)
     direct = _direct(sd_pipe, "StableDiffusionInpaintPipeline", "Euler", [8], prompt=["a photo of a blue dress"],
                      image=init, mask_image=mask, strength=0.9, num_inference_steps=5, guidance_scale=4.0,
                      height=32, width=32)
@@ -174,7 +178,7 @@ def test_img2img_and_inpainting_equal_the_library_output(api, sd_pipe):
     blurred = api.img2img(images=[init], mask_image=mask, prompt="a photo of a blue dress", seed=8, steps=5,
                           width=32, height=32, cfg_scale=4, denoising_strength=0.9, sampler_name="Euler")
     text = blurred.info["infotexts"][0]
-    assert "Mask blur: 4" in text
+    assert "Mask blur: 4" in text and "Inpaint area: Only masked" in text and "Masked area padding: 0" in text
     library = generate(sd_pipe, GenerationParameters.from_infotext(text), image=init, mask=mask,
                        prompt_syntax="a1111").images[0]
     _same(blurred.image, library)
@@ -263,7 +267,14 @@ def test_png_info_samplers_schedulers_loras_embeddings(api):
     assert api.get_loras() == [{"name": "redder", "alias": "redder", "path": "Lora/redder.safetensors",
                                 "metadata": {}}]
     embeddings = api.get_embeddings()
-    assert set(embeddings["loaded"]) == {"glowstyle9"} and set(embeddings["skipped"]) == {"broken"}
+    assert set(embeddings["loaded"]) == {"glowstyle9", "oldstyle"} and set(embeddings["skipped"]) == {"broken"}
+    # A1111's fields: the vector width and count, and what an A1111 .pt records about its training
+    assert embeddings["loaded"]["glowstyle9"] == {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                                  "shape": 32, "vectors": 2}
+    assert embeddings["loaded"]["oldstyle"] == {"step": 1500, "sd_checkpoint": "a9263745",
+                                                "sd_checkpoint_name": "v1-5", "shape": 32, "vectors": 3}
+    assert embeddings["skipped"]["broken"] == {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                               "shape": None, "vectors": None}
 
 
 def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, api):
@@ -338,3 +349,131 @@ def test_lora_tags_and_a1111_prompt_syntax(server, api, sd_pipe, models_dir):
     unknown = requests.post(f"{server[0]}/sdapi/v1/txt2img", json={"prompt": "x <lora:nope:1>", "steps": 2,
                                                                     "width": 32, "height": 32}, timeout=30)
     assert unknown.status_code == 422 and "unknown LoRA 'nope'" in unknown.text
+
+
+def _b64(image):
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _post_img2img(url, init, mask, status=200, **body):
+    """POST /sdapi/v1/img2img as raw JSON (the fields webuiapi does not send); ``(image, info)`` or the response."""
+    import base64
+    import io
+
+    import requests
+    from PIL import Image
+
+    answer = requests.post(f"{url}/sdapi/v1/img2img", json={"init_images": [_b64(init)], "mask": _b64(mask), **body},
+                           timeout=300)
+    assert answer.status_code == status, answer.text
+    if status != 200:
+        return answer
+    data = answer.json()
+    return Image.open(io.BytesIO(base64.b64decode(data["images"][0]))), json.loads(data["info"])
+
+
+def _photo(size):
+    from PIL import Image, ImageDraw
+
+    photo = Image.new("RGB", size, (90, 140, 200))
+    draw = ImageDraw.Draw(photo)
+    draw.ellipse((6, 4, size[0] - 10, size[1] - 6), fill=(200, 30, 40))
+    draw.rectangle((30, 20, 44, 40), fill=(20, 160, 60))
+    return photo
+
+
+def test_mask_blur_x_and_y(server, sd_pipe):
+    """A1111's mask_blur_x / mask_blur_y: separate Gaussian sizes along X and Y; mask_blur sets both."""
+    from PIL import Image, ImageDraw
+
+    from diffusekit.generation import generate
+    from diffusekit.infotext import GenerationParameters
+    from diffusekit.mask_blur import blur_mask
+
+    url = server[0]
+    init = _photo((32, 32))
+    mask = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(mask).rectangle((12, 12, 19, 19), fill=255)
+    common = dict(prompt="a photo of a blue dress", seed=8, steps=3, width=32, height=32, cfg_scale=4,
+                  denoising_strength=0.9, sampler_name="Euler", inpaint_full_res=False)
+    xy, info = _post_img2img(url, init, mask, mask_blur_x=1, mask_blur_y=5, **common)
+    text = info["infotexts"][0]
+    assert "Mask blur X: 1, Mask blur Y: 5" in text and "Mask blur:" not in text  # A1111 records none when unequal
+    params = GenerationParameters.from_infotext(text)
+    library = generate(sd_pipe, params, image=init, mask=mask, prompt_syntax="a1111").images[0]
+    _same(xy, library)
+    # the composite went through the mask blurred 1 pixel along X, 5 along Y: the original shows exactly where
+    # that blurred mask is 0, i.e. farther than the 3-pixel X reach left / right of the square but not above it
+    reach = np.asarray(blur_mask(mask, 1, 5))
+    assert reach[16, 12 - 4] == 0 and reach[12 - 4, 16] > 0
+    got, original = np.asarray(xy), np.asarray(init)
+    np.testing.assert_array_equal(got[reach == 0], original[reach == 0])
+    # mask_blur given: both sizes, recorded as A1111 does
+    both, info = _post_img2img(url, init, mask, mask_blur=3, mask_blur_x=1, mask_blur_y=5, **common)
+    assert "Mask blur: 3" in info["infotexts"][0]
+    same, info = _post_img2img(url, init, mask, mask_blur_x=3, mask_blur_y=3, **common)
+    assert "Mask blur: 3" in info["infotexts"][0]
+    _same(both, same)
+    assert not np.array_equal(np.asarray(both), got)
+    bad = _post_img2img(url, init, mask, status=422, mask_blur_y=-2, **common)
+    assert "mask_blur_y must be >= 0 pixels, got -2" in bad.text
+
+
+def test_inpaint_only_masked(server, sd_pipe):
+    """A1111's inpaint_full_res ("Only masked"): the crop around the blurred mask plus padding, widened to the
+    working size's aspect ratio, is inpainted at the working size and pasted back into the full-size image."""
+    from PIL import Image, ImageDraw
+
+    from diffusekit.generation import generate
+    from diffusekit.infotext import GenerationParameters
+    from diffusekit.mask_blur import blur_mask
+
+    url = server[0]
+    init = _photo((64, 48))  # larger than the working size, and of another shape
+    mask = Image.new("L", (64, 48), 0)
+    ImageDraw.Draw(mask).rectangle((22, 14, 35, 27), fill=255)
+    common = dict(prompt="a photo of a blue dress", seed=5, steps=3, width=48, height=32, cfg_scale=4,
+                  denoising_strength=0.9, sampler_name="Euler", mask_blur=2)
+    result, info = _post_img2img(url, init, mask, inpaint_full_res=True, inpaint_full_res_padding=4, **common)
+    assert result.size == (64, 48)  # the input image's size, not the working size
+    text = info["infotexts"][0]
+    assert "Mask blur: 2" in text and "Inpaint area: Only masked" in text and "Masked area padding: 4" in text
+
+    # A1111's steps written out: the blurred mask's non-zero box, 4 pixels of padding, widened to 3:2
+    blurred = blur_mask(mask, 2)
+    m = np.asarray(blurred)
+    ys, xs = np.nonzero(m)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (17, 9, 41, 33)
+    # padded: (13, 5, 45, 37), 32 x 32; 3:2 needs 48 wide: 16 more, 8 each side
+    region = (5, 5, 53, 37)
+    crop = init.crop(region).resize((48, 32), Image.LANCZOS)  # 48 x 32 already: the resize keeps it
+    crop_mask = blurred.crop(region).resize((48, 32), Image.LANCZOS)
+    generated = _direct(sd_pipe, "StableDiffusionInpaintPipeline", "Euler", [5], prompt=["a photo of a blue dress"],
+                        image=crop, mask_image=crop_mask, strength=0.9, num_inference_steps=3, guidance_scale=4.0,
+                        height=32, width=48)[0]
+    back = np.zeros((48, 64, 3))
+    back[5:37, 5:53] = np.asarray(generated.resize((48, 32), Image.LANCZOS))
+    alpha = (255 - m.astype(float))[..., None] / 255  # the original's weight: 255 - blurred mask, not doubled
+    expected = alpha * np.asarray(init) + (1 - alpha) * back
+    got = np.asarray(result).astype(float)
+    keep, paint = alpha[..., 0] == 1, alpha[..., 0] == 0
+    assert keep.any() and paint.any() and (~keep & ~paint).any()
+    np.testing.assert_array_equal(got[keep], np.asarray(init)[keep])
+    np.testing.assert_array_equal(got[paint], back[paint])
+    assert np.abs(got - expected).max() <= 2  # PIL's premultiplied 8-bit steps round in the blend band
+    # the library remakes it from the PNG's parameters
+    library = generate(sd_pipe, GenerationParameters.from_infotext(text), image=init, mask=mask,
+                       prompt_syntax="a1111").images[0]
+    _same(result, library)
+    # a blank mask: A1111 falls back to image-to-image of the whole picture (at the working size)
+    blank, info = _post_img2img(url, init, Image.new("L", (64, 48), 0), inpaint_full_res=True, **common)
+    assert blank.size == (48, 32) and "Inpaint area" not in info["infotexts"][0]
+    direct = _direct(sd_pipe, "StableDiffusionImg2ImgPipeline", "Euler", [5], prompt=["a photo of a blue dress"],
+                     image=init.resize((48, 32), Image.LANCZOS), strength=0.9, num_inference_steps=3,
+                     guidance_scale=4.0)[0]
+    _same(blank, direct)

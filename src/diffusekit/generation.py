@@ -162,8 +162,11 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     CPU), never the noise: an image is the same up to that whatever it was batched with.
 
     Inpainting with a request's ``extra["Mask blur"]`` above 0 does what A1111's ``mask_blur`` does
-    (:mod:`diffusekit.mask_blur`): the pipeline gets the binary mask blurred, and each image is composited onto the
-    original through it; 0 (or absent) leaves the pipeline's output as it is.
+    (:mod:`diffusekit.mask_blur`; ``Mask blur X`` / ``Mask blur Y`` for separate sizes): the pipeline gets the binary
+    mask blurred, and each image is composited onto the original through it; 0 (or absent) leaves the pipeline's
+    output as it is. ``extra["Inpaint area"] = "Only masked"`` (with ``"Masked area padding"``) inpaints a crop
+    around the mask at the working size and pastes it back into the image, which keeps its own size, as A1111's
+    ``inpaint_full_res`` (:mod:`diffusekit.inpaint_area`).
     """
     import torch
 
@@ -183,12 +186,28 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
         # one image per output image: the inpainting pipelines encode a single image once, with the first image's
         # generator, so the others would depend on their batch; each image's own generator encodes its copy
         image = [image] * len(seeds)
-    overlays = None  # A1111's mask_blur: a blurred mask, and the result composited onto the image (mask_blur.py)
+    overlays = pastes = None  # A1111's mask_blur (mask_blur.py) and "only masked" inpainting (inpaint_area.py)
     if mask is not None:
-        from .mask_blur import blur_masks
+        per_output = [r for r in requests for _ in range(batch_size)]
+        padding = _only_masked_padding(per_output)
+        if padding is not None:
+            from .inpaint_area import crop_to_masks
 
-        mask, overlays = blur_masks(image, mask, [r for r in requests for _ in range(batch_size)],
-                                    (params.width, params.height))
+            cropped = crop_to_masks(image, mask, per_output, params.width, params.height, padding)
+            if cropped is None:  # every mask blank: A1111 runs image-to-image on the whole picture (and says so)
+                from .inpaint_area import INPAINT_AREA_KEY, PADDING_KEY
+
+                task, mask = "image-to-image", None
+                image = _resized(image, params.width, params.height)
+                requests = [r.replace(extra={k: v for k, v in r.extra.items() if k not in (INPAINT_AREA_KEY,
+                                                                                            PADDING_KEY)})
+                            for r in requests]
+            else:
+                image, mask, pastes = cropped
+        else:
+            from .mask_blur import blur_masks
+
+            mask, overlays = blur_masks(image, mask, per_output, (params.width, params.height))
     run = request_pipeline(pipe, task, _sampler_name(params))
     kwargs: dict[str, Any] = {"generator": generators, "output_type": output_type}
     if params.steps is not None:
@@ -235,6 +254,12 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
         from .mask_blur import apply_overlays
 
         images = apply_overlays(images, overlays)
+    if pastes is not None:
+        from .inpaint_area import paste_back
+
+        if not all(hasattr(x, "convert") for x in images):
+            raise ValueError("Only masked inpainting pastes PIL images back: use output_type='pil'")
+        images = [paste_back(im, paste) for im, paste in zip(images, pastes)]
     per_image = [r.replace(seed=s) for r, s in zip((r for r in requests for _ in range(batch_size)), seeds)]
     if not hasattr(run, "encode_prompt"):  # record only what shaped the image: no guidance, no clip skip
         per_image = [p.replace(cfg_scale=None, clip_skip=None, guidance_interval=None, deep_cache_interval=None,
@@ -244,6 +269,27 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     if (params.width is None or params.height is None) and images and hasattr(images[0], "size"):
         per_image = [p.replace(width=im.size[0], height=im.size[1]) for p, im in zip(per_image, images)]
     return GenerationResult(images, per_image, getattr(output, "nsfw_content_detected", None))
+
+
+def _only_masked_padding(requests: list) -> int | None:
+    """The "Masked area padding" of requests for A1111's "only masked" inpainting (None: the whole picture); the
+    requests of one pipeline call must agree."""
+    from .inpaint_area import only_masked_padding
+
+    paddings = {only_masked_padding(r) for r in requests}
+    if len(paddings) > 1:
+        raise ValueError("requests batched together must share Inpaint area and Masked area padding")
+    return paddings.pop()
+
+
+def _resized(image: Any, width: int | None, height: int | None) -> Any:
+    """``image`` (or each of a list) resized to ``width`` x ``height`` (A1111's "just resize"), if both are given."""
+    if not width or not height:
+        return image
+    from PIL import Image
+
+    one = lambda im: im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS)  # noqa: E731
+    return [one(im) for im in image] if isinstance(image, (list, tuple)) else one(image)
 
 
 def _with_pipeline_deep_cache(params: GenerationParameters, config) -> GenerationParameters:

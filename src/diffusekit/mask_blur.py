@@ -4,8 +4,9 @@ A1111's order (``modules/processing.py``, ``StableDiffusionProcessingImg2Img.ini
 :func:`diffusekit.generation.generate` follows when a request's ``Mask blur`` is above 0:
 
 1. the mask is made binary (grey levels above 128 become 255, the rest 0);
-2. it is blurred with a Gaussian of standard deviation ``mask_blur`` pixels, first along the rows, then along the
-   columns, each pass ``2 * int(2.5 * mask_blur + 0.5) + 1`` taps wide, borders mirrored without repeating the edge
+2. it is blurred with a Gaussian of standard deviation ``mask_blur`` pixels (A1111's ``mask_blur_x`` /
+   ``mask_blur_y`` when they differ), first along the rows, then along the columns, each pass
+   ``2 * int(2.5 * sigma + 0.5) + 1`` taps wide (a pass of sigma 0 is skipped), borders mirrored without repeating the edge
    pixel, in the 8-bit fixed point OpenCV uses (A1111 runs ``cv2.GaussianBlur`` on 8-bit images; the tests check
    the result equals OpenCV's bit for bit);
 3. the blurred mask is what the pipeline gets (its latent mask);
@@ -13,7 +14,9 @@ A1111's order (``modules/processing.py``, ``StableDiffusionProcessingImg2Img.ini
    blurred mask is below one half), and the original image with alpha ``255 - overlay mask`` is alpha-composited
    over each generated image, as A1111 does with PIL's premultiplied ``RGBa`` paste and ``alpha_composite``.
 
-With ``mask_blur`` 0 nothing here runs: the pipeline's output is returned as it is (A1111 would still paste the
+A request carries the blur in ``params.extra``: ``Mask blur`` (the key A1111 records, when X and Y are equal), or
+``Mask blur X`` / ``Mask blur Y`` (a diffusekit key pair: A1111 records nothing when they differ, so its PNGs
+cannot be remade; ``--from-png`` remakes ours). With both at 0 nothing here runs: the pipeline's output is returned as it is (A1111 would still paste the
 original back outside the hard mask; diffusekit keeps the diffusers output, which it always returned).
 Only numpy and Pillow; OpenCV is a test-time reference (``tests/test_mask_blur.py``).
 """
@@ -23,11 +26,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["MASK_BLUR_KEY", "apply_overlay", "apply_overlays", "blur_mask", "blur_masks", "binary_mask",
-           "gaussian_kernel", "mask_blur_of", "overlay_for"]
+__all__ = ["MASK_BLUR_KEY", "MASK_BLUR_X_KEY", "MASK_BLUR_Y_KEY", "apply_overlay", "apply_overlays", "blur_mask",
+           "blur_masks", "binary_mask", "gaussian_kernel", "mask_blur_of", "mask_blurs_of", "mask_blur_extra",
+           "overlay_for"]
 
 #: the infotext key A1111 records the blur under (only when above 0); a request carries it in ``params.extra``
 MASK_BLUR_KEY = "Mask blur"
+#: diffusekit's keys for separate X / Y blurs (A1111's ``mask_blur_x`` / ``mask_blur_y`` when they differ)
+MASK_BLUR_X_KEY, MASK_BLUR_Y_KEY = "Mask blur X", "Mask blur Y"
 
 
 def binary_mask(mask) -> Any:
@@ -77,26 +83,31 @@ def _blur_axis(array, taps: list[int], axis: int):
     return ((total + 128) >> 8).clip(0, 255).astype(np.uint8)
 
 
-def blur_mask(mask, mask_blur: float) -> Any:
-    """Steps 1 and 2: the binary mask blurred along the rows then the columns (a PIL ``L`` image)."""
+def blur_mask(mask, mask_blur: float, mask_blur_y: float | None = None) -> Any:
+    """Steps 1 and 2: the binary mask blurred along the rows (sigma ``mask_blur``) then the columns (sigma
+    ``mask_blur_y``, default the same), as A1111's two ``cv2.GaussianBlur`` calls (a PIL ``L`` image)."""
     import numpy as np
     from PIL import Image
 
     array = np.asarray(binary_mask(mask))  # (H, W) uint8
-    if mask_blur > 0:
-        kernel = gaussian_kernel(float(mask_blur))
-        array = _blur_axis(_blur_axis(array, kernel, axis=1), kernel, axis=0)
+    mask_blur_y = mask_blur if mask_blur_y is None else mask_blur_y
+    for axis, sigma in ((1, mask_blur), (0, mask_blur_y)):
+        if sigma > 0:
+            array = _blur_axis(array, gaussian_kernel(float(sigma)), axis=axis)
     return Image.fromarray(array, "L")
 
 
-def overlay_for(image, blurred_mask) -> Any:
+def overlay_for(image, blurred_mask, double: bool = True) -> Any:
     """Step 4's overlay: ``image`` (RGB, resized to the mask's size if it differs) with alpha ``255 - min(2 *
-    mask, 255)``, built as A1111 builds it (a premultiplied paste), as an ``RGBA`` image."""
+    mask, 255)`` (``255 - mask`` with ``double=False``, as A1111's "only masked" inpainting), built as A1111 builds it
+    (a premultiplied paste), as an ``RGBA`` image."""
     import numpy as np
     from PIL import Image, ImageOps
 
-    doubled = np.clip(np.asarray(blurred_mask.convert("L")).astype(np.float32) * 2, 0, 255).astype(np.uint8)
-    for_overlay = Image.fromarray(doubled, "L")
+    for_overlay = blurred_mask.convert("L")
+    if double:
+        doubled = np.clip(np.asarray(for_overlay).astype(np.float32) * 2, 0, 255).astype(np.uint8)
+        for_overlay = Image.fromarray(doubled, "L")
     image = image.convert("RGB")
     if image.size != for_overlay.size:
         image = image.resize(for_overlay.size, Image.LANCZOS)
@@ -120,18 +131,39 @@ def apply_overlay(generated, overlay) -> Any:
 # ---------------------------------------------------------------------------------------------- one request
 
 
-def mask_blur_of(params) -> float:
-    """A request's ``Mask blur`` (``params.extra``; an int, or its text from a PNG's parameters), 0 when absent."""
-    value = params.extra.get(MASK_BLUR_KEY)
+def _pixels(params, key: str) -> float | None:
+    value = params.extra.get(key)
     if value is None or value == "":
-        return 0.0
+        return None
     try:
         blur = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{MASK_BLUR_KEY} must be a number of pixels >= 0, got {value!r}") from None
+        raise ValueError(f"{key} must be a number of pixels >= 0, got {value!r}") from None
     if not blur >= 0 or math.isinf(blur):
-        raise ValueError(f"{MASK_BLUR_KEY} must be a number of pixels >= 0, got {value!r}")
+        raise ValueError(f"{key} must be a number of pixels >= 0, got {value!r}")
     return blur
+
+
+def mask_blurs_of(params) -> tuple[float, float]:
+    """A request's ``(X, Y)`` blur: ``Mask blur X`` / ``Mask blur Y`` where given, else ``Mask blur`` (``params.extra``;
+    numbers, or their text from a PNG's parameters), 0 when absent."""
+    both = _pixels(params, MASK_BLUR_KEY)
+    x, y = _pixels(params, MASK_BLUR_X_KEY), _pixels(params, MASK_BLUR_Y_KEY)
+    return (both or 0.0) if x is None else x, (both or 0.0) if y is None else y
+
+
+def mask_blur_of(params) -> float:
+    """A request's ``Mask blur`` (the X blur when X and Y differ), 0 when absent."""
+    return mask_blurs_of(params)[0]
+
+
+def mask_blur_extra(x: float, y: float) -> dict[str, float]:
+    """The ``params.extra`` entries for a blur of ``x`` / ``y`` pixels: ``{"Mask blur": x}`` when equal and above 0
+    (what A1111 records), both diffusekit keys when they differ, nothing for 0."""
+    number = lambda v: int(v) if float(v).is_integer() else v  # noqa: E731
+    if x == y:
+        return {MASK_BLUR_KEY: number(x)} if x > 0 else {}
+    return {MASK_BLUR_X_KEY: number(x), MASK_BLUR_Y_KEY: number(y)}
 
 
 def blur_masks(image: Any, mask: Any, requests: list, size: tuple[int | None, int | None]) -> tuple[Any, Any]:
@@ -142,8 +174,8 @@ def blur_masks(image: Any, mask: Any, requests: list, size: tuple[int | None, in
     is resized to ``size`` (width, height; default the image's) if it differs (as the server does with uploads),
     made binary and blurred, and an overlay made from its image; images with a blur of 0 get ``None``.
     """
-    blurs = [mask_blur_of(r) for r in requests]
-    if not any(blurs):
+    blurs = [mask_blurs_of(r) for r in requests]
+    if not any(x or y for x, y in blurs):
         return mask, None
     count = len(requests)
     images = list(image) if isinstance(image, (list, tuple)) else [image] * count
@@ -153,7 +185,7 @@ def blur_masks(image: Any, mask: Any, requests: list, size: tuple[int | None, in
                          "pass PIL images, or a blur of 0")
     blurred, overlays = [], []
     for picture, one_mask, blur in zip(images, masks, blurs):
-        if not blur:
+        if not any(blur):
             blurred.append(one_mask)
             overlays.append(None)
             continue
@@ -162,7 +194,7 @@ def blur_masks(image: Any, mask: Any, requests: list, size: tuple[int | None, in
             from PIL import Image
 
             one_mask = one_mask.convert("L").resize(tuple(target), Image.LANCZOS)
-        one_mask = blur_mask(one_mask, blur)
+        one_mask = blur_mask(one_mask, *blur)
         blurred.append(one_mask)
         overlays.append(overlay_for(picture, one_mask))
     single = not isinstance(mask, (list, tuple)) and len(set(blurs)) == 1

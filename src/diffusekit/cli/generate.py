@@ -144,10 +144,13 @@ def request_parameters(args):
         params = params.replace(denoising_strength=DEFAULT_STRENGTH)
     if args.image is None:
         params = params.replace(denoising_strength=None)
-    from ..mask_blur import MASK_BLUR_KEY
+    from ..mask_blur import MASK_BLUR_KEY, MASK_BLUR_X_KEY, MASK_BLUR_Y_KEY
 
     if args.mask_blur is not None and not args.mask_blur >= 0:
         raise fail(f"--mask-blur must be >= 0 pixels, got {args.mask_blur}")
+    if args.mask_blur is not None:  # one size for both axes, over a PNG's separate X / Y sizes
+        params.extra.pop(MASK_BLUR_X_KEY, None)
+        params.extra.pop(MASK_BLUR_Y_KEY, None)
     blur = args.mask_blur if args.mask_blur is not None else params.extra.get(
         MASK_BLUR_KEY, 0 if args.from_png else DEFAULT_MASK_BLUR)  # A1111 records it only when above 0
     params.extra.pop(MASK_BLUR_KEY, None)

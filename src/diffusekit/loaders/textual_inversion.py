@@ -269,6 +269,36 @@ class TextualInversionLoaderMixin:
         return groups
 
 
+def embedding_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """A1111's ``/sdapi/v1/embeddings`` entry for an embedding file, as its ``create_embedding_from_data`` reads it:
+    ``shape`` (the vector width; for SDXL ``clip_l`` + ``clip_g`` widths), ``vectors`` (how many), and the ``step``,
+    ``sd_checkpoint``, ``sd_checkpoint_name`` an A1111 ``.pt`` file records (None otherwise). A file that cannot
+    be read gives None everywhere."""
+    summary: dict[str, Any] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                               "vectors": None}
+    try:
+        data = _read_file(Path(path))
+    except Exception:  # noqa: BLE001 - the loader reports why; here the entry just has no numbers
+        return summary
+    vectors = None
+    if _is_sdxl(data) and all(isinstance(data[k], torch.Tensor) for k in ("clip_l", "clip_g")):
+        summary["shape"] = int(data["clip_g"].shape[-1] + data["clip_l"].shape[-1])
+        summary["vectors"] = int(data["clip_g"].shape[0]) if data["clip_g"].ndim > 1 else 1
+        return summary
+    try:
+        _, vectors = _token_and_vectors(data, "embedding", str(path), Path(path).stem)
+    except TextualInversionError:
+        return summary
+    if isinstance(data, Mapping):
+        for key in ("step", "sd_checkpoint", "sd_checkpoint_name"):
+            value = data.get(key)
+            summary[key] = value if isinstance(value, (int, str)) else None
+    if isinstance(vectors, torch.Tensor) and vectors.ndim >= 1:
+        summary["shape"] = int(vectors.shape[-1])
+        summary["vectors"] = int(vectors.shape[0]) if vectors.ndim > 1 else 1
+    return summary
+
+
 def _is_sdxl(data: Any) -> bool:
     """An A1111 / kohya SDXL embedding: one tensor per text encoder."""
     return isinstance(data, Mapping) and {"clip_l", "clip_g"} <= set(data)

@@ -3,9 +3,11 @@
 Requests become jobs on the shared queue (so A1111 clients and ``/v1/jobs`` clients take turns on one model); the
 response comes when the job finishes. Images come back as base64 PNGs carrying the "parameters" chunk, ``info`` as
 A1111's JSON string. Fields A1111 has but diffusekit does not act on (hires fix, face restoration, tiling,
-subseeds, scripts, ``inpaint_full_res``) are accepted and ignored, as A1111 ignores unknown ones. ``mask_blur``
-(default 4, as A1111's) blurs the inpainting mask and composites the result onto the original, as A1111 does
-(:mod:`diffusekit.mask_blur`).
+subseeds, scripts) are accepted and ignored, as A1111 ignores unknown ones. ``mask_blur`` (or ``mask_blur_x`` /
+``mask_blur_y``, default 4 each, as A1111's) blurs the inpainting mask and composites the result onto the original,
+as A1111 does (:mod:`diffusekit.mask_blur`); ``inpaint_full_res`` (default true, as A1111's API) with
+``inpaint_full_res_padding`` inpaints only a crop around the mask, at the working size, and pastes it back
+(:mod:`diffusekit.inpaint_area`).
 """
 
 from __future__ import annotations
@@ -67,7 +69,11 @@ class Img2ImgRequest(Txt2ImgRequest):
     denoising_strength: float | None = 0.75
     resize_mode: int = 0
     inpainting_mask_invert: int = 0
-    mask_blur: int | None = None
+    mask_blur: int | None = None  # A1111: when given, sets both mask_blur_x and mask_blur_y
+    mask_blur_x: int = MASK_BLUR_DEFAULT
+    mask_blur_y: int = MASK_BLUR_DEFAULT
+    inpaint_full_res: bool = True  # A1111's API default ("Only masked"; its web page defaults to the whole picture)
+    inpaint_full_res_padding: int = 0
     include_init_images: bool = False
 
 
@@ -138,13 +144,29 @@ def build_request(state, body: Txt2ImgRequest, *, img2img: bool, model: str | No
         image, mask = _input_images(state, body, params)
         params = params.replace(denoising_strength=body.denoising_strength if body.denoising_strength is not None
                                 else 0.75)
-        blur = MASK_BLUR_DEFAULT if body.mask_blur is None else body.mask_blur
-        if blur < 0:
-            raise _unprocessable(f"mask_blur must be >= 0 pixels, got {blur}")
-        if mask is not None and blur > 0:  # recorded as A1111 records it: "Mask blur: 4"
-            params = params.replace(extra={**params.extra, "Mask blur": blur})
+        if mask is not None:
+            params = params.replace(extra={**params.extra, **_inpaint_extra(body)})
     return JobRequest(model=entry.name, params=params, batch_size=body.batch_size, n_iter=body.n_iter, image=image,
                       mask=mask)
+
+
+def _inpaint_extra(body: Img2ImgRequest) -> dict[str, Any]:
+    """The infotext entries of an inpainting request's mask blur and inpaint area (as A1111 records them)."""
+    from ..inpaint_area import INPAINT_AREA_KEY, ONLY_MASKED, PADDING_KEY
+    from ..mask_blur import mask_blur_extra
+
+    if body.mask_blur is not None:
+        checked, x, y = {"mask_blur": body.mask_blur}, body.mask_blur, body.mask_blur
+    else:
+        checked, x, y = {"mask_blur_x": body.mask_blur_x, "mask_blur_y": body.mask_blur_y}, body.mask_blur_x, \
+            body.mask_blur_y
+    for name, value in {**checked, "inpaint_full_res_padding": body.inpaint_full_res_padding}.items():
+        if value < 0:
+            raise _unprocessable(f"{name} must be >= 0 pixels, got {value}")
+    extra: dict[str, Any] = mask_blur_extra(x, y)  # "Mask blur: 4" as A1111 records it
+    if body.inpaint_full_res:
+        extra |= {INPAINT_AREA_KEY: ONLY_MASKED, PADDING_KEY: body.inpaint_full_res_padding}
+    return extra
 
 
 def _input_images(state, body: Img2ImgRequest, params: GenerationParameters):
@@ -159,6 +181,8 @@ def _input_images(state, body: Img2ImgRequest, params: GenerationParameters):
         mask = image_from_b64(body.mask, "mask", limit).convert("L") if body.mask else None
     except BadImage as exc:
         raise _unprocessable(str(exc)) from None
+    if mask is not None and body.inpaint_full_res:  # "only masked": the image keeps its size, the crop is scaled
+        size = image.size
     if image.size != size:  # A1111 resize_mode 0, "just resize", to the requested size
         image = image.resize(size, Image.LANCZOS)
     if mask is not None:

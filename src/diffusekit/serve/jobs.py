@@ -21,6 +21,9 @@ import uuid
 from typing import Any
 
 from ..infotext import GenerationParameters
+from ..inpaint_area import INPAINT_AREA_KEY, PADDING_KEY
+
+ONLY_MASKED_KEYS = (INPAINT_AREA_KEY, PADDING_KEY)
 
 logger = logging.getLogger(__name__)
 
@@ -359,8 +362,10 @@ class Worker:
                 job._finish(FAILED, str(exc))
                 return
             if job._stop != CANCELLED:  # a cancelled job keeps nothing; an interrupted one keeps what it made
-                result.parameters = [recorded.replace(seed=p.seed, width=p.width, height=p.height)
-                                     for p in result.parameters]  # the prompt as written, LoRA tags included
+                # the prompt as written, LoRA tags included; "only masked" dropped where a blank mask ran img2img
+                result.parameters = [recorded.replace(seed=p.seed, width=p.width, height=p.height, extra={
+                    k: v for k, v in recorded.extra.items() if k not in ONLY_MASKED_KEYS or k in p.extra})
+                    for p in result.parameters]
                 self._collect(job, result)
         job._finish(job._stop or DONE)
 

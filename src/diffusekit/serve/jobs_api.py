@@ -28,6 +28,7 @@ KEEPALIVE_S = 15.0
 class JobBody(Img2ImgRequest):
     model: str | None = None
     denoising_strength: float | None = None
+    inpaint_full_res: bool = False  # the whole picture by default, as A1111's web page (its API defaults to true)
 
 
 def router(state) -> APIRouter:

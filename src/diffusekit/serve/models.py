@@ -161,17 +161,19 @@ class LoadedModel:
         """Load every textual-inversion file of the models folder, as A1111 does at start; one that does not fit
         this model (another text encoder width, a bad file) is listed as skipped, with the reason logged."""
         from ..infotext import embedding_hash
+        from ..loaders.textual_inversion import embedding_summary
 
         if not hasattr(self.pipe, "load_textual_inversion"):
             return
         for path in files:
+            info = embedding_summary(path)
             try:
                 self.pipe.load_textual_inversion(str(path), token=path.stem)
             except Exception as exc:  # noqa: BLE001 - any bad file is skipped, as in A1111
                 logger.warning("embedding %s skipped for %s: %s", path.name, self.name, exc)
-                self.skipped_embeddings[path.stem] = _embedding_info(None)
+                self.skipped_embeddings[path.stem] = info
                 continue
-            self.embeddings[path.stem] = _embedding_info(self.name)
+            self.embeddings[path.stem] = info
             self.embedding_hashes[path.stem] = embedding_hash(path)
 
     def embeddings_used(self, *prompts: str) -> dict[str, str]:
@@ -248,10 +250,6 @@ def parse_lora_tags(prompt: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"prompt tag <lora:{name}:{weight}>: the weight is not a number") from None
     return tags
-
-
-def _embedding_info(checkpoint: str | None) -> dict[str, Any]:
-    return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": checkpoint, "shape": None, "vectors": None}
 
 
 def _load(entry: ModelEntry):
