@@ -329,9 +329,10 @@ def test_cli_prompt_tag_and_hash(tmp_path):
     g = torch.Generator().manual_seed(9)
     name = "lora_unet_" + layer.replace(".", "_")
     out, fan_in = module.weight.shape
-    lyco = {f"{name}.hada_w1_a": torch.randn(out, 4, generator=g), f"{name}.hada_w1_b": torch.randn(4, fan_in, generator=g),
-            f"{name}.hada_w2_a": torch.randn(out, 4, generator=g), f"{name}.hada_w2_b": torch.randn(4, fan_in, generator=g),
-            f"{name}.alpha": torch.tensor(4.0)}
+    lyco = {f"{name}.alpha": torch.tensor(4.0)}
+    for i in ("1", "2"):
+        lyco[f"{name}.hada_w{i}_a"] = torch.randn(out, 4, generator=g)
+        lyco[f"{name}.hada_w{i}_b"] = torch.randn(4, fan_in, generator=g)
     file = tmp_path / "hadastyle.safetensors"
     save_file(lyco, file, metadata=kohya_metadata("loha", 4, 4.0))
     args = ["generate", sd, "--num-images", "1", "--steps", "2", "--width", "32", "--height", "32"]

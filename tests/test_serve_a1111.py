@@ -30,6 +30,7 @@ def models_dir(tmp_path_factory):
     shutil.copytree(BUNDLED_DIR / DDPM, root / "my-ddpm")
     (root / "Lora").mkdir()
     _random_lora(root / "Lora" / "redder.safetensors")
+    _random_loha(root / "Lora" / "hadastyle.safetensors")
     (root / "embeddings").mkdir()
     (root / "embeddings" / "broken.pt").write_bytes(b"")  # listed as skipped, as A1111 does
     from safetensors.torch import save_file
@@ -49,6 +50,27 @@ def models_dir(tmp_path_factory):
 
 
 SINGLE = "tiny-sd.safetensors"
+LOHA_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
+LOHA_METADATA = {"ss_output_name": "hada_style_v1", "ss_network_module": "lycoris.kohya", "ss_network_dim": "4",
+                 "ss_network_alpha": "2.0", "ss_network_args": '{"algo": "loha", "conv_dim": "4"}'}
+
+
+def _random_loha(path):
+    """A LyCORIS LoHa file as kohya's trainer writes it (keys and metadata) for one layer of the bundled SD UNet."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffusekit import UNet2DConditionModel
+
+    weight = UNet2DConditionModel.from_pretrained(SD, subfolder="unet").get_submodule(LOHA_LAYER).weight
+    g = torch.Generator().manual_seed(3)
+    name = "lora_unet_" + LOHA_LAYER.replace(".", "_")
+    out, fan_in = weight.shape
+    tensors = {f"{name}.alpha": torch.tensor(2.0)}
+    for i in ("1", "2"):
+        tensors[f"{name}.hada_w{i}_a"] = torch.randn(out, 4, generator=g)
+        tensors[f"{name}.hada_w{i}_b"] = torch.randn(4, fan_in, generator=g)
+    save_file(tensors, path, metadata=LOHA_METADATA)
 
 
 def _tiny_single_file(path):
@@ -264,8 +286,10 @@ def test_png_info_samplers_schedulers_loras_embeddings(api):
     for name in samplers:
         resolve_sampler(name)
     assert {"automatic", "karras", "exponential"} <= set(api.util_get_scheduler_names())
-    assert api.get_loras() == [{"name": "redder", "alias": "redder", "path": "Lora/redder.safetensors",
-                                "metadata": {}}]
+    assert api.get_loras() == [
+        {"name": "hadastyle", "alias": "hada_style_v1", "path": "Lora/hadastyle.safetensors",  # as A1111: metadata
+         "metadata": {**LOHA_METADATA, "ss_network_args": {"algo": "loha", "conv_dim": "4"}}},  # JSON read
+        {"name": "redder", "alias": "redder", "path": "Lora/redder.safetensors", "metadata": {}}]
     embeddings = api.get_embeddings()
     assert set(embeddings["loaded"]) == {"glowstyle9", "oldstyle"} and set(embeddings["skipped"]) == {"broken"}
     # A1111's fields: the vector width and count, and what an A1111 .pt records about its training
@@ -477,3 +501,25 @@ def test_inpaint_only_masked(server, sd_pipe):
                      image=init.resize((48, 32), Image.LANCZOS), strength=0.9, num_inference_steps=3,
                      guidance_scale=4.0)[0]
     _same(blank, direct)
+
+
+def test_lycoris_file_by_prompt_tag(api, models_dir):
+    """A LyCORIS LoHa in the models folder's Lora/ runs from a <lora:name:w> tag (or its metadata alias), as the
+    library runs it, and is recorded in "Lora hashes"."""
+    from diffusekit import DiffusionPipeline
+    from diffusekit.infotext import lora_hash
+
+    common = dict(seed=6, steps=3, width=32, height=32, cfg_scale=4, sampler_name="Euler")
+    styled = api.txt2img(prompt=f"{PROMPT} <lora:hadastyle:0.7>", **common)
+    pipe = DiffusionPipeline.from_pretrained(SD)
+    pipe.load_lora_weights(str(models_dir / "Lora" / "hadastyle.safetensors"), adapter_name="hadastyle")
+    pipe.set_adapters(["hadastyle"], [0.7])
+    want = _direct(pipe, "StableDiffusionPipeline", "Euler", [6], prompt=[PROMPT], num_inference_steps=3,
+                   guidance_scale=4.0, height=32, width=32)[0]
+    _same(styled.image, want)
+    assert f'Lora hashes: "hadastyle: {lora_hash(models_dir / "Lora" / "hadastyle.safetensors")}"' in \
+        styled.info["infotexts"][0]
+    by_alias = api.txt2img(prompt=f"{PROMPT} <lora:hada_style_v1:0.7>", **common)
+    _same(by_alias.image, want)
+    plain = api.txt2img(prompt=PROMPT, **common)
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(styled.image))

@@ -6,9 +6,9 @@ A1111's order (``modules/processing.py``, ``StableDiffusionProcessingImg2Img.ini
 1. the mask is made binary (grey levels above 128 become 255, the rest 0);
 2. it is blurred with a Gaussian of standard deviation ``mask_blur`` pixels (A1111's ``mask_blur_x`` /
    ``mask_blur_y`` when they differ), first along the rows, then along the columns, each pass
-   ``2 * int(2.5 * sigma + 0.5) + 1`` taps wide (a pass of sigma 0 is skipped), borders mirrored without repeating the edge
-   pixel, in the 8-bit fixed point OpenCV uses (A1111 runs ``cv2.GaussianBlur`` on 8-bit images; the tests check
-   the result equals OpenCV's bit for bit);
+   ``2 * int(2.5 * sigma + 0.5) + 1`` taps wide (a pass of sigma 0 is skipped), borders mirrored without repeating
+   the edge pixel, in the 8-bit fixed point OpenCV uses (A1111 runs ``cv2.GaussianBlur`` on 8-bit images; the
+   tests check the result equals OpenCV's bit for bit);
 3. the blurred mask is what the pipeline gets (its latent mask);
 4. the overlay mask is the blurred mask doubled and clipped to 255 (so the original shows through only where the
    blurred mask is below one half), and the original image with alpha ``255 - overlay mask`` is alpha-composited

@@ -217,7 +217,8 @@ def split_suffix(spec: str, flag: str, convert):
     return spec, None
 
 
-LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # A1111's <lora:name:weight> prompt tag (<lyco:...> is its alias)
+# A1111's <lora:name:weight> prompt tag (<lyco:name:weight>, the LyCORIS extension's spelling, is its alias)
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
 
 def load_loras(pipe, specs: list[str], prompt: str) -> tuple[str, str, dict[str, str]]:

@@ -214,8 +214,8 @@ def _dora_scale(module: nn.Module, found: Found, origin: str) -> torch.Tensor | 
     if scale.numel() == out and (scale.ndim == 1 or scale.shape[1:].numel() == 1):
         return scale.reshape(out, 1, *ones)
     raise LoraError(f"{origin}: key {_key(found, 'dora_scale')!r} has shape {tuple(scale.shape)}; DoRA needs "
-                    f"(1, {fan_in}{', 1, 1' if ones else ''}) (column norms) or (out {out}, 1{', 1, 1' if ones else ''})"
-                    " (row norms) for this layer")
+                    f"(1, {fan_in}{', 1, 1' if ones else ''}) (column norms) or ({out}, 1"
+                    f"{', 1, 1' if ones else ''}) (row norms) for this layer")
 
 
 def build_lora(module: nn.Module, found: Found, alpha: float | None, origin: str) -> LoraWeights:

@@ -128,14 +128,23 @@ class ModelRegistry:
         return files
 
     def loras(self) -> list[dict[str, Any]]:
-        """A1111's ``/sdapi/v1/loras`` entries (path relative to the models folder, never the server's)."""
-        return [{"name": p.stem, "alias": p.stem, "path": p.relative_to(self.models_dir).as_posix(), "metadata": {}}
-                for p in self._listing(LORA_DIRS, LORA_SUFFIXES)]
+        """A1111's ``/sdapi/v1/loras`` entries (path relative to the models folder, never the server's), with the
+        file's training metadata (kohya's ``ss_*`` keys) and its ``ss_output_name`` as the alias, as A1111."""
+        entries = []
+        for path in self._listing(LORA_DIRS, LORA_SUFFIXES):
+            metadata = lora_metadata(path)
+            alias = metadata.get("ss_output_name")
+            entries.append({"name": path.stem, "alias": alias if isinstance(alias, str) and alias else path.stem,
+                            "path": path.relative_to(self.models_dir).as_posix(), "metadata": metadata})
+        return entries
 
     def lora_file(self, name: str) -> Path:
         """The LoRA file a ``<lora:name:w>`` prompt tag names (by file name without suffix, as A1111)."""
         files = {p.stem: p for p in self._listing(LORA_DIRS, LORA_SUFFIXES)}
-        if name not in files:
+        if name not in files:  # A1111 also takes the alias a file's metadata gives (ss_output_name)
+            aliases = {entry["alias"]: files[entry["name"]] for entry in self.loras() if entry["name"] in files}
+            if name in aliases:
+                return aliases[name]
             raise UnknownModel(f"unknown LoRA {name!r} in the prompt; LoRA files in the models folder's Lora/: "
                                f"{', '.join(files) or 'none'}")
         return files[name]
@@ -250,6 +259,35 @@ def parse_lora_tags(prompt: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"prompt tag <lora:{name}:{weight}>: the weight is not a number") from None
     return tags
+
+
+#: A1111's display order of kohya metadata keys (``network.py``); the others follow in file order
+METADATA_ORDER = {"ss_sd_model_name": 1, "ss_resolution": 2, "ss_clip_skip": 3, "ss_num_train_images": 10,
+                  "ss_tag_frequency": 20}
+
+
+def lora_metadata(path: Path) -> dict[str, Any]:
+    """A LoRA file's safetensors metadata as A1111's ``read_metadata_from_safetensors`` gives it: values that look
+    like JSON objects (``ss_network_args``, ``ss_tag_frequency``) parsed, in A1111's order; ``{}`` for a file
+    without any (or one whose header cannot be read). Only the header is read."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw = handle.metadata() or {}
+    except Exception:  # noqa: BLE001 - a damaged file just shows no metadata; loading it reports the error
+        return {}
+    metadata: dict[str, Any] = {}
+    for key, value in raw.items():
+        metadata[key] = value
+        if isinstance(value, str) and value[:1] == "{":
+            try:
+                metadata[key] = json.loads(value)
+            except ValueError:
+                pass
+    return dict(sorted(metadata.items(), key=lambda item: METADATA_ORDER.get(item[0], 999)))
 
 
 def _load(entry: ModelEntry):
