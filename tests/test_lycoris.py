@@ -206,6 +206,41 @@ def test_lokr_full_factors_ignore_alpha_and_low_rank_ones_use_it(pipes):
     torch.testing.assert_close(ours.unet.get_submodule(conv).weight - base[conv], want_conv, rtol=1e-5, atol=1e-6)
 
 
+def test_locon_with_a_cp_middle(pipes):
+    """LyCORIS LoCon with ``lora_mid`` (CP / Tucker convolutions): ΔW[:, :, k, l] = up @ mid[:, :, k, l] @ down
+    (A1111's ``rebuild_cp_decomposition``), scale alpha / rank; the unfused layers (1x1 down, the middle with the
+    layer's stride and padding, 1x1 up) give the fused weights' output."""
+    ours, _ = pipes
+    g = torch.Generator().manual_seed(11)
+    paths = [UNET_PATHS[4], UNET_PATHS[6], "down_blocks.0.downsamplers.0.conv"]  # 3x3; 32 channels; stride 2
+    sd, want = {}, {}
+    for path in paths:
+        module = ours.unet.get_submodule(path)
+        assert module.kernel_size == (3, 3)
+        name = "lora_unet_" + path.replace(".", "_")
+        down = torch.randn(3, module.in_channels, 1, 1, generator=g) * 0.3
+        mid = torch.randn(2, 3, 3, 3, generator=g) * 0.3  # (rank of up, rank of down, k, k)
+        up = torch.randn(module.out_channels, 2, 1, 1, generator=g) * 0.3
+        sd |= {f"{name}.lora_down.weight": down, f"{name}.lora_mid.weight": mid, f"{name}.lora_up.weight": up,
+               f"{name}.alpha": torch.tensor(1.5)}
+        delta = torch.empty(module.out_channels, module.in_channels, 3, 3)
+        for k in range(3):
+            for j in range(3):
+                delta[:, :, k, j] = up[:, :, 0, 0] @ mid[:, :, k, j] @ down[:, :, 0, 0]
+        want[path] = delta * (1.5 / 3)  # alpha / rank, rank = lora_down's
+    base = {p: ours.unet.get_submodule(p).weight.detach().clone() for p in paths}
+    before = unet_out(ours.unet)
+    ours.load_lora_weights(sd, adapter_name="cp")
+    ours.set_adapters("cp", 0.8)
+    unfused = unet_out(ours.unet)
+    assert (unfused - before).abs().max() > 1e-2
+    ours.fuse_lora()
+    for path in paths:
+        torch.testing.assert_close(ours.unet.get_submodule(path).weight - base[path], 0.8 * want[path], rtol=1e-5,
+                                   atol=1e-6)
+    torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=1e-4, atol=1e-5)
+
+
 def a1111_dora(base, delta, magnitude, multiplier):
     """A1111's ``apply_weight_decompose`` then the multiplier (``network.py``), column norms for (1, in) and row
     norms for (out, 1) magnitudes."""
@@ -377,6 +412,11 @@ def test_malformed_files_name_the_file_and_key(pipes, tmp_path):
         "alpha_only": ({f"{n}.alpha": torch.tensor(1.0)}, "hold no adapter weights"),
         "dora": ({**loha, f"{n}.dora_scale": r(3, 16)}, rf"key '{n}.dora_scale' has shape \(3, 16\); DoRA needs"),
         "oft": ({f"{n}.oft_blocks": r(4, 4, 4)}, r"belongs to OFT \(LyCORIS\)"),
+        "mid_linear": ({f"{n}.lora_down.weight": r(2, 16), f"{n}.lora_up.weight": r(16, 2),
+                        f"{n}.lora_mid.weight": r(2, 2, 3, 3)}, "a CP-decomposed LoCon middle.* is for a convolution"),
+        "mid_kernel": ({f"{c}.lora_down.weight": r(2, 16, 1, 1), f"{c}.lora_up.weight": r(16, 2, 1, 1),
+                        f"{c}.lora_mid.weight": r(2, 2, 1, 1)}, rf"key '{c}.lora_mid.weight' has shape \(2, 2, 1, 1\), "
+                       r"the layer needs \(rank, rank, 3, 3\)"),
     }
     for case, (state_dict, message) in cases.items():
         path = tmp_path / f"{case}.safetensors"

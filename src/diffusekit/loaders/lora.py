@@ -13,7 +13,8 @@ File formats (the key tables below are the only place names are converted):
 * kohya / A1111: ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
   ``lora_te_...`` (text encoder; ``lora_te1_`` / ``lora_te2_`` in SDXL files). Linear layers and conv layers
   (LoCon: a ``k x k`` down conv with the layer's stride and padding, then a ``1 x 1`` up conv).
-* LyCORIS (kohya / A1111 files, same prefixes and layer names): LoHa (``.hada_w1_a`` ... ``.hada_t2``), LoKr
+* LyCORIS (kohya / A1111 files, same prefixes and layer names): LoCon's CP middle (``.lora_mid.weight``), LoHa
+  (``.hada_w1_a`` ... ``.hada_t2``), LoKr
   (``.lokr_w1`` ... ``.lokr_t2``) and DoRA's ``.dora_scale``; their weight deltas are built in
   :mod:`diffusekit.loaders.lora_layers` (one class per adapter kind, chosen from the parts a layer has).
 * diffusers / PEFT: ``unet.<module path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.``...), the older
@@ -62,6 +63,7 @@ KOHYA_PREFIXES: dict[str, str] = {
 KOHYA_SUFFIXES: dict[str, str] = {
     ".lora_down.weight": "down",
     ".lora_up.weight": "up",
+    ".lora_mid.weight": "mid",  # LyCORIS LoCon with a CP / Tucker middle on convolutions
     ".alpha": "alpha",
     ".dora_scale": "dora_scale",
     ".hada_w1_a": "hada_w1_a",
@@ -80,7 +82,7 @@ KOHYA_SUFFIXES: dict[str, str] = {
 }
 #: part -> adapter kind it belongs to (parts not listed, ``alpha`` and ``dora_scale``, go with any kind)
 PART_KINDS: dict[str, str] = {
-    "down": "lora", "up": "lora",
+    "down": "lora", "up": "lora", "mid": "lora",
     "hada_w1_a": "loha", "hada_w1_b": "loha", "hada_w2_a": "loha", "hada_w2_b": "loha", "hada_t1": "loha",
     "hada_t2": "loha",
     "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr", "lokr_w2": "lokr", "lokr_w2_a": "lokr",
@@ -117,7 +119,6 @@ DIFFUSERS_PATH_RENAMES: dict[str, str] = {
 }
 #: key fragments of other adapter kinds, refused with a clear message
 UNSUPPORTED_KINDS: dict[str, str] = {
-    "lora_mid": "LoCon with a CP-decomposed middle (LyCORIS)",
     "lokr_t1": "LoKr with a Tucker-decomposed first factor (LyCORIS)",
     "lora_magnitude_vector": "DoRA in PEFT's layout (diffusers keys)",
     ".diff": "a full weight difference (LyCORIS 'full')",

@@ -3,7 +3,8 @@
 
 Kinds (the formulas are those of kohya / LyCORIS / A1111, ``W`` of shape (out, in[, k, k])):
 
-* LoRA / LoCon: ``ΔW = up @ down``, scale ``alpha / rank`` (``rank = down.shape[0]``).
+* LoRA / LoCon: ``ΔW = up @ down``, scale ``alpha / rank`` (``rank = down.shape[0]``). LyCORIS's CP / Tucker LoCon
+  adds ``lora_mid`` (r, r, k, k) between a 1x1 ``down`` and ``up``: ``ΔW = Σ_nm up[o, n] · mid[n, m] · down[m, c]``.
 * LoHa (LyCORIS ``hada_``): ``ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b)``; ``w*_a`` (out, r), ``w*_b`` (r, in·k·k). With the
   CP / Tucker convolution form (``hada_t1`` / ``hada_t2`` (r, r, k, k), ``w*_a`` (r, out), ``w*_b`` (r, in)) each
   factor is ``t ×₀ w*_a ×₁ w*_b``: ``Σ_ij t[i, j] · w_a[i, o] · w_b[j, c]``. Scale ``alpha / rank``
@@ -87,21 +88,28 @@ class LayerAdapter:
 
 @dataclasses.dataclass
 class LoraWeights(LayerAdapter):
-    """LoRA / LoCon: ``down`` (r, in[, k, k]), ``up`` (out, r[, 1, 1])."""
+    """LoRA / LoCon: ``down`` (r, in[, k, k]), ``up`` (out, r[, 1, 1]); with a CP ``mid`` (r, r, k, k) the
+    ``down`` is (r, in, 1, 1)."""
 
     down: torch.Tensor = None
     up: torch.Tensor = None
+    mid: torch.Tensor | None = None
 
     def delta_weight(self) -> torch.Tensor:
-        """``up @ down`` in the shape of the layer's weight."""
+        """``up @ down`` (or ``up · mid · down``) in the shape of the layer's weight."""
         up = self.up.reshape(self.up.shape[0], -1)  # (out, r)
-        down = self.down.reshape(self.down.shape[0], -1)  # (r, in * k * k)
+        down = self.down.reshape(self.down.shape[0], -1)  # (r, in * k * k), or (r, in) with a mid
+        if self.mid is not None:
+            return torch.einsum("nmkl,on,mc->ockl", self.mid, up, down)  # (out, in, k, k)
         return (up @ down).reshape(self.up.shape[0], *self.down.shape[1:])
 
     def forward_delta(self, module, x, base, multiplier):
         if self.dora_scale is not None:
             return super().forward_delta(module, x, base, multiplier)
-        if isinstance(module, nn.Conv2d):  # low rank all the way: never builds the (out, in, k, k) delta
+        if self.mid is not None:  # 1x1 down, the k x k middle with the layer's stride and padding, 1x1 up
+            hidden = F.conv2d(F.conv2d(x, self.down), self.mid, None, module.stride, module.padding, module.dilation)
+            delta = F.conv2d(hidden, self.up)
+        elif isinstance(module, nn.Conv2d):  # low rank all the way: never builds the (out, in, k, k) delta
             delta = F.conv2d(F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation), self.up)
         else:
             delta = F.linear(F.linear(x, self.down), self.up)
@@ -222,10 +230,35 @@ def build_lora(module: nn.Module, found: Found, alpha: float | None, origin: str
     if "down" not in found or "up" not in found:
         have, missing = next(iter(found.values()))[0], "up" if "up" not in found else "down"
         raise LoraError(f"{origin}: key {have!r} has no matching {missing} weight")
-    down, up = _lora_shapes(module, found, origin)
+    mid = None
+    if "mid" in found:
+        down, mid, up = _cp_shapes(module, found, origin)
+    else:
+        down, up = _lora_shapes(module, found, origin)
     rank = down.shape[0]
     alpha = float(rank) if alpha is None else alpha
-    return LoraWeights(alpha / rank, _dora_scale(module, found, origin), down, up)
+    return LoraWeights(alpha / rank, _dora_scale(module, found, origin), down, up, mid)
+
+
+def _cp_shapes(module: nn.Module, found: Found, origin: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoCon with a CP middle: ``down`` (r, in, 1, 1), ``mid`` (r, r, k, k), ``up`` (out, r, 1, 1)."""
+    down, mid, up = (_tensor(found, p) for p in ("down", "mid", "up"))
+    if not isinstance(module, nn.Conv2d) or module.groups != 1:
+        raise LoraError(f"{origin}: key {_key(found, 'mid')!r} (a CP-decomposed LoCon middle) is for a convolution; "
+                        f"the layer is a {type(module).__name__}" + (" with groups" if isinstance(module, nn.Conv2d)
+                                                                        else ""))
+    kernel = tuple(module.kernel_size)
+    down = down[:, :, None, None] if down.ndim == 2 else down
+    up = up[:, :, None, None] if up.ndim == 2 else up
+    _want(down.ndim == 4 and down.shape[1] == module.in_channels and tuple(down.shape[2:]) == (1, 1), found, "down",
+          down, f"(rank, {module.in_channels}, 1, 1) beside a lora_mid", origin)
+    _want(mid.ndim == 4 and tuple(mid.shape[2:]) == kernel, found, "mid", mid,
+          f"(rank, rank, {kernel[0]}, {kernel[1]})", origin)
+    _want(up.ndim == 4 and up.shape[0] == module.out_channels and tuple(up.shape[2:]) == (1, 1), found, "up", up,
+          f"({module.out_channels}, rank, 1, 1)", origin)
+    _same_rank(found, "mid", "down", mid.shape[1], down.shape[0], origin)
+    _same_rank(found, "up", "mid", up.shape[1], mid.shape[0], origin)
+    return down, mid, up
 
 
 def _lora_shapes(module: nn.Module, found: Found, origin: str) -> tuple[torch.Tensor, torch.Tensor]:
