@@ -297,6 +297,42 @@ def test_dora_scale_as_a1111(pipes):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_peft_dora_in_diffusers_keys_matches_diffusers(pipes):
+    """PEFT's DoRA (``unet.<path>.lora_magnitude_vector`` beside ``lora_A`` / ``lora_B``), as diffusers saves it:
+    UNet outputs equal diffusers + peft's, with the call scale, adapter weights and fused."""
+    ours, ref = pipes
+    paths = [UNET_PATHS[0], UNET_PATHS[2], UNET_PATHS[3], UNET_PATHS[4]]  # Linear, feed-forward, 1x1 and 3x3 conv
+    donor = diffusers.UNet2DConditionModel.from_config(ref.unet.config)
+    donor.load_state_dict(ref.unet.state_dict())
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=paths, use_dora=True, init_lora_weights=False)
+    peft.inject_adapter_in_model(config, donor, adapter_name="x")
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for path in paths:
+            layer = donor.get_submodule(path)
+            layer.lora_A["x"].weight.mul_(3.0)  # a delta large enough to turn the directions
+            magnitude = layer.lora_magnitude_vector["x"].weight
+            magnitude.mul_(1 + 0.3 * torch.rand(magnitude.shape, generator=g))
+    dora = {"unet." + k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(donor, adapter_name="x").items()}
+    assert sum(k.endswith(".lora_magnitude_vector") for k in dora) == len(paths)
+    base = unet_out(ours.unet)
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(dict(dora), adapter_name="dora")
+    got = unet_out(ours.unet)
+    torch.testing.assert_close(got, unet_out(ref.unet), rtol=1e-4, atol=1e-5)
+    assert (got - base).abs().max() > 1e-2
+    torch.testing.assert_close(unet_out(ours.unet, cross_attention_kwargs={"scale": 0.5}),
+                               unet_out(ref.unet, cross_attention_kwargs={"scale": 0.5}), rtol=1e-4, atol=1e-5)
+    for pipe in (ours, ref):
+        pipe.set_adapters("dora", 0.6)
+    weighted = unet_out(ours.unet)
+    torch.testing.assert_close(weighted, unet_out(ref.unet), rtol=1e-4, atol=1e-5)
+    for pipe in (ours, ref):
+        pipe.fuse_lora()
+    torch.testing.assert_close(unet_out(ours.unet), unet_out(ref.unet), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(unet_out(ours.unet), weighted, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
 def test_text_encoder_matches_peft(pipes, sd_folder, kind):
     ours, _ = pipes

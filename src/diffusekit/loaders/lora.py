@@ -105,6 +105,7 @@ DIFFUSERS_SUFFIXES: dict[str, str] = {
     "_lora.down.weight": "down",  # attention-processor spelling: ...attn1.processor.to_q_lora.down.weight
     "_lora.up.weight": "up",
     ".alpha": "alpha",
+    ".lora_magnitude_vector": "magnitude",  # PEFT's DoRA
 }
 #: older diffusers module spellings -> module paths of the models (applied to the path part of a key)
 DIFFUSERS_PATH_RENAMES: dict[str, str] = {
@@ -120,7 +121,6 @@ DIFFUSERS_PATH_RENAMES: dict[str, str] = {
 #: key fragments of other adapter kinds, refused with a clear message
 UNSUPPORTED_KINDS: dict[str, str] = {
     "lokr_t1": "LoKr with a Tucker-decomposed first factor (LyCORIS)",
-    "lora_magnitude_vector": "DoRA in PEFT's layout (diffusers keys)",
     ".diff": "a full weight difference (LyCORIS 'full')",
     "lora_B.bias": "LoRA with bias",
     ".oft_blocks": "OFT (LyCORIS)",
@@ -193,8 +193,10 @@ class LoraHook:
             if adapter is None or name in state.fused:
                 continue
             adapter.to(x)
-            base = state.originals.get(self.path, module.weight)  # DoRA reads the weight before any fuse_lora
-            output = output + adapter.forward_delta(module, x, base.detach(), weight * call_scale)
+            base = None
+            if adapter.needs_base:  # DoRA reads the layer's weight as it was before any fuse_lora
+                base = state.originals.get(self.path, module.weight).detach()
+            output = output + adapter.forward_delta(module, x, base, weight * call_scale)
         return output
 
 

@@ -22,6 +22,10 @@ DoRA (``dora_scale``, kohya / LyCORIS "weight decompose", any kind): the layer's
 call's scale, as A1111 applies it. ``d`` of shape (1, in[, 1, 1]) holds column norms (LyCORIS's default layout,
 the norm taken over the output and kernel dimensions); (out, 1[, 1, 1]) holds row norms (LyCORIS ``wd_on_out``).
 ``W`` is the layer's weight before any ``fuse_lora``.
+
+PEFT's DoRA (diffusers keys, ``lora_magnitude_vector``: one magnitude per output row) scales inside, as peft does:
+the layer's weight becomes ``m_r · (W + sΔW) / ‖W + sΔW‖_rows`` with ``s = alpha / rank`` times the adapter weight
+and the call scale.
 """
 
 from __future__ import annotations
@@ -67,13 +71,19 @@ class LayerAdapter:
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - every kind defines it
         raise NotImplementedError
 
-    def weight_delta(self, base: torch.Tensor, multiplier: float) -> torch.Tensor:
-        """What this adapter adds to the layer's weight ``base`` at ``multiplier`` (adapter weight × call scale)."""
+    @property
+    def needs_base(self) -> bool:
+        """Whether :meth:`weight_delta` reads the layer's weight (DoRA)."""
+        return self.dora_scale is not None
+
+    def weight_delta(self, base: torch.Tensor | None, multiplier: float) -> torch.Tensor:
+        """What this adapter adds to the layer's weight ``base`` at ``multiplier`` (adapter weight × call scale);
+        ``base`` is read only with DoRA."""
         if self.dora_scale is None:
             return self.delta_weight() * (self.alpha_scale * multiplier)
         return _dora(base, self.delta_weight() * self.alpha_scale, self.dora_scale) * multiplier
 
-    def forward_delta(self, module: nn.Module, x: torch.Tensor, base: torch.Tensor,
+    def forward_delta(self, module: nn.Module, x: torch.Tensor, base: torch.Tensor | None,
                       multiplier: float) -> torch.Tensor:
         """What this adapter adds to the layer's output for input ``x``."""
         return _layer_op(module, x, self.weight_delta(base, multiplier))
@@ -94,6 +104,18 @@ class LoraWeights(LayerAdapter):
     down: torch.Tensor = None
     up: torch.Tensor = None
     mid: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None  # PEFT's DoRA: (out, 1[, 1, 1]) row magnitudes, the scale inside
+
+    @property
+    def needs_base(self) -> bool:
+        return self.dora_scale is not None or self.magnitude is not None
+
+    def weight_delta(self, base, multiplier):
+        if self.magnitude is None:
+            return super().weight_delta(base, multiplier)
+        merged = base + self.delta_weight() * (self.alpha_scale * multiplier)
+        dims = list(range(1, merged.ndim))
+        return merged * (self.magnitude / torch.linalg.vector_norm(merged, dim=dims, keepdim=True)) - base
 
     def delta_weight(self) -> torch.Tensor:
         """``up @ down`` (or ``up · mid · down``) in the shape of the layer's weight."""
@@ -104,7 +126,7 @@ class LoraWeights(LayerAdapter):
         return (up @ down).reshape(self.up.shape[0], *self.down.shape[1:])
 
     def forward_delta(self, module, x, base, multiplier):
-        if self.dora_scale is not None:
+        if self.needs_base:
             return super().forward_delta(module, x, base, multiplier)
         if self.mid is not None:  # 1x1 down, the k x k middle with the layer's stride and padding, 1x1 up
             hidden = F.conv2d(F.conv2d(x, self.down), self.mid, None, module.stride, module.padding, module.dilation)
@@ -237,7 +259,13 @@ def build_lora(module: nn.Module, found: Found, alpha: float | None, origin: str
         down, up = _lora_shapes(module, found, origin)
     rank = down.shape[0]
     alpha = float(rank) if alpha is None else alpha
-    return LoraWeights(alpha / rank, _dora_scale(module, found, origin), down, up, mid)
+    magnitude = _tensor(found, "magnitude")
+    if magnitude is not None:
+        out = module.weight.shape[0]
+        _want(magnitude.numel() == out and "dora_scale" not in found, found, "magnitude", magnitude,
+              f"{out} values, one per output row (and no dora_scale beside it)", origin)
+        magnitude = magnitude.reshape(out, *[1] * (module.weight.ndim - 1))
+    return LoraWeights(alpha / rank, _dora_scale(module, found, origin), down, up, mid, magnitude)
 
 
 def _cp_shapes(module: nn.Module, found: Found, origin: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
