@@ -103,26 +103,33 @@ def test_unconditional_model_streams_progress_and_previews(server):
 
     url, app = server
     wait_idle(app)
-    body = {"model": "diffusekit-fashion-ddpm", "steps": 4, "seed": 5}
+    # the tiny DDPM runs in milliseconds: queue it behind a slow job and listen before it starts, with enough
+    # steps that the stream (which samples the job's state every EVENT_POLL_S) sees it running
+    slow = requests.post(f"{url}/v1/jobs", json=SLOW_JOB, timeout=30).json()["id"]
+    assert _wait_state(url, slow, ("running",))["state"] == "running"
+    body = {"model": "diffusekit-fashion-ddpm", "steps": 40, "seed": 5}
     job_id = requests.post(f"{url}/v1/jobs", json=body, timeout=30).json()["id"]
     steps, previews = [], []
     with requests.get(f"{url}/v1/jobs/{job_id}/events", stream=True, timeout=120) as stream:
         for name, data in sse_events(stream):
+            if name == "progress" and data["state"] == "queued" and slow is not None:
+                requests.delete(f"{url}/v1/jobs/{slow}", timeout=30)  # listening: let the DDPM run
+                slow = None
             if name == "progress" and data["state"] == "running" and data["step"]:
                 steps.append(data["step"])
                 previews.append(data["preview"])
-                assert data["steps"] == 4
+                assert data["steps"] == 40
             if name == "done":
                 final = data
                 break
     assert final["state"] == "done" and final["seeds"] == [5]
-    assert steps and steps == sorted(steps) and set(steps) <= {1, 2, 3, 4}
+    assert steps and steps == sorted(steps) and set(steps) <= set(range(1, 41))
     head, _, payload = previews[-1].partition(",")
     assert head == "data:image/png;base64"
     preview = Image.open(io.BytesIO(base64.b64decode(payload)))
     pipe = DiffusionPipeline.from_pretrained("diffusekit-fashion-ddpm")
     pipe.set_progress_bar_config(disable=True)
-    [direct] = pipe(num_inference_steps=4, generator=[torch.Generator("cpu").manual_seed(5)]).images
+    [direct] = pipe(num_inference_steps=40, generator=[torch.Generator("cpu").manual_seed(5)]).images
     assert preview.size == direct.size
     got = Image.open(io.BytesIO(requests.get(f"{url}{final['images'][0]}", timeout=30).content))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(direct))
