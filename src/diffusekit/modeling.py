@@ -285,10 +285,11 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         QDQ models) under ``torch.no_grad()`` / ``inference_mode``;
         accelerators: plain ``torch.compile``. Compiles lazily on the first call per input shape; compiled code is
         cached on disk (``cache_dir``, default ``diffusekit.optimize.default_cache_dir()``) so later processes skip
-        the C++ build. Grad mode runs eager; no compiler -> one warning, eager. ``release_weights``: give the
-        memory-mapped checkpoint pages back to the OS once the compiled code has its pre-packed copies (about one
-        copy of the weights in memory instead of two). Not in diffusers (its users call ``torch.compile``
-        themselves). See docs/PERFORMANCE.md.
+        the C++ build, and frozen models are stored as AOTInductor packages a later process loads in seconds
+        (``diffusekit.aot_packages``). Grad mode runs eager; no compiler -> one warning, eager.
+        ``release_weights``: give the memory-mapped checkpoint pages back to the OS once the compiled code has its
+        pre-packed copies (about one copy of the weights in memory instead of two). Not in diffusers (its users call
+        ``torch.compile`` themselves). See docs/PERFORMANCE.md.
         """
         from .optimize import optimize_module
 

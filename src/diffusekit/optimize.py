@@ -4,14 +4,18 @@ Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-o
 
 - **CPU**: ``torch.compile`` (inductor): fused C++ kernels (GroupNorm+SiLU and other pointwise chains), oneDNN /
   MKL convolutions and matmuls, compiled code cached on disk. Freezing (weights pre-packed for oneDNN) is opt-in
-  (``options={"freezing": True}``) and on by itself for int8 QDQ models (``QUANTIZED_OPTIONS``); inductor does not
-  cache frozen graphs, so it costs the whole compile in every process. Settings are a config patch around each
-  compiled call (``CPU_OPTIONS``); docs/PERFORMANCE.md has the measurements.
+  (``options={"freezing": True}``) and on by itself for int8 QDQ models (``QUANTIZED_OPTIONS``). Settings are a
+  config patch around each compiled call (``CPU_OPTIONS``); docs/PERFORMANCE.md has the measurements.
+- **Frozen CPU graphs run from AOTInductor packages** (:mod:`diffusekit.aot_packages`): inductor does not cache
+  frozen graphs, so instead of ``torch.compile`` each input signature is exported and AOT-compiled once per machine
+  into a shared library holding the code and the pre-packed weights, keyed by a hash of the weights, structure,
+  inputs, settings and versions; a later process loads it in seconds (no dynamo, no compile). Calls a package cannot
+  serve (hooks, numeric or object arguments such as DeepCache's step) and a failed build use ``torch.compile``.
 - **CUDA / MPS / other accelerators**: plain ``torch.compile`` (no CPU-only settings); fp16 / bf16 work there.
 - **Shapes are static** (``dynamic=False``): each input shape (batch, resolution, prompt length) compiles once,
   specialised (fastest kernels); a pipeline run uses one or two shapes (full and half batch around a guidance
   interval), and the persistent cache makes each shape a one-time cost per machine.
-- **Persistent cache**: inductor's own FX-graph cache, pointed at ``default_cache_dir()`` (env
+- **Persistent cache** (non-frozen graphs): inductor's own FX-graph cache, pointed at ``default_cache_dir()`` (env
   ``DIFFUSEKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffusekit/compile``, else ``~/.cache/diffusekit/compile``), one
   folder per torch + diffusekit version. Entries hold generated code only, never weights (the compiled code takes
   the parameters as inputs), keyed by inductor on the graph's structure, shapes, dtypes and settings: a fine-tune of
@@ -21,7 +25,8 @@ Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-o
 - **Fallbacks** (never a crash, one warning): no C++ compiler (CPU) or no inductor -> eager; a compile that fails
   (e.g. a corrupt cache entry, an op inductor cannot lower) -> retried once without the cache, then eager. Grad mode
   -> eager (autograd unchanged). Weights changed in place after optimize()
-  (``load_state_dict``, ``fuse_lora``) -> recompiled on the next call (the cache makes that the cheap part).
+  (``load_state_dict``, ``fuse_lora``) -> recompiled on the next call (the cache makes that the cheap part; a frozen
+  model gets a new package, since its weights are part of the package's key).
 
 ``torch._dynamo`` / ``torch._inductor`` are imported on the first compiled call, never by ``import diffusekit``.
 """
@@ -46,9 +51,8 @@ logger = logging.getLogger(__name__)
 #: inductor settings of the CPU path (a config patch around each compiled call, never set process-wide)
 CPU_OPTIONS: dict[str, Any] = {}
 #: added for quantized (QDQ) models: freezing is what lets inductor fold quantize/dequantize pairs into oneDNN int8
-#: kernels. Not the fp32 default: with freezing inductor bypasses its FX-graph cache (frozen, pre-packed constants
-#: are not cacheable), so every process would pay the whole compile again (about 2 min per SD model on 2 cores);
-#: ``optimize(options={"freezing": True})`` opts in (weights pre-packed for oneDNN, compiled per process).
+#: kernels. Frozen graphs run from AOTInductor packages cached on disk (``aot_packages``: built once per machine and
+#: weights, loaded in seconds by later processes); ``optimize(options={"freezing": True})`` opts float models in.
 QUANTIZED_OPTIONS: dict[str, Any] = {"freezing": True}
 
 _CACHE_ENV = "DIFFUSEKIT_CACHE_DIR"
@@ -192,7 +196,7 @@ class _FilePages:
     @contextlib.contextmanager
     def while_compiling(self, every: float = 0.5) -> Iterator[None]:
         """Page out every ``every`` seconds from a helper thread until the block ends, then once more."""
-        if not self.ranges:
+        if self._libc is None:
             yield
             return
         import threading
@@ -211,6 +215,37 @@ class _FilePages:
             stop.set()
             thread.join()
             self.page_out()
+
+
+class _MappedFile(_FilePages):
+    """The pages of one file mapped into this process (an AOTInductor package's library, whose weights are copied
+    out once while it loads), found again at each page-out: the mapping only appears once loading has started."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.path.realpath(path)
+        self.ranges = []
+        self._libc = None
+        if os.path.exists("/proc/self/maps"):
+            import ctypes
+
+            with contextlib.suppress(OSError, AttributeError):
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                self._libc = libc
+
+    def page_out(self) -> None:
+        if self._libc is None:
+            return
+        try:
+            with open("/proc/self/maps") as handle:
+                maps = [line.split(maxsplit=5) for line in handle]
+        except OSError:
+            return
+        self.ranges = [tuple(int(x, 16) for x in fields[0].split("-")) for fields in maps
+                       if len(fields) == 6 and fields[5].strip() == self.path]
+        super().page_out()
+        if not self.ranges:  # madvise refused (EINVAL): a kernel without MADV_PAGEOUT
+            self._libc = None
 
 
 def _fresh_entry(module: torch.nn.Module) -> Callable[..., Any]:
@@ -233,7 +268,8 @@ class CompiledCall:
     """
 
     def __init__(self, module: torch.nn.Module, cache_dir: Path | None, options: dict[str, Any] | None,
-                 dynamic: bool | None, mode: str | None, release_weights: bool = False) -> None:
+                 dynamic: bool | None, mode: str | None, release_weights: bool = False,
+                 packages: bool = False) -> None:
         self.module = module
         self.release_weights = release_weights
         self.cache_dir = cache_dir
@@ -243,7 +279,15 @@ class CompiledCall:
         self.disabled: str | None = None
         self.stats: dict[str, float] = {"compiled": 0, "eager_grad": 0, "eager_fallback": 0, "compiles": 0,
                                         "fxgraph_cache_hit": 0, "fxgraph_cache_miss": 0, "weight_packs": 0,
-                                        "compile_seconds": 0.0}
+                                        "compile_seconds": 0.0, "aoti_builds": 0, "aoti_loads": 0,
+                                        "aoti_load_seconds": 0.0, "hash_seconds": 0.0}
+        # frozen CPU graphs: AOTInductor packages on disk (aot_packages), so a later process loads instead of compiling
+        self.packages = None
+        if packages and cache_dir is not None:
+            from . import aot_packages
+
+            self.packages = aot_packages.Packages(module, cache_dir, options or {}, self.stats,
+                                                  release=self._release_originals if release_weights else None)
         self._build()
 
     def _build(self) -> None:
@@ -254,6 +298,8 @@ class CompiledCall:
         self.compiled = torch.compile(_fresh_entry(self.module), dynamic=self.dynamic, mode=self.mode)
         self.weights = _weights_state(self.module)
         self.seen: set[tuple] = set()
+        if getattr(self, "packages", None) is not None:
+            self.packages.reset()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
@@ -266,6 +312,13 @@ class CompiledCall:
         if _weights_state(module) != self.weights:
             logger.info("%s: weights changed since optimize(); recompiling", type(module).__name__)
             self._build()
+        if self.packages is not None:
+            from .aot_packages import NOT_HANDLED
+
+            out = self._from_package(args, kwargs)
+            if out is not NOT_HANDLED:
+                self.stats["compiled"] += 1
+                return out
         signature = _signature(args, kwargs)
         first = signature not in self.seen
         try:
@@ -279,6 +332,31 @@ class CompiledCall:
         self.seen.add(signature)
         self.stats["compiled"] += 1
         return out
+
+    def _from_package(self, args, kwargs) -> Any:
+        from . import aot_packages
+
+        try:
+            with _inductor_cache(self.cache_dir):  # a build's intermediate files go to our folder too
+                return self.packages(args, kwargs, self._compiling)
+        except aot_packages.BuildFailed as failure:
+            err = failure.__cause__ or failure
+            out = self.module._call_impl(*args, **kwargs)  # an error in the input raises here, as eager would
+            self.packages.disabled = _short(err)
+            warnings.warn(f"{type(self.module).__name__}.optimize(): building the AOTInductor package failed "
+                          f"({self.packages.disabled}); compiling in this process instead (no warm start)",
+                          RuntimeWarning, stacklevel=4)
+            self.stats["eager_fallback"] += 1
+            return out
+
+    def _compiling(self):
+        """Around a package build: hand the checkpoint's file pages back while freezing copies the weights."""
+        return _FilePages(self.module).while_compiling() if self.release_weights else contextlib.nullcontext()
+
+    def _release_originals(self) -> None:
+        """Hashed, or a package loaded: packages run on their own copy of the (pre-packed) weights, so the
+        checkpoint's pages can go back to the OS (re-read from the file if an eager call needs them)."""
+        _FilePages(self.module).page_out()
 
     def _first_call(self, args, kwargs, signature: tuple):
         from torch._dynamo.utils import counters
@@ -372,8 +450,10 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
         folder = _versioned(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
     elif not use_cache:
         merged["fx_graph_cache"] = False
-    release = release_weights and device.type == "cpu" and bool(merged.get("freezing"))
-    module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode, release)
+    frozen = device.type == "cpu" and bool(merged.get("freezing"))
+    release = release_weights and frozen
+    packages = frozen and folder is not None and dynamic is False and mode is None
+    module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode, release, packages)
     return module
 
 

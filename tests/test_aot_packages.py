@@ -1,0 +1,227 @@
+"""AOTInductor packages: the warm start of optimize()'s frozen paths (int8, float with freezing).
+
+The real contract is across processes: a second, fresh process must load the package its predecessor built and
+compile nothing (its own stats: no build, one load; and the same output bits), a corrupt package must be rebuilt with
+one warning, never loaded. Builds take ~10 s each on one core, so the default suite builds twice (a toy int8 model,
+in subprocesses); the key, the signature rules, the manifest check and eviction are tested without compiling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusekit import aot_packages as aot
+from diffusekit import optimize as opt
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+_CHILD = textwrap.dedent("""
+    import json, sys, warnings
+    import torch
+    torch.set_num_threads(1)
+    from torch import nn
+    from diffusekit.optimize import compiled_call, optimize_module
+    from diffusekit.quantization import quantize_model
+
+    torch.manual_seed(int(sys.argv[2]))
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.SiLU(), nn.Flatten(2), nn.Linear(36, 8)).eval()
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(5))
+    quantize_model(model, [x * 1.2, x])
+    with torch.no_grad():
+        eager = model(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimize_module(model, cache_dir=sys.argv[1])
+            fast = model(x)
+    stats = dict(compiled_call(model).stats)
+    stats["rel"] = ((fast - eager).norm() / eager.norm()).item()
+    stats["warnings"] = [str(w.message) for w in caught if "optimize()" in str(w.message)]
+    stats["out"] = fast.flatten().tolist()
+    print(json.dumps(stats))
+""")
+
+
+def _child(cache: Path, seed: int = 0) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(cache), str(seed)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _entries(cache: Path) -> list[Path]:
+    root = opt._versioned(cache) / "aoti"
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
+
+
+def test_int8_package_is_loaded_by_a_fresh_process_and_a_corrupt_one_rebuilt(tmp_path):
+    cache = tmp_path / "cache"
+    cold = _child(cache)
+    assert cold["aoti_builds"] == 1 and cold["aoti_loads"] == 0 and cold["compiled"] == 1, cold
+    assert cold["weight_packs"] >= 2  # int8 conv + linear lowered to pre-packed oneDNN kernels inside the package
+    assert cold["eager_fallback"] == 0 and cold["warnings"] == [] and cold["rel"] < 5e-3
+    (entry,) = _entries(cache)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert manifest["size"] == (entry / "model.so").stat().st_size and not list(entry.parent.glob(".tmp-*"))
+
+    warm = _child(cache)  # a fresh process: loads, compiles nothing (no dynamo / inductor compile either)
+    assert warm["aoti_loads"] == 1 and warm["aoti_builds"] == 0 and warm["compiles"] == 0, warm
+    assert warm["compile_seconds"] == 0 and warm["fxgraph_cache_miss"] == 0 and warm["warnings"] == []
+    assert warm["out"] == cold["out"]
+
+    so = entry / "model.so"
+    so.write_bytes(so.read_bytes()[: so.stat().st_size // 2])  # a truncated library is never dlopen-ed
+    fixed = _child(cache)
+    assert fixed["aoti_builds"] == 1 and fixed["aoti_loads"] == 0, fixed
+    assert len(fixed["warnings"]) == 1 and "rebuilding" in fixed["warnings"][0]
+    assert fixed["out"] == cold["out"]
+
+
+# ---------------------------------------------------------------------------------------- without compiling
+
+
+def _toy(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2)).eval()
+
+
+def _key(model, signature=("x",)):
+    return aot.Packages(model, Path("/nonexistent"), {"freezing": True},
+                        {"hash_seconds": 0.0}).key(list(signature))[0]
+
+
+def test_key_covers_weights_structure_inputs_and_settings():
+    model = _toy()
+    key = _key(model)
+    assert _key(_toy()) == key  # deterministic across instances
+    assert _key(_toy(seed=1)) != key  # other weights: other package (they are baked in)
+    assert _key(model, ("y",)) != key
+    edited = _toy()
+    with torch.no_grad():
+        edited[0].bias[0] += 1e-6
+    assert _key(edited) != key
+    other = _toy()
+    other[1].inplace = True  # a plain attribute the traced graph may depend on
+    assert _key(other) != key
+    settings = aot.Packages(model, Path("/x"), {"freezing": True, "max_autotune": True}, {"hash_seconds": 0.0})
+    assert settings.key(["x"])[0] != key
+
+
+def test_signature_refuses_what_a_package_cannot_serve():
+    x = torch.randn(2, 3)
+    described, tensors = aot.input_signature((x,), {"flag": True, "none": None, "mode": "a"})
+    assert len(tensors) == 1 and tensors[0] is x
+    assert aot.input_signature((x,), {"flag": False})[0] != aot.input_signature((x,), {"flag": True})[0]
+    assert aot.input_signature((x, 3), {}) is None  # a number would be baked into the graph
+    assert aot.input_signature((x,), {"scale": 0.5}) is None
+    assert aot.input_signature((x, object()), {}) is None  # an object the call may mutate (DeepCache's step)
+    assert aot.input_signature((torch.randn(2, requires_grad=True),), {}) is None
+
+
+def test_hooks_and_unservable_calls_go_to_torch_compile(tmp_path):
+    model = _toy()
+    stats = {"hash_seconds": 0.0}
+    packages = aot.Packages(model, tmp_path, {"freezing": True}, stats)
+    x = torch.randn(3, 4)
+    assert packages((x, 1.5), {}, None) is aot.NOT_HANDLED
+    handle = model[0].register_forward_hook(lambda *a: None)
+    assert packages((x,), {}, None) is aot.NOT_HANDLED  # an exported graph would skip the hook
+    handle.remove()
+    assert not (tmp_path / "aoti").exists() or not _entries(tmp_path)
+
+
+def test_a_package_not_matching_its_manifest_is_never_loaded(tmp_path):
+    entry = tmp_path / "k"
+    entry.mkdir()
+    (entry / "model.so").write_bytes(b"\x7fELF not really")
+    manifest = {"format": aot.FORMAT, "key": "k", "size": 15, "sha256": "0" * 64}
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(aot.CorruptPackage, match="sha256"):
+        aot.Package(entry, "k")
+    manifest["sha256"] = aot._file_sha256(entry / "model.so")
+    (entry / "manifest.json").write_text(json.dumps({**manifest, "key": "other"}))
+    with pytest.raises(aot.CorruptPackage, match="key"):
+        aot.Package(entry, "k")
+    (entry / "manifest.json").write_text("{not json")
+    with pytest.raises(aot.CorruptPackage):
+        aot.Package(entry, "k")
+
+
+def test_eviction_keeps_the_folder_within_its_limit_least_recently_used_first(tmp_path, monkeypatch):
+    monkeypatch.setenv(aot.LIMIT_ENV, str(2.5 * 1024 / 2**30))  # 2.5 KiB
+    for i, name in enumerate(["old", "mid", "new"]):
+        entry = tmp_path / name
+        entry.mkdir()
+        (entry / "model.so").write_bytes(b"x" * 1024)
+        (entry / "manifest.json").write_text("{}")
+        os.utime(entry / "manifest.json", (1000 + i, 1000 + i))
+    stale = tmp_path / ".tmp-dead"
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    aot.evict(tmp_path, keep=tmp_path / "old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]
+
+
+def test_a_failing_build_warns_once_and_compiles_in_process(monkeypatch, tmp_path):
+    def fail(*args, **kwargs):
+        raise RuntimeError("no AOT today")
+
+    monkeypatch.setattr(aot, "build", fail)
+    model = _toy()
+    x = torch.randn(3, 4)
+    opt.optimize_module(model, cache_dir=tmp_path, options={"freezing": True})
+    call = opt.compiled_call(model)
+    monkeypatch.setattr(call, "compiled", lambda *a, **k: model._call_impl(*a, **k))  # no real compile needed here
+    monkeypatch.setattr(call, "_first_call", lambda args, kwargs, sig: model._call_impl(*args, **kwargs))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="shapes"):
+            model(torch.randn(3, 5))  # the input's fault: raised as eager raises it, packages stay on
+        assert call.packages.disabled is None
+        first = model(x)
+        second = model(x)
+    messages = [str(w.message) for w in caught if "optimize()" in str(w.message)]
+    assert len(messages) == 1 and "no AOT today" in messages[0] and "in this process" in messages[0]
+    assert torch.equal(first, model._call_impl(x)) and torch.equal(second, first)
+    assert call.packages.disabled is not None and call.stats["aoti_builds"] == 0
+
+
+# ---------------------------------------------------------------------------------------- slow
+
+
+@pytest.mark.slow
+def test_frozen_pipeline_builds_packages_once_and_a_second_pipeline_loads_them(tmp_path):
+    """fp32 with freezing: UNet, VAE decoder and text encoder each run from a package (their own output types
+    through the package's tree spec), images within 1e-5 of eager; a second pipeline from the same folder loads
+    every package and builds none."""
+    from sd_assets import build_tiny_sd
+
+    from diffusekit import StableDiffusionPipeline
+
+    folder = build_tiny_sd(tmp_path / "sd")
+    kwargs = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="np")
+    images = []
+    for round_ in range(2):
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
+        eager = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        pipe.optimize(cache_dir=tmp_path / "cache", options={"freezing": True})
+        fast = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        for module in (pipe.unet, pipe.vae.decoder, pipe.text_encoder):
+            stats = opt.compiled_call(module).stats
+            assert stats["eager_fallback"] == 0 and stats["compiles"] == 0, (type(module).__name__, stats)
+            assert (stats["aoti_builds"], stats["aoti_loads"]) == ((1, 0) if round_ == 0 else (0, 1)), stats
+        diff = abs(fast - eager).max()
+        assert diff <= 1e-5 * abs(eager).max(), diff
+        images.append(fast)
+    assert (images[0] == images[1]).all()
