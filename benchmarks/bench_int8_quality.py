@@ -8,8 +8,9 @@ prompts, then, on held-out prompts and seeds:
 - end to end, same seed: the int8 pipeline's image vs the fp32 one (PSNR in dB on [0, 1] pixels, max abs difference
   in 0..255 levels).
 
-Run ``python -m benchmarks.bench_int8_quality [--save DIR]`` from the repository root; ``--save`` writes the default
-configuration's quantized pipeline (for ``diffusekit eval text-to-image DIR``).
+Run ``python -m benchmarks.bench_int8_quality [--configs NAME ...] [--save DIR [--save-config NAME]]`` from the
+repository root; ``--save`` writes the quantized pipeline of ``--save-config`` (default: ``default``), for
+``diffusekit eval text-to-image DIR``.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def main():
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    parser.add_argument("--save", default=None, help="save the default-quantized pipeline here")
+    parser.add_argument("--save", default=None, help="save the quantized pipeline of --save-config here")
+    parser.add_argument("--save-config", default="default", choices=list(CONFIGS), help="what --save saves")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--optimize", action="store_true", help="measure the int8 UNet compiled by optimize()")
     args = parser.parse_args()
@@ -109,7 +111,7 @@ def main():
             "quantize_seconds": round(seconds, 1),
         }
         print(name, json.dumps(results[name]), flush=True)
-        if args.save and name == "default":
+        if args.save and name == args.save_config:
             pipe.save_pretrained(args.save)
     print(json.dumps({"steps": args.steps, "guidance_scale": args.guidance_scale, "results": results}, indent=2))
 

@@ -7,6 +7,10 @@ Random weights give unrepresentative activation ranges: fine for speed and memor
   and save it to ``--out`` (once).
 - ``time``: one process, both models loaded; a CFG step (batch 2, 77x768 context) at ``--latent`` 32 (256² image)
   and 64 (512²): fp32 eager vs int8 compiled with inductor freezing, interleaved; relative error of the int8 output.
+- ``vae``: the VAE decoder at 512² (a 4x64x64 latent, batch 1): the fp32 VAE of ``--folder`` eager and compiled
+  (``optimize()``, the exact path an int8 pipeline uses for its VAE by default) vs its decoder quantized in this
+  process (calibrated on 3 random latents; ``components=("unet", "vae")`` in ``pipe.quantize``) and compiled,
+  interleaved; relative error of each against fp32 eager.
 - ``memory``: a fresh process loads one model (``--variant fp32|int8|int8-eager``), runs one step (compiled for
   ``int8``), and prints its peak RSS next to the fp32 weight file's size.
 
@@ -15,6 +19,7 @@ Full-size runs want a quiet machine (nothing else heavy running)::
     python -m benchmarks.bench_int8_speed build --folder .bench/sd15-random --out DIR
     python -m benchmarks.bench_int8_speed time --folder .bench/sd15-random --out DIR
     python -m benchmarks.bench_int8_speed memory --folder .bench/sd15-random --out DIR
+    python -m benchmarks.bench_int8_speed vae --folder .bench/sd15-random --out DIR
 """
 
 from __future__ import annotations
@@ -97,6 +102,45 @@ def timing(args):
     print(json.dumps({k: v for k, v in counters["inductor"].items() if k.startswith("q")}))
 
 
+def vae(args):
+    from diffusekit import AutoencoderKL
+    from diffusekit.quantization import quantize_model
+    from diffusekit.quantization.pipeline import VAE_MODULES_TO_NOT_CONVERT
+
+    load = lambda: AutoencoderKL.from_pretrained(args.folder, subfolder="vae")  # noqa: E731
+    fp32, exact, int8 = load(), load().optimize(), load()
+    size = args.latents[-1]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        calibration = [torch.randn(1, 4, size, size, generator=g) for _ in range(3)]
+        start = time.perf_counter()
+        quantize_model(int8, lambda m: [m.decode(z) for z in calibration],
+                       modules_to_not_convert=VAE_MODULES_TO_NOT_CONVERT)
+        print(f"quantized the decoder in {time.perf_counter() - start:.1f} s", flush=True)
+        int8.optimize()
+        z = torch.randn(1, 4, size, size, generator=g)
+        ref = fp32.decode(z).sample
+        result = {"latent": size}
+        variants = {"fp32_eager": fp32, "fp32_optimize": exact, "int8_optimize": int8}
+        for name, model in variants.items():
+            if name != "fp32_eager":
+                start = time.perf_counter()
+                out = model.decode(z).sample
+                result[f"{name}_first_call_s"] = round(time.perf_counter() - start, 1)
+                result[f"{name}_rel_err"] = round(float((out - ref).norm() / ref.norm()), 5)
+                print(json.dumps(result), flush=True)
+        times = {name: [] for name in variants}
+        for _ in range(args.repeat):
+            for name, model in variants.items():
+                start = time.perf_counter()
+                model.decode(z)
+                times[name].append(time.perf_counter() - start)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    result.update({f"{k}_s": round(v, 3) for k, v in med.items()})
+    result.update({f"{k}_ratio": round(v / med["fp32_eager"], 3) for k, v in med.items() if k != "fp32_eager"})
+    print(json.dumps(result), flush=True)
+
+
 def memory_child(args):
     from diffusekit import UNet2DConditionModel
 
@@ -130,7 +174,7 @@ def memory(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=["build", "time", "memory", "memory-child"])
+    parser.add_argument("step", choices=["build", "time", "vae", "memory", "memory-child"])
     parser.add_argument("--folder", default=".bench/sd15-random")
     parser.add_argument("--out", required=True)
     parser.add_argument("--latents", type=int, nargs="*", default=[32, 64])
@@ -141,7 +185,7 @@ def main():
     parser.add_argument("--variants", nargs="*", default=["fp32", "int8", "int8-eager"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"build": build, "time": timing, "memory": memory, "memory-child": memory_child}[args.step](args)
+    {"build": build, "time": timing, "vae": vae, "memory": memory, "memory-child": memory_child}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -350,3 +350,35 @@ def test_optimize_on_a_quantized_unet_matches_eager_int8(quantized, tmp_path):
     assert compiled_call(loaded).stats["compiled"] == 1 and compiled_call(loaded).stats["eager_fallback"] == 0
     assert counters["inductor"]["qconv_weight_prepack_matcher_count"] > 10
     assert rel_err(compiled, eager) < 2e-2
+
+
+def test_compiled_int8_attention_keeps_the_fused_cpu_sdpa_kernel(tmp_path):
+    """At 512² the float attention product is ~45 % of a compiled int8 UNet step (docs/QUANTIZATION.md, profile):
+    compiled, its projections must be oneDNN int8 matmuls and the product itself torch's fused CPU flash kernel
+    (one call per attention), never a decomposed matmul + softmax + matmul that materialises the score matrix."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from diffusekit.models.attention import Attention
+    from diffusekit.optimize import compiled_call, optimize_module
+
+    torch.manual_seed(0)
+    model = Attention(32, heads=2, dim_head=16, norm_num_groups=8, residual_connection=True, bias=True).eval()
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        reference = model(x)
+    quantize_model(model, [x, x * 0.8])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(x)
+        optimize_module(model, cache_dir=tmp_path)
+        model(x)  # compile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            compiled = model(x)
+    assert compiled_call(model).stats["eager_fallback"] == 0
+    calls = {}
+    for event in prof.events():
+        calls[event.name] = calls.get(event.name, 0) + 1
+    assert calls.get("aten::_scaled_dot_product_flash_attention_for_cpu") == 1, sorted(calls)
+    assert calls.get("onednn::qlinear_pointwise") == 4, list(calls.items())  # to_q, to_k, to_v, to_out.0
+    assert not {"aten::bmm", "aten::_softmax", "aten::matmul", "aten::mm"} & set(calls), sorted(calls)
+    assert rel_err(compiled, eager) < 5e-3 and rel_err(compiled, reference) < 2e-2

@@ -173,7 +173,9 @@ class Int8Linear(_Int8Layer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]
-        return F.linear(self._qdq_input(x), self._dq_weight(), self.bias)
+        # contiguous: a strided 3-d input (spatial attention: (B, C, HW) transposed) makes aten.linear a bmm, which
+        # inductor only folds into an int8 kernel when the dequantized input has no other user
+        return F.linear(self._qdq_input(x.contiguous()), self._dq_weight(), self.bias)
 
 
 # float layer class -> int8 layer class (exact types: subclasses with their own forward are left alone)
