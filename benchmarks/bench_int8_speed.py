@@ -11,6 +11,10 @@ Random weights give unrepresentative activation ranges: fine for speed and memor
   (``optimize()``, the exact path an int8 pipeline uses for its VAE by default) vs its decoder quantized in this
   process (calibrated on 3 random latents; ``components=("unet", "vae")`` in ``pipe.quantize``) and compiled,
   interleaved; relative error of each against fp32 eager.
+- ``profile``: the int8 UNet of ``--out`` compiled, one CFG step at ``--latents`` (the last one given) under
+  ``torch.profiler`` after a warm-up: time by kind of kernel (fused CPU SDPA, oneDNN int8 conv / linear, inductor's
+  fused GroupNorm / LayerNorm / quantize kernels, the layers kept float), and the share of the self-attention calls
+  over the most tokens.
 - ``memory``: a fresh process loads one model (``--variant fp32|int8|int8-eager``), runs one step (compiled for
   ``int8``), and prints its peak RSS next to the fp32 weight file's size.
 
@@ -20,6 +24,7 @@ Full-size runs want a quiet machine (nothing else heavy running)::
     python -m benchmarks.bench_int8_speed time --folder .bench/sd15-random --out DIR
     python -m benchmarks.bench_int8_speed memory --folder .bench/sd15-random --out DIR
     python -m benchmarks.bench_int8_speed vae --folder .bench/sd15-random --out DIR
+    python -m benchmarks.bench_int8_speed profile --out DIR --latents 64
 """
 
 from __future__ import annotations
@@ -141,6 +146,56 @@ def vae(args):
     print(json.dumps(result), flush=True)
 
 
+PROFILE_KINDS = (  # (kind, test on a profiler event name), first match wins
+    ("attention (fused CPU SDPA, float)", lambda n: n.startswith("aten::_scaled_dot_product")),
+    ("int8 conv (oneDNN)", lambda n: n == "onednn::qconv_pointwise"),
+    ("int8 linear (oneDNN)", lambda n: n == "onednn::qlinear_pointwise"),
+    ("fused GroupNorm (+SiLU, +quantize)", lambda n: n.startswith("graph_") and "group_norm" in n),
+    ("fused LayerNorm (+quantize)", lambda n: n.startswith("graph_") and "layer_norm" in n),
+    ("fused quantize / layout", lambda n: n.startswith("graph_") and "quantize" in n),
+    ("other fused pointwise", lambda n: n.startswith("graph_")),
+    ("layers kept float (conv_in/out, time embeddings)",
+     lambda n: n in ("mkl::_mkl_linear", "mkldnn::_convolution_pointwise", "aten::addmm", "aten::mm")),
+)
+
+
+def profile(args):
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from diffusekit import UNet2DConditionModel
+
+    inductor_config.cpp.enable_kernel_profile = True  # name inductor's C++ kernels in the profile
+    model = compiled(UNet2DConditionModel.from_pretrained(args.out))
+    x = inputs(args.latents[-1], seed=7)
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(**x)
+        print(f"first call (compile) {time.perf_counter() - start:.1f} s", flush=True)
+        start = time.perf_counter()
+        model(**x)
+        print(f"warm step {time.perf_counter() - start:.2f} s", flush=True)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(**x)
+    events = [e for e in prof.events() if e.name in ("## Call CompiledFxGraph None ##",) or
+              any(test(e.name) for _, test in PROFILE_KINDS)]
+    total = sum(e.cpu_time_total for e in events if e.name.startswith("## Call CompiledFxGraph"))
+    by_kind: dict[str, float] = {}
+    for e in events:
+        for kind, test in PROFILE_KINDS:
+            if test(e.name):
+                by_kind[kind] = by_kind.get(kind, 0.0) + e.self_cpu_time_total
+                break
+    sdpa = sorted((e.self_cpu_time_total for e in events if PROFILE_KINDS[0][1](e.name)), reverse=True)
+    tokens = args.latents[-1] ** 2
+    widest = [t for t in sdpa if t > sdpa[0] / 3]  # the self-attention calls over the full-resolution tokens
+    print(json.dumps({"profiled_step_ms": round(total / 1e3), **{k: f"{v / 1e3:.0f} ms ({100 * v / total:.1f} %)"
+                                                                for k, v in by_kind.items()},
+                      f"self-attention over {tokens} tokens": f"{len(widest)} calls, {sum(widest) / 1e3:.0f} ms "
+                                                                f"({100 * sum(widest) / total:.1f} %)"}, indent=1))
+
+
 def memory_child(args):
     from diffusekit import UNet2DConditionModel
 
@@ -174,7 +229,7 @@ def memory(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=["build", "time", "vae", "memory", "memory-child"])
+    parser.add_argument("step", choices=["build", "time", "vae", "profile", "memory", "memory-child"])
     parser.add_argument("--folder", default=".bench/sd15-random")
     parser.add_argument("--out", required=True)
     parser.add_argument("--latents", type=int, nargs="*", default=[32, 64])
@@ -185,7 +240,7 @@ def main():
     parser.add_argument("--variants", nargs="*", default=["fp32", "int8", "int8-eager"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"build": build, "time": timing, "vae": vae, "memory": memory, "memory-child": memory_child}[args.step](args)
+    {"build": build, "time": timing, "vae": vae, "profile": profile, "memory": memory, "memory-child": memory_child}[args.step](args)
 
 
 if __name__ == "__main__":
