@@ -15,6 +15,9 @@ Random weights give unrepresentative activation ranges: fine for speed and memor
   ``torch.profiler`` after a warm-up: time by kind of kernel (fused CPU SDPA, oneDNN int8 conv / linear, inductor's
   fused GroupNorm / LayerNorm / quantize kernels, the layers kept float), and the share of the self-attention calls
   over the most tokens.
+- ``attention``: the first-stage self-attention product alone at ``--latents`` (batch 2, 8 heads of 40 channels,
+  latents² tokens): torch's fused CPU SDPA in float32 and bfloat16, and the attention-times-values product as a float
+  matmul vs an int8 ``torch._int_mm`` (what an int8 attention kernel could gain; torch has no fused int8 SDPA).
 - ``memory``: a fresh process loads one model (``--variant fp32|int8|int8-eager``), runs one step (compiled for
   ``int8``), and prints its peak RSS next to the fp32 weight file's size.
 
@@ -25,6 +28,7 @@ Full-size runs want a quiet machine (nothing else heavy running)::
     python -m benchmarks.bench_int8_speed memory --folder .bench/sd15-random --out DIR
     python -m benchmarks.bench_int8_speed vae --folder .bench/sd15-random --out DIR
     python -m benchmarks.bench_int8_speed profile --out DIR --latents 64
+    python -m benchmarks.bench_int8_speed attention --out DIR --latents 64
 """
 
 from __future__ import annotations
@@ -196,6 +200,38 @@ def profile(args):
                                                                 f"({100 * sum(widest) / total:.1f} %)"}, indent=1))
 
 
+def attention(args):
+    import torch.nn.functional as F
+
+    def best(fn, repeat=args.repeat):
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    tokens, heads, dim = args.latents[-1] ** 2, 8, 40
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, tokens, dim, generator=g) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out_b = F.scaled_dot_product_attention(qb, kb, vb).float()
+    probs = torch.rand(tokens, tokens, generator=g)
+    values = torch.randn(tokens, 48, generator=g)
+    probs8 = torch.randint(0, 128, (tokens, tokens), dtype=torch.int8, generator=g)
+    values8 = torch.randint(-127, 128, (tokens, 48), dtype=torch.int8, generator=g)
+    flops = 2 * 2 * (2 * heads) * tokens * tokens * dim  # q·kᵀ and p·v, batch 2 x heads
+    result = {"tokens": tokens, "sdpa_fp32_s": best(lambda: F.scaled_dot_product_attention(q, k, v)),
+              "sdpa_bf16_s": best(lambda: F.scaled_dot_product_attention(qb, kb, vb)),
+              "sdpa_bf16_rel_err": float((out_b - ref).norm() / ref.norm()),
+              "pv_fp32_matmul_gflops": 2 * tokens * tokens * 48 / best(lambda: probs @ values) / 1e9,
+              "pv_int8_int_mm_gops": 2 * tokens * tokens * 48 / best(lambda: torch._int_mm(probs8, values8)) / 1e9}
+    result["sdpa_fp32_gflops"] = flops / result["sdpa_fp32_s"] / 1e9
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
+
+
 def memory_child(args):
     from diffusekit import UNet2DConditionModel
 
@@ -229,7 +265,7 @@ def memory(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=["build", "time", "vae", "profile", "memory", "memory-child"])
+    parser.add_argument("step", choices=["build", "time", "vae", "profile", "attention", "memory", "memory-child"])
     parser.add_argument("--folder", default=".bench/sd15-random")
     parser.add_argument("--out", required=True)
     parser.add_argument("--latents", type=int, nargs="*", default=[32, 64])
@@ -240,7 +276,7 @@ def main():
     parser.add_argument("--variants", nargs="*", default=["fp32", "int8", "int8-eager"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"build": build, "time": timing, "vae": vae, "profile": profile, "memory": memory, "memory-child": memory_child}[args.step](args)
+    {"build": build, "time": timing, "vae": vae, "profile": profile, "attention": attention, "memory": memory, "memory-child": memory_child}[args.step](args)
 
 
 if __name__ == "__main__":
