@@ -16,8 +16,9 @@ A1111's order (``modules/processing.py``, ``StableDiffusionProcessingImg2Img.ini
 
 A request carries the blur in ``params.extra``: ``Mask blur`` (the key A1111 records, when X and Y are equal), or
 ``Mask blur X`` / ``Mask blur Y`` (a diffusekit key pair: A1111 records nothing when they differ, so its PNGs
-cannot be remade; ``--from-png`` remakes ours). With both at 0 nothing here runs: the pipeline's output is returned as it is (A1111 would still paste the
-original back outside the hard mask; diffusekit keeps the diffusers output, which it always returned).
+cannot be remade; ``--from-png`` remakes ours). With both at 0 nothing here runs: the pipeline's output is
+returned as it is (A1111 would still paste the original back outside the hard mask; diffusekit keeps the diffusers
+output, which it always returned).
 Only numpy and Pillow; OpenCV is a test-time reference (``tests/test_mask_blur.py``).
 """
 
