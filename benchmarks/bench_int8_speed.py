@@ -171,7 +171,9 @@ def profile(args):
     from diffusekit import UNet2DConditionModel
 
     inductor_config.cpp.enable_kernel_profile = True  # name inductor's C++ kernels in the profile
-    model = compiled(UNet2DConditionModel.from_pretrained(args.out))
+    # compiled in process (use_cache=False), not run from an AOTInductor package, whose kernels the profiler
+    # cannot name; both come from the same inductor lowering
+    model = UNet2DConditionModel.from_pretrained(args.out).optimize(use_cache=False)
     x = inputs(args.latents[-1], seed=7)
     with torch.no_grad():
         start = time.perf_counter()
