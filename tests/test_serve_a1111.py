@@ -51,8 +51,9 @@ def models_dir(tmp_path_factory):
 
 SINGLE = "tiny-sd.safetensors"
 LOHA_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
-LOHA_METADATA = {"ss_output_name": "hada_style_v1", "ss_network_module": "lycoris.kohya", "ss_network_dim": "4",
-                 "ss_network_alpha": "2.0", "ss_network_args": '{"algo": "loha", "conv_dim": "4"}'}
+LOHA_METADATA = {"ss_tag_frequency": '{"img": {"red": 2}}', "ss_output_name": "hada_style_v1",
+                 "ss_network_module": "lycoris.kohya", "ss_network_dim": "4", "ss_network_alpha": "2.0",
+                 "ss_network_args": '{"algo": "loha", "conv_dim": "4"}', "ss_sd_model_name": "v1-5.safetensors"}
 
 
 def _random_loha(path):
@@ -286,10 +287,14 @@ def test_png_info_samplers_schedulers_loras_embeddings(api):
     for name in samplers:
         resolve_sampler(name)
     assert {"automatic", "karras", "exponential"} <= set(api.util_get_scheduler_names())
-    assert api.get_loras() == [
+    loras = api.get_loras()
+    assert loras == [
         {"name": "hadastyle", "alias": "hada_style_v1", "path": "Lora/hadastyle.safetensors",  # as A1111: metadata
-         "metadata": {**LOHA_METADATA, "ss_network_args": {"algo": "loha", "conv_dim": "4"}}},  # JSON read
+         "metadata": {**LOHA_METADATA, "ss_network_args": {"algo": "loha", "conv_dim": "4"},  # JSON read
+                      "ss_tag_frequency": {"img": {"red": 2}}}},
         {"name": "redder", "alias": "redder", "path": "Lora/redder.safetensors", "metadata": {}}]
+    keys = list(loras[0]["metadata"])  # A1111's display order: its listed keys first (model name ... tag counts)
+    assert keys[:2] == ["ss_sd_model_name", "ss_tag_frequency"]
     embeddings = api.get_embeddings()
     assert set(embeddings["loaded"]) == {"glowstyle9", "oldstyle"} and set(embeddings["skipped"]) == {"broken"}
     # A1111's fields: the vector width and count, and what an A1111 .pt records about its training
@@ -446,6 +451,23 @@ def test_mask_blur_x_and_y(server, sd_pipe):
     assert not np.array_equal(np.asarray(both), got)
     bad = _post_img2img(url, init, mask, status=422, mask_blur_y=-2, **common)
     assert "mask_blur_y must be >= 0 pixels, got -2" in bad.text
+
+
+def test_inpainting_field_defaults_are_a1111_api_ones():
+    """A1111's API (StableDiffusionProcessingImg2Img's defaults): mask_blur_x / mask_blur_y 4, inpaint_full_res
+    true ("Only masked") with padding 0; /v1/jobs keeps the whole picture unless asked (its web page's default)."""
+    from diffusekit.serve.a1111 import Img2ImgRequest, _inpaint_extra
+    from diffusekit.serve.jobs_api import JobBody
+
+    body = Img2ImgRequest(prompt="x")
+    assert (body.mask_blur, body.mask_blur_x, body.mask_blur_y) == (None, 4, 4)
+    assert body.inpaint_full_res is True and body.inpaint_full_res_padding == 0
+    assert _inpaint_extra(body) == {"Mask blur": 4, "Inpaint area": "Only masked", "Masked area padding": 0}
+    assert _inpaint_extra(Img2ImgRequest(prompt="x", mask_blur=2, mask_blur_x=7)) == {
+        "Mask blur": 2, "Inpaint area": "Only masked", "Masked area padding": 0}  # mask_blur sets both
+    assert _inpaint_extra(Img2ImgRequest(prompt="x", mask_blur_y=0, inpaint_full_res=False)) == {
+        "Mask blur X": 4, "Mask blur Y": 0}
+    assert JobBody(prompt="x").inpaint_full_res is False
 
 
 def test_inpaint_only_masked(server, sd_pipe):
