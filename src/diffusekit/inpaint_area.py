@@ -17,7 +17,8 @@ A1111's order (``modules/processing.py``, ``StableDiffusionProcessingImg2Img.ini
    transparent canvas of the image's size, and the original image, with alpha ``255 - blurred mask`` (not doubled,
    unlike whole-picture inpainting), is composited over it.
 
-The result has the input image's size. Only numpy and Pillow.
+The result has the input image's size. Pillow and numpy; the widening and the resize modes are those of
+:mod:`diffusekit.pipelines.image_processor` (diffusers ported them from A1111).
 """
 
 from __future__ import annotations
@@ -64,62 +65,28 @@ def crop_region(mask, padding: int = 0) -> tuple[int, int, int, int] | None:
 def expand_crop_region(region: tuple[int, int, int, int], width: int, height: int, image_width: int,
                        image_height: int) -> tuple[int, int, int, int]:
     """A1111's ``expand_crop_region``: grow ``region`` along one axis to the aspect ratio ``width / height``,
-    centred, shifted back inside the image (and cut at its edge if it is still too large)."""
-    x1, y1, x2, y2 = region
-    ratio = width / height
-    if (x2 - x1) / (y2 - y1) > ratio:
-        grow = int((x2 - x1) / ratio - (y2 - y1))
-        y1, y2 = _grow(y1, y2, grow, image_height)
-    else:
-        grow = int((y2 - y1) * ratio - (x2 - x1))
-        x1, x2 = _grow(x1, x2, grow, image_width)
-    return x1, y1, x2, y2
+    centred, shifted back inside the image (and cut at its edge if it is still too large). The growing is the
+    inpainting image processor's (``VaeImageProcessor.get_crop_region``, diffusers' port of the same code)."""
+    from .pipelines.image_processor import expand_to_ratio
 
-
-def _grow(lo: int, hi: int, grow: int, size: int) -> tuple[int, int]:
-    lo -= grow // 2
-    hi += grow - grow // 2
-    if hi >= size:
-        lo, hi = lo - (hi - size), size
-    if lo < 0:
-        lo, hi = 0, hi - lo
-    return lo, min(hi, size)
+    return expand_to_ratio(region, width / height, image_width, image_height)
 
 
 def resize_image(mode: int, image, width: int, height: int) -> Any:
-    """A1111's ``images.resize_image`` without an upscaler (its default): 0 just resize, 1 crop and resize (scale
-    to cover, centre), 2 resize and fill (scale to fit, centre, the empty bands filled by stretching the edge
-    rows or columns). Modes 1 and 2 return RGB images, as A1111's."""
+    """A1111's ``images.resize_image`` without an upscaler (its default), Lanczos: 0 just resize, 1 crop and resize
+    (scale to cover, centre), 2 resize and fill (scale to fit, centre, the empty bands filled by stretching the edge
+    rows or columns). Modes 1 and 2 return RGB images, as A1111's; they are the image processor's ``"crop"`` /
+    ``"fill"`` resizes (diffusers ported them from A1111)."""
     from PIL import Image
 
-    lanczos = Image.LANCZOS
-    if mode == 0:
-        return image.resize((width, height), resample=lanczos)
-    ratio, src_ratio = width / height, image.width / image.height
-    cover = mode == 1
-    if cover:
-        src_w = width if ratio > src_ratio else image.width * height // image.height
-        src_h = height if ratio <= src_ratio else image.height * width // image.width
-    else:
-        src_w = width if ratio < src_ratio else image.width * height // image.height
-        src_h = height if ratio >= src_ratio else image.height * width // image.width
-    resized = image.resize((src_w, src_h), resample=lanczos)
-    result = Image.new("RGB", (width, height))
-    result.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
-    if not cover:
-        if ratio < src_ratio:
-            fill = height // 2 - src_h // 2
-            if fill > 0:
-                result.paste(resized.resize((width, fill), box=(0, 0, width, 0)), box=(0, 0))
-                result.paste(resized.resize((width, fill), box=(0, resized.height, width, resized.height)),
-                             box=(0, fill + src_h))
-        elif ratio > src_ratio:
-            fill = width // 2 - src_w // 2
-            if fill > 0:
-                result.paste(resized.resize((fill, height), box=(0, 0, 0, height)), box=(0, 0))
-                result.paste(resized.resize((fill, height), box=(resized.width, 0, resized.width, height)),
-                             box=(fill + src_w, 0))
-    return result
+    from .pipelines.image_processor import _resize_and_crop, _resize_and_fill
+
+    modes = {0: lambda *a: image.resize((width, height), resample=Image.LANCZOS), 1: _resize_and_crop,
+             2: _resize_and_fill}
+    if mode not in modes:
+        raise ValueError(f"resize mode must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill), got "
+                         f"{mode!r}")
+    return modes[mode](image, width, height, Image.LANCZOS)
 
 
 def only_masked(image, blurred_mask, width: int, height: int, padding: int):

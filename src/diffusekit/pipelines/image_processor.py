@@ -316,12 +316,7 @@ class VaeImageProcessor(ConfigMixin):
             return 0, 0, w, h
         x1, x2 = max(int(cols[0]) - pad, 0), min(int(cols[-1]) + 1 + pad, w)
         y1, y2 = max(int(rows[0]) - pad, 0), min(int(rows[-1]) + 1 + pad, h)
-        target_ratio = width / height
-        if (x2 - x1) / (y2 - y1) > target_ratio:
-            y1, y2 = _grow_span(y1, y2, (x2 - x1) / target_ratio, h)
-        else:
-            x1, x2 = _grow_span(x1, x2, (y2 - y1) * target_ratio, w)
-        return x1, y1, x2, y2
+        return expand_to_ratio((x1, y1, x2, y2), width / height, w, h)
 
     def apply_overlay(self, mask, init_image, image, crop_coords: tuple[int, int, int, int] | None = None):
         """Paste the generated ``image`` (of the crop ``crop_coords``, or of the whole picture) over ``init_image``
@@ -352,6 +347,18 @@ def _unit_range(x):
     if x.dtype == torch.uint8:
         return x.float() / 255.0
     return x.float() if x.dtype == torch.bool else x
+
+
+def expand_to_ratio(box: tuple[int, int, int, int], ratio: float, limit_w: int,
+                    limit_h: int) -> tuple[int, int, int, int]:
+    """Grow ``box`` (x1, y1, x2, y2) along one axis to the aspect ratio ``ratio`` (width / height), centred, kept
+    inside a ``limit_w`` x ``limit_h`` image (A1111's ``expand_crop_region``, its integer arithmetic)."""
+    x1, y1, x2, y2 = box
+    if (x2 - x1) / (y2 - y1) > ratio:
+        y1, y2 = _grow_span(y1, y2, (x2 - x1) / ratio, limit_h)
+    else:
+        x1, x2 = _grow_span(x1, x2, (y2 - y1) * ratio, limit_w)
+    return x1, y1, x2, y2
 
 
 def _grow_span(lo: int, hi: int, wanted: float, limit: int) -> tuple[int, int]:
