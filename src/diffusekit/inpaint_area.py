@@ -125,14 +125,11 @@ def crop_to_masks(image: Any, mask: Any, requests: list, width: int | None, heig
     """
     from PIL import Image
 
-    from .mask_blur import blur_mask, mask_blurs_of
+    from .mask_blur import blur_mask, mask_blurs_of, pil_per_image
 
     count = len(requests)
-    images = list(image) if isinstance(image, (list, tuple)) else [image] * count
-    masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * count
-    if not all(hasattr(x, "convert") for x in images + masks):
-        raise ValueError(f"{INPAINT_AREA_KEY}: {ONLY_MASKED} crops PIL images: pass the image and the mask as PIL "
-                         "images")
+    images, masks = pil_per_image(image, mask, count, f"{INPAINT_AREA_KEY}: {ONLY_MASKED} crops PIL images: pass the "
+                                  "image and the mask as PIL images")
     done: dict[tuple, Any] = {}
     crops = []
     for picture, one_mask, request in zip(images, masks, requests):

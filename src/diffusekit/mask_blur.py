@@ -29,7 +29,7 @@ from typing import Any
 
 __all__ = ["MASK_BLUR_KEY", "MASK_BLUR_X_KEY", "MASK_BLUR_Y_KEY", "apply_overlay", "apply_overlays", "blur_mask",
            "blur_masks", "binary_mask", "gaussian_kernel", "mask_blur_of", "mask_blurs_of", "mask_blur_extra",
-           "overlay_for"]
+           "overlay_for", "pil_per_image"]
 
 #: the infotext key A1111 records the blur under (only when above 0); a request carries it in ``params.extra``
 MASK_BLUR_KEY = "Mask blur"
@@ -167,6 +167,16 @@ def mask_blur_extra(x: float, y: float) -> dict[str, float]:
     return {MASK_BLUR_X_KEY: number(x), MASK_BLUR_Y_KEY: number(y)}
 
 
+def pil_per_image(image: Any, mask: Any, count: int, message: str) -> tuple[list, list]:
+    """``image`` / ``mask`` (one for all or a list, one per output image) as two lists of ``count`` PIL images;
+    ``ValueError(message)`` when any is not a PIL image."""
+    images = list(image) if isinstance(image, (list, tuple)) else [image] * count
+    masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * count
+    if not all(hasattr(x, "convert") for x in images + masks):
+        raise ValueError(message)
+    return images, masks
+
+
 def blur_masks(image: Any, mask: Any, requests: list, size: tuple[int | None, int | None]) -> tuple[Any, Any]:
     """``(mask for the pipeline, overlays or None)`` for one pipeline call of :func:`diffusekit.generation.generate`.
 
@@ -178,12 +188,8 @@ def blur_masks(image: Any, mask: Any, requests: list, size: tuple[int | None, in
     blurs = [mask_blurs_of(r) for r in requests]
     if not any(x or y for x, y in blurs):
         return mask, None
-    count = len(requests)
-    images = list(image) if isinstance(image, (list, tuple)) else [image] * count
-    masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * count
-    if not all(hasattr(x, "convert") for x in images + masks):
-        raise ValueError(f"{MASK_BLUR_KEY} needs the image and the mask as PIL images (A1111 blurs 8-bit masks); "
-                         "pass PIL images, or a blur of 0")
+    images, masks = pil_per_image(image, mask, len(requests), f"{MASK_BLUR_KEY} needs the image and the mask as PIL "
+                                  "images (A1111 blurs 8-bit masks); pass PIL images, or a blur of 0")
     blurred, overlays = [], []
     for picture, one_mask, blur in zip(images, masks, blurs):
         if not any(blur):
