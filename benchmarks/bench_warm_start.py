@@ -1,7 +1,9 @@
 """Issue 13: first call and warm start of optimize()'s frozen paths (AOTInductor packages), SD 1.5 UNet step.
 
-One fresh process per run (``--variant``): ``eager`` (fp32 reference; saves its output), ``frozen`` (fp32,
-``optimize(options={"freezing": True})``) or ``int8`` (the int8 UNet folder + ``optimize()``). A compiled variant
+One fresh process per run (``--variant``): ``eager`` (fp32 reference; saves its output), ``exact`` (fp32, the
+default ``optimize()``: no freezing, inductor's FX-graph cache), ``frozen`` (fp32,
+``optimize(options={"freezing": True})``: an AOTInductor package) or ``int8`` (the int8 UNet folder +
+``optimize()``: an AOTInductor package). A compiled variant
 run twice in a row shows the cold first call (builds the package) and the warm start (loads it). Each run prints
 one JSON line: load time, first-call time, median of the warm calls, relative error to the eager output (max |diff| /
 max |eager|, once the eager run saved it), the peak RSS of the process (``VmHWM``) and optimize()'s counters.
@@ -26,7 +28,7 @@ from .common import peak_rss_kb, set_threads
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=("eager", "frozen", "int8"), required=True)
+    parser.add_argument("--variant", choices=("eager", "exact", "frozen", "int8"), required=True)
     parser.add_argument("--folder", required=True, help="a diffusers-format SD folder (its unet/ is loaded)")
     parser.add_argument("--cache", default=None, help="compile cache folder (default: diffusekit's)")
     parser.add_argument("--size", type=int, default=32)
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     model = diffusekit.UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet", use_safetensors=True)
     if args.variant == "frozen":
         model.optimize(cache_dir=args.cache, options={"freezing": True})
-    elif args.variant == "int8":
+    elif args.variant in ("exact", "int8"):  # exact: the default optimize() (no freezing, FX-graph cache)
         model.optimize(cache_dir=args.cache)
     load = time.perf_counter() - started
     gen = torch.Generator().manual_seed(0)

@@ -62,7 +62,7 @@ def _child(cache: Path, seed: int = 0) -> dict:
 
 def _entries(cache: Path) -> list[Path]:
     root = opt._versioned(cache) / "aoti"
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.exists() else []
 
 
 def test_int8_package_is_loaded_by_a_fresh_process_and_a_corrupt_one_rebuilt(tmp_path):
@@ -79,6 +79,8 @@ def test_int8_package_is_loaded_by_a_fresh_process_and_a_corrupt_one_rebuilt(tmp
     assert warm["aoti_loads"] == 1 and warm["aoti_builds"] == 0 and warm["compiles"] == 0, warm
     assert warm["compile_seconds"] == 0 and warm["fxgraph_cache_miss"] == 0 and warm["warnings"] == []
     assert warm["out"] == cold["out"]
+    # the native page-out helper (loading copies the weights out of the library while holding the GIL) was built
+    assert list((opt._versioned(cache) / "aoti").glob("pageout-*.so"))
 
     so = entry / "model.so"
     so.write_bytes(so.read_bytes()[: so.stat().st_size // 2])  # a truncated library is never dlopen-ed

@@ -194,11 +194,9 @@ class Package:
         try:
             from torch.utils import _pytree as pytree
 
-            from .optimize import _MappedFile
-
             # loading copies the weights out of the library's mapping: its pages go back while and after it does,
             # so the process holds one copy of the weights, not two
-            with _MappedFile(so).while_compiling(every=0.1):
+            with _paging_out(so):
                 self.runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so), 1)
             in_spec, out_spec = self.runner.get_call_spec()
             self.out_spec = pytree.treespec_loads(out_spec)
@@ -213,6 +211,120 @@ class Package:
         from torch.utils import _pytree as pytree
 
         return pytree.tree_unflatten(self.runner.run([t.contiguous() for t in tensors]), self.out_spec)
+
+
+#: a native thread paging one mapped file out (MADV_PAGEOUT) every few ms: the runner's constructor copies the
+#: weights out of the library holding the GIL, so a Python thread could not run meanwhile. Built with the C++ compiler
+#: inductor uses anyway, once per cache folder (``pageout-<hash>.so``, next to the packages, same trust boundary).
+_PAGEOUT_C = r"""
+/* diffusekit: a native thread that hands the pages of one mapped file back to the OS (MADV_PAGEOUT) every few
+   milliseconds, while the Python thread (holding the GIL) copies weights out of that file. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21
+#endif
+
+static char target[4096];
+static volatile int running;
+static pthread_t worker;
+static unsigned interval_us;
+
+static void page_out(void) {
+    FILE *maps = fopen("/proc/self/maps", "r");
+    char line[8192], path[4096];
+    unsigned long lo, hi;
+    if (!maps) return;
+    while (fgets(line, sizeof line, maps)) {
+        path[0] = 0;
+        if (sscanf(line, "%lx-%lx %*s %*s %*s %*s %4095[^\n]", &lo, &hi, path) == 3 && !strcmp(path, target))
+            madvise((void *)lo, hi - lo, MADV_PAGEOUT);
+    }
+    fclose(maps);
+}
+
+static void *loop(void *arg) {
+    (void)arg;
+    while (running) {
+        page_out();
+        usleep(interval_us);
+    }
+    return NULL;
+}
+
+int diffusekit_pageout_start(const char *path, unsigned every_us) {
+    if (running || strlen(path) >= sizeof target) return -1;
+    strcpy(target, path);
+    interval_us = every_us;
+    running = 1;
+    if (pthread_create(&worker, NULL, loop, NULL)) { running = 0; return -1; }
+    return 0;
+}
+
+void diffusekit_pageout_stop(void) {
+    if (!running) return;
+    running = 0;
+    pthread_join(worker, NULL);
+    page_out();
+}
+"""
+_pageout_lib: Any = None
+
+
+def _pageout_helper(folder: Path) -> Any:
+    """The helper library (built on first use), or ``None`` where it cannot be built or loaded."""
+    global _pageout_lib
+    if _pageout_lib is not None:
+        return _pageout_lib or None
+    _pageout_lib = False
+    if not os.path.exists("/proc/self/maps"):
+        return None
+    try:
+        import ctypes
+        import subprocess
+
+        from .optimize import _cpp_compiler
+
+        target = folder / f"pageout-{hashlib.sha256(_PAGEOUT_C.encode()).hexdigest()[:16]}.so"
+        if not target.exists():
+            compiler = _cpp_compiler()
+            if compiler is None:
+                return None
+            with tempfile.TemporaryDirectory(prefix=".tmp-pageout-", dir=folder) as tmp:
+                source = Path(tmp) / "pageout.c"
+                source.write_text(_PAGEOUT_C)
+                built = Path(tmp) / "pageout.so"
+                subprocess.run([compiler, "-x", "c", "-O2", "-shared", "-fPIC", "-o", str(built), str(source),
+                                "-lpthread"], check=True, capture_output=True, timeout=120)
+                os.replace(built, target)
+        lib = ctypes.CDLL(str(target))
+        lib.diffusekit_pageout_start.argtypes = [ctypes.c_char_p, ctypes.c_uint]
+        lib.diffusekit_pageout_start.restype = ctypes.c_int
+        _pageout_lib = lib
+        return lib
+    except Exception as err:  # noqa: BLE001 - an optimisation of peak memory only
+        logger.info("page-out helper unavailable (%s): loading packages without it", err)
+        return None
+
+
+@contextlib.contextmanager
+def _paging_out(so: Path):
+    """While the block runs, page the mapped library ``so`` out from a native thread (the Python fallback thread
+    only gets to run around the GIL-holding load, so it just pages out afterwards)."""
+    from .optimize import _MappedFile
+
+    lib = _pageout_helper(so.parent.parent)
+    started = lib is not None and lib.diffusekit_pageout_start(os.path.realpath(so).encode(), 20000) == 0
+    try:
+        with contextlib.nullcontext() if started else _MappedFile(so).while_compiling(every=0.1):
+            yield
+    finally:
+        if started:
+            lib.diffusekit_pageout_stop()
 
 
 def _root(folder: Path) -> Path:
