@@ -6,6 +6,7 @@ Variants (each row runs every variant, one fresh child process per variant, in t
 - ``eager``      diffusekit eager fp32 (the default).
 - ``exact``      diffusekit ``optimize()``: the compiled exact path (outputs within 1e-5 relative of eager).
 - ``int8``       diffusekit int8 UNet (``pipe.quantize`` once, saved, reloaded from disk) + ``optimize()``.
+- ``int8-vae``   the same with the VAE decoder quantized too (``components=("unet", "vae")``); not in the default set.
 - ``openvino``, ``openvino-int8``  external references, UNet and VAE rows only, not in the default set: diffusers'
   model converted with ``openvino.convert_model`` and compiled at f32 precision (its default on this CPU is bf16,
   slower here), and that model quantized by NNCF (weights + activations, 8 calibration inputs). OpenVINO is not a
@@ -53,19 +54,25 @@ from .common import (
 )
 
 VARIANTS = (THEIRS, "eager", "exact", "int8")
+OPTIONAL = ("int8-vae",)
 EXTERNAL = ("openvino", "openvino-int8")
-COMPILED = ("exact", "int8")
+COMPILED = ("exact", "int8", "int8-vae")
+#: int8 variant -> the components pipe.quantize() quantizes
+INT8_COMPONENTS = {"int8": ("unet",), "int8-vae": ("unet", "vae")}
 ROWS = ("unet256", "unet512", "vae512", "e2e512")
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def int8_folder(args) -> Path:
-    """The fp32 folder with its UNet quantized by diffusekit (calibrated on a short 256² run), saved and reused."""
+def int8_folder(args, variant: str = "int8") -> Path:
+    """The fp32 folder with its UNet (and for ``int8-vae`` its VAE) quantized by diffusekit (calibrated on a short
+    256² run), saved and reused."""
     fp32 = sd_folder(args)
     size = 64 if args.quick else 256
-    recipe = {"from": str(fp32), "size": size, "steps": 4, "prompts": [PROMPT, "a red car"], "version": 1}
+    components = INT8_COMPONENTS[variant]
+    recipe = {"from": str(fp32), "size": size, "steps": 4, "prompts": [PROMPT, "a red car"], "version": 1,
+              **({"components": list(components)} if components != ("unet",) else {})}
 
     def build(folder: Path) -> None:
         import diffusekit
@@ -73,10 +80,11 @@ def int8_folder(args) -> Path:
         set_threads(args.threads)
         pipe = diffusekit.StableDiffusionPipeline.from_pretrained(fp32, use_safetensors=True)
         pipe.set_progress_bar_config(disable=True)
-        pipe.quantize(prompts=recipe["prompts"], num_inference_steps=recipe["steps"], height=size, width=size)
+        pipe.quantize(prompts=recipe["prompts"], num_inference_steps=recipe["steps"], height=size, width=size,
+                      components=components)
         pipe.save_pretrained(folder)
 
-    return cached_folder(args.workdir, fp32.name + "-int8", recipe, build)
+    return cached_folder(args.workdir, fp32.name + "-" + variant, recipe, build)
 
 
 # ---------------------------------------------------------------------------------------------------- child
@@ -300,9 +308,10 @@ def main(argv: list[str] | None = None) -> None:
         child(args)
         return
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(args.variants) - set(VARIANTS + EXTERNAL)
+    known = VARIANTS + OPTIONAL + EXTERNAL
+    unknown = set(args.variants) - set(known)
     if unknown:
-        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS + EXTERNAL)}")
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(known)}")
     if cache.exists() and not args.keep_cache:
         shutil.rmtree(cache)
     set_threads(args.threads)
@@ -310,8 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info(args.threads)
     fp32 = args.fp32_folder = sd_folder(args)
     folders = {v: fp32 for v in args.variants}
-    if "int8" in args.variants:
-        folders["int8"] = int8_folder(args)
+    for variant in INT8_COMPONENTS:
+        if variant in args.variants:
+            folders[variant] = int8_folder(args, variant)
     results: list[dict] = []
     for row in ROWS:
         if selected(args, row):
