@@ -75,3 +75,15 @@ def build_tiny_sd(folder: str | Path, scheduler=None, unet_in_channels: int = 4,
     if legacy_tokenizer_files:  # the vocab.json + merges.txt layout of SD checkpoints on the Hub
         write_clip_tokenizer(folder / "tokenizer", num_merges=NUM_MERGES)
     return folder
+
+
+def load_both(folder: str | Path, pipeline: str = "StableDiffusionPipeline"):
+    """``(ours, reference)``: the pipeline class ``pipeline`` of diffusekit and of diffusers loaded from ``folder``,
+    progress bars off."""
+    import diffusekit
+    import diffusers
+
+    pipes = getattr(diffusekit, pipeline).from_pretrained(folder), getattr(diffusers, pipeline).from_pretrained(folder)
+    for pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+    return pipes

@@ -20,7 +20,7 @@ from diffusekit.loaders.lora import LoraError
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from sd_assets import CROSS_DIM, build_tiny_sd  # noqa: E402
+from sd_assets import CROSS_DIM, build_tiny_sd, load_both  # noqa: E402
 
 UNET_PATHS = [
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -75,11 +75,7 @@ def sd_folder(tmp_path_factory):
 
 @pytest.fixture
 def pipes(sd_folder):
-    ours = diffusekit.StableDiffusionPipeline.from_pretrained(sd_folder)
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder)
-    for pipe in (ours, ref):
-        pipe.set_progress_bar_config(disable=True)
-    return ours, ref
+    return load_both(sd_folder)
 
 
 def unet_out(unet, **kwargs):

@@ -11,7 +11,7 @@ import diffusekit
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-from sd_assets import build_tiny_sd  # noqa: E402
+from sd_assets import build_tiny_sd, load_both  # noqa: E402
 
 PROMPTS = ["a red sneaker", "an ankle boot, product shot"]
 
@@ -23,11 +23,7 @@ def sd_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipes(sd_folder):
-    ours = diffusekit.DiffusionPipeline.from_pretrained(sd_folder)
-    ref = diffusers.DiffusionPipeline.from_pretrained(sd_folder)
-    for pipe in (ours, ref):
-        pipe.set_progress_bar_config(disable=True)
-    return ours, ref
+    return load_both(sd_folder, "DiffusionPipeline")
 
 
 def run_both(pipes, scheduler_name=None, **kwargs):
