@@ -38,9 +38,15 @@ def test_blur_equals_opencv_as_a1111_calls_it():
             expected = cv2.GaussianBlur(expected, (1, taps), sigma)
             np.testing.assert_array_equal(np.asarray(blur_mask(mask, sigma)), expected)
     assert sum(gaussian_kernel(4)) == 256 and len(gaussian_kernel(4)) == 21
-    # binary first: grey levels above 128 are white
-    assert np.asarray(binary_mask(Image.new("L", (2, 1), 129))).tolist() == [[255, 255]]
-    assert np.asarray(binary_mask(Image.new("L", (2, 1), 128))).tolist() == [[0, 0]]
+    # A1111's create_binary_mask: grey levels stay as they are; an RGBA mask with transparency is its alpha, rounded
+    assert np.asarray(binary_mask(Image.new("L", (2, 1), 129))).tolist() == [[129, 129]]
+    assert np.asarray(binary_mask(Image.new("RGB", (2, 1), (200, 200, 200)))).tolist() == [[200, 200]]
+    painted = Image.new("RGBA", (3, 1), (0, 0, 0, 0))
+    painted.putpixel((1, 0), (0, 0, 0, 129))
+    painted.putpixel((2, 0), (0, 0, 0, 128))
+    assert np.asarray(binary_mask(painted)).tolist() == [[0, 255, 0]]
+    opaque = Image.new("RGBA", (2, 1), (255, 255, 255, 255))  # no transparency: its grey level, as any other mask
+    assert np.asarray(binary_mask(opaque)).tolist() == [[255, 255]]
 
 
 def test_composite_is_the_alpha_blend_through_the_doubled_mask():

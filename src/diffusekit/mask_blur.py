@@ -3,7 +3,8 @@
 A1111's order (``modules/processing.py``, ``StableDiffusionProcessingImg2Img.init`` and ``apply_overlay``), which
 :func:`diffusekit.generation.generate` follows when a request's ``Mask blur`` is above 0:
 
-1. the mask is made binary (grey levels above 128 become 255, the rest 0);
+1. the mask is taken as A1111 takes it (:func:`binary_mask`: the alpha of an RGBA mask with transparency, rounded;
+   otherwise its grey level);
 2. it is blurred with a Gaussian of standard deviation ``mask_blur`` pixels (A1111's ``mask_blur_x`` /
    ``mask_blur_y`` when they differ), first along the rows, then along the columns, each pass
    ``2 * int(2.5 * sigma + 0.5) + 1`` taps wide (a pass of sigma 0 is skipped), borders mirrored without repeating
@@ -38,8 +39,12 @@ MASK_BLUR_X_KEY, MASK_BLUR_Y_KEY = "Mask blur X", "Mask blur Y"
 
 
 def binary_mask(mask) -> Any:
-    """A1111's ``create_binary_mask``: a PIL mask -> mode ``L`` with 255 where the grey level is above 128, else 0."""
-    return mask.convert("L").point(lambda v: 255 if v > 128 else 0)
+    """A1111's ``create_binary_mask`` (with its default ``mask_round``): a PIL mask -> mode ``L``. An ``RGBA`` mask
+    whose alpha channel is not all opaque (a painted-over upload) is its alpha, 255 above 128 and 0 otherwise; any
+    other mask is its grey level, unchanged (A1111 rounds only the alpha)."""
+    if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
+        return mask.getchannel("A").point(lambda v: 255 if v > 128 else 0)
+    return mask.convert("L")
 
 
 def gaussian_kernel(sigma: float) -> list[int]:
@@ -85,8 +90,8 @@ def _blur_axis(array, taps: list[int], axis: int):
 
 
 def blur_mask(mask, mask_blur: float, mask_blur_y: float | None = None) -> Any:
-    """Steps 1 and 2: the binary mask blurred along the rows (sigma ``mask_blur``) then the columns (sigma
-    ``mask_blur_y``, default the same), as A1111's two ``cv2.GaussianBlur`` calls (a PIL ``L`` image)."""
+    """Steps 1 and 2: the mask (:func:`binary_mask`) blurred along the rows (sigma ``mask_blur``) then the columns
+    (sigma ``mask_blur_y``, default the same), as A1111's two ``cv2.GaussianBlur`` calls (a PIL ``L`` image)."""
     import numpy as np
     from PIL import Image
 
@@ -182,8 +187,9 @@ def blur_masks(image: Any, mask: Any, requests: list, size: tuple[int | None, in
 
     ``image`` / ``mask``: one for all or one per output image; ``requests``: each output image's parameters. With
     every ``Mask blur`` at 0 the mask comes back as it was and there is nothing to composite. Otherwise each mask
-    is resized to ``size`` (width, height; default the image's) if it differs (as the server does with uploads),
-    made binary and blurred, and an overlay made from its image; images with a blur of 0 get ``None``.
+    is taken as A1111 takes it (:func:`binary_mask`), resized to ``size`` (width, height; default the image's) if
+    it differs (as the server does with uploads), blurred, and an overlay made from its image; images with a blur
+    of 0 get ``None``. (A1111 blurs at the upload's size and resizes after: the same where the sizes agree.)
     """
     blurs = [mask_blurs_of(r) for r in requests]
     if not any(x or y for x, y in blurs):
@@ -200,7 +206,7 @@ def blur_masks(image: Any, mask: Any, requests: list, size: tuple[int | None, in
         if one_mask.size != tuple(target):
             from PIL import Image
 
-            one_mask = one_mask.convert("L").resize(tuple(target), Image.LANCZOS)
+            one_mask = binary_mask(one_mask).resize(tuple(target), Image.LANCZOS)  # an RGBA mask: its alpha
         one_mask = blur_mask(one_mask, *blur)
         blurred.append(one_mask)
         overlays.append(overlay_for(picture, one_mask))
