@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -20,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_json_child
 from diffusekit import aot_packages as aot
 from diffusekit import optimize as opt
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 _CHILD = textwrap.dedent("""
     import json, sys, warnings
@@ -52,13 +50,7 @@ _CHILD = textwrap.dedent("""
 
 
 def _child(cache: Path, seed: int = 0) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(cache), str(seed)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_child(_CHILD, str(cache), str(seed))
 
 
 def _entries(cache: Path) -> list[Path]:

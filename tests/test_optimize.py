@@ -9,7 +9,6 @@ VAE / text encoder / whole-pipeline checks are ``slow``.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, run_json_child
 from diffusekit import UNet2DConditionModel
 from diffusekit import optimize as opt
 
@@ -111,13 +110,7 @@ _CHILD = textwrap.dedent("""
 
 
 def _child(cache: Path, seed: int = 0) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(cache), str(seed)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_child(_CHILD, str(cache), str(seed))
 
 
 def test_compile_cache_is_hit_by_a_fresh_process_and_survives_corruption(tmp_path):
