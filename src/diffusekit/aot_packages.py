@@ -33,6 +33,7 @@ that fails) goes to ``torch.compile`` (with freezing, per process), which falls 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -56,33 +57,37 @@ DEFAULT_LIMIT_GB = 20.0
 NOT_HANDLED = object()
 
 _SIMPLE = (bool, int, float, str, type(None), torch.dtype, torch.device)
-_SOURCE_DIGEST: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------ keys
 
 
+@functools.cache
 def source_digest() -> str:
-    """sha256 of diffusekit's own Python sources (a development tree changes without a version bump)."""
-    global _SOURCE_DIGEST
-    if _SOURCE_DIGEST is None:
-        root = Path(__file__).resolve().parent
-        h = hashlib.sha256()
-        for path in sorted(root.rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-        _SOURCE_DIGEST = h.hexdigest()
-    return _SOURCE_DIGEST
+    """sha256 of diffusekit's own Python sources (a development tree changes without a version bump); once per
+    process."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def machine() -> dict[str, str]:
     """The build and CPU a package is specific to (a cache folder shared by machines must not mix them)."""
+    return dict(_machine())
+
+
+@functools.cache
+def _machine() -> tuple[tuple[str, str], ...]:
+    """:func:`machine`, read once per process (every compiled call keys its package with it)."""
     flags = ""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as handle:
             flags = next((line for line in handle if line.startswith("flags")), "")
-    return {"torch": torch.__version__, "torch_git": getattr(torch.version, "git_version", ""),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+    return (("torch", torch.__version__), ("torch_git", getattr(torch.version, "git_version", "")),
+            ("cpu_capability", torch.backends.cpu.get_cpu_capability()),
+            ("cpu_flags", hashlib.sha256(flags.encode()).hexdigest()[:16]))
 
 
 def weights_digest(module: torch.nn.Module) -> str:
