@@ -67,6 +67,44 @@ def test_composite_is_the_alpha_blend_through_the_doubled_mask():
     np.testing.assert_array_equal(got[paint], np.asarray(generated)[paint])
 
 
+def test_a1111_order_blurs_at_the_upload_size_then_resizes():
+    """modules/processing.py: create_binary_mask, cv2.GaussianBlur X then Y on the upload, then resize_image(mode 0,
+    Lanczos) to the working size, doubled for the overlay; the image "just resized" to the working size."""
+    from diffusekit.mask_blur import blur_masks
+
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(5)
+    photo = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), "RGB")
+    for mask, (sx, sy), size in ((random_mask(rng, (64, 48)), (4, 4), (32, 24)),
+                                 (random_mask(rng, (64, 48)), (1, 6), (40, 56)), (None, (3, 3), (24, 16))):
+        if mask is None:  # a painted-over RGBA upload: its alpha, rounded
+            mask = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
+            ImageDraw.Draw(mask).ellipse((10, 8, 40, 30), fill=(0, 0, 0, 200))
+        expected = np.asarray(binary_mask(mask)).copy()
+        expected = cv2.GaussianBlur(expected, (2 * int(2.5 * sx + 0.5) + 1, 1), sx)
+        expected = cv2.GaussianBlur(expected, (1, 2 * int(2.5 * sy + 0.5) + 1), sy)
+        expected = Image.fromarray(expected).resize(size, Image.LANCZOS)
+        request = GenerationParameters(prompt="x", extra={"Mask blur X": sx, "Mask blur Y": sy})
+        got, overlays = blur_masks(photo, mask, [request], size)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+        # the order matters: resizing first (diffusekit before) gives another mask
+        assert not np.array_equal(np.asarray(got), np.asarray(blur_mask(binary_mask(mask).resize(size), sx, sy)))
+        doubled = np.clip(np.asarray(expected).astype(np.float32) * 2, 0, 255).astype(np.uint8)
+        overlay = np.asarray(overlays[0])
+        np.testing.assert_array_equal(overlay[..., 3], 255 - doubled)
+        keep = overlay[..., 3] == 255
+        np.testing.assert_array_equal(overlay[..., :3][keep], np.asarray(photo.resize(size, Image.LANCZOS))[keep])
+    # "only masked" inpainting (inpaint_area) blurs at the mask's size too, then gives the mask the image's size
+    from diffusekit.inpaint_area import crop_to_masks
+
+    request = GenerationParameters(prompt="x", extra={"Mask blur": 4, "Inpaint area": "Only masked"})
+    small = photo.resize((32, 24))
+    _, crop_mask, pastes = crop_to_masks(small, mask, [request], 32, 24, 0)
+    overlay = np.asarray(pastes[0][1])
+    np.testing.assert_array_equal(overlay[..., 3], 255 - np.asarray(blur_mask(mask, 4).resize((32, 24),
+                                                                                               Image.LANCZOS)))
+
+
 @pytest.fixture(scope="module")
 def sd_pipe():
     from diffusekit import DiffusionPipeline
@@ -126,10 +164,13 @@ def test_generate_blurs_then_composites_and_zero_changes_nothing(sd_pipe, photo_
     np.testing.assert_array_equal(got[outside], np.asarray(photo)[outside])  # the original, untouched
     np.testing.assert_array_equal(got[inside], np.asarray(generated)[inside])
     assert not np.array_equal(np.asarray(blurred.images[0]), np.asarray(today))
-    # a mask of another size is resized to the request's size first (as the server does with uploads)
-    wide = generate(sd_pipe, _params(4), image=photo, mask=mask.resize((64, 64), Image.NEAREST),
-                    prompt_syntax="plain")
+    # a mask of another size (an upload) is blurred at its size, then resized to the request's (A1111's order)
+    upload = mask.resize((64, 64), Image.NEAREST)
+    wide = generate(sd_pipe, _params(4), image=photo, mask=upload, prompt_syntax="plain")
     assert wide.images[0].size == (32, 32)
+    np.testing.assert_array_equal(np.asarray(wide.images[0]), np.asarray(apply_overlay(
+        direct(blur_mask(upload, 4).resize((32, 32), Image.LANCZOS)),
+        overlay_for(photo, blur_mask(upload, 4).resize((32, 32), Image.LANCZOS)))))
     with pytest.raises(ValueError, match="Mask blur must be a number of pixels >= 0"):
         generate(sd_pipe, _params(-1), image=photo, mask=mask)
     with pytest.raises(ValueError, match="Mask blur composites PIL images"):

@@ -453,6 +453,27 @@ def test_mask_blur_x_and_y(server, sd_pipe):
     assert "mask_blur_y must be >= 0 pixels, got -2" in bad.text
 
 
+def test_mask_upload_is_blurred_at_its_size_then_resized(server, sd_pipe):
+    """A1111's order for an upload of another size than the request: create_binary_mask (an RGBA mask painted over
+    with transparency: its alpha), the blur at the upload's size, then the resize to the working size."""
+    from PIL import Image, ImageDraw
+
+    from diffusekit.mask_blur import apply_overlay, blur_mask, overlay_for
+
+    url = server[0]
+    init = _photo((32, 32))
+    upload = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # black paint: its grey level would mask nothing
+    ImageDraw.Draw(upload).rectangle((20, 16, 43, 47), fill=(0, 0, 0, 220))
+    result, _ = _post_img2img(url, init, upload, prompt="a photo of a blue dress", seed=4, steps=3, width=32,
+                              height=32, cfg_scale=4, denoising_strength=0.9, sampler_name="Euler", mask_blur=4,
+                              inpaint_full_res=False)
+    latent_mask = blur_mask(upload, 4).resize((32, 32), Image.LANCZOS)
+    generated = _direct(sd_pipe, "StableDiffusionInpaintPipeline", "Euler", [4], prompt=["a photo of a blue dress"],
+                        image=init, mask_image=latent_mask, strength=0.9, num_inference_steps=3, guidance_scale=4.0,
+                        height=32, width=32)[0]
+    _same(result, apply_overlay(generated, overlay_for(init, latent_mask)))
+
+
 def test_inpainting_field_defaults_are_a1111_api_ones():
     """A1111's API (StableDiffusionProcessingImg2Img's defaults): mask_blur_x / mask_blur_y 4, inpaint_full_res
     true ("Only masked") with padding 0; /v1/jobs keeps the whole picture unless asked (its web page's default)."""

@@ -5,8 +5,9 @@ A1111's order (``modules/processing.py``, ``StableDiffusionProcessingImg2Img.ini
 ``apply_overlay`` / ``uncrop``), which :func:`diffusekit.generation.generate` follows when a request's
 ``extra["Inpaint area"]`` is ``"Only masked"``:
 
-1. the mask is made binary and blurred (``Mask blur``, :mod:`diffusekit.mask_blur`), at the image's own size (the
-   image is not resized to the working size);
+1. the mask is made binary and blurred (``Mask blur``, :mod:`diffusekit.mask_blur`) at its own size, as A1111
+   does (a mask of another size than the image is then resized to the image's, which A1111 does not: it expects
+   them alike); the image is not resized to the working size;
 2. the crop region is the bounding box of the blurred mask's non-zero pixels, widened by ``Masked area padding``
    pixels on each side (clipped to the image), then grown along one axis to the working size's aspect ratio
    (:func:`expand_crop_region`, A1111's integer arithmetic); a blank mask has no region: the request runs as
@@ -123,9 +124,7 @@ def crop_to_masks(image: Any, mask: Any, requests: list, width: int | None, heig
     ``image`` / ``mask``: one for all or one per output image (PIL); ``requests``: each output image's parameters
     (their ``Mask blur`` applies); ``width`` / ``height``: the working size (default the image's).
     """
-    from PIL import Image
-
-    from .mask_blur import blur_mask, mask_blurs_of, pil_per_image
+    from .mask_blur import blurred_at_size, mask_blurs_of, pil_per_image
 
     count = len(requests)
     images, masks = pil_per_image(image, mask, count, f"{INPAINT_AREA_KEY}: {ONLY_MASKED} crops PIL images: pass the "
@@ -135,11 +134,8 @@ def crop_to_masks(image: Any, mask: Any, requests: list, width: int | None, heig
     for picture, one_mask, request in zip(images, masks, requests):
         blurs = mask_blurs_of(request)
         key = (id(picture), id(one_mask), blurs)
-        if key not in done:
-            one_mask = one_mask.convert("L")
-            if one_mask.size != picture.size:  # the crop region is found on the mask, cut from the image
-                one_mask = one_mask.resize(picture.size, Image.LANCZOS)
-            done[key] = only_masked(picture, blur_mask(one_mask, *blurs), width or picture.width,
+        if key not in done:  # the crop region is found on the mask, cut from the image: the mask takes its size
+            done[key] = only_masked(picture, blurred_at_size(one_mask, blurs, picture.size), width or picture.width,
                                     height or picture.height, padding)
         crops.append(done[key])
     if all(crop is None for crop in crops):

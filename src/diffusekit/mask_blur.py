@@ -4,16 +4,21 @@ A1111's order (``modules/processing.py``, ``StableDiffusionProcessingImg2Img.ini
 :func:`diffusekit.generation.generate` follows when a request's ``Mask blur`` is above 0:
 
 1. the mask is taken as A1111 takes it (:func:`binary_mask`: the alpha of an RGBA mask with transparency, rounded;
-   otherwise its grey level);
-2. it is blurred with a Gaussian of standard deviation ``mask_blur`` pixels (A1111's ``mask_blur_x`` /
+   otherwise its grey level), at the size it was uploaded at;
+2. it is blurred there with a Gaussian of standard deviation ``mask_blur`` pixels (A1111's ``mask_blur_x`` /
    ``mask_blur_y`` when they differ), first along the rows, then along the columns, each pass
    ``2 * int(2.5 * sigma + 0.5) + 1`` taps wide (a pass of sigma 0 is skipped), borders mirrored without repeating
    the edge pixel, in the 8-bit fixed point OpenCV uses (A1111 runs ``cv2.GaussianBlur`` on 8-bit images; the
    tests check the result equals OpenCV's bit for bit);
-3. the blurred mask is what the pipeline gets (its latent mask);
-4. the overlay mask is the blurred mask doubled and clipped to 255 (so the original shows through only where the
-   blurred mask is below one half), and the original image with alpha ``255 - overlay mask`` is alpha-composited
-   over each generated image, as A1111 does with PIL's premultiplied ``RGBa`` paste and ``alpha_composite``.
+3. only then is it resized to the working size (A1111's resize mode 0, "just resize": Lanczos), as the image is;
+   that resized blurred mask is what the pipeline gets (its latent mask);
+4. the overlay mask is the resized blurred mask doubled and clipped to 255 (so the original shows through only
+   where the blurred mask is below one half), and the original image (resized to the working size) with alpha
+   ``255 - overlay mask`` is alpha-composited over each generated image, as A1111 does with PIL's premultiplied
+   ``RGBa`` paste and ``alpha_composite``.
+
+Blurring before resizing matters when the upload's size differs from the working size: the blur's reach is in the
+upload's pixels (a 4-pixel blur of a 1024² mask for a 512² image reaches 2 pixels of the image), as in A1111.
 
 A request carries the blur in ``params.extra``: ``Mask blur`` (the key A1111 records, when X and Y are equal), or
 ``Mask blur X`` / ``Mask blur Y`` (a diffusekit key pair: A1111 records nothing when they differ, so its PNGs
@@ -29,8 +34,8 @@ import math
 from typing import Any
 
 __all__ = ["MASK_BLUR_KEY", "MASK_BLUR_X_KEY", "MASK_BLUR_Y_KEY", "apply_overlay", "apply_overlays", "blur_mask",
-           "blur_masks", "binary_mask", "gaussian_kernel", "mask_blur_of", "mask_blurs_of", "mask_blur_extra",
-           "overlay_for", "pil_per_image"]
+           "blur_masks", "blurred_at_size", "binary_mask", "gaussian_kernel", "mask_blur_of", "mask_blurs_of",
+           "mask_blur_extra", "overlay_for", "pil_per_image"]
 
 #: the infotext key A1111 records the blur under (only when above 0); a request carries it in ``params.extra``
 MASK_BLUR_KEY = "Mask blur"
@@ -187,9 +192,9 @@ def blur_masks(image: Any, mask: Any, requests: list, size: tuple[int | None, in
 
     ``image`` / ``mask``: one for all or one per output image; ``requests``: each output image's parameters. With
     every ``Mask blur`` at 0 the mask comes back as it was and there is nothing to composite. Otherwise each mask
-    is taken as A1111 takes it (:func:`binary_mask`), resized to ``size`` (width, height; default the image's) if
-    it differs (as the server does with uploads), blurred, and an overlay made from its image; images with a blur
-    of 0 get ``None``. (A1111 blurs at the upload's size and resizes after: the same where the sizes agree.)
+    is taken as A1111 takes it (:func:`binary_mask`) and blurred at its own size (the upload's), then resized to
+    ``size`` (width, height; default the image's) if it differs, in A1111's order (steps 1 to 3 above), and an
+    overlay made from its image; images with a blur of 0 get ``None``.
     """
     blurs = [mask_blurs_of(r) for r in requests]
     if not any(x or y for x, y in blurs):
@@ -203,15 +208,22 @@ def blur_masks(image: Any, mask: Any, requests: list, size: tuple[int | None, in
             overlays.append(None)
             continue
         target = size if size[0] and size[1] else picture.size
-        if one_mask.size != tuple(target):
-            from PIL import Image
-
-            one_mask = binary_mask(one_mask).resize(tuple(target), Image.LANCZOS)  # an RGBA mask: its alpha
-        one_mask = blur_mask(one_mask, *blur)
+        one_mask = blurred_at_size(one_mask, blur, target)
         blurred.append(one_mask)
         overlays.append(overlay_for(picture, one_mask))
     single = not isinstance(mask, (list, tuple)) and len(set(blurs)) == 1
     return (blurred[0] if single else blurred), overlays
+
+
+def blurred_at_size(mask, blur: tuple[float, float], size: tuple[int, int]) -> Any:
+    """Steps 1 to 3 for one mask: :func:`blur_mask` at the mask's own size (``blur``: X and Y), then resized to
+    ``size`` (width, height) with A1111's "just resize" (Lanczos) if it differs; a PIL ``L`` image."""
+    blurred = blur_mask(mask, *blur)
+    if blurred.size == tuple(size):
+        return blurred
+    from .inpaint_area import resize_image
+
+    return resize_image(0, blurred, *size)
 
 
 def apply_overlays(images: list, overlays: list) -> list:

@@ -170,7 +170,14 @@ def _inpaint_extra(body: Img2ImgRequest) -> dict[str, Any]:
 
 
 def _input_images(state, body: Img2ImgRequest, params: GenerationParameters):
-    from PIL import Image, ImageOps
+    """The init image (resized to the request's size, A1111's resize mode 0, unless "only masked" inpainting keeps
+    its size) and the mask as A1111 takes it (its ``create_binary_mask``, inverted if asked) at the upload's size:
+    A1111 blurs a mask before resizing it (:mod:`diffusekit.mask_blur`), and the pipeline resizes an unblurred one
+    the same way (Lanczos)."""
+    from PIL import ImageOps
+
+    from ..inpaint_area import resize_image
+    from ..mask_blur import binary_mask
 
     if not body.init_images:
         raise _unprocessable("init_images: img2img needs one base64 image in init_images")
@@ -178,19 +185,14 @@ def _input_images(state, body: Img2ImgRequest, params: GenerationParameters):
     size = (params.width, params.height)
     try:
         image = image_from_b64(body.init_images[0], "init_images[0]", limit).convert("RGB")
-        mask = image_from_b64(body.mask, "mask", limit).convert("L") if body.mask else None
+        mask = binary_mask(image_from_b64(body.mask, "mask", limit)) if body.mask else None
     except BadImage as exc:
         raise _unprocessable(str(exc)) from None
     if mask is not None and body.inpaint_full_res:  # "only masked": the image keeps its size, the crop is scaled
         size = image.size
-    if image.size != size:  # A1111 resize_mode 0, "just resize", to the requested size
-        image = image.resize(size, Image.LANCZOS)
-    if mask is not None:
-        if mask.size != size:
-            mask = mask.resize(size, Image.LANCZOS)
-        if body.inpainting_mask_invert:
-            mask = ImageOps.invert(mask)
-
+    image = resize_image(0, image, *size)  # A1111's resize_mode 0, "just resize", to the requested size
+    if mask is not None and body.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
     return image, mask
 
 
