@@ -195,10 +195,12 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
 
             cropped = crop_to_masks(image, mask, per_output, params.width, params.height, padding)
             if cropped is None:  # every mask blank: A1111 runs image-to-image on the whole picture (and says so)
-                from .inpaint_area import INPAINT_AREA_KEY, PADDING_KEY
+                from .inpaint_area import INPAINT_AREA_KEY, PADDING_KEY, resize_image
 
                 task, mask = "image-to-image", None
-                image = _resized(image, params.width, params.height)
+                if params.width and params.height:  # A1111's "just resize" to the working size
+                    image = [resize_image(0, im, params.width, params.height) for im in image] \
+                        if isinstance(image, (list, tuple)) else resize_image(0, image, params.width, params.height)
                 requests = [r.replace(extra={k: v for k, v in r.extra.items() if k not in (INPAINT_AREA_KEY,
                                                                                             PADDING_KEY)})
                             for r in requests]
@@ -280,16 +282,6 @@ def _only_masked_padding(requests: list) -> int | None:
     if len(paddings) > 1:
         raise ValueError("requests batched together must share Inpaint area and Masked area padding")
     return paddings.pop()
-
-
-def _resized(image: Any, width: int | None, height: int | None) -> Any:
-    """``image`` (or each of a list) resized to ``width`` x ``height`` (A1111's "just resize"), if both are given."""
-    if not width or not height:
-        return image
-    from PIL import Image
-
-    one = lambda im: im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS)  # noqa: E731
-    return [one(im) for im in image] if isinstance(image, (list, tuple)) else one(image)
 
 
 def _with_pipeline_deep_cache(params: GenerationParameters, config) -> GenerationParameters:
