@@ -546,6 +546,34 @@ def test_inpaint_only_masked(server, sd_pipe):
     _same(blank, direct)
 
 
+def test_lora_alias_clash_is_refused_as_a1111(tmp_path):
+    """A1111 (networks.py list_available_networks / load_networks): an ss_output_name alias that an earlier file
+    already answers to (its alias or its name) is "forbidden": the name then means a file name only; "none" never
+    is an alias. Not the last file winning."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffusekit.serve.models import ModelRegistry, UnknownModel
+
+    lora = tmp_path / "Lora"
+    (lora / "sub").mkdir(parents=True)
+    for name, alias in (("a", "shared"), ("b", "shared"), ("c", "a"), ("d", "unique"), ("e", "None")):
+        save_file({"x": torch.zeros(1)}, lora / f"{name}.safetensors", metadata={"ss_output_name": alias})
+    registry = ModelRegistry(tmp_path)
+    assert registry.lora_file("unique") == lora / "d.safetensors"  # an alias no other file gives
+    assert registry.lora_file("a") == lora / "a.safetensors"  # c's alias "a" is a's name: the file wins
+    assert registry.lora_file("b") == lora / "b.safetensors"
+    for clash in ("shared", "SHARED", "None", "none"):
+        with pytest.raises(UnknownModel, match="not taken as an alias") as caught:
+            registry.lora_file(clash)
+    assert "none" in str(caught.value)
+    with pytest.raises(UnknownModel, match=r"Lora/a.safetensors, Lora/b.safetensors"):
+        registry.lora_file("shared")
+    save_file({"x": torch.zeros(1)}, lora / "sub" / "shared.safetensors")  # a file of that name: it is the one
+    assert registry.lora_file("shared") == lora / "sub" / "shared.safetensors"
+    assert [e["alias"] for e in registry.loras()][:2] == ["shared", "shared"]  # /loras still shows the aliases
+
+
 def test_lycoris_file_by_prompt_tag(api, models_dir):
     """A LyCORIS LoHa in the models folder's Lora/ runs from a <lora:name:w> tag (or its metadata alias), as the
     library runs it, and is recorded in "Lora hashes"."""

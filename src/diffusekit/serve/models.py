@@ -139,15 +139,32 @@ class ModelRegistry:
         return entries
 
     def lora_file(self, name: str) -> Path:
-        """The LoRA file a ``<lora:name:w>`` prompt tag names (by file name without suffix, as A1111)."""
-        files = {p.stem: p for p in self._listing(LORA_DIRS, LORA_SUFFIXES)}
-        if name not in files:  # A1111 also takes the alias a file's metadata gives (ss_output_name)
-            aliases = {entry["alias"]: files[entry["name"]] for entry in self.loras() if entry["name"] in files}
-            if name in aliases:
-                return aliases[name]
-            raise UnknownModel(f"unknown LoRA {name!r} in the prompt; LoRA files in the models folder's Lora/: "
-                               f"{', '.join(files) or 'none'}")
-        return files[name]
+        """The LoRA file a ``<lora:name:w>`` prompt tag names: by file name without suffix, or by the alias its
+        metadata gives (``ss_output_name``), as A1111 (``extensions-builtin/Lora/networks.py``). An alias that
+        several files give (or that is an earlier file's name) is ambiguous: A1111 then takes that name as a file
+        name only, never as the alias (``forbidden_network_aliases``), and so does this (with an error naming the
+        files when no file has that name). "none" is never an alias, as in A1111."""
+        entries = self.loras()
+        files = {entry["name"]: self.models_dir / entry["path"] for entry in entries}
+        by_name: dict[str, Path] = {}
+        forbidden = {"none"}
+        for entry in entries:  # A1111's order: a file's name, then its alias, each over what came before
+            path = files[entry["name"]]
+            if entry["alias"] in by_name:
+                forbidden.add(entry["alias"].lower())
+            by_name[entry["name"]] = by_name[entry["alias"]] = path
+        if name.lower() in forbidden:
+            if name in files:
+                return files[name]
+            clash = [entry["path"] for entry in entries if entry["alias"].lower() == name.lower()
+                     or entry["name"].lower() == name.lower()]
+            raise UnknownModel(f"LoRA {name!r} in the prompt is not taken as an alias (A1111 refuses 'none' and "
+                               f"aliases that more than one file answers to: {', '.join(clash) or 'none'}): name "
+                               "the file by its file name, without the suffix")
+        if name in by_name:
+            return by_name[name]
+        raise UnknownModel(f"unknown LoRA {name!r} in the prompt; LoRA files in the models folder's Lora/: "
+                           f"{', '.join(files) or 'none'}")
 
     def embedding_files(self) -> list[Path]:
         return self._listing(EMBEDDING_DIRS, EMBEDDING_SUFFIXES)
