@@ -4,6 +4,7 @@ library's direct output for the same seed (identical)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -304,6 +305,46 @@ def test_png_info_samplers_schedulers_loras_embeddings(api):
                                                 "sd_checkpoint_name": "v1-5", "shape": 32, "vectors": 3}
     assert embeddings["skipped"]["broken"] == {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                                "shape": None, "vectors": None}
+
+
+def test_each_embedding_file_is_read_once_at_start(models_dir, monkeypatch):
+    """The server loads the models folder's embeddings, their /embeddings numbers and their "TI hashes" from one
+    read of each file (not one read per use)."""
+    import builtins
+    import io
+
+    import safetensors
+    import torch
+
+    from diffusekit import DiffusionPipeline
+    from diffusekit.infotext import embedding_hash
+    from diffusekit.serve.models import LoadedModel, ModelRegistry
+
+    registry = ModelRegistry(models_dir)
+    files = registry.embedding_files()
+    assert {p.name for p in files} == {"broken.pt", "glowstyle9.safetensors", "oldstyle.pt"}
+    opened: list[str] = []
+
+    def counting(real):
+        def opener(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and "embeddings" in os.fspath(file):
+                opened.append(os.path.basename(os.fspath(file)))
+            return real(file, *args, **kwargs)
+        return opener
+
+    for module, name in ((builtins, "open"), (io, "open"), (safetensors, "safe_open"), (torch, "load")):
+        monkeypatch.setattr(module, name, counting(getattr(module, name)))
+    loaded = LoadedModel(registry.resolve(SD), DiffusionPipeline.from_pretrained(SD), None, None)
+    loaded.load_embeddings(files)
+    monkeypatch.undo()
+    assert sorted(opened) == ["broken.pt", "glowstyle9.safetensors", "oldstyle.pt"]
+    assert set(loaded.embeddings) == {"glowstyle9", "oldstyle"} and set(loaded.skipped_embeddings) == {"broken"}
+    assert loaded.embeddings["oldstyle"]["vectors"] == 3 and loaded.embeddings["glowstyle9"]["shape"] == 32
+    path = models_dir / "embeddings" / "oldstyle.pt"
+    assert loaded.embedding_hashes["oldstyle"] == embedding_hash(path)
+    ids = loaded.pipe.tokenizer.convert_tokens_to_ids(["oldstyle", "oldstyle_1", "oldstyle_2"])
+    vectors = torch.load(path, weights_only=True)["string_to_param"]["*"]
+    torch.testing.assert_close(loaded.pipe.text_encoder.get_input_embeddings().weight[ids], vectors, rtol=0, atol=0)
 
 
 def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, api):

@@ -244,8 +244,11 @@ def lora_hash(path: str | os.PathLike) -> str:
     return _sha256(path, offset)[:12]
 
 
-def embedding_hash(path: str | os.PathLike) -> str:
-    """A1111's short hash of a textual-inversion file in "TI hashes": the first 12 hex digits of its SHA-256."""
+def embedding_hash(path: str | os.PathLike | bytes) -> str:
+    """A1111's short hash of a textual-inversion file in "TI hashes": the first 12 hex digits of its SHA-256 (of
+    the file at ``path``, or of its bytes already read)."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(path).hexdigest()[:12]
     return _sha256(path, 0)[:12]
 
 

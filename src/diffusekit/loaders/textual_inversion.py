@@ -27,6 +27,7 @@ here too, exactly as in diffusers).
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -43,13 +44,26 @@ class TextualInversionError(ValueError):
     """A textual-inversion file or argument that cannot be used (the message names the file and what is wrong)."""
 
 
-def _read_file(path: Path) -> Any:
+def read_embedding_file(path: str | os.PathLike, raw: bytes | None = None) -> Any:
+    """What an embedding file holds, read as :meth:`TextualInversionLoaderMixin.load_textual_inversion` reads it
+    (safetensors, or ``torch.load(weights_only=True)``), from ``raw`` (the file's bytes) when given, so that a
+    caller that also hashes the file reads it once; pass the result to ``load_textual_inversion`` (with ``token=``)
+    and :func:`embedding_summary`. :class:`TextualInversionError` names the file when it cannot be read."""
+    path = Path(path)
     if path.suffix == ".safetensors":
-        from ..modeling import read_safetensors
+        if raw is None:
+            from ..modeling import read_safetensors
 
-        return read_safetensors(path)
+            return read_safetensors(path)
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(raw)
+        except Exception as err:  # safetensors raises its own error type for every kind of damage
+            raise TextualInversionError(f"cannot read embedding file {path}: {err}") from None
     try:
-        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        source = os.fspath(path) if raw is None else io.BytesIO(raw)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise TextualInversionError(
             f"refusing to load {path}: it holds objects other than tensors and plain containers "
@@ -140,7 +154,7 @@ class TextualInversionLoaderMixin:
         """``(what the source holds, where it came from, the file's stem)``."""
         if isinstance(source, (str, os.PathLike)):
             path = _resolve(source, weight_name, dict(hub_kwargs))
-            return _read_file(path), str(path), path.stem
+            return read_embedding_file(path), str(path), path.stem
         return source, "the embedding passed", None
 
     def _load_sdxl_embedding(self, data: Mapping, origin: str, name: str | None) -> None:
@@ -185,7 +199,7 @@ class TextualInversionLoaderMixin:
         for source, wanted in zip(sources, tokens):
             if isinstance(source, (str, os.PathLike)):
                 path = _resolve(source, weight_name, dict(hub_kwargs or {}))
-                name, vectors = _token_and_vectors(_read_file(path), wanted, str(path), path.stem)
+                name, vectors = _token_and_vectors(read_embedding_file(path), wanted, str(path), path.stem)
                 where = str(path)
             else:
                 where = origin or "the embedding passed"
@@ -269,17 +283,19 @@ class TextualInversionLoaderMixin:
         return groups
 
 
-def embedding_summary(path: str | os.PathLike) -> dict[str, Any]:
+def embedding_summary(path: str | os.PathLike, data: Any = None) -> dict[str, Any]:
     """A1111's ``/sdapi/v1/embeddings`` entry for an embedding file, as its ``create_embedding_from_data`` reads it:
     ``shape`` (the vector width; for SDXL ``clip_l`` + ``clip_g`` widths), ``vectors`` (how many), and the ``step``,
-    ``sd_checkpoint``, ``sd_checkpoint_name`` an A1111 ``.pt`` file records (None otherwise). A file that cannot
-    be read gives None everywhere."""
+    ``sd_checkpoint``, ``sd_checkpoint_name`` an A1111 ``.pt`` file records (None otherwise). ``data``: what the file
+    holds (:func:`read_embedding_file`), if already read; otherwise the file is read. A file that cannot be read
+    gives None everywhere."""
     summary: dict[str, Any] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
                                "vectors": None}
-    try:
-        data = _read_file(Path(path))
-    except Exception:  # noqa: BLE001 - the loader reports why; here the entry just has no numbers
-        return summary
+    if data is None:
+        try:
+            data = read_embedding_file(path)
+        except Exception:  # noqa: BLE001 - the loader reports why; here the entry just has no numbers
+            return summary
     vectors = None
     if _is_sdxl(data) and all(isinstance(data[k], torch.Tensor) for k in ("clip_l", "clip_g")):
         summary["shape"] = int(data["clip_g"].shape[-1] + data["clip_l"].shape[-1])

@@ -187,20 +187,22 @@ class LoadedModel:
         """Load every textual-inversion file of the models folder, as A1111 does at start; one that does not fit
         this model (another text encoder width, a bad file) is listed as skipped, with the reason logged."""
         from ..infotext import embedding_hash
-        from ..loaders.textual_inversion import embedding_summary
+        from ..loaders.textual_inversion import embedding_summary, read_embedding_file
 
         if not hasattr(self.pipe, "load_textual_inversion"):
             return
         for path in files:
-            info = embedding_summary(path)
-            try:
-                self.pipe.load_textual_inversion(str(path), token=path.stem)
+            data = None
+            try:  # each file read once: its hash, its /embeddings numbers and its vectors come from these bytes
+                raw = path.read_bytes()
+                data = read_embedding_file(path, raw)
+                self.pipe.load_textual_inversion(data, token=path.stem)
             except Exception as exc:  # noqa: BLE001 - any bad file is skipped, as in A1111
                 logger.warning("embedding %s skipped for %s: %s", path.name, self.name, exc)
-                self.skipped_embeddings[path.stem] = info
+                self.skipped_embeddings[path.stem] = embedding_summary(path, {} if data is None else data)
                 continue
-            self.embeddings[path.stem] = info
-            self.embedding_hashes[path.stem] = embedding_hash(path)
+            self.embeddings[path.stem] = embedding_summary(path, data)
+            self.embedding_hashes[path.stem] = embedding_hash(raw)
 
     def embeddings_used(self, *prompts: str) -> dict[str, str]:
         """``{name: short hash}`` of the loaded embeddings the prompts name (as a whole word), for "TI hashes"."""
