@@ -237,11 +237,11 @@ def test_locon_with_a_cp_middle(pipes):
     torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=1e-4, atol=1e-5)
 
 
-def a1111_dora(base, delta, magnitude, multiplier):
+def a1111_dora(base, delta, magnitude, multiplier, rows=None):
     """A1111's ``apply_weight_decompose`` then the multiplier (``network.py``), column norms for (1, in) and row
-    norms for (out, 1) magnitudes."""
+    norms for (out, 1) magnitudes (LyCORIS's ``wd_on_out``; ``rows`` says which for a (1, 1) magnitude)."""
     merged = base + delta
-    if magnitude.shape[0] == 1:
+    if not (magnitude.shape[0] != 1 if rows is None else rows):
         norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
         norm = norm.reshape(merged.shape[1], *[1] * (base.ndim - 1)).transpose(0, 1)
     else:
@@ -291,6 +291,45 @@ def test_dora_scale_as_a1111(pipes):
     merged = weights[lin] + deltas[lin]
     torch.testing.assert_close(ours.unet.get_submodule(lin).weight, merged * mags[lin] / merged.norm(dim=0),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [lambda: torch.nn.Linear(5, 1), lambda: torch.nn.Conv2d(3, 1, 3, padding=1)])
+def test_dora_on_a_layer_with_one_output_row(layer):
+    """A layer with one output row has a (1, 1) magnitude whichever way DoRA's norms run: peft's
+    (``lora_magnitude_vector``) are per output row, as for every layer, and a kohya (1, 1) ``dora_scale`` on a layer
+    with more than one input column is LyCORIS's row layout (``wd_on_out``); neither is taken for column norms."""
+    from diffusekit.loaders.lora_layers import build_lora
+
+    torch.manual_seed(0)
+    donor = torch.nn.Sequential(layer())
+    config = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["0"], use_dora=True, init_lora_weights=False)
+    peft.inject_adapter_in_model(config, donor, adapter_name="x")
+    peft_layer = donor[0]
+    with torch.no_grad():
+        peft_layer.lora_magnitude_vector["x"].weight.mul_(1.7)
+    module = peft_layer.base_layer
+    base = module.weight.detach().clone()
+    down, up = peft_layer.lora_A["x"].weight.detach(), peft_layer.lora_B["x"].weight.detach()
+    magnitude = peft_layer.lora_magnitude_vector["x"].weight.detach()
+    x = torch.randn(4, 5) if isinstance(module, torch.nn.Linear) else torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        want = donor(x)
+    ours = build_lora(module, {"down": ("k.lora_A", down), "up": ("k.lora_B", up),
+                               "magnitude": ("k.lora_magnitude_vector", magnitude)}, 3.0, "test")
+    with torch.no_grad():
+        got = module(x) + ours.forward_delta(module, x, base, 1.0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        peft_layer.merge()
+        torch.testing.assert_close(base + ours.weight_delta(base, 1.0), module.weight, rtol=1e-5, atol=1e-6)
+    # kohya's (1, 1[, 1, 1]) dora_scale: the row layout, A1111's formula with row norms
+    scale = torch.full((1,) * base.ndim, 0.8)
+    kohya = build_lora(module, {"down": ("k.lora_down", down), "up": ("k.lora_up", up),
+                                "dora_scale": ("k.dora_scale", scale)}, 3.0, "test")
+    delta = (up.reshape(1, -1) @ down.reshape(2, -1)).reshape(base.shape) * 1.5
+    torch.testing.assert_close(kohya.weight_delta(base, 0.6), a1111_dora(base, delta, scale, 0.6, rows=True), rtol=1e-5,
+                               atol=1e-6)
+    merged = base + kohya.weight_delta(base, 1.0)
+    torch.testing.assert_close(merged.norm(), torch.tensor(0.8), rtol=1e-5, atol=1e-6)  # the row's norm: 0.8
 
 
 def test_peft_dora_in_diffusers_keys_matches_diffusers(pipes):

@@ -20,12 +20,14 @@ Without an ``alpha`` key the scale is 1, as in kohya, LyCORIS and A1111.
 DoRA (``dora_scale``, kohya / LyCORIS "weight decompose", any kind): the layer's weight becomes
 ``W + m · (d ⊙ (W + sΔW) / ‖W + sΔW‖ − W)`` with ``s`` the kind's scale and ``m`` the adapter weight times the
 call's scale, as A1111 applies it. ``d`` of shape (1, in[, 1, 1]) holds column norms (LyCORIS's default layout,
-the norm taken over the output and kernel dimensions); (out, 1[, 1, 1]) holds row norms (LyCORIS ``wd_on_out``).
+the norm taken over the output and kernel dimensions); (out, 1[, 1, 1]) holds row norms (LyCORIS ``wd_on_out``;
+so a (1, 1) ``d`` on a layer with one output row and several input columns is a row norm).
 ``W`` is the layer's weight before any ``fuse_lora``.
 
-PEFT's DoRA (diffusers keys, ``lora_magnitude_vector``: one magnitude per output row) scales inside, as peft does:
-the layer's weight becomes ``m_r · (W + sΔW) / ‖W + sΔW‖_rows`` with ``s = alpha / rank`` times the adapter weight
-and the call scale.
+PEFT's DoRA (diffusers keys, ``lora_magnitude_vector``: one magnitude per output row, also on a layer with a
+single output row) scales inside, as peft does: the layer's weight becomes ``m_r · (W + sΔW) / ‖W + sΔW‖_rows``
+with ``s = alpha / rank`` times the adapter weight and the call scale. Both use one formula (:class:`Dora`), told
+which way the norms run when the file is read.
 """
 
 from __future__ import annotations
@@ -52,13 +54,24 @@ def _layer_op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch
     return F.linear(x, weight)
 
 
-def _dora(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's change to ``base`` for a scaled ``delta``: ``magnitude · (base + delta) / ‖base + delta‖ − base``, the
-    norm over every dimension but the one ``magnitude`` runs along (input columns or output rows)."""
-    merged = base + delta
-    keep = 1 if magnitude.shape[0] == 1 else 0
-    dims = [d for d in range(merged.ndim) if d != keep]
-    return merged * (magnitude / torch.linalg.vector_norm(merged, dim=dims, keepdim=True)) - base
+@dataclasses.dataclass
+class Dora:
+    """DoRA's magnitude on one layer: ``magnitude`` (1, in[, 1, 1]) column norms or (out, 1[, 1, 1]) row norms,
+    ``rows`` saying which (stated, not guessed from the shape: a layer with one output row or one input column has
+    a (1, 1) magnitude either way), ``scale_inside`` (peft: the adapter weight and call scale multiply ``ΔW`` inside
+    the norm; kohya / A1111: they multiply DoRA's whole change)."""
+
+    magnitude: torch.Tensor
+    rows: bool
+    scale_inside: bool = False
+
+    def change(self, base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """DoRA's change to ``base`` for a scaled ``delta``: ``magnitude · (base + delta) / ‖base + delta‖ − base``,
+        the norm over every dimension but the one the magnitude runs along (output rows or input columns)."""
+        merged = base + delta
+        keep = 0 if self.rows else 1
+        dims = [d for d in range(merged.ndim) if d != keep]
+        return merged * (self.magnitude / torch.linalg.vector_norm(merged, dim=dims, keepdim=True)) - base
 
 
 @dataclasses.dataclass
@@ -66,7 +79,7 @@ class LayerAdapter:
     """One adapter on one layer: the unscaled ``delta_weight()`` of its kind, ``alpha_scale``, optional DoRA."""
 
     alpha_scale: float
-    dora_scale: torch.Tensor | None
+    dora: Dora | None
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - every kind defines it
         raise NotImplementedError
@@ -74,14 +87,16 @@ class LayerAdapter:
     @property
     def needs_base(self) -> bool:
         """Whether :meth:`weight_delta` reads the layer's weight (DoRA)."""
-        return self.dora_scale is not None
+        return self.dora is not None
 
     def weight_delta(self, base: torch.Tensor | None, multiplier: float) -> torch.Tensor:
         """What this adapter adds to the layer's weight ``base`` at ``multiplier`` (adapter weight × call scale);
         ``base`` is read only with DoRA."""
-        if self.dora_scale is None:
+        if self.dora is None:
             return self.delta_weight() * (self.alpha_scale * multiplier)
-        return _dora(base, self.delta_weight() * self.alpha_scale, self.dora_scale) * multiplier
+        if self.dora.scale_inside:
+            return self.dora.change(base, self.delta_weight() * (self.alpha_scale * multiplier))
+        return self.dora.change(base, self.delta_weight() * self.alpha_scale) * multiplier
 
     def forward_delta(self, module: nn.Module, x: torch.Tensor, base: torch.Tensor | None,
                       multiplier: float) -> torch.Tensor:
@@ -90,10 +105,11 @@ class LayerAdapter:
 
     def to(self, like: torch.Tensor) -> None:
         """Move every tensor to ``like``'s device and dtype (once; later calls are free)."""
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, torch.Tensor) and (value.device != like.device or value.dtype != like.dtype):
-                setattr(self, field.name, value.to(like.device, like.dtype))
+        for holder in (self, self.dora) if self.dora is not None else (self,):
+            for field in dataclasses.fields(holder):
+                value = getattr(holder, field.name)
+                if isinstance(value, torch.Tensor) and (value.device != like.device or value.dtype != like.dtype):
+                    setattr(holder, field.name, value.to(like.device, like.dtype))
 
 
 @dataclasses.dataclass
@@ -104,18 +120,6 @@ class LoraWeights(LayerAdapter):
     down: torch.Tensor = None
     up: torch.Tensor = None
     mid: torch.Tensor | None = None
-    magnitude: torch.Tensor | None = None  # PEFT's DoRA: (out, 1[, 1, 1]) row magnitudes, the scale inside
-
-    @property
-    def needs_base(self) -> bool:
-        return self.dora_scale is not None or self.magnitude is not None
-
-    def weight_delta(self, base, multiplier):
-        if self.magnitude is None:
-            return super().weight_delta(base, multiplier)
-        merged = base + self.delta_weight() * (self.alpha_scale * multiplier)
-        dims = list(range(1, merged.ndim))
-        return merged * (self.magnitude / torch.linalg.vector_norm(merged, dim=dims, keepdim=True)) - base
 
     def delta_weight(self) -> torch.Tensor:
         """``up @ down`` (or ``up · mid · down``) in the shape of the layer's weight."""
@@ -231,8 +235,9 @@ def _scale(alpha: float | None, rank: int | None) -> float:
     return 1.0 if alpha is None or not rank else alpha / rank
 
 
-def _dora_scale(module: nn.Module, found: Found, origin: str) -> torch.Tensor | None:
-    """``dora_scale`` as (1, in[, 1, 1]) (column norms) or (out, 1[, 1, 1]) (row norms)."""
+def _dora(module: nn.Module, found: Found, origin: str) -> Dora | None:
+    """kohya / LyCORIS ``dora_scale`` as (1, in[, 1, 1]) column norms (checked first, as LyCORIS's default) or
+    (out, 1[, 1, 1]) row norms (LyCORIS ``wd_on_out``)."""
     scale = _tensor(found, "dora_scale")
     if scale is None:
         return None
@@ -240,9 +245,9 @@ def _dora_scale(module: nn.Module, found: Found, origin: str) -> torch.Tensor | 
     ones = [1] * (weight.ndim - 2)
     out, fan_in = weight.shape[0], weight.shape[1]
     if scale.numel() == fan_in and scale.shape[0] == 1:
-        return scale.reshape(1, fan_in, *ones)
+        return Dora(scale.reshape(1, fan_in, *ones), rows=False)
     if scale.numel() == out and (scale.ndim == 1 or scale.shape[1:].numel() == 1):
-        return scale.reshape(out, 1, *ones)
+        return Dora(scale.reshape(out, 1, *ones), rows=True)
     raise LoraError(f"{origin}: key {_key(found, 'dora_scale')!r} has shape {tuple(scale.shape)}; DoRA needs "
                     f"(1, {fan_in}{', 1, 1' if ones else ''}) (column norms) or ({out}, 1"
                     f"{', 1, 1' if ones else ''}) (row norms) for this layer")
@@ -260,12 +265,13 @@ def build_lora(module: nn.Module, found: Found, alpha: float | None, origin: str
     rank = down.shape[0]
     alpha = float(rank) if alpha is None else alpha
     magnitude = _tensor(found, "magnitude")
-    if magnitude is not None:
-        out = module.weight.shape[0]
-        _want(magnitude.numel() == out and "dora_scale" not in found, found, "magnitude", magnitude,
-              f"{out} values, one per output row (and no dora_scale beside it)", origin)
-        magnitude = magnitude.reshape(out, *[1] * (module.weight.ndim - 1))
-    return LoraWeights(alpha / rank, _dora_scale(module, found, origin), down, up, mid, magnitude)
+    if magnitude is None:
+        return LoraWeights(alpha / rank, _dora(module, found, origin), down, up, mid)
+    out = module.weight.shape[0]  # peft's DoRA: one magnitude per output row, whatever the shapes
+    _want(magnitude.numel() == out and "dora_scale" not in found, found, "magnitude", magnitude,
+          f"{out} values, one per output row (and no dora_scale beside it)", origin)
+    dora = Dora(magnitude.reshape(out, *[1] * (module.weight.ndim - 1)), rows=True, scale_inside=True)
+    return LoraWeights(alpha / rank, dora, down, up, mid)
 
 
 def _cp_shapes(module: nn.Module, found: Found, origin: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -351,7 +357,7 @@ def build_loha(module: nn.Module, found: Found, alpha: float | None, origin: str
             _same_rank(found, f"hada_w{i}_a", f"hada_w{i}_b", a.shape[1], b.shape[0], origin)
             factors |= {f"w{i}_a": a, f"w{i}_b": b}
     rank = factors["w1_b"].shape[0]
-    return LohaWeights(_scale(alpha, rank), _dora_scale(module, found, origin), tuple(module.weight.shape),
+    return LohaWeights(_scale(alpha, rank), _dora(module, found, origin), tuple(module.weight.shape),
                        **factors)
 
 
@@ -399,7 +405,7 @@ def build_lokr(module: nn.Module, found: Found, alpha: float | None, origin: str
             _same_rank(found, "lokr_w2_a", "lokr_w2_b", a.shape[1], b.shape[0], origin)
         factors |= {"w2_a": a, "w2_b": b}
         rank = b.shape[0]
-    adapter = LokrWeights(_scale(alpha, rank), _dora_scale(module, found, origin), tuple(module.weight.shape),
+    adapter = LokrWeights(_scale(alpha, rank), _dora(module, found, origin), tuple(module.weight.shape),
                           **factors)
     w1, w2 = adapter.factors()
     if (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]) != (out, fan_in):
