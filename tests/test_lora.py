@@ -136,6 +136,82 @@ def test_several_adapters_weights_fuse_unfuse_unload(pipes):
     torch.testing.assert_close(unet_out(ours), base, rtol=0, atol=0)
 
 
+def _on_a_thread(fn):
+    """``fn()`` run on a fresh thread, its result (or its exception) brought back."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def test_switching_adapters_while_another_thread_runs_the_unet(pipes):
+    """set_adapters / disable_lora on one thread while another runs the UNet: the running forward pass keeps the
+    adapters it started with to its end (here the switch happens exactly halfway, at the mid block), the next one
+    takes the new ones; never a mix of the two."""
+    import threading
+
+    ours, _ = pipes
+    ours.load_lora_weights(random_lora(ours.unet, UNET_PATHS, "kohya", "lora_unet_", seed=3), adapter_name="a")
+    ours.load_lora_weights(random_lora(ours.unet, UNET_PATHS, "kohya", "lora_unet_", seed=4), adapter_name="b")
+    ours.set_adapters("b", 0.5)
+    out_b = unet_out(ours)
+    ours.disable_lora()
+    base = unet_out(ours)
+    ours.set_adapters("a")
+    out_a = unet_out(ours)
+    assert (out_a - out_b).abs().max() > 1e-2 and (out_b - base).abs().max() > 1e-2
+
+    switches = [lambda: ours.set_adapters("b", 0.5), ours.disable_lora]
+
+    def halfway(module, args):  # the switch runs (on its own thread) while this forward pass waits at mid_block
+        if switches:
+            _on_a_thread(switches.pop(0))
+
+    handle = ours.unet.mid_block.register_forward_pre_hook(halfway)
+    try:
+        started_a = _on_a_thread(lambda: unet_out(ours))
+        started_b = _on_a_thread(lambda: unet_out(ours))
+        after = _on_a_thread(lambda: unet_out(ours))
+    finally:
+        handle.remove()
+    torch.testing.assert_close(started_a, out_a, rtol=0, atol=0)
+    torch.testing.assert_close(started_b, out_b, rtol=0, atol=0)
+    torch.testing.assert_close(after, base, rtol=0, atol=0)
+
+    # free running: one thread toggles a <-> b as fast as it can while another runs forward passes
+    ours.set_adapters("a")
+    stop = threading.Event()
+
+    def toggle():
+        i = 0
+        while not stop.is_set():
+            ours.set_adapters("b", 0.5) if i % 2 else ours.set_adapters("a")
+            i += 1
+
+    toggler = threading.Thread(target=toggle)
+    toggler.start()
+    try:
+        outputs = [_on_a_thread(lambda: unet_out(ours)) for _ in range(6)]
+    finally:
+        stop.set()
+        toggler.join()
+    for out in outputs:
+        assert torch.equal(out, out_a) or torch.equal(out, out_b)
+
+
 def test_fuse_then_unload_keeps_the_fused_weights(pipes):
     ours, _ = pipes
     ours.load_lora_weights(random_lora(ours.unet, UNET_PATHS, "kohya", "lora_unet_", alpha=4.0))

@@ -29,6 +29,14 @@ Without an alpha, alpha = rank (scale 1), as kohya and diffusers do.
 the weights bit for bit (peft subtracts the delta again, which is exact only up to rounding). The copies cost the
 memory of the fused layers until ``unfuse_lora`` or ``unload_lora_weights``; ``unload_lora_weights`` after
 ``fuse_lora`` keeps the fused weights, as in diffusers.
+
+Threads: which adapters run, at what weights, is one immutable :class:`AdapterChoice` per model, replaced whole
+(under the model's lock) by ``set_adapters`` / ``enable_lora`` / ``disable_lora``; each forward pass of the UNet or
+a text encoder takes the choice current when it starts and keeps it to its end. So switching adapters on one
+thread while another runs the model is safe: that forward pass runs wholly with the old choice, the next one with
+the new (never a mix of layers, never an error). The methods that change weights or hooks (``load_lora_weights``,
+``fuse_lora``, ``unfuse_lora``, ``delete_adapters``, ``unload_lora_weights``) take the same lock among themselves
+but must not run while another thread runs the model (diffusers / peft make no promise for any of them).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -184,13 +193,14 @@ class LoraHook:
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         state = self.state
-        if not state.enabled or not state.active:
+        choice = state.current()  # the choice this forward pass started with
+        if not choice.enabled or not choice.active:
             return output
         x = args[0]
         call_scale = current_scale()
-        for name, weight in state.active.items():
+        for name, weight in choice.active.items():
             adapter = self.adapters.get(name)
-            if adapter is None or name in state.fused:
+            if adapter is None or name in choice.fused:
                 continue
             adapter.to(x)
             base = None
@@ -200,6 +210,16 @@ class LoraHook:
         return output
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterChoice:
+    """Which adapters of one model run, at what weights: never changed in place, only replaced whole
+    (:meth:`LoraState.choose`), so a forward pass that holds one sees it unchanged to its end."""
+
+    active: Mapping[str, float] = dataclasses.field(default_factory=lambda: MappingProxyType({}))  # name -> weight
+    enabled: bool = True
+    fused: frozenset[str] = frozenset()  # adapters in the weights (fuse_lora): their hooks stay idle
+
+
 @dataclasses.dataclass
 class LoraState:
     """Everything LoRA on one model (UNet or text encoder), kept outside its modules and state dict."""
@@ -207,11 +227,50 @@ class LoraState:
     hooks: dict[str, LoraHook] = dataclasses.field(default_factory=dict)  # module path -> hook
     handles: dict[str, Any] = dataclasses.field(default_factory=dict)
     adapters: list[str] = dataclasses.field(default_factory=list)  # in load order
-    active: dict[str, float] = dataclasses.field(default_factory=dict)  # adapter -> weight
-    fused: set[str] = dataclasses.field(default_factory=set)
+    choice: AdapterChoice = dataclasses.field(default_factory=AdapterChoice)
     originals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # weights before fuse_lora
-    enabled: bool = True
-    scale_handles: list[Any] = dataclasses.field(default_factory=list)
+    scale_handles: list[Any] = dataclasses.field(default_factory=list)  # the model's own forward hooks
+    lock: Any = dataclasses.field(default_factory=threading.RLock)  # held by every change, never by a forward
+    running: threading.local = dataclasses.field(default_factory=threading.local)  # per thread: forwards' choices
+
+    @property
+    def active(self) -> Mapping[str, float]:
+        return self.choice.active
+
+    @property
+    def enabled(self) -> bool:
+        return self.choice.enabled
+
+    @property
+    def fused(self) -> frozenset[str]:
+        return self.choice.fused
+
+    def choose(self, **changes) -> None:
+        """Replace the choice with one where ``changes`` (``active``, ``enabled``, ``fused``) differ."""
+        if "active" in changes:
+            changes["active"] = MappingProxyType(dict(changes["active"]))
+        if "fused" in changes:
+            changes["fused"] = frozenset(changes["fused"])
+        with self.lock:
+            self.choice = dataclasses.replace(self.choice, **changes)
+
+    def current(self) -> AdapterChoice:
+        """The choice of the forward pass of this model running in this thread (the latest one outside any)."""
+        stack = getattr(self.running, "stack", None)
+        return stack[-1] if stack else self.choice
+
+
+def _choice_pre_hook(state: LoraState):
+    def hook(module, args):
+        stack = state.running.__dict__.setdefault("stack", [])
+        stack.append(state.choice)  # one attribute read: a whole choice, old or new
+    return hook
+
+
+def _choice_post_hook(state: LoraState):
+    def hook(module, args, output):
+        state.running.stack.pop()
+    return hook
 
 
 _STATE_ATTR = "_diffusekit_lora"
@@ -425,21 +484,25 @@ class StableDiffusionLoraLoaderMixin:
         for component, layers in parsed.items():
             model = models[component]
             state = _state(model, create=True)
-            if component == "unet" and not state.scale_handles:
-                state.scale_handles = [
-                    model.register_forward_pre_hook(_unet_scale_pre_hook, with_kwargs=True),
-                    model.register_forward_hook(_unet_scale_post_hook, with_kwargs=True, always_call=True),
-                ]
-            for path, lora in layers.items():
-                module = model.get_submodule(path)
-                hook = state.hooks.get(path)
-                if hook is None:
-                    hook = state.hooks[path] = LoraHook(state, path)
-                    state.handles[path] = module.register_forward_hook(hook)
-                lora.to(module.weight.detach())
-                hook.adapters[adapter_name] = lora
-            state.adapters.append(adapter_name)
-            state.active = {adapter_name: 1.0}  # as diffusers: the adapter loaded last is the active one
+            with state.lock:
+                if not state.scale_handles:  # each forward pass keeps the choice it starts with
+                    state.scale_handles = [model.register_forward_pre_hook(_choice_pre_hook(state)),
+                                           model.register_forward_hook(_choice_post_hook(state), always_call=True)]
+                    if component == "unet":
+                        state.scale_handles += [
+                            model.register_forward_pre_hook(_unet_scale_pre_hook, with_kwargs=True),
+                            model.register_forward_hook(_unet_scale_post_hook, with_kwargs=True, always_call=True),
+                        ]
+                for path, lora in layers.items():
+                    module = model.get_submodule(path)
+                    hook = state.hooks.get(path)
+                    if hook is None:
+                        hook = state.hooks[path] = LoraHook(state, path)
+                        state.handles[path] = module.register_forward_hook(hook)
+                    lora.to(module.weight.detach())
+                    hook.adapters[adapter_name] = lora
+                state.adapters.append(adapter_name)
+                state.choose(active={adapter_name: 1.0})  # as diffusers: the adapter loaded last is the active one
 
     # ------------------------------------------------------------------ choosing adapters
 
@@ -471,32 +534,34 @@ class StableDiffusionLoraLoaderMixin:
         unknown = [n for n in names if n not in known]
         if unknown:
             raise LoraError(f"adapter(s) {unknown} are not loaded; loaded: {sorted(known)}")
+        for weight, name in zip(weights, names):
+            if isinstance(weight, dict) and (set(weight) - set(self._lora_components)
+                                             or any(isinstance(v, dict) for v in weight.values())):
+                raise LoraError(f"adapter_weights for {name!r}: per-component numbers only "
+                                f"({list(self._lora_components)}); per-block weights are not supported")
         for component, model in self._lora_models().items():
             state = _state(model)
             if state is None:
                 continue
-            state.active = {}
-            for name, weight in zip(names, weights):
-                if name not in state.adapters:
-                    continue
-                if isinstance(weight, dict):
-                    bad = set(weight) - set(self._lora_components)
-                    if bad or any(isinstance(v, dict) for v in weight.values()):
-                        raise LoraError(f"adapter_weights for {name!r}: per-component numbers only "
-                                        f"({list(self._lora_components)}); per-block weights are not supported")
-                    weight = weight.get(component, 1.0)
-                state.active[name] = 1.0 if weight is None else float(weight)
-            state.enabled = True
+            with state.lock:  # the new choice is built whole, then swapped in: a running forward keeps the old
+                active = {}
+                for name, weight in zip(names, weights):
+                    if name not in state.adapters:
+                        continue
+                    if isinstance(weight, dict):
+                        weight = weight.get(component, 1.0)
+                    active[name] = 1.0 if weight is None else float(weight)
+                state.choose(active=active, enabled=True)
 
     def disable_lora(self) -> None:
         for model in self._lora_models().values():
             if (state := _state(model)) is not None:
-                state.enabled = False
+                state.choose(enabled=False)
 
     def enable_lora(self) -> None:
         for model in self._lora_models().values():
             if (state := _state(model)) is not None:
-                state.enabled = True
+                state.choose(enabled=True)
 
     def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -504,17 +569,18 @@ class StableDiffusionLoraLoaderMixin:
             state = _state(model)
             if state is None:
                 continue
-            for name in names:
-                if name in state.fused:
-                    raise LoraError(f"adapter {name!r} is fused: unfuse_lora() before deleting it")
-                if name in state.adapters:
-                    state.adapters.remove(name)
-                state.active.pop(name, None)
-                for hook in state.hooks.values():
-                    hook.adapters.pop(name, None)
-            for path in [p for p, hook in state.hooks.items() if not hook.adapters]:
-                state.handles.pop(path).remove()
-                del state.hooks[path]
+            with state.lock:
+                for name in names:
+                    if name in state.fused:
+                        raise LoraError(f"adapter {name!r} is fused: unfuse_lora() before deleting it")
+                    if name in state.adapters:
+                        state.adapters.remove(name)
+                    state.choose(active={n: w for n, w in state.active.items() if n != name})
+                    for hook in state.hooks.values():
+                        hook.adapters.pop(name, None)
+                for path in [p for p, hook in state.hooks.items() if not hook.adapters]:
+                    state.handles.pop(path).remove()
+                    del state.hooks[path]
 
     # ------------------------------------------------------------------ fusing
 
@@ -524,35 +590,40 @@ class StableDiffusionLoraLoaderMixin:
         up @ down``. The fused adapters stop running as hooks; ``unfuse_lora`` restores the weights exactly.
         ``safe_fusing`` refuses weights that come out non-finite."""
         for component, model, state in self._lora_states(components):
-            names = list(adapter_names) if adapter_names is not None else list(state.active)
-            names = [n for n in names if n in state.adapters and n not in state.fused]
-            with torch.no_grad():
-                for path, hook in state.hooks.items():
-                    chosen = [(n, hook.adapters[n]) for n in names if n in hook.adapters]
-                    if not chosen:
-                        continue
-                    module = model.get_submodule(path)
-                    weight = module.weight
-                    if path not in state.originals:
-                        state.originals[path] = weight.detach().clone()
-                    fused = weight.detach().clone()
-                    original = state.originals[path]
-                    for name, adapter in chosen:
-                        adapter.to(fused)
-                        fused = fused + adapter.weight_delta(original, state.active.get(name, 1.0) * lora_scale)
-                    if safe_fusing and not torch.isfinite(fused).all():
-                        raise LoraError(f"fusing {names} into {component}.{path} gives non-finite weights")
-                    weight.copy_(fused)
-            state.fused.update(names)
+            with state.lock:
+                self._fuse_one(component, model, state, lora_scale, safe_fusing, adapter_names)
+
+    def _fuse_one(self, component: str, model: nn.Module, state: LoraState, lora_scale: float, safe_fusing: bool,
+                  adapter_names: Sequence[str] | None) -> None:
+        names = list(adapter_names) if adapter_names is not None else list(state.active)
+        names = [n for n in names if n in state.adapters and n not in state.fused]
+        with torch.no_grad():
+            for path, hook in state.hooks.items():
+                chosen = [(n, hook.adapters[n]) for n in names if n in hook.adapters]
+                if not chosen:
+                    continue
+                module = model.get_submodule(path)
+                weight = module.weight
+                if path not in state.originals:
+                    state.originals[path] = weight.detach().clone()
+                fused = weight.detach().clone()
+                original = state.originals[path]
+                for name, adapter in chosen:
+                    adapter.to(fused)
+                    fused = fused + adapter.weight_delta(original, state.active.get(name, 1.0) * lora_scale)
+                if safe_fusing and not torch.isfinite(fused).all():
+                    raise LoraError(f"fusing {names} into {component}.{path} gives non-finite weights")
+                weight.copy_(fused)
+        state.choose(fused=state.fused | set(names))
 
     def unfuse_lora(self, components: Sequence[str] = ("unet", "text_encoder")) -> None:
         """Put back the weights saved by :meth:`fuse_lora` (bit for bit); the adapters run as hooks again."""
         for component, model, state in self._lora_states(components):
-            with torch.no_grad():
+            with state.lock, torch.no_grad():
                 for path, original in state.originals.items():
                     model.get_submodule(path).weight.copy_(original)
-            state.originals.clear()
-            state.fused.clear()
+                state.originals.clear()
+                state.choose(fused=())
 
     def unload_lora_weights(self) -> None:
         """Remove every adapter and hook. Weights fused with :meth:`fuse_lora` stay fused (as in diffusers)."""
@@ -560,9 +631,10 @@ class StableDiffusionLoraLoaderMixin:
             state = _state(model)
             if state is None:
                 continue
-            for handle in [*state.handles.values(), *state.scale_handles]:
-                handle.remove()
-            del model.__dict__[_STATE_ATTR]
+            with state.lock:
+                for handle in [*state.handles.values(), *state.scale_handles]:
+                    handle.remove()
+                del model.__dict__[_STATE_ATTR]
 
     # ------------------------------------------------------------------ scales
 
