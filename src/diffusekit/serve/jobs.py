@@ -127,9 +127,10 @@ class Job:
         if not self.future.done():
             self.future.set_result(self)
 
-    def preview_png(self) -> bytes | None:
-        """The latest step's preview as PNG bytes (rendered once per step, shared by every viewer)."""
-        latents, preview = self.latents, self.preview
+    def preview_png(self, latents=None) -> bytes | None:
+        """The latest step's preview as PNG bytes (rendered once per step, shared by every viewer); ``latents``:
+        those of the step a viewer was told about (read before the job may have finished), default the latest."""
+        latents, preview = self.latents if latents is None else latents, self.preview
         if latents is None or preview is None:
             return None
         cached = self._preview
@@ -323,8 +324,8 @@ class Worker:
                     raise _Stopped()
                 job._stop_asked = True
                 return True
-            job.step, job.steps = step, total
             job.latents = latents.detach().clone() if isinstance(latents, torch.Tensor) else None
+            job.step, job.steps = step, total  # after the latents: a step a viewer sees has its latents
             job.touch()
             return False
 

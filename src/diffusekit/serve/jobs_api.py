@@ -86,10 +86,11 @@ def router(state) -> APIRouter:
                     if job.done:
                         yield _event("done", job.summary())
                         return
-                    data = job.summary()
+                    latents = job.latents  # before the summary: the step it reports has these latents, even if
+                    data = job.summary()  # the job finishes (and drops them) while the preview renders
                     data["position"] = state.queue.position(job)
                     if previews:  # rendered off the event loop (a large image's PNG takes milliseconds)
-                        png = await run_in_threadpool(job.preview_png)
+                        png = await run_in_threadpool(job.preview_png, latents)
                         data["preview"] = f"data:image/png;base64,{b64(png)}" if png else None
                     yield _event("progress", data)
                     last_keepalive = asyncio.get_running_loop().time()
