@@ -102,6 +102,29 @@ def test_sequential_offload_gives_the_same_images(pipe):
     np.testing.assert_allclose(images(pipe), reference, atol=1e-6)
 
 
+def test_sequential_offload_moves_every_layer_before_it_runs(pipe, monkeypatch):
+    """With the CPU standing in for the accelerator nothing visibly moves, so record the moves instead: every leaf
+    with weights must be on the device when its forward runs, also a leaf inside a ModuleList that its block calls
+    directly (``attn.to_out[0]``: ModuleList.forward never runs). A GPU showed that gap (tests/test_gpu.py)."""
+    on_device, missed = set(), []
+    move = offload._move_own
+
+    def recording(module, device):
+        (on_device.add if device.type == "cpu" and device.index == 0 else on_device.discard)(module)
+        move(module, torch.device("cpu"))
+
+    monkeypatch.setattr(offload, "_move_own", recording)
+    pipe.enable_sequential_cpu_offload(device="cpu:0")
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for module in model.modules():
+            if not any(True for _ in module.children()) and any(True for _ in module.parameters(recurse=False)):
+                module.register_forward_pre_hook(
+                    lambda m, args: None if m in on_device else missed.append(type(m).__name__))
+    images(pipe)
+    assert not missed, f"{len(missed)} layers ran before their weights were moved: {sorted(set(missed))}"
+    assert not on_device  # and every one went back afterwards
+
+
 def test_offload_moves_nested_inputs():
     # the hooks move the caller's tensors (in lists, tuples, dicts) onto the offload device, leaving the rest
     moved = offload._to_device({"a": [torch.zeros(1)], "b": (torch.ones(1), 3)}, torch.device("cpu"))

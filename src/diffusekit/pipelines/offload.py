@@ -110,19 +110,19 @@ class ModelOffload:
             self.active = None
 
 
+def _is_leaf(module: torch.nn.Module) -> bool:
+    return not any(True for _ in module.children())
+
+
 def sequential_offload(model: torch.nn.Module, device: torch.device) -> None:
-    """Each block visits ``device`` for its own forward only, with its leaf children (a block's forward may read a
-    child's weight directly, e.g. ``self.position_embedding.weight``); nested blocks move for their own forwards."""
+    """Each module visits ``device`` for its own forward only. A block takes its leaf children along (its forward
+    may read a child's weight directly, e.g. ``self.position_embedding.weight``), and every leaf also moves itself
+    when called, since not every caller's forward runs: ``attn.forward`` calls ``attn.to_out[0]`` (ModuleList has
+    no forward) and ``vae.decode`` calls ``vae.post_quant_conv`` (``vae.forward`` never runs)."""
     model.to("cpu")
     _keep(model, model.register_forward_pre_hook(_inputs_to(device), with_kwargs=True, prepend=True))
     for module in model.modules():
-        children = list(module.children())
-        if children:
-            holders = [module, *(c for c in children if not any(True for _ in c.children()))]
-        elif module is model:
-            holders = [module]
-        else:
-            continue  # a leaf inside a block: moved by its parent's hook
+        holders = [module] if _is_leaf(module) else [module, *(c for c in module.children() if _is_leaf(c))]
         tensors_of = [h for h in holders if any(True for _ in h.parameters(recurse=False))
                       or any(True for _ in h.buffers(recurse=False))]
         if not tensors_of:
