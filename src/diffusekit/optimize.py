@@ -24,9 +24,9 @@ Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-o
   of the process is untouched); a user's own ``TORCHINDUCTOR_CACHE_DIR`` wins. Nothing is written at import.
 - **Fallbacks** (never a crash, one warning): no C++ compiler (CPU) or no inductor -> eager; a compile that fails
   (e.g. a corrupt cache entry, an op inductor cannot lower) -> retried once without the cache, then eager. Grad mode
-  -> eager (autograd unchanged). Weights changed in place after optimize()
-  (``load_state_dict``, ``fuse_lora``) -> recompiled on the next call (the cache makes that the cheap part; a frozen
-  model gets a new package, since its weights are part of the package's key).
+  -> eager (autograd unchanged). Weights changed after optimize() (``load_state_dict``, ``fuse_lora``): an unfrozen
+  graph takes the live parameters as inputs, so it just uses them; a frozen one is recompiled on the next call (it
+  gets a new package, since its weights are part of the package's key).
 
 ``torch._dynamo`` / ``torch._inductor`` are imported on the first compiled call, never by ``import diffusekit``.
 """
@@ -296,7 +296,10 @@ class CompiledCall:
         # config while tracing; measured: no oneDNN weight packing at all), and a per-call patch keeps the
         # process-wide config untouched between calls
         self.compiled = torch.compile(_fresh_entry(self.module), dynamic=self.dynamic, mode=self.mode)
-        self.weights = _weights_state(self.module)
+        # only a frozen graph holds weights of its own; an unfrozen one takes the live parameters as inputs, and
+        # walking every parameter on each call costs more than a small model's step (~3 ms per SD UNet call)
+        self.frozen = bool((self.options or {}).get("freezing"))
+        self.weights = _weights_state(self.module) if self.frozen else None
         self.seen: set[tuple] = set()
         if getattr(self, "packages", None) is not None:
             self.packages.reset()
@@ -309,7 +312,7 @@ class CompiledCall:
         if torch.is_grad_enabled():
             self.stats["eager_grad"] += 1
             return module._call_impl(*args, **kwargs)
-        if _weights_state(module) != self.weights:
+        if self.frozen and _weights_state(module) != self.weights:
             logger.info("%s: weights changed since optimize(); recompiling", type(module).__name__)
             self._build()
         if self.packages is not None:
