@@ -1,8 +1,8 @@
-"""LyCORIS LoHa / LoKr (and DoRA's ``dora_scale``) in the LoRA loader: files written here in kohya / LyCORIS keys
-(``lora_unet_<layer>.hada_w1_a`` ..., ``.lokr_w1`` ..., ``.alpha``, with kohya's ``ss_network_module`` metadata)
-load with the numbers peft's LoHa / LoKr layers give for the same tensors (UNet outputs of diffusers + peft, CLIP
-outputs of transformers + peft, per-layer weight deltas); the LoKr full-matrix scale and DoRA against the formulas
-of LyCORIS / A1111 written out here; set_adapters weights, fuse / unfuse / unload, the CLI's ``<lora:name:w>`` tag
+"""LyCORIS LoHa / LoKr / full / (IA)³ / norm layers (and DoRA's ``dora_scale``) in the LoRA loader: files written
+here in kohya / LyCORIS keys (``lora_unet_<layer>.hada_w1_a`` ..., ``.lokr_w1`` ..., ``.alpha``, with kohya's
+``ss_network_module`` metadata) load with the numbers peft's LoHa / LoKr / (IA)³ layers give for the same tensors
+(UNet outputs of diffusers + peft, CLIP outputs of transformers + peft, per-layer weight deltas); the LoKr
+full-matrix scale, full / norm differences and DoRA against the formulas of LyCORIS / A1111 written out here; set_adapters weights, fuse / unfuse / unload, the CLI's ``<lora:name:w>`` tag
 and hash; malformed files name the file and key."""
 
 from __future__ import annotations
@@ -457,6 +457,118 @@ def test_cli_prompt_tag_and_hash(tmp_path):
     assert np.array_equal(pixels(lyco_tag), pixels(flag))
 
 
+def lycoris_ia3(weight, w, multiplier, on_input):
+    """LyCORIS's (IA)³ ``make_weight``: the weight times ``w · multiplier + 1`` along its input (``on_input``) or,
+    transposed, its output dimension (``w`` as (n,) for a Linear, (1, n, 1, 1) for a conv)."""
+    scale = w.reshape(-1) * multiplier + 1
+    if weight.ndim > 2:
+        scale = scale.reshape(1, -1, *[1] * (weight.ndim - 2))
+    return weight * scale if on_input else (weight.transpose(0, 1) * scale).transpose(0, 1)
+
+
+def test_ia3_matches_peft_and_lycoris(pipes):
+    """(IA)³ in LyCORIS keys (``<layer>.weight`` and ``<layer>.on_input``): the layer's weight scaled by
+    ``1 + m·w`` per output row, or per input column with ``on_input``. At weight 1 it equals peft's (IA)³ layers
+    (ia3_l = 1 + w; ``feedforward_modules`` scale the input) on the layers where peft and LyCORIS agree (peft also
+    scales an output-side layer's bias, LyCORIS and A1111 do not: a bias-free to_q / to_k there); with a weight and
+    on an output-side conv with a bias, LyCORIS's ``make_weight`` written out."""
+    ours, ref = pipes
+    out_side = [UNET_PATHS[0], UNET_PATHS[1]]  # to_q, to_k: Linear without bias
+    in_side = [UNET_PATHS[2], UNET_PATHS[3], UNET_PATHS[4]]  # ff.net.2 (Linear with bias), 1x1 conv, 3x3 conv
+    config = peft.IA3Config(target_modules=out_side + in_side, feedforward_modules=in_side)
+    peft.inject_adapter_in_model(config, ref.unet, adapter_name="x")
+    g = torch.Generator().manual_seed(21)
+    sd, vectors = {}, {}
+    with torch.no_grad():
+        for path in out_side + in_side:
+            scale = ref.unet.get_submodule(path).ia3_l["x"]
+            scale.copy_(1 + 0.5 * torch.randn(scale.shape, generator=g))
+            name = "lora_unet_" + path.replace(".", "_")
+            vectors[path] = (scale - 1).reshape(-1).clone()
+            sd[f"{name}.weight"], sd[f"{name}.on_input"] = vectors[path], torch.tensor(int(path in in_side))
+    conv = UNET_PATHS[6]  # mid_block conv2, output side, with a bias
+    vectors[conv] = torch.randn(1, 32, 1, 1, generator=g) * 0.5  # LyCORIS's conv shape (1, out, 1, 1)
+    sd[f"lora_unet_{conv.replace('.', '_')}.weight"] = vectors[conv]
+    sd[f"lora_unet_{conv.replace('.', '_')}.on_input"] = torch.tensor(0)
+    base = unet_out(ours.unet)
+    weights = {p: ours.unet.get_submodule(p).weight.detach().clone() for p in vectors}
+    ours.load_lora_weights({k: v for k, v in sd.items() if not k.startswith(f"lora_unet_{conv.replace('.', '_')}")},
+                           adapter_name="peft-like")
+    got = unet_out(ours.unet)
+    torch.testing.assert_close(got, unet_out(ref.unet), rtol=1e-4, atol=1e-5)
+    assert (got - base).abs().max() > 1e-2
+    ours.delete_adapters("peft-like")
+    ours.load_lora_weights(sd, adapter_name="ia3")
+    ours.set_adapters("ia3", 0.6)
+    unfused = unet_out(ours.unet)
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    ours.fuse_lora()
+    for path, w in vectors.items():
+        want = lycoris_ia3(weights[path], w, 0.6, on_input=path in in_side)
+        torch.testing.assert_close(ours.unet.get_submodule(path).weight, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=1e-4, atol=1e-5)
+    ours.unfuse_lora()
+    assert all(torch.equal(v, before[k]) for k, v in ours.unet.state_dict().items())
+    torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=0, atol=0)
+
+
+NORM_PATHS = ["down_blocks.0.resnets.0.norm1",  # GroupNorm
+              "down_blocks.0.attentions.0.norm",  # GroupNorm of the transformer
+              "down_blocks.0.attentions.0.transformer_blocks.0.norm2"]  # LayerNorm
+
+
+def test_full_and_norm_kinds_equal_the_edited_weights(pipes):
+    """LyCORIS "full" (``diff``, ``diff_b``) and trained norm layers (``w_norm``, ``b_norm``), as A1111 applies them:
+    ``W + m·diff``, ``b + m·diff_b`` (a layer without a bias gets one), the norm's ``w + m·w_norm``, ``b + m·b_norm``;
+    checked against diffusers' UNet with those weights written in; fused and unfused; unfuse_lora puts back the
+    weights and removes the bias it added."""
+    ours, ref = pipes
+    g = torch.Generator().manual_seed(22)
+    full = {UNET_PATHS[0]: True, UNET_PATHS[2]: False, UNET_PATHS[4]: True}  # path -> with diff_b
+    sd = {}
+    m = 0.6
+    with torch.no_grad():
+        for path, with_bias in full.items():
+            layer = ref.unet.get_submodule(path)
+            name = "lora_unet_" + path.replace(".", "_")
+            sd[f"{name}.diff"] = diff = torch.randn(layer.weight.shape, generator=g) * 0.2
+            layer.weight += m * diff
+            if with_bias:
+                sd[f"{name}.diff_b"] = diff_b = torch.randn(layer.weight.shape[0], generator=g) * 0.2
+                if layer.bias is None:  # to_q: none; A1111 adds one
+                    layer.bias = torch.nn.Parameter(m * diff_b)
+                else:
+                    layer.bias += m * diff_b
+            sd[f"{name}.alpha"] = torch.tensor(3.0)  # ignored: "full" has no rank
+        for path in NORM_PATHS:
+            layer = ref.unet.get_submodule(path)
+            name = "lora_unet_" + path.replace(".", "_")
+            sd[f"{name}.w_norm"] = w = torch.randn(layer.weight.shape, generator=g) * 0.3
+            sd[f"{name}.b_norm"] = b = torch.randn(layer.bias.shape, generator=g) * 0.3
+            layer.weight += m * w
+            layer.bias += m * b
+    keys = list(ours.unet.state_dict())
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    base = unet_out(ours.unet)
+    ours.load_lora_weights(sd, adapter_name="full")
+    ours.set_adapters("full", m)
+    unfused = unet_out(ours.unet)
+    want = unet_out(ref.unet)
+    torch.testing.assert_close(unfused, want, rtol=1e-4, atol=1e-5)
+    assert (unfused - base).abs().max() > 1e-2
+    ours.fuse_lora()
+    state = ours.unet.state_dict()
+    assert set(state) == set(keys) | {f"{UNET_PATHS[0]}.bias"}  # the bias A1111 gives to_q
+    for key, value in ref.unet.state_dict().items():
+        if key in state:
+            torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(unet_out(ours.unet), want, rtol=1e-4, atol=1e-5)
+    ours.unfuse_lora()
+    assert list(ours.unet.state_dict()) == keys
+    assert all(torch.equal(v, before[k]) for k, v in ours.unet.state_dict().items())
+    torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=0, atol=0)
+
+
 def test_malformed_files_name_the_file_and_key(pipes, tmp_path):
     ours, _ = pipes
     n = "lora_unet_" + UNET_PATHS[0].replace(".", "_")  # Linear (16 <- 16)
@@ -482,7 +594,16 @@ def test_malformed_files_name_the_file_and_key(pipes, tmp_path):
         "mixed": ({**loha, f"{n}.lokr_w1": r(4, 4)}, "mix LoHa .* and LoKr"),
         "alpha_only": ({f"{n}.alpha": torch.tensor(1.0)}, "hold no adapter weights"),
         "dora": ({**loha, f"{n}.dora_scale": r(3, 16)}, rf"key '{n}.dora_scale' has shape \(3, 16\); DoRA needs"),
-        "oft": ({f"{n}.oft_blocks": r(4, 4, 4)}, r"belongs to OFT \(LyCORIS\)"),
+        "oft": ({f"{n}.oft_blocks": r(4, 4, 4)}, r"belongs to OFT / BOFT \(LyCORIS\)"),
+        "ia3_size": ({f"{n}.weight": r(15), f"{n}.on_input": torch.tensor(1)},
+                     rf"key '{n}.weight' has shape \(15,\), the layer needs 16 values, one per input column"),
+        "diff_shape": ({f"{c}.diff": r(16, 16, 1, 1)}, rf"key '{c}.diff' has shape \(16, 16, 1, 1\), the layer needs "
+                       r"\(16, 16, 3, 3\)"),
+        "norm_on_linear": ({f"{n}.w_norm": r(16), f"{n}.b_norm": r(16)}, r"trained norm layer \(LyCORIS\) weights "
+                           r"for unet\..*to_q, a Linear; that kind applies to GroupNorm / LayerNorm layers"),
+        "norm_half": ({"lora_unet_down_blocks_0_resnets_0_norm1.w_norm": r(16)}, "has no matching b_norm weight"),
+        "diff_on_norm": ({"lora_unet_down_blocks_0_resnets_0_norm1.diff": r(16)},
+                         "full weight difference .* a GroupNorm; that kind applies to Linear / Conv2d layers"),
         "mid_linear": ({f"{n}.lora_down.weight": r(2, 16), f"{n}.lora_up.weight": r(16, 2),
                         f"{n}.lora_mid.weight": r(2, 2, 3, 3)}, "a CP-decomposed LoCon middle.* is for a convolution"),
         "mid_kernel": ({f"{c}.lora_down.weight": r(2, 16, 1, 1), f"{c}.lora_up.weight": r(16, 2, 1, 1),

@@ -15,7 +15,8 @@ File formats (the key tables below are the only place names are converted):
   (LoCon: a ``k x k`` down conv with the layer's stride and padding, then a ``1 x 1`` up conv).
 * LyCORIS (kohya / A1111 files, same prefixes and layer names): LoCon's CP middle (``.lora_mid.weight``), LoHa
   (``.hada_w1_a`` ... ``.hada_t2``), LoKr
-  (``.lokr_w1`` ... ``.lokr_t2``) and DoRA's ``.dora_scale``; their weight deltas are built in
+  (``.lokr_w1`` ... ``.lokr_t2``), "full" (``.diff`` / ``.diff_b``), (IA)³ (``.weight`` / ``.on_input``), trained
+  norm layers (``.w_norm`` / ``.b_norm`` on GroupNorm / LayerNorm) and DoRA's ``.dora_scale``; their deltas are built in
   :mod:`diffusekit.loaders.lora_layers` (one class per adapter kind, chosen from the parts a layer has).
 * diffusers / PEFT: ``unet.<module path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.``...), the older
   ``.lora.down.weight`` / ``.lora.up.weight`` and attention-processor spellings, optional ``.alpha`` keys, and
@@ -53,7 +54,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .lora_layers import BUILDERS, KIND_NAMES, LayerAdapter, LoraError, LoraWeights  # noqa: F401 (re-exported)
+from .lora_layers import BUILDERS, KIND_LAYERS, KIND_NAMES, LINEAR_OR_CONV, LayerAdapter, LoraError
+from .lora_layers import LoraWeights  # noqa: F401 (re-exported)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.bin"
 LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"
@@ -88,6 +90,12 @@ KOHYA_SUFFIXES: dict[str, str] = {
     ".lokr_w2_a": "lokr_w2_a",
     ".lokr_w2_b": "lokr_w2_b",
     ".lokr_t2": "lokr_t2",
+    ".diff": "diff",  # LyCORIS "full"
+    ".diff_b": "diff_b",
+    ".on_input": "on_input",  # (IA)³
+    ".w_norm": "w_norm",  # LyCORIS trained norm layers
+    ".b_norm": "b_norm",
+    ".weight": "ia3_weight",  # (IA)³'s vector: matched last, after every longer ``.….weight`` above
 }
 #: part -> adapter kind it belongs to (parts not listed, ``alpha`` and ``dora_scale``, go with any kind)
 PART_KINDS: dict[str, str] = {
@@ -96,6 +104,7 @@ PART_KINDS: dict[str, str] = {
     "hada_t2": "loha",
     "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr", "lokr_w2": "lokr", "lokr_w2_a": "lokr",
     "lokr_w2_b": "lokr", "lokr_t2": "lokr",
+    "diff": "full", "diff_b": "full", "ia3_weight": "ia3", "on_input": "ia3", "w_norm": "norm", "b_norm": "norm",
 }
 #: diffusers / PEFT key prefix -> pipeline component
 DIFFUSERS_PREFIXES: dict[str, str] = {
@@ -130,14 +139,15 @@ DIFFUSERS_PATH_RENAMES: dict[str, str] = {
 #: key fragments of other adapter kinds, refused with a clear message
 UNSUPPORTED_KINDS: dict[str, str] = {
     "lokr_t1": "LoKr with a Tucker-decomposed first factor (LyCORIS)",
-    ".diff": "a full weight difference (LyCORIS 'full')",
     "lora_B.bias": "LoRA with bias",
-    ".oft_blocks": "OFT (LyCORIS)",
+    ".oft_blocks": "OFT / BOFT (LyCORIS)",
     ".oft_diag": "OFT (LyCORIS)",
-    ".w_norm": "trained norm layers (LyCORIS)",
-    ".b_norm": "trained norm layers (LyCORIS)",
-    ".on_input": "(IA)^3 (LyCORIS)",
+    ".rescale": "OFT / BOFT (LyCORIS)",
     ".a1.weight": "GLoRA (LyCORIS)",
+    ".a2.weight": "GLoRA (LyCORIS)",
+    ".b1.weight": "GLoRA (LyCORIS)",
+    ".b2.weight": "GLoRA (LyCORIS)",
+    ".bm.weight": "GLoRA (LyCORIS)",
 }
 
 
@@ -229,6 +239,7 @@ class LoraState:
     adapters: list[str] = dataclasses.field(default_factory=list)  # in load order
     choice: AdapterChoice = dataclasses.field(default_factory=AdapterChoice)
     originals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # weights before fuse_lora
+    bias_originals: dict[str, torch.Tensor | None] = dataclasses.field(default_factory=dict)  # biases, likewise
     scale_handles: list[Any] = dataclasses.field(default_factory=list)  # the model's own forward hooks
     lock: Any = dataclasses.field(default_factory=threading.RLock)  # held by every change, never by a forward
     running: threading.local = dataclasses.field(default_factory=threading.local)  # per thread: forwards' choices
@@ -341,7 +352,8 @@ def _kohya_index(model: nn.Module, component: str) -> dict[str, str]:
     """kohya layer name -> module path for every layer of the model: ``down_blocks_0_attentions_0_proj_in`` ->
     ``down_blocks.0.attentions.0.proj_in``; for a UNet also the original (LDM / sgm) names kohya writes for SDXL and
     older trainers for SD 1.x (``input_blocks_4_1_proj_in``), from the single-file key tables (``keymaps.UNET``)."""
-    paths = [path for path, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    paths = [path for path, module in model.named_modules()
+             if isinstance(module, (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm))]
     index = {path.replace(".", "_"): path for path in paths}
     if component == "unet" and "down_block_types" in getattr(model, "config", {}):
         from ..single_file.layout import original_ref
@@ -380,7 +392,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], components: Mapping[str, 
         for fragment, kind in UNSUPPORTED_KINDS.items():
             if fragment in key:
                 raise LoraError(f"{origin}: key {key!r} belongs to {kind}, which diffusekit does not load (LoRA, "
-                                "LoCon, LyCORIS LoHa / LoKr and their DoRA only)")
+                                "LoCon, LyCORIS LoHa / LoKr / full / (IA)³ / norm layers, and DoRA)")
     parts: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
     indexes: dict[str, dict[str, str]] = {}
     for key, tensor in state_dict.items():
@@ -417,6 +429,12 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], components: Mapping[str, 
                 f"mix {' and '.join(KIND_NAMES[k] for k in kinds)} weights" if kinds
                 else "hold no adapter weights (only alpha / dora_scale)"))
         module = _get_module(components[component], path)
+        layers = KIND_LAYERS.get(kinds[0], LINEAR_OR_CONV)
+        if not isinstance(module, layers):
+            keys = [key for key, _ in found.values()]
+            raise LoraError(f"{origin}: keys {keys} hold {KIND_NAMES[kinds[0]]} weights for {component}.{path}, a "
+                            f"{type(module).__name__}; that kind applies to {' / '.join(t.__name__ for t in layers)}"
+                            " layers")
         if "alpha" in found:
             alpha = float(found["alpha"][1].float().reshape(-1)[0])
         else:
@@ -608,12 +626,23 @@ class StableDiffusionLoraLoaderMixin:
                     state.originals[path] = weight.detach().clone()
                 fused = weight.detach().clone()
                 original = state.originals[path]
+                bias = None  # LyCORIS full / norm layers change the bias too
                 for name, adapter in chosen:
                     adapter.to(fused)
-                    fused = fused + adapter.weight_delta(original, state.active.get(name, 1.0) * lora_scale)
-                if safe_fusing and not torch.isfinite(fused).all():
+                    multiplier = state.active.get(name, 1.0) * lora_scale
+                    fused = fused + adapter.weight_delta(original, multiplier)
+                    if (extra := adapter.bias_delta(multiplier)) is not None:
+                        bias = extra if bias is None else bias + extra
+                if safe_fusing and not (torch.isfinite(fused).all() and (bias is None or torch.isfinite(bias).all())):
                     raise LoraError(f"fusing {names} into {component}.{path} gives non-finite weights")
                 weight.copy_(fused)
+                if bias is not None:
+                    if path not in state.bias_originals:  # None: the layer had no bias (A1111 gives it one)
+                        state.bias_originals[path] = None if module.bias is None else module.bias.detach().clone()
+                    if module.bias is None:
+                        module.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=weight.requires_grad)
+                    else:
+                        module.bias.copy_(module.bias.detach() + bias)
         state.choose(fused=state.fused | set(names))
 
     def unfuse_lora(self, components: Sequence[str] = ("unet", "text_encoder")) -> None:
@@ -622,7 +651,14 @@ class StableDiffusionLoraLoaderMixin:
             with state.lock, torch.no_grad():
                 for path, original in state.originals.items():
                     model.get_submodule(path).weight.copy_(original)
+                for path, bias in state.bias_originals.items():
+                    module = model.get_submodule(path)
+                    if bias is None:
+                        module.bias = None  # the bias fusing added goes again
+                    else:
+                        module.bias.copy_(bias)
                 state.originals.clear()
+                state.bias_originals.clear()
                 state.choose(fused=())
 
     def unload_lora_weights(self) -> None:

@@ -14,7 +14,12 @@ Kinds (the formulas are those of kohya / LyCORIS / A1111, ``W`` of shape (out, i
   the Tucker form ``lokr_t2`` (r, r, k, k) with ``lokr_w2_a`` (r, b), ``lokr_w2_b`` (r, d); ``a·b = out``,
   ``c·d = in``. The scale ``alpha / rank`` applies only when a factor is low-rank (``rank`` from ``lokr_w2_b``, else
   ``lokr_w1_b``); two full factors are used as they are (LyCORIS writes ``alpha = rank`` for them, A1111 ignores it).
+* full (LyCORIS ``diff`` / ``diff_b``): ``ΔW = diff``, ``Δb = diff_b``, no scale (A1111 ignores an alpha here).
+* (IA)³ (LyCORIS ``weight`` + ``on_input``): ``ΔW = W ⊙ w`` per output row (per input column ``on_input``), so the
+  weight becomes ``W ⊙ (1 + m·w)``; the bias is kept (LyCORIS's and A1111's merge).
+* trained norms (LyCORIS ``w_norm`` / ``b_norm`` on GroupNorm / LayerNorm): ``Δw = w_norm``, ``Δb = b_norm``.
 
+``m`` is the adapter weight times the call scale; every delta (and bias delta) is multiplied by it.
 Without an ``alpha`` key the scale is 1, as in kohya, LyCORIS and A1111.
 
 DoRA (``dora_scale``, kohya / LyCORIS "weight decompose", any kind): the layer's weight becomes
@@ -98,10 +103,18 @@ class LayerAdapter:
             return self.dora.change(base, self.delta_weight() * (self.alpha_scale * multiplier))
         return self.dora.change(base, self.delta_weight() * self.alpha_scale) * multiplier
 
+    def bias_delta(self, multiplier: float) -> torch.Tensor | None:
+        """What this adapter adds to the layer's bias (None: nothing; LyCORIS "full" and norm layers have one)."""
+        return None
+
     def forward_delta(self, module: nn.Module, x: torch.Tensor, base: torch.Tensor | None,
                       multiplier: float) -> torch.Tensor:
         """What this adapter adds to the layer's output for input ``x``."""
-        return _layer_op(module, x, self.weight_delta(base, multiplier))
+        out = _layer_op(module, x, self.weight_delta(base, multiplier))
+        bias = self.bias_delta(multiplier)
+        if bias is None:
+            return out
+        return out + (bias.reshape(-1, *[1] * (out.ndim - 2)) if isinstance(module, nn.Conv2d) else bias)
 
     def to(self, like: torch.Tensor) -> None:
         """Move every tensor to ``like``'s device and dtype (once; later calls are free)."""
@@ -193,6 +206,60 @@ class LokrWeights(LayerAdapter):
         # kron((a, c), (b, d·k·k)) is (a·b, c·d·k·k): row i·b + j, column m·d·k·k + n·k·k + p·k + q holds
         # w1[i, m] · w2[j, n, p, q], which is (out, in, k, k) element [i·b + j, m·d + n, p, q] after the reshape
         return torch.kron(*self.factors()).reshape(self.shape)
+
+
+@dataclasses.dataclass
+class FullWeights(LayerAdapter):
+    """LyCORIS "full": the weight difference itself, ``diff`` in the layer's shape, and optionally the bias
+    difference ``diff_b`` (out,); no alpha (A1111 and LyCORIS use them as they are)."""
+
+    diff: torch.Tensor = None
+    diff_b: torch.Tensor | None = None
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.diff
+
+    def bias_delta(self, multiplier):
+        return None if self.diff_b is None else self.diff_b * multiplier
+
+
+@dataclasses.dataclass
+class Ia3Weights(LayerAdapter):
+    """(IA)³ (LyCORIS ``ia3``): the layer's weight scaled per output row (or per input column, ``on_input``) by
+    ``1 + m·w``, i.e. ``ΔW = m · W ⊙ w``; ``w`` is reshaped at build time to broadcast against ``W`` (out, 1[, 1, 1])
+    or (1, in[, 1, 1]). The bias is left alone, as LyCORIS and A1111 merge it (peft's (IA)³ on an output scales
+    the bias too)."""
+
+    scale: torch.Tensor = None
+
+    @property
+    def needs_base(self) -> bool:
+        return True
+
+    def weight_delta(self, base, multiplier):
+        return base * self.scale * multiplier
+
+
+@dataclasses.dataclass
+class NormWeights(LayerAdapter):
+    """LyCORIS's trained norm layers (``w_norm`` / ``b_norm`` on a GroupNorm or LayerNorm): differences of the
+    layer's affine weight and bias. The norm is affine in them, so unfused the delta is the same norm with
+    ``(m·w_norm, m·b_norm)`` as its weight and bias."""
+
+    w_norm: torch.Tensor = None
+    b_norm: torch.Tensor = None
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.w_norm
+
+    def bias_delta(self, multiplier):
+        return self.b_norm * multiplier
+
+    def forward_delta(self, module, x, base, multiplier):
+        weight, bias = self.w_norm * multiplier, self.b_norm * multiplier
+        if isinstance(module, nn.GroupNorm):
+            return F.group_norm(x, module.num_groups, weight, bias, module.eps)
+        return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -416,11 +483,63 @@ def build_lokr(module: nn.Module, found: Found, alpha: float | None, origin: str
     return adapter
 
 
+def _no_dora(found: Found, origin: str, kind: str) -> None:
+    if "dora_scale" in found:
+        raise LoraError(f"{origin}: key {_key(found, 'dora_scale')!r}: DoRA beside {kind} is not supported")
+
+
+def build_full(module: nn.Module, found: Found, alpha: float | None, origin: str) -> FullWeights:
+    _need(found, ("diff",), origin, "LyCORIS full")
+    diff, diff_b = _tensor(found, "diff"), _tensor(found, "diff_b")
+    weight = module.weight
+    _want(diff.numel() == weight.numel() and (diff.shape == weight.shape or diff.ndim == 2), found, "diff", diff,
+          str(tuple(weight.shape)), origin)
+    if diff_b is not None:
+        _want(diff_b.numel() == weight.shape[0], found, "diff_b", diff_b, f"({weight.shape[0]},)", origin)
+        diff_b = diff_b.reshape(-1)
+    return FullWeights(1.0, _dora(module, found, origin), diff.reshape(weight.shape), diff_b)
+
+
+def build_ia3(module: nn.Module, found: Found, alpha: float | None, origin: str) -> Ia3Weights:
+    _need(found, ("ia3_weight",), origin, "(IA)³")
+    _no_dora(found, origin, "(IA)³")
+    w = _tensor(found, "ia3_weight")
+    on_input = "on_input" in found and bool(found["on_input"][1].reshape(-1)[0].item())
+    weight = module.weight
+    ones = [1] * (weight.ndim - 2)
+    size = weight.shape[1] if on_input else weight.shape[0]
+    side = "input column" if on_input else "output row"
+    _want(w.numel() == size, found, "ia3_weight", w, f"{size} values, one per {side} (on_input={int(on_input)})",
+          origin)
+    scale = w.reshape(1, size, *ones) if on_input else w.reshape(size, 1, *ones)
+    return Ia3Weights(1.0, None, scale)
+
+
+def build_norm(module: nn.Module, found: Found, alpha: float | None, origin: str) -> NormWeights:
+    _need(found, ("w_norm", "b_norm"), origin, "trained norm layer")
+    _no_dora(found, origin, "a trained norm layer")
+    if module.weight is None or module.bias is None:
+        raise LoraError(f"{origin}: key {_key(found, 'w_norm')!r} trains the affine weight and bias of a norm layer "
+                        "without them")
+    w, b = _tensor(found, "w_norm"), _tensor(found, "b_norm")
+    _want(w.shape == module.weight.shape, found, "w_norm", w, str(tuple(module.weight.shape)), origin)
+    _want(b.shape == module.bias.shape, found, "b_norm", b, str(tuple(module.bias.shape)), origin)
+    return NormWeights(1.0, None, w, b)
+
+
 #: adapter kind -> builder ``(layer, parts found, alpha or None, origin) -> LayerAdapter``
 BUILDERS: dict[str, Callable[[nn.Module, Found, float | None, str], LayerAdapter]] = {
     "lora": build_lora,
     "loha": build_loha,
     "lokr": build_lokr,
+    "full": build_full,
+    "ia3": build_ia3,
+    "norm": build_norm,
 }
 #: adapter kind -> its name in messages
-KIND_NAMES: dict[str, str] = {"lora": "LoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)"}
+KIND_NAMES: dict[str, str] = {"lora": "LoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)",
+                              "full": "full weight difference (LyCORIS)", "ia3": "(IA)³ (LyCORIS)",
+                              "norm": "trained norm layer (LyCORIS)"}
+#: adapter kind -> the layer types it applies to
+LINEAR_OR_CONV = (nn.Linear, nn.Conv2d)
+KIND_LAYERS: dict[str, tuple[type, ...]] = {"norm": (nn.GroupNorm, nn.LayerNorm)}
