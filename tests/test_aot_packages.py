@@ -1,10 +1,12 @@
-"""AOTInductor packages: the warm start of optimize()'s frozen paths (int8, float with freezing).
+"""AOTInductor packages: the warm start of optimize() (the exact path's bound packages; int8 / float with freezing).
 
 The real contract is across processes: a second, fresh process must load the package its predecessor built and
-compile nothing (its own stats: no build, one load; and the same output bits), a corrupt package must be rebuilt with
-one warning, never loaded. Builds take ~10 s each on one core, so the default suite builds once (a toy int8 model, in
-a subprocess, then loaded by a second one); the key, the signature rules, the manifest check (a corrupt library is
-refused before loading) and eviction are tested without compiling; the rebuild of a truncated package is ``slow``.
+compile nothing (its own stats: no build, one load; and the same output bits, or for a bound package, its own
+weights' outputs), a corrupt package must be rebuilt with one warning, never loaded. Builds take ~10-20 s each on one
+core, so the default suite builds twice (a toy int8 model and a toy float model, each in a subprocess, then loaded by
+a second one); the key, its cache and the cheap structure check, the signature rules, the manifest check (a corrupt
+library is refused before loading) and eviction are tested without compiling; the rebuild of a truncated package is
+``slow``.
 """
 
 from __future__ import annotations
@@ -80,6 +82,59 @@ def test_int8_package_is_loaded_by_a_fresh_process_without_compiling(tmp_path):
     _cold_and_warm(tmp_path / "cache")
 
 
+_BOUND_CHILD = textwrap.dedent("""
+    import json, sys, warnings
+    import torch
+    torch.set_num_threads(1)
+    from torch import nn
+    from diffusekit.optimize import compiled_call, optimize_module
+
+    torch.manual_seed(int(sys.argv[2]))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Flatten(2),
+                          nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    out = {}
+
+    def check(name):
+        fast, eager = model(x), model._call_impl(x)
+        out[name] = ((fast - eager).abs().max() / eager.abs().max()).item()
+
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimize_module(model, cache_dir=sys.argv[1])
+        check("first")
+        model[4].bias.add_(1.0)  # in place (fuse_lora, load_state_dict): the bound package reads the live tensor
+        check("in_place")
+        model[0].weight = nn.Parameter(torch.randn(8, 3, 3, 3))  # a new parameter object: bound again
+        check("replaced")
+        model[1].weight.data = torch.randn(8)  # new storage under the same object
+        check("data_swapped")
+        model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()})
+        check("load_state_dict")
+    stats = dict(compiled_call(model).stats)
+    stats["rel"] = out
+    stats["warnings"] = [str(w.message) for w in caught if "optimize()" in str(w.message)]
+    stats["constants"] = len(next(iter(compiled_call(model).packages.loaded.values())).runner
+                             .get_constant_names_to_original_fqns())
+    print(json.dumps(stats))
+""")
+
+
+def test_bound_package_runs_on_the_live_weights_and_other_weights_load_it(tmp_path):
+    """The exact path: a package of code only (no constant inside), built once; a fresh process with *other weights*
+    of the same architecture loads it and compiles nothing; in-place edits, replaced parameters, swapped storage and
+    ``load_state_dict`` are all seen without a rebuild; every output within 1e-5 of eager."""
+    cache = tmp_path / "cache"
+    for seed, (builds, loads) in ((0, (1, 0)), (1, (0, 1))):
+        result = run_json_child(_BOUND_CHILD, str(cache), str(seed))
+        assert (result["aoti_builds"], result["aoti_loads"]) == (builds, loads), result
+        assert result["compiles"] == 0 and result["eager_fallback"] == 0 and result["warnings"] == [], result
+        assert result["compiled"] == 5 and result["constants"] == 0, result
+        assert all(rel < 1e-5 for rel in result["rel"].values()), result["rel"]
+    (entry,) = _entries(cache)
+    assert json.loads((entry / "manifest.json").read_text())["weights"] == "bound (inputs)"
+
+
 @pytest.mark.slow
 def test_a_truncated_package_is_rebuilt_with_one_warning(tmp_path):
     cache = tmp_path / "cache"
@@ -120,6 +175,79 @@ def test_key_covers_weights_structure_inputs_and_settings():
     assert _key(other) != key
     settings = aot.Packages(model, Path("/x"), {"freezing": True, "max_autotune": True}, {"hash_seconds": 0.0})
     assert settings.key(["x"])[0] != key
+
+
+def _bound_key(model, signature=("x",)):
+    return aot.Packages(model, Path("/nonexistent"), {}, {"hash_seconds": 0.0}, bound=True).key(list(signature))[0]
+
+
+def test_bound_key_holds_the_weights_layout_not_their_values():
+    key = _bound_key(_toy())
+    assert _bound_key(_toy(seed=1)) == key  # other values: the same package (weights are inputs)
+    assert _bound_key(_toy()) != _key(_toy())  # never a frozen package's key
+    assert _bound_key(_toy().double()) != key
+    transposed = _toy()
+    transposed[0].weight.data = transposed[0].weight.data.t().contiguous().t()  # same shape, other strides
+    assert _bound_key(transposed) != key
+    wider = _toy()
+    wider[2] = torch.nn.Linear(8, 3)
+    assert _bound_key(wider) != key
+    trained = _toy().train()  # dropout and batch norm trace differently in training mode
+    assert _bound_key(trained) != key
+
+
+def test_key_is_cached_until_the_cheap_check_sees_a_change(monkeypatch):
+    calls = []
+    describe = aot.structure
+    monkeypatch.setattr(aot, "structure", lambda module: calls.append(1) or describe(module))
+    model = _toy()
+    packages = aot.Packages(model, Path("/nonexistent"), {}, {"hash_seconds": 0.0}, bound=True)
+    key = packages.key(["x"])
+    assert packages.key(["x"]) == key and packages.key(["y"]) != key and len(calls) == 1
+    model[1].inplace = False  # the very same object again: nothing to describe
+    assert packages.key(["x"]) == key and len(calls) == 1
+    model[1].inplace = True
+    assert packages.key(["x"]) != key and len(calls) == 2
+    model[1].inplace = False
+    assert packages.key(["x"]) == key and len(calls) == 3
+    model[1].gain = 1.5
+    gained = packages.key(["x"])
+    assert gained != key and len(calls) == 4
+    model[1].gain = float("1.5")  # an equal value, another object: described again (a false alarm), same key
+    assert packages.key(["x"]) == gained and len(calls) == 5
+    del model[1].gain
+    assert packages.key(["x"]) == key
+    model[0].weight = torch.nn.Parameter(torch.randn(8, 4, dtype=torch.float64))  # a replaced parameter, new dtype
+    assert packages.key(["x"]) != key
+    model[0].weight = torch.nn.Parameter(torch.randn(8, 4))
+    assert packages.key(["x"]) == key
+
+
+def test_structure_watch_sees_what_changes_the_traced_graph():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))
+    model.register_buffer("table", torch.zeros(3), persistent=False)
+    model.plain = torch.ones(2)  # a plain tensor attribute (a constant of the traced graph)
+    model.options = {"scale": 1.0}
+    watch = aot.StructureWatch(model)
+    assert watch.changed() and not watch.changed() and not watch.changed()
+
+    def changes(edit) -> bool:
+        edit()
+        return watch.changed() and not watch.changed()
+
+    assert changes(lambda: setattr(model[1], "inplace", True))  # a plain attribute
+    assert changes(lambda: setattr(model[1], "new_flag", 3))  # a new one
+    assert changes(lambda: model.__setitem__(2, torch.nn.Linear(8, 2)))  # a submodule replaced
+    assert changes(lambda: model.append(torch.nn.Identity()))  # one added
+    assert changes(lambda: setattr(model[0], "weight", torch.nn.Parameter(torch.randn(8, 4))))  # a parameter
+    handles = []
+    assert changes(lambda: handles.append(model[0].register_forward_pre_hook(lambda *a: None)))  # a hook
+    assert changes(lambda: handles[0].remove())
+    assert changes(lambda: model.eval())  # training flag
+    assert changes(lambda: model.options.__setitem__("scale", 2.0))  # one level inside a dict attribute
+    assert changes(lambda: model.plain.add_(1))  # a tensor attribute edited in place
+    assert changes(lambda: model.register_buffer("extra", torch.zeros(1)))
+    assert not watch.changed()
 
 
 def test_signature_refuses_what_a_package_cannot_serve():

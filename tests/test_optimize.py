@@ -1,10 +1,12 @@
 """``optimize()``: the compiled exact path (docs/PERFORMANCE.md).
 
-Parity first: a tiny random UNet of the real architecture, compiled with the CPU settings, must give eager's output
-(and diffusers' on the same weights) within 1e-5 relative; the persistent cache must be hit by a second, fresh
-process (inductor's counters, not time); fallbacks (no compiler, a failing compile, grad mode) must run eager.
-Compiles are slow on 2 cores: the default suite compiles one tiny UNet and, twice in subprocesses, a toy model; the
-VAE / text encoder / whole-pipeline checks are ``slow``.
+Parity first: a tiny random UNet of the real architecture, compiled with the CPU settings (by default into an
+AOTInductor package bound to the model's weights), must give eager's output (and diffusers' on the same weights)
+within 1e-5 relative, with one package whatever ``return_dict``; the ``torch.compile`` path (``packages=False``)
+must hit its persistent cache from a second, fresh process (inductor's counters, not time); fallbacks (no compiler,
+a failing compile, grad mode) must run eager. Compiles are slow on 2 cores: the default suite compiles one tiny UNet
+and, twice in subprocesses, a toy model; the VAE / text encoder / whole-pipeline checks are ``slow``. The packages'
+own cross-process tests are in test_aot_packages.py.
 """
 
 from __future__ import annotations
@@ -71,12 +73,17 @@ def test_unet_optimize_matches_eager_and_diffusers(tmp_path):
     assert call is not None
     with torch.no_grad():
         fast = ours(sample, t, encoder_hidden_states=text).sample
-        again = ours(sample, t, encoder_hidden_states=text, return_dict=False)[0]
-    assert call.stats["compiled"] == 2 and call.stats["eager_fallback"] == 0
-    assert call.stats["fxgraph_cache_miss"] >= 1  # it really went through inductor, into our folder
-    assert any((tmp_path / "cache").rglob("*")), "nothing written to the compile cache"
+        again = ours(sample, t, encoder_hidden_states=text, return_dict=False)
+        explicit = ours(sample, t, encoder_hidden_states=text, return_dict=True)
+    assert call.stats["compiled"] == 3 and call.stats["eager_fallback"] == 0 and call.stats["compiles"] == 0
+    # one package (code only, bound to the live weights) serves every return_dict: the tuple is made outside
+    assert call.stats["aoti_builds"] == 1 and len(call.packages.loaded) == 1, call.stats
+    (package,) = call.packages.loaded.values()
+    assert package.runner.get_constant_names_to_original_fqns() == {}  # no weight inside: all are inputs
+    assert isinstance(again, tuple) and len(again) == 1 and type(explicit).__name__ == "UNet2DConditionOutput"
     assert_matches(fast, eager)
-    assert_matches(again, eager)
+    assert_matches(again[0], eager)
+    assert torch.equal(explicit.sample, fast)
     assert_matches(fast, expected)
 
     # grad mode: eager, autograd intact
@@ -99,7 +106,7 @@ _CHILD = textwrap.dedent("""
         eager = model(x)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            optimize_module(model, cache_dir=sys.argv[1])
+            optimize_module(model, cache_dir=sys.argv[1], packages=False)
             fast = model(x)
     stats = dict(compiled_call(model).stats)
     stats["max_rel"] = ((fast - eager).abs().max() / eager.abs().max()).item()
@@ -114,6 +121,7 @@ def _child(cache: Path, seed: int = 0) -> dict:
 
 
 def test_compile_cache_is_hit_by_a_fresh_process_and_survives_corruption(tmp_path):
+    """The torch.compile path (``packages=False``, also the fallback of a failed package build)."""
     cache = tmp_path / "cache"
     first = _child(cache)
     assert first["fxgraph_cache_miss"] >= 1 and first["fxgraph_cache_hit"] == 0, first
@@ -142,11 +150,11 @@ def _toy():
 
 def test_weights_edited_after_optimize_are_never_served_stale(tmp_path):
     """fuse_lora / load_state_dict edit weights in place, load_state_dict(assign=True) replaces them: an unfrozen
-    graph takes the live parameters as inputs, so no recompile (and no per-call walk over the weights). Frozen
-    graphs are rebuilt instead: test_aot_packages."""
+    graph takes the live parameters as inputs, so no recompile (and no per-call walk over the weights). The
+    torch.compile path (``packages=False``); the packages' own test (frozen ones are rebuilt): test_aot_packages."""
     model = _toy()
     x = torch.randn(3, 4)
-    opt.optimize_module(model, cache_dir=tmp_path)
+    opt.optimize_module(model, cache_dir=tmp_path, packages=False)
     with torch.no_grad():
         assert_matches(model(x), model._call_impl(x))
         model[0].weight.mul_(1.5)
@@ -223,7 +231,7 @@ def test_failing_compile_retries_without_cache_then_runs_eager(monkeypatch, tmp_
     model = _toy()
     x = torch.randn(3, 4)
     expected = model(x)
-    opt.optimize_module(model, cache_dir=tmp_path)
+    opt.optimize_module(model, cache_dir=tmp_path, packages=False)
     with torch.no_grad():
         with pytest.warns(RuntimeWarning, match="retrying once without the compile cache"):
             assert_close(model(x), expected)
@@ -244,7 +252,7 @@ def test_input_errors_are_raised_not_swallowed(monkeypatch, tmp_path):
         return fn  # "compiled" = the eager function: an input error raises in both paths
 
     monkeypatch.setattr(torch, "compile", compile_then_fail)
-    model = opt.optimize_module(_toy(), cache_dir=tmp_path)
+    model = opt.optimize_module(_toy(), cache_dir=tmp_path, packages=False)
     with torch.no_grad(), pytest.raises(RuntimeError, match="shape"):
         model(torch.randn(3, 5))
     assert opt.compiled_call(model).disabled is None

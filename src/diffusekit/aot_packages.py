@@ -1,23 +1,36 @@
-"""Warm start in seconds for ``optimize()``'s frozen paths: AOTInductor packages cached on disk.
+"""Warm start in seconds for ``optimize()`` on the CPU: AOTInductor packages cached on disk.
 
-With freezing (the int8 QDQ models, and float models with ``options={"freezing": True}``) inductor bakes the weights
-into the compiled code as pre-packed oneDNN constants, and its FX-graph cache refuses such graphs: through
-``torch.compile`` every process would pay the whole compile again (minutes for an SD UNet on 2 cores). Instead,
-per model state x input signature, ``optimize()`` builds one shared library with AOTInductor (``torch.export`` +
-``torch._inductor.aot_compile`` with freezing; int8 patterns lowered to oneDNN qconv / qlinear as under
-``torch.compile``) and keeps it here; a later process loads it (``dlopen``, no dynamo, no inductor import) and runs.
+Per model structure x input signature, ``optimize()`` builds one shared library with AOTInductor (``torch.export`` +
+``torch._inductor.aot_compile``) and keeps it here; a later process loads it (``dlopen``, no dynamo, no inductor
+import) and runs. Two kinds:
 
-**What a package holds**: the generated code *and* the frozen weights (pre-packed for oneDNN; they cannot be
-supplied at load time: AOTInductor folds the packing into the constants at compile time). Hence the key covers the
-weights: a sha256 over every parameter and buffer (names, dtypes, shapes, bytes; about 2 s per GB), plus the
-structure of the module tree (types, configs, plain attributes), the input signature (tree structure, shapes,
-dtypes, non-tensor values), the inductor settings, the torch build, diffusekit's version and source, and the CPU.
-Weights edited after ``optimize()`` change the key (a new package is built; nothing stale can be loaded).
+* **bound** (the exact path, no freezing; the default): the library holds generated code only. The weights are
+  *inputs* of the compiled graph (exported through ``torch.func.functional_call``), so every call passes the live
+  model's parameters and buffers (memory-mapped from safetensors: no copy, the process holds what eager holds).
+  In-place edits (``fuse_lora``, ``load_state_dict``) and replaced parameters are seen by the next call, and the
+  key holds the weights' *layout* (names, dtypes, shapes, strides), not their values: a fine-tune or a LoRA-fused
+  model of the same architecture shares the package. Not ``aot_inductor.package_constants_in_so=False`` with
+  user-managed constants: inductor still inlines small constants (measured: a ``Linear`` bias of 8 values became
+  literals in the kernel, so editing it was not seen), and the handles the runtime keeps of user-managed constants
+  are never released.
+* **frozen** (int8 QDQ models, float models with ``options={"freezing": True}``): inductor bakes the weights into
+  the library as pre-packed oneDNN constants (they cannot be supplied at load time: the packing is folded at
+  compile time), and its FX-graph cache refuses frozen graphs. The key therefore covers the weights: a sha256 over
+  every parameter and buffer (about 2 s per GB); weights edited after ``optimize()`` give a new package.
+
+**Key**: the structure of the module tree (types, configs, plain attributes, the training flag), the input
+signature (tree structure, shapes, dtypes, ``bool`` / ``str`` values), the weights' layout (bound) or digest
+(frozen), the inductor settings, the torch build, diffusekit's version and source, and the CPU. ``return_dict`` is
+not in it: a model whose ``forward`` takes ``return_dict`` (default ``True``) is built once, returning its output
+class; ``return_dict=False`` gets ``output.to_tuple()`` (what every diffusekit model returns then). The key is
+computed once per signature and reused while a cheap check (:class:`StructureWatch`: the identity of every plain
+attribute value, submodule, parameter and hook of the tree) says nothing changed; a change re-describes the tree.
 
 **Where**: ``<compile cache>/aoti/<key>/`` (``model.so`` + ``manifest.json``), written into a temporary folder and
 renamed into place (a crash leaves no half entry; two processes building the same key: the first rename wins).
-**Disk**: about the weights' size per package (SD 1.5 UNet: ~3.3 GB float32, ~0.9 GB int8) per input shape; the
-least recently used packages are removed once the folder holds more than ``DIFFUSEKIT_AOTI_CACHE_GB`` (default 20) GB.
+**Disk**: bound packages are code only (tens of MB for an SD UNet); frozen ones hold the weights (SD 1.5 UNet:
+~3.3 GB float32, ~0.9 GB int8) per input shape; the least recently used packages are removed once the folder holds
+more than ``DIFFUSEKIT_AOTI_CACHE_GB`` (default 20) GB.
 
 **Trust boundary**: a package is native code that runs when loaded. diffusekit loads packages only from its own
 cache folder (created ``0700``), only ones it built itself under the key computed from the live model, and checks
@@ -26,8 +39,8 @@ loaded as a package. Whoever can write to the cache folder can run code as you (
 site-packages): keep ``DIFFUSEKIT_CACHE_DIR`` private.
 
 A package that is missing, corrupt or fails to load is rebuilt (one warning); a call this path cannot serve (hooks on
-the model, non-tensor inputs other than ``bool`` / ``str`` / ``None``, inputs off the CPU, an export or AOT compile
-that fails) goes to ``torch.compile`` (with freezing, per process), which falls back to eager as before.
+the model, non-tensor inputs other than ``bool`` / ``str`` / ``None``, inputs or weights off the CPU, an export or
+AOT compile that fails) goes to ``torch.compile`` (per process), which falls back to eager as before.
 """
 
 from __future__ import annotations
@@ -37,7 +50,9 @@ import functools
 import hashlib
 import itertools
 import json
+import inspect
 import logging
+import operator
 import os
 import shutil
 import tempfile
@@ -50,7 +65,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 LIMIT_ENV = "DIFFUSEKIT_AOTI_CACHE_GB"
 DEFAULT_LIMIT_GB = 20.0
 #: sentinel: this call cannot be served by a package (the caller compiles in-process instead)
@@ -113,8 +128,10 @@ def _describe(value: Any, depth: int = 0) -> Any:
         return [_describe(v, depth + 1) for v in items]
     if isinstance(value, dict):
         return [[str(k), _describe(v, depth + 1)] for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))]
-    if isinstance(value, torch.Tensor):
-        return ["tensor", str(value.dtype), list(value.shape)]  # a plain tensor attribute: its bytes below
+    if isinstance(value, torch.Tensor):  # a plain tensor attribute: the traced graph holds it as a constant
+        data = value.detach().cpu().contiguous()
+        digest = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().data).hexdigest() if data.numel() else ""
+        return ["tensor", str(value.dtype), list(value.shape), digest]
     kind = f"{type(value).__module__}.{type(value).__qualname__}"
     if depth < 2 and hasattr(value, "__dict__") and not callable(value):
         return [kind, _describe({k: v for k, v in vars(value).items() if not k.startswith("__")}, depth + 1)]
@@ -122,11 +139,12 @@ def _describe(value: Any, depth: int = 0) -> Any:
 
 
 def _skipped_attribute(key: str) -> bool:
-    return key in ("_parameters", "_buffers", "_modules", "_compiled_call_impl", "training") or "hook" in key
+    return key in ("_parameters", "_buffers", "_modules", "_compiled_call_impl") or "hook" in key
 
 
 def structure(module: torch.nn.Module) -> list:
-    """Types and plain attributes of every submodule: what the traced graph depends on beside weights and inputs."""
+    """Types and plain attributes (the training flag among them) of every submodule: what the traced graph depends on
+    beside weights and inputs."""
     out = []
     for name, sub in module.named_modules(remove_duplicate=False):
         attrs = {k: v for k, v in vars(sub).items() if not _skipped_attribute(k)}
@@ -136,11 +154,91 @@ def structure(module: torch.nn.Module) -> list:
 
 def has_hooks(module: torch.nn.Module) -> bool:
     """Whether forward hooks would run (an exported graph would not run them)."""
+    return _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def _global_hooks() -> bool:
     from torch.nn.modules import module as nn_module
 
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+_ATOMS = (bool, int, float, str, type(None), tuple, frozenset, torch.dtype, torch.device, torch.Size)
+#: module attributes whose changes cannot change a traced forward (hooks other than forward ones, our own call)
+_UNWATCHED = frozenset({"_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+                        "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_compiled_call_impl",
+                        "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                        "_forward_pre_hooks_with_kwargs"})
+
+
+class StructureWatch:
+    """A cheap test for "this module tree may have changed since the last look" (a few ms for an SD UNet, against
+    15-30 ms to describe it with :func:`structure` and hash that).
+
+    A look records, for every submodule, its attribute dict: names and values by identity, plus one level inside
+    mutable values (the items of dicts such as ``_modules``, ``_parameters``, ``_buffers`` and the forward hook
+    dicts, the members of lists and sets, the attributes of plain objects) and the in-place version of plain tensor
+    attributes (tuples and other immutable values need no look inside). It keeps references to everything it
+    recorded, so an identity can never be reused by a new object: equal identities mean unchanged values. Caught:
+    attributes set (even to an equal value: a false alarm, which only costs one :func:`structure`), submodules or
+    parameters replaced or added, forward hooks registered or removed, ``train()`` / ``eval()``, a tensor attribute
+    edited in place. Not caught: a change deeper than one level inside an attribute value (e.g. a list inside a dict
+    attribute) -- nothing in diffusekit's models keeps graph-relevant state there. (``param.data = ...`` keeps the
+    parameter object: :meth:`Packages._check_layout` looks at every call's weights.)
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.modules: list[torch.nn.Module] = []
+        self._inside: tuple[list, list, list] = ([], [], [])  # mutable values: dicts, collections, tensors
+        self._seen: tuple[list, list] | None = None
+
+    @staticmethod
+    def _inside_of(modules: list[torch.nn.Module]) -> tuple[list, list, list]:
+        """The mutable attribute values to look into (found once per look, reused while the attributes are the
+        same objects): dicts (and plain objects' ``__dict__``), lists and sets, tensors."""
+        dicts, collections, tensors = [], [], []
+        for sub in modules:
+            for name, value in sub.__dict__.items():
+                if type(value) in _ATOMS or name in _UNWATCHED:
+                    continue
+                if isinstance(value, dict):
+                    dicts.append(value)
+                elif isinstance(value, (list, set)):
+                    collections.append(value)
+                elif isinstance(value, torch.Tensor):
+                    tensors.append(value)
+                elif hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)):
+                    dicts.append(vars(value))
+        return dicts, collections, tensors
+
+    def _look(self) -> tuple[list, list]:
+        same: list = []  # compared by identity
+        extend = same.extend
+        for sub in self.modules:
+            attrs = sub.__dict__
+            same.append(attrs)
+            extend(attrs)
+            extend(attrs.values())
+        dicts, collections, tensors = self._inside
+        for value in dicts:
+            extend(value)
+            extend(value.values())
+        for value in collections:
+            extend(value)
+        return same, [len(value) for value in collections] + [t._version for t in tensors]
+
+    def changed(self) -> bool:
+        """Whether the tree may have changed since the last call (always on the first); then looks again."""
+        if self._seen is not None:
+            same, versions = self._look()
+            seen_same, seen_versions = self._seen
+            if len(same) == len(seen_same) and all(map(operator.is_, same, seen_same)) and versions == seen_versions:
+                return False
+        self.modules = list(self.module.modules())
+        self._inside = self._inside_of(self.modules)
+        self._seen = self._look()
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def input_signature(args: tuple, kwargs: dict) -> tuple[list, Any] | None:
@@ -185,7 +283,7 @@ class CorruptPackage(Exception):
 class Package:
     """A loaded package: call it with the same (args, kwargs) structure it was built for."""
 
-    def __init__(self, entry: Path, key: str) -> None:
+    def __init__(self, entry: Path, key: str, bound: bool = False) -> None:
         manifest_path = entry / "manifest.json"
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -199,9 +297,9 @@ class Package:
         try:
             from torch.utils import _pytree as pytree
 
-            # loading copies the weights out of the library's mapping: its pages go back while and after it does,
-            # so the process holds one copy of the weights, not two
-            with _paging_out(so):
+            # a frozen package's loader copies the weights out of the library's mapping: its pages go back while and
+            # after it does, so the process holds one copy of the weights, not two (a bound one holds no weights)
+            with contextlib.nullcontext() if bound else _paging_out(so):
                 self.runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so), 1)
             in_spec, out_spec = self.runner.get_call_spec()
             self.out_spec = pytree.treespec_loads(out_spec)
@@ -212,10 +310,13 @@ class Package:
         with contextlib.suppress(OSError):
             os.utime(manifest_path)  # least recently used eviction reads this
 
-    def __call__(self, tensors: list[torch.Tensor]) -> Any:
+    def __call__(self, tensors: list[torch.Tensor], weights: list[torch.Tensor] = ()) -> Any:
+        """Run on the call's input ``tensors`` (made contiguous, as when built) after the bound ``weights`` (as they
+        are: their strides are in the key)."""
         from torch.utils import _pytree as pytree
 
-        return pytree.tree_unflatten(self.runner.run([t.contiguous() for t in tensors]), self.out_spec)
+        flat = [*weights, *(t.contiguous() for t in tensors)]
+        return pytree.tree_unflatten(self.runner.run(flat), self.out_spec)
 
 
 #: a native thread paging one mapped file out (MADV_PAGEOUT) every few ms: the runner's constructor copies the
@@ -339,18 +440,26 @@ def _root(folder: Path) -> Path:
 
 
 def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: dict[str, Any], folder: Path, key: str,
-          description: dict[str, Any]) -> Path:
+          description: dict[str, Any], weights: tuple[list[str], list[torch.Tensor]] | None = None) -> Path:
     """Export ``module`` for these inputs, AOT-compile it (``options``: inductor settings, freezing among them) and
-    store it atomically as ``<folder>/aoti/<key>``; returns that entry."""
+    store it atomically as ``<folder>/aoti/<key>``; returns that entry. ``weights`` (names, tensors): build a bound
+    package, whose first input is the list of these parameters and buffers (see the module docstring)."""
     import torch._inductor  # noqa: F401  (only here: never imported to load a package)
+    from torch.utils import _pytree as pytree
 
     root = _root(folder)
     entry = root / key
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=root))
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.contiguous(), (args, kwargs))  # as when run
+    if weights is not None:
+        wrapper: torch.nn.Module = _Bound(module, weights[0])
+        args = ([t.detach() for t in weights[1]], *args)
+    else:
+        wrapper = _Forward(module)
     try:
         start = time.perf_counter()
         with torch.no_grad():  # freezing is an inference transform: inductor applies it only without grad
-            program = torch.export.export(_Forward(module), args, kwargs, strict=False)
+            program = torch.export.export(wrapper, args, kwargs, strict=False)
             target = tmp / "build" / "model.so"
             built = torch._inductor.aot_compile(program.module(), args, kwargs,
                                                 options={**options, "aot_inductor.output_path": str(target)})
@@ -381,6 +490,24 @@ class _Forward(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.inner.forward(*args, **kwargs)
+
+
+class _Bound(torch.nn.Module):
+    """``module.forward`` with its parameters and buffers as the first input (``torch.func.functional_call``): the
+    exported graph takes the weights as inputs and holds none of their values."""
+
+    def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.inner = module
+        self.names = list(names)
+
+    def forward(self, weights, *args, **kwargs):
+        compiled = self.inner._compiled_call_impl  # never re-enter the compiled call installed on the module
+        self.inner._compiled_call_impl = None
+        try:
+            return torch.func.functional_call(self.inner, dict(zip(self.names, weights)), args, kwargs)
+        finally:
+            self.inner._compiled_call_impl = compiled
 
 
 def limit_bytes() -> float:
@@ -421,58 +548,133 @@ def remove(entry: Path) -> None:
 
 
 class Packages:
-    """The packages of one optimized module, one per input signature (what ``CompiledCall`` consults first)."""
+    """The packages of one optimized module, one per input signature (what ``CompiledCall`` consults first).
+
+    ``bound``: the weights are inputs of the package (the exact path); else frozen into it (see the module docstring).
+    """
 
     def __init__(self, module: torch.nn.Module, folder: Path, options: dict[str, Any],
-                 stats: dict[str, float], release: Callable[[], None] | None = None) -> None:
+                 stats: dict[str, float], release: Callable[[], None] | None = None, bound: bool = False) -> None:
         self.module = module
         self.folder = folder
         self.options = {k: v for k, v in options.items() if k != "fx_graph_cache"}
         self.stats = stats
         self.release = release  # hands the module's own weight pages back (after hashing them, after a load)
+        self.bound = bound
         self.loaded: dict[str, Package] = {}
-        self._weights: str | None = None
         self.disabled: str | None = None
+        self.watch = StructureWatch(module)
+        self._weights: str | None = None  # frozen: the weights' digest
+        self._static: str | None = None  # digest of what the key holds beside the inputs and the weights
+        self._keys: dict[str, tuple[str, dict[str, Any]]] = {}  # signature (JSON) -> (key, description)
+        self._hooks = False
+        self._names: list[str] = []
+        self._tensors: list[torch.Tensor] = []
+        self._layout: list | None = None
+        self._return_dict = _return_dict_default(module)
 
     def reset(self) -> None:
-        """The weights changed: forget the loaded packages and the weights' digest."""
-        self.loaded.clear()
-        self._weights = None
+        """The weights changed (in place or replaced): a frozen model forgets its packages and the weights' digest
+        (they are baked in); a bound one needs nothing (it passes the live weights to every call)."""
+        if not self.bound:
+            self.loaded.clear()
+            self._weights = None
+            self._keys.clear()
+
+    def _refresh(self) -> None:
+        """Describe the module again when :class:`StructureWatch` says it may have changed."""
+        if not self.watch.changed() and self._static is not None:
+            return
+        module = self.module
+        self._hooks = any(m._forward_hooks or m._forward_pre_hooks for m in self.watch.modules)
+        named = list(itertools.chain(module.named_parameters(), module.named_buffers()))
+        self._names = [name for name, _ in named]
+        self._tensors = [tensor for _, tensor in named]
+        self._layout = None
+        from . import __version__
+
+        parts = {"format": FORMAT, "bound": self.bound, "structure": structure(module),
+                 "config": _describe(dict(getattr(module, "config", {}) or {})), "options": _describe(self.options),
+                 "diffusekit": __version__, "source": source_digest(), **machine()}
+        static = package_key(parts)
+        if static != self._static:
+            self._static = static
+            self._keys.clear()
+
+    def _check_layout(self) -> bool:
+        """Bound: whether every weight is a CPU tensor; a changed dtype / shape / stride (``.data`` swapped,
+        ``.to()``) changes the key."""
+        layout = [(t.dtype, t.shape, t.stride(), t.device) for t in self._tensors]
+        if layout != self._layout:
+            if any(device.type != "cpu" for *_, device in layout):
+                return False
+            self._layout = layout
+            self._weights = package_key({"weights": [[name, str(dtype), list(shape), list(stride)] for
+                                                     name, (dtype, shape, stride, _) in zip(self._names, layout)]})
+            self._keys.clear()
+        return True
 
     def key(self, signature: list) -> tuple[str, dict[str, Any]]:
-        if self._weights is None:
+        """The package key of this input signature (cached while the module and its weights' layout / digest are
+        unchanged)."""
+        self._refresh()
+        if self.bound:
+            self._check_layout()
+        return self._key(signature)
+
+    def _key(self, signature: list) -> tuple[str, dict[str, Any]]:
+        if not self.bound and self._weights is None:
             start = time.perf_counter()
             self._weights = weights_digest(self.module)
             self.stats["hash_seconds"] += time.perf_counter() - start
             if self.release is not None:
                 self.release()
-        from . import __version__
+            self._keys.clear()
+        text = json.dumps(signature, default=str)
+        found = self._keys.get(text)
+        if found is None:
+            from . import __version__
 
-        module = self.module
-        parts = {"format": FORMAT, "inputs": signature, "weights": self._weights, "structure": structure(module),
-                 "config": _describe(dict(getattr(module, "config", {}) or {})), "options": _describe(self.options),
-                 "diffusekit": __version__, "source": source_digest(), **machine()}
-        description = {"model": f"{type(module).__module__}.{type(module).__qualname__}", "inputs": signature,
-                       "weights": self._weights, "torch": torch.__version__, "diffusekit": __version__}
-        return package_key(parts), description
+            key = package_key({"static": self._static, "inputs": signature, "weights": self._weights})
+            description = {"model": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
+                           "inputs": signature, "weights": "bound (inputs)" if self.bound else self._weights,
+                           "torch": torch.__version__, "diffusekit": __version__}
+            found = self._keys[text] = (key, description)
+        return found
 
     def __call__(self, args: tuple, kwargs: dict, compiling: Callable[[], Any]) -> Any:
         """This call's output from its package (loaded or built as needed), or :data:`NOT_HANDLED`."""
-        if self.disabled is not None or has_hooks(self.module):
+        if self.disabled is not None or _global_hooks():
             return NOT_HANDLED
+        self._refresh()
+        if self._hooks:
+            return NOT_HANDLED
+        as_tuple = False
+        if self._return_dict and "return_dict" in kwargs:  # one package: the output class, made a tuple here
+            kwargs = dict(kwargs)
+            as_tuple = not kwargs.pop("return_dict")
         kwargs = dict(sorted(kwargs.items()))
         found = input_signature(args, kwargs)
         if found is None:
             return NOT_HANDLED
         signature, tensors = found
-        key, description = self.key(signature)
+        if self.bound and not self._check_layout():
+            return NOT_HANDLED
+        key, description = self._key(signature)
         package = self.loaded.get(key)
         if package is None:
             package = self._get(key, description, args, kwargs, compiling)
             if package is None:
                 return NOT_HANDLED
             self.loaded[key] = package
-        return package(tensors)
+        out = package(tensors, self._tensors if self.bound else ())
+        if as_tuple:
+            to_tuple = getattr(out, "to_tuple", None)
+            if to_tuple is None:  # not an output class: return_dict goes into the signature from now on
+                self._return_dict = False
+                return NOT_HANDLED
+            out = to_tuple()
+        return out
 
     def _get(self, key: str, description: dict, args, kwargs, compiling) -> Package | None:
         entry = _root(self.folder) / key
@@ -480,7 +682,7 @@ class Packages:
         if (entry / "manifest.json").exists():
             start = time.perf_counter()
             try:
-                package = Package(entry, key)
+                package = Package(entry, key, bound=self.bound)
             except CorruptPackage as err:
                 warnings.warn(f"{name}.optimize(): the cached AOTInductor package {entry} is unusable ({err}); "
                               f"rebuilding it", RuntimeWarning, stacklevel=4)
@@ -497,8 +699,9 @@ class Packages:
         packs = _weight_packs()
         try:
             with compiling():
-                entry = build(self.module, args, kwargs, self.options, self.folder, key, description)
-            package = Package(entry, key)
+                entry = build(self.module, args, kwargs, self.options, self.folder, key, description,
+                              weights=(self._names, self._tensors) if self.bound else None)
+            package = Package(entry, key, bound=self.bound)
         except Exception as err:  # noqa: BLE001 - the input's fault (re-raised by eager) or the compiler's
             raise BuildFailed(err) from err
         seconds = time.perf_counter() - start
@@ -509,6 +712,16 @@ class Packages:
         if self.release is not None:
             self.release()
         return package
+
+
+def _return_dict_default(module: torch.nn.Module) -> bool:
+    """Whether ``module.forward`` takes ``return_dict`` defaulting to ``True`` (diffusekit's models: the output class,
+    or its ``to_tuple()`` with ``False``)."""
+    try:
+        parameter = inspect.signature(module.forward).parameters.get("return_dict")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is True
 
 
 def _weight_packs() -> int:

@@ -2,33 +2,37 @@
 
 Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-out kernels). What it does:
 
-- **CPU**: ``torch.compile`` (inductor): fused C++ kernels (GroupNorm+SiLU and other pointwise chains), oneDNN /
-  MKL convolutions and matmuls, compiled code cached on disk. Freezing (weights pre-packed for oneDNN) is opt-in
+- **CPU**: inductor: fused C++ kernels (GroupNorm+SiLU and other pointwise chains), oneDNN / MKL convolutions and
+  matmuls, compiled code cached on disk. Freezing (weights pre-packed for oneDNN) is opt-in
   (``options={"freezing": True}``) and on by itself for int8 QDQ models (``QUANTIZED_OPTIONS``). Settings are a
   config patch around each compiled call (``CPU_OPTIONS``); docs/PERFORMANCE.md has the measurements.
-- **Frozen CPU graphs run from AOTInductor packages** (:mod:`diffusekit.aot_packages`): inductor does not cache
-  frozen graphs, so instead of ``torch.compile`` each input signature is exported and AOT-compiled once per machine
-  into a shared library holding the code and the pre-packed weights, keyed by a hash of the weights, structure,
-  inputs, settings and versions; a later process loads it in seconds (no dynamo, no compile). Calls a package cannot
-  serve (hooks, numeric or object arguments such as DeepCache's step) and a failed build use ``torch.compile``.
+- **CPU graphs run from AOTInductor packages** (:mod:`diffusekit.aot_packages`): each input signature is exported and
+  AOT-compiled once per machine into a shared library, keyed by the structure, inputs, settings and versions; a
+  later process loads it in seconds (no dynamo, no compile, not even an inductor import). The exact path's packages
+  hold code only and take the live weights as inputs (an edited or fine-tuned model reuses them; memory as eager);
+  frozen ones hold the pre-packed weights (their key hashes the weights). ``packages=False``, and calls a package
+  cannot serve (hooks such as unfused LoRA, numeric or object arguments such as DeepCache's step) or a failed build
+  (one warning) use ``torch.compile`` in the process.
 - **CUDA / MPS / other accelerators**: plain ``torch.compile`` (no CPU-only settings); fp16 / bf16 work there.
 - **Shapes are static** (``dynamic=False``): each input shape (batch, resolution, prompt length) compiles once,
   specialised (fastest kernels); a pipeline run uses one or two shapes (full and half batch around a guidance
   interval), and the persistent cache makes each shape a one-time cost per machine.
-- **Persistent cache** (non-frozen graphs): inductor's own FX-graph cache, pointed at ``default_cache_dir()`` (env
-  ``DIFFUSEKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffusekit/compile``, else ``~/.cache/diffusekit/compile``), one
-  folder per torch + diffusekit version. Entries hold generated code only, never weights (the compiled code takes
+- **Persistent cache**: ``default_cache_dir()`` (env ``DIFFUSEKIT_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/diffusekit/compile``, else ``~/.cache/diffusekit/compile``), one folder per torch + diffusekit
+  version: the packages (``aoti/``) and, for the ``torch.compile`` path, inductor's own FX-graph cache. Entries hold generated code only, never weights (the compiled code takes
   the parameters as inputs), keyed by inductor on the graph's structure, shapes, dtypes and settings: a fine-tune of
   the same architecture shares the entry and a changed weight can never
   be served stale. The cache is only set while our compiled models run (the ``TORCHINDUCTOR_CACHE_DIR`` of the rest
   of the process is untouched); a user's own ``TORCHINDUCTOR_CACHE_DIR`` wins. Nothing is written at import.
 - **Fallbacks** (never a crash, one warning): no C++ compiler (CPU) or no inductor -> eager; a compile that fails
   (e.g. a corrupt cache entry, an op inductor cannot lower) -> retried once without the cache, then eager. Grad mode
-  -> eager (autograd unchanged). Weights changed after optimize() (``load_state_dict``, ``fuse_lora``): an unfrozen
-  graph takes the live parameters as inputs, so it just uses them; a frozen one is recompiled on the next call (it
-  gets a new package, since its weights are part of the package's key).
+  -> eager (autograd unchanged). Weights changed in place or replaced after optimize() (``load_state_dict``,
+  ``fuse_lora``): an exact package or an unfrozen ``torch.compile`` graph takes the live parameters as inputs, so it
+  just uses them; a frozen one is recompiled on the next call (it gets a new package, since its weights are part of
+  the package's key).
 
-``torch._dynamo`` / ``torch._inductor`` are imported on the first compiled call, never by ``import diffusekit``.
+``torch._dynamo`` / ``torch._inductor`` are imported when something compiles, never by ``import diffusekit`` nor by
+a process that only loads packages.
 """
 
 from __future__ import annotations
@@ -113,21 +117,29 @@ def _user_inductor_cache() -> bool:
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """Why inductor cannot compile for ``device`` here (``None`` when it can)."""
+    """Why inductor cannot compile for ``device`` here (``None`` when it can). Imports no inductor (~1-3 s): a warm
+    start that only loads packages never needs it."""
+    import importlib.util
+
     try:
-        import torch._inductor  # noqa: F401  (lazy: only when optimize() is called)
-    except Exception as err:  # pragma: no cover - a torch build without inductor
-        return f"torch inductor is unavailable ({err})"
+        found = importlib.util.find_spec("torch._inductor") is not None
+    except (ImportError, ValueError):  # pragma: no cover - a broken torch install
+        found = False
+    if not found:  # pragma: no cover - a torch build without inductor
+        return "torch inductor is unavailable"
     if device.type == "cpu" and _cpp_compiler() is None:
         return "no C++ compiler found (inductor's CPU backend needs one: install g++ or clang, or set CXX)"
     return None
 
 
 def _cpp_compiler() -> str | None:
-    from torch._inductor import config
+    """The C++ compiler inductor would use: ``$CXX``, inductor's ``cpp.cxx`` setting where inductor is imported
+    already (a user who changed it has), else the usual names."""
+    import sys
 
     names = [os.environ["CXX"]] if os.environ.get("CXX") else []
-    cxx = config.cpp.cxx
+    config = sys.modules.get("torch._inductor.config")
+    cxx = config.cpp.cxx if config is not None else ()
     names += [c for c in (cxx if isinstance(cxx, (tuple, list)) else (cxx,)) if c]
     names += ["g++", "clang++", "c++"]
     for name in names:
@@ -138,8 +150,9 @@ def _cpp_compiler() -> str | None:
 
 
 def _weights_state(module: torch.nn.Module) -> tuple:
-    """Identity and in-place version of every parameter and buffer: changes when weights are replaced or edited."""
-    return tuple((id(t), t._version) for t in itertools.chain(module.parameters(), module.buffers()))
+    """Identity, storage and in-place version of every parameter and buffer: changes when weights are replaced
+    (also ``param.data = ...``, which keeps the version) or edited."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in itertools.chain(module.parameters(), module.buffers()))
 
 
 class _FilePages:
@@ -269,7 +282,7 @@ class CompiledCall:
 
     def __init__(self, module: torch.nn.Module, cache_dir: Path | None, options: dict[str, Any] | None,
                  dynamic: bool | None, mode: str | None, release_weights: bool = False,
-                 packages: bool = False) -> None:
+                 packages: bool = False, frozen: bool = False) -> None:
         self.module = module
         self.release_weights = release_weights
         self.cache_dir = cache_dir
@@ -281,13 +294,15 @@ class CompiledCall:
                                         "fxgraph_cache_hit": 0, "fxgraph_cache_miss": 0, "weight_packs": 0,
                                         "compile_seconds": 0.0, "aoti_builds": 0, "aoti_loads": 0,
                                         "aoti_load_seconds": 0.0, "hash_seconds": 0.0}
-        # frozen CPU graphs: AOTInductor packages on disk (aot_packages), so a later process loads instead of compiling
+        # CPU graphs: AOTInductor packages on disk (aot_packages), so a later process loads instead of compiling;
+        # bound to the live weights (exact path) or with the frozen weights inside
         self.packages = None
         if packages and cache_dir is not None:
             from . import aot_packages
 
             self.packages = aot_packages.Packages(module, cache_dir, options or {}, self.stats,
-                                                  release=self._release_originals if release_weights else None)
+                                                  release=self._release_originals if release_weights else None,
+                                                  bound=not frozen)
         self._build()
 
     def _build(self) -> None:
@@ -295,7 +310,7 @@ class CompiledCall:
         # with options= torch 2.13 never freezes (dynamo decides how to treat parameters from the *global*
         # config while tracing; measured: no oneDNN weight packing at all), and a per-call patch keeps the
         # process-wide config untouched between calls
-        self.compiled = torch.compile(_fresh_entry(self.module), dynamic=self.dynamic, mode=self.mode)
+        self._compiled = None  # torch.compile (imports dynamo) on first use: package-only processes never need it
         # only a frozen graph holds weights of its own; an unfrozen one takes the live parameters as inputs, and
         # walking every parameter on each call costs more than a small model's step (~3 ms per SD UNet call)
         self.frozen = bool((self.options or {}).get("freezing"))
@@ -303,6 +318,16 @@ class CompiledCall:
         self.seen: set[tuple] = set()
         if getattr(self, "packages", None) is not None:
             self.packages.reset()
+
+    @property
+    def compiled(self) -> Callable[..., Any]:
+        if self._compiled is None:
+            self._compiled = torch.compile(_fresh_entry(self.module), dynamic=self.dynamic, mode=self.mode)
+        return self._compiled
+
+    @compiled.setter
+    def compiled(self, value: Callable[..., Any]) -> None:
+        self._compiled = value
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
@@ -312,14 +337,18 @@ class CompiledCall:
         if torch.is_grad_enabled():
             self.stats["eager_grad"] += 1
             return module._call_impl(*args, **kwargs)
+        packages = self.packages
+        if packages is not None and packages.bound:  # runs on the live weights: nothing to check about them
+            out = self._from_package(args, kwargs)
+            if out is not _not_handled():
+                self.stats["compiled"] += 1
+                return out
         if self.frozen and _weights_state(module) != self.weights:
             logger.info("%s: weights changed since optimize(); recompiling", type(module).__name__)
             self._build()
-        if self.packages is not None:
-            from .aot_packages import NOT_HANDLED
-
+        if packages is not None and not packages.bound:
             out = self._from_package(args, kwargs)
-            if out is not NOT_HANDLED:
+            if out is not _not_handled():
                 self.stats["compiled"] += 1
                 return out
         signature = _signature(args, kwargs)
@@ -401,6 +430,12 @@ class CompiledCall:
         return out
 
 
+def _not_handled() -> object:
+    from .aot_packages import NOT_HANDLED
+
+    return NOT_HANDLED
+
+
 def _short(err: Exception) -> str:
     text = f"{type(err).__name__}: {err}".strip().splitlines()
     return text[0][:300] if text else type(err).__name__
@@ -428,7 +463,8 @@ def _module_device(module: torch.nn.Module) -> torch.device:
 
 def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | None = None,
                     use_cache: bool = True, dynamic: bool | None = False, mode: str | None = None,
-                    options: dict[str, Any] | None = None, release_weights: bool = True) -> torch.nn.Module:
+                    options: dict[str, Any] | None = None, release_weights: bool = True,
+                    packages: bool = True) -> torch.nn.Module:
     """Compile ``module``'s calls for inference in place (see the module docstring); returns ``module``.
 
     ``cache_dir`` overrides :func:`default_cache_dir`; ``use_cache=False`` neither reads nor writes a persistent
@@ -436,6 +472,9 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     on CPU; a key set to ``None`` removes a default). Calling it again recompiles (e.g. after changing the device).
     ``release_weights`` (CPU with freezing): hand the memory-mapped checkpoint pages of the weights back to the OS
     while and after compiling, since the compiled code runs on its own pre-packed copies (see :class:`_FilePages`).
+    ``packages`` (CPU, static shapes, default mode, a cache folder): run from AOTInductor packages built once per
+    machine (:mod:`diffusekit.aot_packages`: a later process loads them in seconds); ``False``: ``torch.compile``
+    in every process (dynamo traces each one; inductor's FX-graph cache spares the C++ build).
     """
     device = _module_device(module)
     reason = unavailable_reason(device)
@@ -455,8 +494,9 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
         merged["fx_graph_cache"] = False
     frozen = device.type == "cpu" and bool(merged.get("freezing"))
     release = release_weights and frozen
-    packages = frozen and folder is not None and dynamic is False and mode is None
-    module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode, release, packages)
+    packages = packages and device.type == "cpu" and folder is not None and dynamic is False and mode is None
+    module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode, release, packages,
+                                              frozen)
     return module
 
 

@@ -501,7 +501,8 @@ class DiffusionPipeline:
 
     def optimize(self, *, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                  dynamic: bool | None = False, mode: str | None = None,
-                 options: dict[str, Any] | None = None, release_weights: bool = True) -> "DiffusionPipeline":
+                 options: dict[str, Any] | None = None, release_weights: bool = True,
+                 packages: bool = True) -> "DiffusionPipeline":
         """Compile the UNet, the VAE and the text encoder(s) for faster inference (``ModelMixin.optimize`` on
         each): images within 1e-5 relative of eager fp32, compiled code cached on disk per machine; returns
         ``self``. Each model compiles on its first call per input shape. See docs/PERFORMANCE.md."""
@@ -509,7 +510,7 @@ class DiffusionPipeline:
             component = self.components.get(name)
             if component is not None and hasattr(component, "optimize"):
                 component.optimize(cache_dir=cache_dir, use_cache=use_cache, dynamic=dynamic, mode=mode,
-                                   options=options, release_weights=release_weights)
+                                   options=options, release_weights=release_weights, packages=packages)
         return self
 
     # ------------------------------------------------------------------ per-call state
