@@ -250,6 +250,39 @@ def test_structure_watch_sees_what_changes_the_traced_graph():
     assert not watch.changed()
 
 
+def test_weights_digest_names_clean_file_stretches_and_hashes_edited_ones(tmp_path):
+    """Frozen keys: a memory-mapped, never-written weight is named by its place in its file (no read of gigabytes at
+    a warm start); one edited behind autograd's back (``.data``: no version bump) dirties its mapping and is hashed
+    by its bytes; a rewritten file is another identity."""
+    from safetensors.torch import save_file
+
+    from diffusekit.modeling import read_safetensors
+
+    path = tmp_path / "w.safetensors"
+    save_file({"weight": torch.randn(64, 32), "bias": torch.randn(64)}, path)
+
+    def load():
+        layer = torch.nn.Linear(32, 64)
+        layer.load_state_dict(read_safetensors(path), assign=True)
+        return layer
+
+    layer = load()
+    place = aot._file_place(layer.weight.detach(), aot._clean_file_spans())
+    assert place is not None and place.startswith(str(path))
+    digest = aot.weights_digest(layer)
+    assert aot.weights_digest(load()) == digest  # another load of the same file: the same key
+    with torch.no_grad():
+        layer.weight.data[0, 0] += 1.0
+    assert aot._file_place(layer.weight.detach(), aot._clean_file_spans()) is None
+    edited = aot.weights_digest(layer)
+    assert edited != digest
+    with torch.no_grad():
+        layer.weight.data[0, 0] += 1.0  # bytes hashed: another edit, another key
+    assert aot.weights_digest(layer) != edited
+    save_file({"weight": torch.randn(64, 32), "bias": torch.randn(64)}, path)
+    assert aot.weights_digest(load()) != digest
+
+
 def test_signature_refuses_what_a_package_cannot_serve():
     x = torch.randn(2, 3)
     described, tensors = aot.input_signature((x,), {"flag": True, "none": None, "mode": "a"})

@@ -16,7 +16,8 @@ import) and runs. Two kinds:
 * **frozen** (int8 QDQ models, float models with ``options={"freezing": True}``): inductor bakes the weights into
   the library as pre-packed oneDNN constants (they cannot be supplied at load time: the packing is folded at
   compile time), and its FX-graph cache refuses frozen graphs. The key therefore covers the weights: a sha256 over
-  every parameter and buffer (about 2 s per GB); weights edited after ``optimize()`` give a new package.
+  every parameter and buffer (its bytes, about 2 s per GB, or where it lies in its never-written checkpoint file:
+  :func:`weights_digest`); weights edited after ``optimize()`` give a new package.
 
 **Key**: the structure of the module tree (types, configs, plain attributes, the training flag), the input
 signature (tree structure, shapes, dtypes, ``bool`` / ``str`` values), the weights' layout (bound) or digest
@@ -34,7 +35,7 @@ more than ``DIFFUSEKIT_AOTI_CACHE_GB`` (default 20) GB.
 
 **Trust boundary**: a package is native code that runs when loaded. diffusekit loads packages only from its own
 cache folder (created ``0700``), only ones it built itself under the key computed from the live model, and checks
-each against its manifest (size and sha256 of ``model.so``) before loading; a model folder or any other path is never
+each against its manifest (size, and sha256 up to ``FULL_CHECK_BYTES``, of ``model.so``) before loading; a model folder or any other path is never
 loaded as a package. Whoever can write to the cache folder can run code as you (as with inductor's own cache or your
 site-packages): keep ``DIFFUSEKIT_CACHE_DIR`` private.
 
@@ -68,6 +69,10 @@ logger = logging.getLogger(__name__)
 FORMAT = 2
 LIMIT_ENV = "DIFFUSEKIT_AOTI_CACHE_GB"
 DEFAULT_LIMIT_GB = 20.0
+#: a package's library up to this size is checked against its manifest's sha256 before loading; a bigger one (a
+#: frozen package holding gigabytes of weights) by its size only: written atomically (temporary folder + rename), a
+#: damaged one is truncated, and reading it all again would cost seconds of the warm start
+FULL_CHECK_BYTES = 256 << 20
 #: sentinel: this call cannot be served by a package (the caller compiles in-process instead)
 NOT_HANDLED = object()
 
@@ -106,15 +111,71 @@ def _machine() -> tuple[tuple[str, str], ...]:
 
 
 def weights_digest(module: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer of ``module``: name, dtype, shape and bytes."""
+    """sha256 over every parameter and buffer of ``module``: name, dtype, shape and bytes -- or, for a tensor that
+    still *is* a stretch of its checkpoint file (memory-mapped, no page of the mapping ever written, see
+    :func:`_clean_file_spans`), where in which file: (path, inode, size, mtime in ns, offset, strides) instead of its
+    bytes, so a warm start does not read gigabytes to find its package. A file rewritten since changes its mtime
+    (or inode, or size); a tensor edited in place leaves its mapping dirty and is hashed by its bytes."""
     h = hashlib.sha256()
+    spans = _clean_file_spans()
     for name, tensor in itertools.chain(module.named_parameters(remove_duplicate=False),
                                         module.named_buffers(remove_duplicate=False)):
         data = tensor.detach()
         h.update(f"{name}|{data.dtype}|{tuple(data.shape)}\n".encode())
-        if data.numel():
+        if not data.numel():
+            continue
+        where = _file_place(data, spans)
+        if where is not None:
+            h.update(f"file|{where}|{data.stride()}\n".encode())
+        else:
             h.update(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
+
+
+def _clean_file_spans() -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, file identity) of this process's file mappings none of whose pages was ever
+    written by this process (``Anonymous`` and ``Swap`` 0 in ``/proc/self/smaps``: a page written in a private file
+    mapping becomes an anonymous copy; ``Private_Dirty`` also counts a freshly written file's own page cache) and
+    whose file is still
+    the one at its path (same inode); identity = ``path|inode|size|mtime_ns``. Empty where smaps is unreadable."""
+    spans: list[tuple[int, int, int, str]] = []
+    try:
+        with open("/proc/self/smaps") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return spans
+    current: list | None = None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:  # a mapping's header line
+            if current is not None and current[-1]:
+                spans.append(tuple(current[:4]))
+            current = None
+            if len(fields) == 6 and fields[5].startswith("/") and fields[4] != "0":
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                path = fields[5]
+                with contextlib.suppress(OSError, ValueError):
+                    st = os.stat(path)
+                    if st.st_ino == int(fields[4]):
+                        current = [lo, hi, int(fields[2], 16), f"{path}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}",
+                                   True]
+        elif current is not None and fields[0] in ("Anonymous:", "Swap:") and fields[1] != "0":
+            current[-1] = False
+    if current is not None and current[-1]:
+        spans.append(tuple(current[:4]))
+    return spans
+
+
+def _file_place(tensor: torch.Tensor, spans: list[tuple[int, int, int, str]]) -> str | None:
+    """``identity|offset`` of the file stretch ``tensor``'s whole storage lies in, or ``None``."""
+    if tensor.device.type != "cpu":
+        return None
+    start = tensor.untyped_storage().data_ptr()
+    end = start + tensor.untyped_storage().nbytes()
+    for lo, hi, offset, identity in spans:
+        if lo <= start and end <= hi:
+            return f"{identity}|{offset + start - lo + tensor.storage_offset() * tensor.element_size()}"
+    return None
 
 
 def _describe(value: Any, depth: int = 0) -> Any:
@@ -290,7 +351,8 @@ class Package:
             so = entry / "model.so"
             if manifest.get("format") != FORMAT or manifest.get("key") != key:
                 raise CorruptPackage("manifest does not match the key")
-            if so.stat().st_size != manifest["size"] or _file_sha256(so) != manifest["sha256"]:
+            size = so.stat().st_size
+            if size != manifest["size"] or (size <= FULL_CHECK_BYTES and _file_sha256(so) != manifest["sha256"]):
                 raise CorruptPackage("model.so does not match its manifest (size / sha256)")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CorruptPackage(f"{type(err).__name__}: {err}") from err
