@@ -602,6 +602,8 @@ def test_malformed_files_name_the_file_and_key(pipes, tmp_path):
         "norm_on_linear": ({f"{n}.w_norm": r(16), f"{n}.b_norm": r(16)}, r"trained norm layer \(LyCORIS\) weights "
                            r"for unet\..*to_q, a Linear; that kind applies to GroupNorm / LayerNorm layers"),
         "norm_half": ({"lora_unet_down_blocks_0_resnets_0_norm1.w_norm": r(16)}, "has no matching b_norm weight"),
+        "peft_suffix": ({f"{n}.lora_A.weight": r(2, 16)}, rf"key '{n}.lora_A.weight' is not a LoRA key diffusekit "
+                        "knows"),
         "diff_on_norm": ({"lora_unet_down_blocks_0_resnets_0_norm1.diff": r(16)},
                          "full weight difference .* a GroupNorm; that kind applies to Linear / Conv2d layers"),
         "mid_linear": ({f"{n}.lora_down.weight": r(2, 16), f"{n}.lora_up.weight": r(16, 2),

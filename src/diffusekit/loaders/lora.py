@@ -336,8 +336,9 @@ def _split_key(key: str) -> tuple[str, str, str, str] | None:
     for prefix, component in KOHYA_PREFIXES.items():
         if key.startswith(prefix):
             for suffix, part in KOHYA_SUFFIXES.items():
-                if key.endswith(suffix):
-                    return "kohya", component, key[len(prefix):-len(suffix)], part
+                name = key[len(prefix):-len(suffix)]
+                if key.endswith(suffix) and "." not in name:  # kohya layer names have no dots
+                    return "kohya", component, name, part
             return None
     for prefix, component in DIFFUSERS_PREFIXES.items():
         if key.startswith(prefix):
