@@ -569,6 +569,70 @@ def test_full_and_norm_kinds_equal_the_edited_weights(pipes):
     torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=0, atol=0)
 
 
+def lycoris_oft(weight, blocks, constraint, multiplier, rescale=None):
+    """LyCORIS's diag-OFT ``get_r`` / ``make_weight``: the Cayley rotation of each block of output rows, blended
+    with the identity by the multiplier, ``‖Q‖`` clipped to the constraint when above 0; then the rescale."""
+    k, n, _ = blocks.shape
+    eye = torch.eye(n)
+    q = blocks - blocks.transpose(1, 2)
+    if constraint > 0:
+        q_norm = torch.norm(q) + 1e-8
+        if q_norm > constraint:
+            q = q * constraint / q_norm
+    r = (eye + q) @ (eye - q).float().inverse()
+    merged = torch.einsum("k n m, k n ... -> k m ...", r * multiplier - multiplier * eye + eye,
+                          weight.view(k, n, *weight.shape[1:])).reshape(weight.shape)
+    return merged if rescale is None else rescale * merged
+
+
+def test_oft_as_lycoris(pipes):
+    """LyCORIS diag-OFT (``oft_blocks``, ``alpha`` the constraint, ``rescale``): fused weights equal LyCORIS's
+    merge written out (with a weight; the constraint clipping on one layer; the rescale at weight 1, where LyCORIS
+    and A1111 agree), the unfused hooks give the fused output, unfuse_lora restores the weights bit for bit."""
+    ours, _ = pipes
+    g = torch.Generator().manual_seed(23)
+    layers = {UNET_PATHS[0]: (4, 4, 0.0), UNET_PATHS[4]: (2, 8, 0.001), UNET_PATHS[6]: (8, 4, 0.0)}  # k, n, alpha
+    sd, blocks = {}, {}
+    for path, (k, n, alpha) in layers.items():
+        name = "lora_unet_" + path.replace(".", "_")
+        sd[f"{name}.oft_blocks"] = blocks[path] = torch.randn(k, n, n, generator=g) * 0.2
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    rescale = torch.rand(32, 1, 1, 1, generator=g) + 0.5
+    weights = {p: ours.unet.get_submodule(p).weight.detach().clone() for p in layers}
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    base = unet_out(ours.unet)
+    ours.load_lora_weights(sd, adapter_name="oft")
+    ours.set_adapters("oft", 0.6)
+    unfused = unet_out(ours.unet)
+    assert (unfused - base).abs().max() > 1e-2
+    ours.fuse_lora()
+    for path, (k, n, alpha) in layers.items():
+        want = lycoris_oft(weights[path], blocks[path], alpha * weights[path].shape[0], 0.6)
+        torch.testing.assert_close(ours.unet.get_submodule(path).weight, want, rtol=1e-5, atol=1e-6)
+    clipped = lycoris_oft(weights[UNET_PATHS[4]], blocks[UNET_PATHS[4]], 0.0, 0.6)
+    assert not torch.allclose(clipped, ours.unet.get_submodule(UNET_PATHS[4]).weight)  # the constraint acted
+    torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=1e-4, atol=1e-5)
+    ours.unfuse_lora()
+    assert all(torch.equal(v, before[k]) for k, v in ours.unet.state_dict().items())
+    ours.delete_adapters("oft")
+    conv = UNET_PATHS[6]
+    name = "lora_unet_" + conv.replace(".", "_")
+    ours.load_lora_weights({f"{name}.oft_blocks": blocks[conv], f"{name}.rescale": rescale}, adapter_name="rescaled")
+    ours.fuse_lora()
+    torch.testing.assert_close(ours.unet.get_submodule(conv).weight,
+                               lycoris_oft(weights[conv], blocks[conv], 0.0, 1.0, rescale), rtol=1e-5, atol=1e-6)
+    # kohya's own OFT files (oft_unet_ keys, alpha the constraint as well): the same numbers
+    ours.unfuse_lora()
+    ours.unload_lora_weights()
+    linear = UNET_PATHS[0]
+    kohya = {"oft_unet_" + linear.replace(".", "_") + ".oft_blocks": blocks[linear],
+             "oft_unet_" + linear.replace(".", "_") + ".alpha": torch.tensor(0.01)}
+    ours.load_lora_weights(kohya, adapter_name="kohya")
+    ours.fuse_lora()
+    torch.testing.assert_close(ours.unet.get_submodule(linear).weight,
+                               lycoris_oft(weights[linear], blocks[linear], 0.01 * 16, 1.0), rtol=1e-5, atol=1e-6)
+
+
 def test_malformed_files_name_the_file_and_key(pipes, tmp_path):
     ours, _ = pipes
     n = "lora_unet_" + UNET_PATHS[0].replace(".", "_")  # Linear (16 <- 16)
@@ -594,7 +658,10 @@ def test_malformed_files_name_the_file_and_key(pipes, tmp_path):
         "mixed": ({**loha, f"{n}.lokr_w1": r(4, 4)}, "mix LoHa .* and LoKr"),
         "alpha_only": ({f"{n}.alpha": torch.tensor(1.0)}, "hold no adapter weights"),
         "dora": ({**loha, f"{n}.dora_scale": r(3, 16)}, rf"key '{n}.dora_scale' has shape \(3, 16\); DoRA needs"),
-        "oft": ({f"{n}.oft_blocks": r(4, 4, 4)}, r"belongs to OFT / BOFT \(LyCORIS\)"),
+        "oft": ({f"{n}.oft_blocks": r(3, 4, 4)}, rf"key '{n}.oft_blocks' has shape \(3, 4, 4\), the layer needs "
+                r"\(blocks, size, size\) with blocks · size = 16"),
+        "boft": ({f"{n}.oft_blocks": r(2, 4, 4, 4)}, "that is BOFT"),
+        "oft_diag": ({f"{n}.oft_diag": r(4, 4, 4)}, r"belongs to OFT in the older LyCORIS layout"),
         "ia3_size": ({f"{n}.weight": r(15), f"{n}.on_input": torch.tensor(1)},
                      rf"key '{n}.weight' has shape \(15,\), the layer needs 16 values, one per input column"),
         "diff_shape": ({f"{c}.diff": r(16, 16, 1, 1)}, rf"key '{c}.diff' has shape \(16, 16, 1, 1\), the layer needs "

@@ -16,7 +16,8 @@ File formats (the key tables below are the only place names are converted):
 * LyCORIS (kohya / A1111 files, same prefixes and layer names): LoCon's CP middle (``.lora_mid.weight``), LoHa
   (``.hada_w1_a`` ... ``.hada_t2``), LoKr
   (``.lokr_w1`` ... ``.lokr_t2``), "full" (``.diff`` / ``.diff_b``), (IA)³ (``.weight`` / ``.on_input``), trained
-  norm layers (``.w_norm`` / ``.b_norm`` on GroupNorm / LayerNorm) and DoRA's ``.dora_scale``; their deltas are built in
+  norm layers (``.w_norm`` / ``.b_norm`` on GroupNorm / LayerNorm), OFT (``.oft_blocks`` / ``.rescale``) and DoRA's
+  ``.dora_scale``; their deltas are built in
   :mod:`diffusekit.loaders.lora_layers` (one class per adapter kind, chosen from the parts a layer has).
 * diffusers / PEFT: ``unet.<module path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.``...), the older
   ``.lora.down.weight`` / ``.lora.up.weight`` and attention-processor spellings, optional ``.alpha`` keys, and
@@ -69,6 +70,7 @@ KOHYA_PREFIXES: dict[str, str] = {
     "lora_te_": "text_encoder",
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
+    "oft_unet_": "unet",  # kohya's own OFT (sd-scripts networks/oft.py), which A1111 reads as LyCORIS's
 }
 #: kohya key suffix -> part (LyCORIS LoHa / LoKr files use the same prefixes and layer names)
 KOHYA_SUFFIXES: dict[str, str] = {
@@ -95,6 +97,8 @@ KOHYA_SUFFIXES: dict[str, str] = {
     ".on_input": "on_input",  # (IA)³
     ".w_norm": "w_norm",  # LyCORIS trained norm layers
     ".b_norm": "b_norm",
+    ".oft_blocks": "oft_blocks",  # LyCORIS diag-OFT
+    ".rescale": "rescale",
     ".weight": "ia3_weight",  # (IA)³'s vector: matched last, after every longer ``.….weight`` above
 }
 #: part -> adapter kind it belongs to (parts not listed, ``alpha`` and ``dora_scale``, go with any kind)
@@ -105,6 +109,7 @@ PART_KINDS: dict[str, str] = {
     "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr", "lokr_w2": "lokr", "lokr_w2_a": "lokr",
     "lokr_w2_b": "lokr", "lokr_t2": "lokr",
     "diff": "full", "diff_b": "full", "ia3_weight": "ia3", "on_input": "ia3", "w_norm": "norm", "b_norm": "norm",
+    "oft_blocks": "oft", "rescale": "oft",
 }
 #: diffusers / PEFT key prefix -> pipeline component
 DIFFUSERS_PREFIXES: dict[str, str] = {
@@ -140,9 +145,7 @@ DIFFUSERS_PATH_RENAMES: dict[str, str] = {
 UNSUPPORTED_KINDS: dict[str, str] = {
     "lokr_t1": "LoKr with a Tucker-decomposed first factor (LyCORIS)",
     "lora_B.bias": "LoRA with bias",
-    ".oft_blocks": "OFT / BOFT (LyCORIS)",
-    ".oft_diag": "OFT (LyCORIS)",
-    ".rescale": "OFT / BOFT (LyCORIS)",
+    ".oft_diag": "OFT in the older LyCORIS layout (oft_diag)",
     ".a1.weight": "GLoRA (LyCORIS)",
     ".a2.weight": "GLoRA (LyCORIS)",
     ".b1.weight": "GLoRA (LyCORIS)",
@@ -393,7 +396,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], components: Mapping[str, 
         for fragment, kind in UNSUPPORTED_KINDS.items():
             if fragment in key:
                 raise LoraError(f"{origin}: key {key!r} belongs to {kind}, which diffusekit does not load (LoRA, "
-                                "LoCon, LyCORIS LoHa / LoKr / full / (IA)³ / norm layers, and DoRA)")
+                                "LoCon, LyCORIS LoHa / LoKr / full / (IA)³ / norm layers / OFT, and DoRA)")
     parts: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
     indexes: dict[str, dict[str, str]] = {}
     for key, tensor in state_dict.items():

@@ -18,6 +18,8 @@ Kinds (the formulas are those of kohya / LyCORIS / A1111, ``W`` of shape (out, i
 * (IA)³ (LyCORIS ``weight`` + ``on_input``): ``ΔW = W ⊙ w`` per output row (per input column ``on_input``), so the
   weight becomes ``W ⊙ (1 + m·w)``; the bias is kept (LyCORIS's and A1111's merge).
 * trained norms (LyCORIS ``w_norm`` / ``b_norm`` on GroupNorm / LayerNorm): ``Δw = w_norm``, ``Δb = b_norm``.
+* OFT (LyCORIS ``oft_blocks`` (k, n, n), ``alpha`` the constraint, optional ``rescale``): each block of ``n`` output
+  rows rotated by the Cayley transform of ``B − Bᵀ`` (:class:`OftWeights`); ``ΔW = rescale ⊙ RᵀW − W``.
 
 ``m`` is the adapter weight times the call scale; every delta (and bias delta) is multiplied by it.
 Without an ``alpha`` key the scale is 1, as in kohya, LyCORIS and A1111.
@@ -260,6 +262,39 @@ class NormWeights(LayerAdapter):
         if isinstance(module, nn.GroupNorm):
             return F.group_norm(x, module.num_groups, weight, bias, module.eps)
         return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+
+
+@dataclasses.dataclass
+class OftWeights(LayerAdapter):
+    """OFT (LyCORIS ``diag-oft``: ``oft_blocks`` (k, n, n) with ``k·n = out``): each block of ``n`` output rows is
+    rotated by the Cayley transform ``R = (I + Q)(I − Q)⁻¹`` of ``Q = B − Bᵀ``, ``‖Q‖`` first clipped to
+    ``constraint`` (``alpha · out``) when above 0; the weight becomes ``W + m·(rescale ⊙ RᵀW − W)`` per block (A1111's
+    merge; LyCORIS's ``m·R + (1 − m)·I`` gives the same). The bias is kept."""
+
+    blocks: torch.Tensor = None
+    constraint: float = 0.0
+    rescale: torch.Tensor | None = None
+
+    @property
+    def needs_base(self) -> bool:
+        return True
+
+    def rotation(self) -> torch.Tensor:
+        """``R`` per block, (k, n, n)."""
+        q = self.blocks - self.blocks.transpose(1, 2)
+        if self.constraint > 0:
+            norm = torch.linalg.vector_norm(q)
+            q = q * (torch.clamp(norm, max=self.constraint) + 1e-8) / (norm + 1e-8)
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+        return (eye + q) @ torch.linalg.inv(eye - q)
+
+    def weight_delta(self, base, multiplier):
+        k, n = self.blocks.shape[:2]
+        rotated = torch.einsum("knm,kn...->km...", self.rotation(), base.reshape(k, n, *base.shape[1:]))
+        rotated = rotated.reshape(base.shape)
+        if self.rescale is not None:
+            rotated = self.rescale * rotated
+        return (rotated - base) * multiplier
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -527,6 +562,23 @@ def build_norm(module: nn.Module, found: Found, alpha: float | None, origin: str
     return NormWeights(1.0, None, w, b)
 
 
+def build_oft(module: nn.Module, found: Found, alpha: float | None, origin: str) -> OftWeights:
+    _need(found, ("oft_blocks",), origin, "OFT")
+    _no_dora(found, origin, "OFT")
+    blocks, rescale = _tensor(found, "oft_blocks"), _tensor(found, "rescale")
+    out = module.weight.shape[0]
+    if blocks.ndim == 4:
+        raise LoraError(f"{origin}: key {_key(found, 'oft_blocks')!r} has shape {tuple(blocks.shape)}: that is BOFT "
+                        "(LyCORIS butterfly OFT), which diffusekit does not load")
+    _want(blocks.ndim == 3 and blocks.shape[1] == blocks.shape[2] and blocks.shape[0] * blocks.shape[1] == out,
+          found, "oft_blocks", blocks, f"(blocks, size, size) with blocks · size = {out}", origin)
+    if rescale is not None:
+        _want(rescale.numel() == out, found, "rescale", rescale, f"{out} values, one per output row", origin)
+        rescale = rescale.reshape(out, *[1] * (module.weight.ndim - 1))
+    constraint = 0.0 if alpha is None or alpha <= 0 else alpha * out
+    return OftWeights(1.0, None, blocks, constraint, rescale)
+
+
 #: adapter kind -> builder ``(layer, parts found, alpha or None, origin) -> LayerAdapter``
 BUILDERS: dict[str, Callable[[nn.Module, Found, float | None, str], LayerAdapter]] = {
     "lora": build_lora,
@@ -535,11 +587,12 @@ BUILDERS: dict[str, Callable[[nn.Module, Found, float | None, str], LayerAdapter
     "full": build_full,
     "ia3": build_ia3,
     "norm": build_norm,
+    "oft": build_oft,
 }
 #: adapter kind -> its name in messages
 KIND_NAMES: dict[str, str] = {"lora": "LoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)",
                               "full": "full weight difference (LyCORIS)", "ia3": "(IA)³ (LyCORIS)",
-                              "norm": "trained norm layer (LyCORIS)"}
+                              "norm": "trained norm layer (LyCORIS)", "oft": "OFT (LyCORIS)"}
 #: adapter kind -> the layer types it applies to
 LINEAR_OR_CONV = (nn.Linear, nn.Conv2d)
 KIND_LAYERS: dict[str, tuple[type, ...]] = {"norm": (nn.GroupNorm, nn.LayerNorm)}
