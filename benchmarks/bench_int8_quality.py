@@ -39,6 +39,10 @@ CONFIGS = {
     "unet+vae": dict(components=("unet", "vae")),
     "all-layers": dict(modules_to_not_convert=[]),
     "keep-attn2-kv": dict(modules_to_not_convert=[*DEFAULT_MODULES_TO_NOT_CONVERT, "*.attn2.to_k", "*.attn2.to_v"]),
+    # attention through diffusekit's fused bf16 CPU kernel (what optimize() picks for an int8 UNet), eagerly: with
+    # the default int8 UNet, and with the fp32 UNet (the kernel's own error)
+    "fused-attention": dict(_fused_attention=True),
+    "fp32+fused-attention": dict(_fused_attention=True, _quantize=False),
 }
 
 
@@ -89,10 +93,14 @@ def main():
     results = {}
     for name in args.configs:
         pipe = load()
+        config = dict(CONFIGS[name])
+        fused, quantize = config.pop("_fused_attention", False), config.pop("_quantize", True)
         start = time.monotonic()
-        pipe.quantize(CALIBRATION, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                      **CONFIGS[name])
+        if quantize:
+            pipe.quantize(CALIBRATION, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, **config)
         seconds = time.monotonic() - start
+        if fused and not pipe.unet.enable_cpu_fused_attention():
+            continue
         if args.optimize:
             pipe.unet.optimize()
         with torch.no_grad():

@@ -17,7 +17,11 @@ Random weights give unrepresentative activation ranges: fine for speed and memor
   over the most tokens.
 - ``attention``: the first-stage self-attention product alone at ``--latents`` (batch 2, 8 heads of 40 channels,
   latents² tokens): torch's fused CPU SDPA in float32 and bfloat16, and the attention-times-values product as a float
-  matmul vs an int8 ``torch._int_mm`` (what an int8 attention kernel could gain; torch has no fused int8 SDPA).
+  matmul vs an int8 ``torch._int_mm`` (what an int8 attention kernel could gain; torch has no fused int8 SDPA); then
+  diffusekit's fused bf16 CPU kernel vs float32 SDPA on the first-stage self- and cross-attention and the
+  second-stage self-attention (time ratio, relative and max error).
+- ``fused``: the int8 UNet of ``--out`` compiled with attention through SDPA and through diffusekit's fused CPU
+  kernel (optimize()'s default for int8 where it runs), interleaved (``--with-fp32``: and fp32 eager).
 - ``memory``: a fresh process loads one model (``--variant fp32|int8|int8-eager``), runs one step (compiled for
   ``int8``), and prints its peak RSS next to the fp32 weight file's size.
 
@@ -29,6 +33,7 @@ Full-size runs want a quiet machine (nothing else heavy running)::
     python -m benchmarks.bench_int8_speed vae --folder .bench/sd15-random --out DIR
     python -m benchmarks.bench_int8_speed profile --out DIR --latents 64
     python -m benchmarks.bench_int8_speed attention --out DIR --latents 64
+    python -m benchmarks.bench_int8_speed fused --out DIR --latents 64 --with-fp32
 """
 
 from __future__ import annotations
@@ -232,6 +237,81 @@ def attention(args):
               "pv_int8_int_mm_gops": 2 * tokens * tokens * 48 / best(lambda: torch._int_mm(probs8, values8)) / 1e9}
     result["sdpa_fp32_gflops"] = flops / result["sdpa_fp32_s"] / 1e9
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
+    fused_attention(args, best)
+
+
+def fused_attention(args, best):
+    """diffusekit's fused bf16 CPU kernel vs float32 SDPA on the UNet's attention shapes at ``--latents``: the
+    first-stage self- and cross-attention (8 heads x 40 channels, 77 text tokens) and the second-stage
+    self-attention (a quarter of the tokens, 80 channels); time ratio and error of the output."""
+    import torch.nn.functional as F
+
+    from diffusekit import cpu_attention
+
+    reason = cpu_attention.unavailable_reason()
+    if reason is not None:
+        print(json.dumps({"fused_attention": f"unavailable: {reason}"}))
+        return
+    tokens = args.latents[-1] ** 2
+    g = torch.Generator().manual_seed(0)
+    for name, (nq, nk, dim) in {"self": (tokens, tokens, 40), "cross": (tokens, 77, 40),
+                                "self-stage2": (tokens // 4, tokens // 4, 80)}.items():
+        # heads split from a (B, N, heads * d) projection, as the attention layers do; k with an offset
+        q = torch.randn(2, nq, 8, dim, generator=g).transpose(1, 2)
+        k = (torch.randn(2, nk, 8, dim, generator=g) + 0.5).transpose(1, 2)
+        v = torch.randn(2, nk, 8, dim, generator=g).transpose(1, 2)
+        ref = F.scaled_dot_product_attention(q, k, v)
+        out = cpu_attention.attention(q, k, v)
+        sdpa_s = best(lambda: F.scaled_dot_product_attention(q, k, v))
+        fused_s = best(lambda: cpu_attention.attention(q, k, v))
+        print(json.dumps({"shape": f"q {list(q.shape)} k {list(k.shape)}", "sdpa_fp32_s": round(sdpa_s, 4),
+                          "fused_s": round(fused_s, 4), "ratio": round(fused_s / sdpa_s, 3),
+                          "rel_err": float(f"{float((out - ref).norm() / ref.norm()):.2e}"),
+                          "max_abs_err": float(f"{float((out - ref).abs().max()):.2e}"),
+                          "ref_max_abs": round(float(ref.abs().max()), 3)}), flush=True)
+
+
+def fused_step(args):
+    """The int8 UNet of ``--out`` compiled by optimize() with attention through torch's SDPA and through the fused
+    CPU kernel (its default where it runs), plus fp32 eager from ``--folder`` with ``--with-fp32``; one process,
+    interleaved, one CFG step per latent size: times, ratios, the step's change from the kernel."""
+    from diffusekit import UNet2DConditionModel
+
+    models = {}
+    if args.with_fp32:
+        models["fp32_eager"] = UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet")
+    for name in args.attention:
+        model = UNet2DConditionModel.from_pretrained(args.out)
+        if name == "sdpa":
+            model.disable_cpu_fused_attention()
+        elif not model.enable_cpu_fused_attention():
+            sys.exit("the fused CPU attention kernel is unavailable here")
+        models[f"int8_{name}"] = model.optimize()
+    with torch.no_grad():
+        for latent in args.latents:
+            x = inputs(latent, seed=7)
+            outs, result = {}, {}
+            for name, model in models.items():
+                start = time.perf_counter()
+                outs[name] = model(**x).sample
+                result[f"{name}_first_call_s"] = round(time.perf_counter() - start, 1)
+            times = {name: [] for name in models}
+            for _ in range(args.repeat):
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    model(**x)
+                    times[name].append(time.perf_counter() - start)
+            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            result.update({f"{k}_s": round(v, 3) for k, v in med.items()})
+            base = "fp32_eager" if "fp32_eager" in med else None
+            for name in med:
+                if base and name != base:
+                    result[f"{name}_ratio_to_fp32"] = round(med[name] / med[base], 3)
+            if "int8_sdpa" in outs and "int8_fused" in outs:
+                a, b = outs["int8_sdpa"], outs["int8_fused"]
+                result["fused_vs_sdpa_time"] = round(med["int8_fused"] / med["int8_sdpa"], 3)
+                result["fused_vs_sdpa_rel_err"] = float(f"{float((b - a).norm() / a.norm()):.2e}")
+            print(latent, json.dumps(result), flush=True)
 
 
 def memory_child(args):
@@ -267,7 +347,8 @@ def memory(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=["build", "time", "vae", "profile", "attention", "memory", "memory-child"])
+    parser.add_argument("step", choices=["build", "time", "vae", "profile", "attention", "fused", "memory",
+                                         "memory-child"])
     parser.add_argument("--folder", default=".bench/sd15-random")
     parser.add_argument("--out", required=True)
     parser.add_argument("--latents", type=int, nargs="*", default=[32, 64])
@@ -275,10 +356,14 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eager-int8", action="store_true", help="also compare compiled int8 with eager int8")
     parser.add_argument("--variant", default="int8")
+    parser.add_argument("--attention", nargs="*", default=["sdpa", "fused"], choices=["sdpa", "fused"],
+                        help="fused: the int8 UNet's attention variants to time")
+    parser.add_argument("--with-fp32", action="store_true", help="fused: also time fp32 eager (--folder)")
     parser.add_argument("--variants", nargs="*", default=["fp32", "int8", "int8-eager"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"build": build, "time": timing, "vae": vae, "profile": profile, "attention": attention, "memory": memory, "memory-child": memory_child}[args.step](args)
+    {"build": build, "time": timing, "vae": vae, "profile": profile, "attention": attention, "fused": fused_step,
+     "memory": memory, "memory-child": memory_child}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -352,12 +352,14 @@ def test_optimize_on_a_quantized_unet_matches_eager_int8(quantized, tmp_path):
     assert rel_err(compiled, eager) < 2e-2
 
 
-def test_compiled_int8_attention_keeps_the_fused_cpu_sdpa_kernel():
+def test_compiled_int8_attention_keeps_a_fused_attention_kernel():
     """At 512² the float attention product is ~45 % of a compiled int8 UNet step (docs/QUANTIZATION.md, profile):
-    compiled, its projections must be oneDNN int8 matmuls and the product itself torch's fused CPU flash kernel
-    (one call per attention), never a decomposed matmul + softmax + matmul that materialises the score matrix."""
+    compiled, its projections must be oneDNN int8 matmuls and the product itself one fused kernel per attention
+    (diffusekit's bf16 CPU kernel, optimize()'s default for int8 where it runs; else torch's fused CPU flash SDPA),
+    never a decomposed matmul + softmax + matmul that materialises the score matrix."""
     from torch.profiler import ProfilerActivity, profile
 
+    from diffusekit import cpu_attention
     from diffusekit.models.attention import Attention
     from diffusekit.optimize import compiled_call, optimize_module
 
@@ -380,7 +382,10 @@ def test_compiled_int8_attention_keeps_the_fused_cpu_sdpa_kernel():
     calls = {}
     for event in prof.events():
         calls[event.name] = calls.get(event.name, 0) + 1
-    assert calls.get("aten::_scaled_dot_product_flash_attention_for_cpu") == 1, list(calls.items())
+    fused = cpu_attention.available()
+    assert model.cpu_fused_attention is (True if fused else None)
+    kernel = "diffusekit::cpu_attention" if fused else "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert calls.get(kernel) == 1, list(calls.items())
     assert calls.get("onednn::qlinear_pointwise") == 4, list(calls.items())  # to_q, to_k, to_v, to_out.0
     assert not {"aten::bmm", "aten::_softmax", "aten::matmul", "aten::mm"} & set(calls), sorted(calls)
     assert rel_err(compiled, eager) < 5e-3 and rel_err(compiled, reference) < 2e-2

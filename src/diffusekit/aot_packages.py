@@ -354,6 +354,8 @@ class Package:
             size = so.stat().st_size
             if size != manifest["size"] or (size <= FULL_CHECK_BYTES and _file_sha256(so) != manifest["sha256"]):
                 raise CorruptPackage("model.so does not match its manifest (size / sha256)")
+            if "extern_sha256" in manifest and _file_sha256(entry / "model.json") != manifest["extern_sha256"]:
+                raise CorruptPackage("model.json does not match its manifest (sha256)")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CorruptPackage(f"{type(err).__name__}: {err}") from err
         try:
@@ -528,9 +530,16 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: dict[str,
         del program
         so = tmp / "model.so"
         os.replace(built, so)
-        shutil.rmtree(tmp / "build", ignore_errors=True)
         manifest = {"format": FORMAT, "key": key, "size": so.stat().st_size, "sha256": _file_sha256(so),
                     "seconds": round(time.perf_counter() - start, 1), "created": time.time(), **description}
+        # a graph calling custom ops (diffusekit.cpu_attention) runs them through AOTInductor's proxy executor,
+        # which reads their calls from ``model.json`` next to the library (inductor names it after its wrapper)
+        extern = [Path(built).with_suffix(".json"), *sorted((tmp / "build").rglob("*.wrapper.json"))]
+        extern = next((path for path in extern if path.exists()), None)
+        if extern is not None:
+            os.replace(extern, tmp / "model.json")
+            manifest["extern_sha256"] = _file_sha256(tmp / "model.json")
+        shutil.rmtree(tmp / "build", ignore_errors=True)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         try:
             os.rename(tmp, entry)

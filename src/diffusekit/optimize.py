@@ -485,6 +485,7 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     merged = dict(CPU_OPTIONS) if device.type == "cpu" else {}
     if device.type == "cpu" and _is_quantized(module):
         merged.update(QUANTIZED_OPTIONS)
+        _default_fused_attention(module)
     merged.update(options or {})
     merged = {k: v for k, v in merged.items() if v is not None}
     folder = None
@@ -498,6 +499,23 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode, release, packages,
                                               frozen)
     return module
+
+
+def _default_fused_attention(module: torch.nn.Module) -> None:
+    """The int8 path's attention: diffusekit's fused bf16 CPU kernel (``diffusekit.cpu_attention``) for every
+    attention layer that has no explicit choice (``enable_`` / ``disable_cpu_fused_attention``), where it runs."""
+    undecided = [m for m in module.modules() if hasattr(m, "cpu_fused_attention") and m.cpu_fused_attention is None]
+    if not undecided:
+        return
+    from . import cpu_attention
+
+    reason = cpu_attention.unavailable_reason()
+    if reason is not None:
+        logger.info("%s.optimize(): attention stays torch's SDPA (the fused CPU kernel is unavailable: %s)",
+                    type(module).__name__, reason)
+        return
+    for layer in undecided:
+        layer.cpu_fused_attention = True
 
 
 def _is_quantized(module: torch.nn.Module) -> bool:

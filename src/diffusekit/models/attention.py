@@ -13,7 +13,8 @@ half precision, and casts the result back. ``set_attention_slice(n)`` computes i
 time (diffusers' sliced attention), which bounds the memory of backends that materialise the score matrix.
 
 Not implemented, deliberately: diffusers' attention-processor classes (``set_processor``, ``attn_processors``),
-IP-Adapter, fused QKV projections; the one code path here is SDPA, optionally sliced.
+IP-Adapter, fused QKV projections; the one code path here is SDPA, optionally sliced, or (opt-in, float32 on an
+AVX-512 BF16 CPU, the int8 path's default) diffusekit's fused bf16 kernel (``diffusekit.cpu_attention``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class Attention(nn.Module):
         self.residual_connection = residual_connection
         self.out_dim = out_dim if out_dim is not None else query_dim
         self.slice_size: int | None = None  # set_attention_slice: (batch, head) pairs per SDPA call; None = all
+        # float32 CPU calls without a mask through diffusekit.cpu_attention: True / False as chosen with
+        # ModelMixin.enable_ / disable_cpu_fused_attention; None (not chosen): SDPA, and optimize() of an int8 model
+        # turns it on where the kernel runs
+        self.cpu_fused_attention: bool | None = None
 
         if norm_num_groups is not None:
             self.group_norm = nn.GroupNorm(num_groups=norm_num_groups, num_channels=query_dim, eps=eps, affine=True)
@@ -103,6 +108,11 @@ class Attention(nn.Module):
         Slices are views (no copies of q/k/v): each call's score matrix is ``slice_size`` heads big. Slices never span
         two batch items (diffusers' flat (batch x head) slices can); the numbers are the same either way.
         """
+        if self.cpu_fused_attention:
+            from .. import cpu_attention
+
+            if cpu_attention.serves(query, key, value, mask):
+                return cpu_attention.attention(query, key, value)  # (B, heads, N, d); never materialises scores
         batch, heads = query.shape[:2]
         size = self.slice_size
         if size is None or size >= batch * heads:

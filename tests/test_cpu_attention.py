@@ -1,0 +1,187 @@
+"""The fused CPU attention kernel (``diffusekit.cpu_attention``): numbers against SDPA, routing, compile, fallback.
+
+The kernel needs Linux x86-64 with AVX-512 BF16 and a C++ compiler; where it cannot run, the tests that need it
+skip with the reason, and the fallback test still checks that attention stays SDPA with one warning.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_json_child
+from diffusekit import cpu_attention
+from diffusekit.models.attention import Attention
+
+
+@pytest.fixture
+def needs_kernel():
+    """Skips where the kernel cannot run (built on first use, once per machine: not at collection)."""
+    if not cpu_attention.available():
+        pytest.skip(f"fused CPU attention unavailable: {cpu_attention.unavailable_reason()}")
+
+
+def _heads(batch, tokens, heads, dim, offset=0.0):
+    # (B, N, heads * d) split into heads, as the attention layers do: (B, heads, N, d), non-contiguous
+    return (torch.randn(batch, tokens, heads, dim) + offset).transpose(1, 2)
+
+
+def _errors(out, ref):
+    return float((out - ref).norm() / ref.norm()), float((out - ref).abs().max())
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("batch,heads,nq,nk,dim", [
+    (2, 2, 70, 70, 40),     # the UNet's first-stage head size; tokens not a multiple of the blocks
+    (1, 3, 33, 77, 40),     # cross-attention over 77 text tokens
+    (1, 1, 5, 3, 7),        # odd head size, fewer keys than a tile
+    (2, 1, 40, 300, 80),    # more than one block of keys, second-stage head size
+    (1, 2, 9, 20, 160),     # the widest SD head size (10 channel vectors)
+])
+def test_kernel_matches_sdpa_within_bf16_error(batch, heads, nq, nk, dim):
+    q = _heads(batch, nq, heads, dim)
+    k, v = _heads(batch, nk, heads, dim, offset=0.5), _heads(batch, nk, heads, dim)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    out = cpu_attention.attention(q, k, v)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert out.transpose(1, 2).is_contiguous()  # laid out (B, N, heads, d) for the output projection
+    rel, worst = _errors(out, ref)
+    assert rel < 1e-2 and worst < 3e-2, (rel, worst)
+    # contiguous inputs, and a contiguous copy of the last dimension, give the same result
+    assert torch.equal(cpu_attention.attention(q.contiguous(), k.contiguous(), v.contiguous()), out)
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_kernel_follows_peaked_attention_and_refuses_bad_input():
+    q, k, v = _heads(1, 64, 2, 16), _heads(1, 64, 2, 16), _heads(1, 64, 2, 16)
+    ref = F.scaled_dot_product_attention(q * 6, k * 6, v)  # scores of std ~9: nearly one-hot rows
+    rel, _ = _errors(cpu_attention.attention(q * 6, k * 6, v), ref)
+    assert rel < 2e-2, rel
+    with pytest.raises(RuntimeError, match="do not match"):
+        cpu_attention.attention(q, k[:, :, :, :8], v)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.diffusekit.cpu_attention(q.double(), k.double(), v.double(), 0.25)
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_attention_layer_routes_float32_cpu_calls_without_mask():
+    layer = Attention(32, heads=2, dim_head=16).eval()
+    x = torch.randn(2, 50, 32)
+    mask = torch.ones(2, 50, dtype=torch.bool)
+    mask[:, -5:] = False
+    with torch.no_grad():
+        sdpa, sdpa_masked = layer(x), layer(x, attention_mask=mask)
+        layer.cpu_fused_attention = True
+        fused, fused_masked = layer(x), layer(x, attention_mask=mask)
+    assert 0 < _errors(fused, sdpa)[0] < 1e-2  # the kernel ran (bf16 products), within its error
+    assert torch.equal(fused_masked, sdpa_masked)  # a mask goes to SDPA
+    x.requires_grad_(True)
+    out = layer(x)  # autograd: SDPA, gradients flow
+    out.sum().backward()
+    assert x.grad is not None and torch.allclose(out.detach(), sdpa, atol=1e-6)
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_model_switch_and_torch_compile_trace_the_op():
+    from diffusekit import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8).eval()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 7, 32)
+    layers = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert layers and all(m.cpu_fused_attention is None for m in layers)
+    with torch.no_grad():
+        sdpa = unet(x, t, ctx).sample
+        assert unet.enable_cpu_fused_attention() is True
+        assert all(m.cpu_fused_attention is True for m in layers)
+        eager = unet(x, t, ctx).sample
+        compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)(x, t, ctx).sample
+    assert 0 < _errors(eager, sdpa)[0] < 1e-2
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    unet.disable_cpu_fused_attention()
+    assert all(m.cpu_fused_attention is False for m in layers)
+
+
+_FALLBACK = textwrap.dedent("""
+    import json, os, warnings
+    import torch
+    from diffusekit import cpu_attention
+    from diffusekit.models.attention import Attention
+    from diffusekit.modeling import ModelMixin
+    from diffusekit.optimize import _default_fused_attention
+
+    class Model(ModelMixin):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(16, heads=2, dim_head=8)
+
+        def forward(self, x):
+            return self.attn(x)
+
+    model = Model().eval()
+    x = torch.randn(1, 12, 16)
+    with torch.no_grad():
+        ref = model(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            enabled = model.enable_cpu_fused_attention()
+            _default_fused_attention(model)  # what optimize() does for an int8 model: no second warning
+            out = model(x)
+    print(json.dumps({"enabled": enabled, "reason": cpu_attention.unavailable_reason(),
+                      "choice": model.attn.cpu_fused_attention, "same": torch.equal(out, ref),
+                      "warnings": [str(w.message) for w in caught],
+                      "built": [str(p) for p in __import__("pathlib").Path(os.environ["DIFFUSEKIT_CACHE_DIR"]).rglob("*.so")]}))
+""")
+
+
+def test_a_failed_build_falls_back_to_sdpa_with_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails every build
+    got = run_json_child(_FALLBACK)
+    assert got["enabled"] is False and got["choice"] is None and got["same"] is True, got
+    assert len(got["warnings"]) == 1 and "stays torch's scaled_dot_product_attention" in got["warnings"][0], got
+    assert got["reason"] in got["warnings"][0] and got["built"] == []
+    if cpu_attention.available():  # this machine can build it: the failure was the compiler's
+        assert "failed" in got["reason"], got
+
+
+_AOTI = textwrap.dedent("""
+    import json, sys, warnings
+    import torch
+    from torch import nn
+    from diffusekit.models.attention import Attention
+    from diffusekit.optimize import compiled_call, optimize_module
+    from diffusekit.quantization import quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Attention(32, heads=2, dim_head=16), nn.Linear(32, 8)).eval()
+    x = torch.randn(2, 70, 32)
+    quantize_model(model, [x * 1.2, x])
+    with torch.no_grad():
+        sdpa = model(x)
+        optimize_module(model, cache_dir=sys.argv[1])  # int8: turns the fused kernel on
+        fast = model(x)
+        stats = dict(compiled_call(model).stats)
+        model._compiled_call_impl = None
+        fused_eager = model(x)
+    print(json.dumps({"choice": model[0].cpu_fused_attention, "rel_sdpa": float((fast - sdpa).norm() / sdpa.norm()),
+                      "rel_eager": float((fast - fused_eager).norm() / sdpa.norm()), "out": fast.flatten().tolist(),
+                      "builds": stats["aoti_builds"], "loads": stats["aoti_loads"]}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("needs_kernel")
+def test_aoti_package_calls_the_op_and_a_fresh_process_loads_it(tmp_path):
+    cold = run_json_child(_AOTI, str(tmp_path / "cache"))
+    assert cold["choice"] is True and cold["builds"] == 1 and cold["rel_eager"] < 1e-5, cold
+    assert 0 < cold["rel_sdpa"] < 2e-2, cold  # int8 layers + the kernel vs int8 layers + SDPA
+    entries = list((tmp_path / "cache").rglob("model.json"))  # the custom op's calls, for the proxy executor
+    assert len(entries) == 1
+    warm = run_json_child(_AOTI, str(tmp_path / "cache"))
+    assert warm["builds"] == 0 and warm["loads"] == 1 and warm["out"] == cold["out"], warm
