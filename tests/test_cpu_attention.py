@@ -132,8 +132,11 @@ _FALLBACK = textwrap.dedent("""
             enabled = model.enable_cpu_fused_attention()
             _default_fused_attention(model)  # what optimize() does for an int8 model: no second warning
             out = model(x)
-    print(json.dumps({"enabled": enabled, "reason": cpu_attention.unavailable_reason(),
-                      "choice": model.attn.cpu_fused_attention, "same": torch.equal(out, ref),
+            choice = model.attn.cpu_fused_attention
+            model.attn.cpu_fused_attention = True  # set by hand without a kernel: still SDPA, no error
+            forced = model(x)
+    print(json.dumps({"enabled": enabled, "reason": cpu_attention.unavailable_reason(), "choice": choice,
+                      "same": torch.equal(out, ref) and torch.equal(forced, ref),
                       "warnings": [str(w.message) for w in caught],
                       "built": [str(p) for p in __import__("pathlib").Path(os.environ["DIFFUSEKIT_CACHE_DIR"]).rglob("*.so")]}))
 """)

@@ -89,6 +89,7 @@ def _register_fake() -> None:
 
 
 _lock = threading.Lock()
+_loaded = False  # the op is registered in this process (read by serves(): a plain flag, cheap to trace)
 
 
 def unavailable_reason() -> str | None:
@@ -117,6 +118,8 @@ def _unavailable_reason() -> str | None:
             _build(compiler, target)
         torch.ops.load_library(str(target))
         _register_fake()
+        global _loaded
+        _loaded = True
     except Exception as err:  # noqa: BLE001 - any failure means: use SDPA
         text = f"{type(err).__name__}: {err}".strip().splitlines()
         return f"building or loading it failed ({text[0][:300] if text else type(err).__name__})"
@@ -136,8 +139,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
 
 
 def serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> bool:
-    """Whether :func:`attention` can stand in for SDPA on these inputs."""
-    return (mask is None and query.device.type == "cpu" and query.dtype == torch.float32
+    """Whether :func:`attention` can stand in for SDPA on these inputs (and the kernel is loaded)."""
+    return (_loaded and mask is None and query.device.type == "cpu" and query.dtype == torch.float32
             and key.dtype == torch.float32 and value.dtype == torch.float32 and query.shape[-1] > 0
             and key.shape[-2] > 0 and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                                                         or value.requires_grad)))
