@@ -310,16 +310,16 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     def optimize(self, *, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                  dynamic: bool | None = False, mode: str | None = None,
                  options: dict[str, Any] | None = None, release_weights: bool = True,
-                 packages: bool = True) -> "ModelMixin":
+                 packages: bool | None = None) -> "ModelMixin":
         """Compile this model for faster inference, outputs within 1e-5 relative of eager fp32; returns ``self``.
 
         CPU: inductor (fused C++ kernels; freezing opt-in via ``options={"freezing": True}``, automatic for int8
         QDQ models) under ``torch.no_grad()`` / ``inference_mode``;
-        accelerators: plain ``torch.compile``. Compiles lazily on the first call per input shape into AOTInductor
-        packages cached on disk (``cache_dir``, default ``diffusekit.optimize.default_cache_dir()``) that later
-        processes load in seconds (``diffusekit.aot_packages``; the exact path's packages hold code only and run on
-        the model's own weights); ``packages=False``: ``torch.compile`` in every process (its FX-graph cache spares
-        the C++ build only). Grad mode runs eager; no compiler -> one warning, eager.
+        accelerators: plain ``torch.compile``. Compiles lazily on the first call per input shape; compiled code is
+        cached on disk (``cache_dir``, default ``diffusekit.optimize.default_cache_dir()``). Frozen models, and the
+        exact path with ``packages=True``, run from AOTInductor packages that later processes load in seconds
+        (``diffusekit.aot_packages``; the exact path's hold code only and run on the model's own weights);
+        ``packages=False``: always ``torch.compile`` (its FX-graph cache spares the C++ build only). Grad mode runs eager; no compiler -> one warning, eager.
         ``release_weights``: give the memory-mapped checkpoint pages back to the OS once the compiled code has its
         pre-packed copies (about one copy of the weights in memory instead of two). Not in diffusers (its users call
         ``torch.compile`` themselves). See docs/PERFORMANCE.md.

@@ -10,9 +10,11 @@ Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-o
   AOT-compiled once per machine into a shared library, keyed by the structure, inputs, settings and versions; a
   later process loads it in seconds (no dynamo, no compile, not even an inductor import). The exact path's packages
   hold code only and take the live weights as inputs (an edited or fine-tuned model reuses them; memory as eager);
-  frozen ones hold the pre-packed weights (their key hashes the weights). ``packages=False``, and calls a package
-  cannot serve (hooks such as unfused LoRA, numeric or object arguments such as DeepCache's step) or a failed build
-  (one warning) use ``torch.compile`` in the process.
+  frozen ones hold the pre-packed weights (their key hashes the weights). Frozen graphs always use packages; the
+  exact path with ``optimize(packages=True)`` (its step measured 1.07-1.13x ``torch.compile``'s on a busy machine,
+  so not the default yet). ``packages=False``, and calls a package cannot serve (hooks such as unfused LoRA, numeric
+  or object arguments such as DeepCache's step) or a failed build (one warning) use ``torch.compile`` in the
+  process.
 - **CUDA / MPS / other accelerators**: plain ``torch.compile`` (no CPU-only settings); fp16 / bf16 work there.
 - **Shapes are static** (``dynamic=False``): each input shape (batch, resolution, prompt length) compiles once,
   specialised (fastest kernels); a pipeline run uses one or two shapes (full and half batch around a guidance
@@ -464,7 +466,7 @@ def _module_device(module: torch.nn.Module) -> torch.device:
 def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | None = None,
                     use_cache: bool = True, dynamic: bool | None = False, mode: str | None = None,
                     options: dict[str, Any] | None = None, release_weights: bool = True,
-                    packages: bool = True) -> torch.nn.Module:
+                    packages: bool | None = None) -> torch.nn.Module:
     """Compile ``module``'s calls for inference in place (see the module docstring); returns ``module``.
 
     ``cache_dir`` overrides :func:`default_cache_dir`; ``use_cache=False`` neither reads nor writes a persistent
@@ -474,7 +476,10 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     while and after compiling, since the compiled code runs on its own pre-packed copies (see :class:`_FilePages`).
     ``packages`` (CPU, static shapes, default mode, a cache folder): run from AOTInductor packages built once per
     machine (:mod:`diffusekit.aot_packages`: a later process loads them in seconds); ``False``: ``torch.compile``
-    in every process (dynamo traces each one; inductor's FX-graph cache spares the C++ build).
+    in every process (dynamo traces each one; inductor's FX-graph cache spares the C++ build). ``None`` (default):
+    packages for frozen graphs (int8, freezing), ``torch.compile`` for the exact path, whose bound package measured
+    1.07-1.13x ``torch.compile``'s step in two interleaved runs on a busy machine (docs/PERFORMANCE.md): opt in with
+    ``True`` where the warm start matters more (short-lived processes).
     """
     device = _module_device(module)
     reason = unavailable_reason(device)
@@ -495,6 +500,7 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
         merged["fx_graph_cache"] = False
     frozen = device.type == "cpu" and bool(merged.get("freezing"))
     release = release_weights and frozen
+    packages = frozen if packages is None else packages
     packages = packages and device.type == "cpu" and folder is not None and dynamic is False and mode is None
     module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode, release, packages,
                                               frozen)

@@ -502,7 +502,7 @@ class DiffusionPipeline:
     def optimize(self, *, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                  dynamic: bool | None = False, mode: str | None = None,
                  options: dict[str, Any] | None = None, release_weights: bool = True,
-                 packages: bool = True) -> "DiffusionPipeline":
+                 packages: bool | None = None) -> "DiffusionPipeline":
         """Compile the UNet, the VAE and the text encoder(s) for faster inference (``ModelMixin.optimize`` on
         each): images within 1e-5 relative of eager fp32, compiled code cached on disk per machine; returns
         ``self``. Each model compiles on its first call per input shape. See docs/PERFORMANCE.md."""
