@@ -284,7 +284,7 @@ class CompiledCall:
 
     def __init__(self, module: torch.nn.Module, cache_dir: Path | None, options: dict[str, Any] | None,
                  dynamic: bool | None, mode: str | None, release_weights: bool = False,
-                 packages: bool = False, frozen: bool = False) -> None:
+                 packages: bool = False) -> None:
         self.module = module
         self.release_weights = release_weights
         self.cache_dir = cache_dir
@@ -296,6 +296,9 @@ class CompiledCall:
                                         "fxgraph_cache_hit": 0, "fxgraph_cache_miss": 0, "weight_packs": 0,
                                         "compile_seconds": 0.0, "aoti_builds": 0, "aoti_loads": 0,
                                         "aoti_load_seconds": 0.0, "hash_seconds": 0.0}
+        # only a frozen graph holds weights of its own; an unfrozen one takes the live parameters as inputs, and
+        # walking every parameter on each call costs more than a small model's step (~3 ms per SD UNet call)
+        self.frozen = bool((options or {}).get("freezing"))
         # CPU graphs: AOTInductor packages on disk (aot_packages), so a later process loads instead of compiling;
         # bound to the live weights (exact path) or with the frozen weights inside
         self.packages = None
@@ -304,7 +307,7 @@ class CompiledCall:
 
             self.packages = aot_packages.Packages(module, cache_dir, options or {}, self.stats,
                                                   release=self._release_originals if release_weights else None,
-                                                  bound=not frozen)
+                                                  bound=not self.frozen)
         self._build()
 
     def _build(self) -> None:
@@ -313,9 +316,6 @@ class CompiledCall:
         # config while tracing; measured: no oneDNN weight packing at all), and a per-call patch keeps the
         # process-wide config untouched between calls
         self._compiled = None  # torch.compile (imports dynamo) on first use: package-only processes never need it
-        # only a frozen graph holds weights of its own; an unfrozen one takes the live parameters as inputs, and
-        # walking every parameter on each call costs more than a small model's step (~3 ms per SD UNet call)
-        self.frozen = bool((self.options or {}).get("freezing"))
         self.weights = _weights_state(self.module) if self.frozen else None
         self.seen: set[tuple] = set()
         if getattr(self, "packages", None) is not None:
@@ -339,16 +339,10 @@ class CompiledCall:
         if torch.is_grad_enabled():
             self.stats["eager_grad"] += 1
             return module._call_impl(*args, **kwargs)
-        packages = self.packages
-        if packages is not None and packages.bound:  # runs on the live weights: nothing to check about them
-            out = self._from_package(args, kwargs)
-            if out is not _not_handled():
-                self.stats["compiled"] += 1
-                return out
         if self.frozen and _weights_state(module) != self.weights:
             logger.info("%s: weights changed since optimize(); recompiling", type(module).__name__)
             self._build()
-        if packages is not None and not packages.bound:
+        if self.packages is not None:
             out = self._from_package(args, kwargs)
             if out is not _not_handled():
                 self.stats["compiled"] += 1
@@ -384,7 +378,8 @@ class CompiledCall:
             return out
 
     def _compiling(self):
-        """Around a package build: hand the checkpoint's file pages back while freezing copies the weights."""
+        """Around a build (a package, or a compile in the process): hand the checkpoint's file pages back while
+        freezing copies the weights."""
         return _FilePages(self.module).while_compiling() if self.release_weights else contextlib.nullcontext()
 
     def _release_originals(self) -> None:
@@ -397,8 +392,7 @@ class CompiledCall:
 
         before = dict(counters["inductor"])
         start = time.perf_counter()
-        pages = _FilePages(self.module) if self.release_weights else None
-        with pages.while_compiling() if pages is not None else contextlib.nullcontext():
+        with self._compiling():
             out = self.compiled(*args, **kwargs)
         seconds = time.perf_counter() - start
         after = counters["inductor"]
@@ -502,8 +496,7 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     release = release_weights and frozen
     packages = frozen if packages is None else packages
     packages = packages and device.type == "cpu" and folder is not None and dynamic is False and mode is None
-    module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode, release, packages,
-                                              frozen)
+    module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode, release, packages)
     return module
 
 
