@@ -64,6 +64,8 @@ from typing import Any, Callable
 
 import torch
 
+from ._native import build_library, cpu_flags
+
 logger = logging.getLogger(__name__)
 
 FORMAT = 2
@@ -101,10 +103,7 @@ def machine() -> dict[str, str]:
 @functools.cache
 def _machine() -> tuple[tuple[str, str], ...]:
     """:func:`machine`, read once per process (every compiled call keys its package with it)."""
-    flags = ""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "")
+    flags = " ".join(sorted(cpu_flags()))
     return (("torch", torch.__version__), ("torch_git", getattr(torch.version, "git_version", "")),
             ("cpu_capability", torch.backends.cpu.get_cpu_capability()),
             ("cpu_flags", hashlib.sha256(flags.encode()).hexdigest()[:16]))
@@ -455,7 +454,6 @@ def _pageout_helper(folder: Path) -> Any:
         return None
     try:
         import ctypes
-        import subprocess
 
         from .optimize import _cpp_compiler
 
@@ -464,13 +462,14 @@ def _pageout_helper(folder: Path) -> Any:
             compiler = _cpp_compiler()
             if compiler is None:
                 return None
-            with tempfile.TemporaryDirectory(prefix=".tmp-pageout-", dir=folder) as tmp:
-                source = Path(tmp) / "pageout.c"
+
+            def command(tmp: Path) -> list[str]:
+                source = tmp / "pageout.c"
                 source.write_text(_PAGEOUT_C)
-                built = Path(tmp) / "pageout.so"
-                subprocess.run([compiler, "-x", "c", "-O2", "-shared", "-fPIC", "-o", str(built), str(source),
-                                "-lpthread"], check=True, capture_output=True, timeout=120)
-                os.replace(built, target)
+                return [compiler, "-x", "c", "-O2", "-shared", "-fPIC", "-o", str(tmp / target.name), str(source),
+                        "-lpthread"]
+
+            build_library(target, command, 120)
         lib = ctypes.CDLL(str(target))
         lib.diffusekit_pageout_start.argtypes = [ctypes.c_char_p, ctypes.c_uint]
         lib.diffusekit_pageout_start.restype = ctypes.c_int

@@ -22,14 +22,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import platform
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from ._native import build_library, cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +36,6 @@ SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 #: CPU features the kernel is compiled for (``/proc/cpuinfo`` names)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 _ARCH_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            line = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
 
 
 def _build_command(compiler: str, source: Path, target: Path) -> list[str]:
@@ -64,21 +54,9 @@ def library_path(compiler: str) -> Path:
 
     h = hashlib.sha256()
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(),
-                 " ".join(sorted(_cpu_flags())).encode()):
+                 " ".join(sorted(cpu_flags())).encode()):
         h.update(part + b"\0")
     return _versioned(default_cache_dir()) / "native" / f"cpu_attention-{h.hexdigest()[:16]}.so"
-
-
-def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with tempfile.TemporaryDirectory(prefix=".tmp-cpu-attention-", dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        done = subprocess.run(_build_command(compiler, SOURCE, built), capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            detail = (done.stderr or done.stdout).strip().splitlines()
-            raise RuntimeError(f"{Path(compiler).name} exited with {done.returncode}: "
-                               f"{detail[-1][:300] if detail else 'no output'}")
-        os.replace(built, target)  # atomic: a concurrent build of the same key just replaces it with the same
 
 
 def _register_fake() -> None:
@@ -103,10 +81,10 @@ def unavailable_reason() -> str | None:
 def _unavailable_reason() -> str | None:
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it is built for Linux on x86-64 only (this is {platform.system()} on {platform.machine()})"
-    missing = [flag for flag in REQUIRED_FLAGS if flag not in _cpu_flags()]
+    missing = [flag for flag in REQUIRED_FLAGS if flag not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
-    from .optimize import _cpp_compiler
+    from .optimize import _cpp_compiler, _short
 
     compiler = _cpp_compiler()
     if compiler is None:
@@ -115,14 +93,13 @@ def _unavailable_reason() -> str | None:
         target = library_path(compiler)
         if not target.exists():
             logger.info("building the fused CPU attention kernel: %s", target)
-            _build(compiler, target)
+            build_library(target, lambda folder: _build_command(compiler, SOURCE, folder / target.name), 600)
         torch.ops.load_library(str(target))
         _register_fake()
         global _loaded
         _loaded = True
     except Exception as err:  # noqa: BLE001 - any failure means: use SDPA
-        text = f"{type(err).__name__}: {err}".strip().splitlines()
-        return f"building or loading it failed ({text[0][:300] if text else type(err).__name__})"
+        return f"building or loading it failed ({_short(err)})"
     return None
 
 
