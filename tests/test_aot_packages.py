@@ -101,7 +101,7 @@ _BOUND_CHILD = textwrap.dedent("""
 
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        optimize_module(model, cache_dir=sys.argv[1], packages=True)
+        optimize_module(model, cache_dir=sys.argv[1])  # the default: a bound package (exact path)
         check("first")
         model[4].bias.add_(1.0)  # in place (fuse_lora, load_state_dict): the bound package reads the live tensor
         check("in_place")

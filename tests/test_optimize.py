@@ -68,7 +68,7 @@ def test_unet_optimize_matches_eager_and_diffusers(tmp_path):
     with torch.no_grad():
         eager = ours(sample, t, encoder_hidden_states=text).sample
         expected = ref(sample, t, encoder_hidden_states=text).sample
-    assert ours.optimize(cache_dir=tmp_path / "cache", packages=True) is ours
+    assert ours.optimize(cache_dir=tmp_path / "cache") is ours  # the default: a bound package
     call = opt.compiled_call(ours)
     assert call is not None
     with torch.no_grad():
@@ -85,6 +85,15 @@ def test_unet_optimize_matches_eager_and_diffusers(tmp_path):
     assert_matches(again[0], eager)
     assert torch.equal(explicit.sample, fast)
     assert_matches(fast, expected)
+
+    # a fresh instance (as a fresh process would be: test_aot_packages checks that too) loads the package, builds
+    # nothing, compiles nothing; the same code on the same weights gives the same bits
+    fresh = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval().optimize(cache_dir=tmp_path / "cache")
+    with torch.no_grad():
+        loaded = fresh(sample, t, encoder_hidden_states=text).sample
+    stats = opt.compiled_call(fresh).stats
+    assert (stats["aoti_builds"], stats["aoti_loads"], stats["compiles"], stats["compiled"]) == (0, 1, 0, 1), stats
+    assert torch.equal(loaded, fast)
 
     # grad mode: eager, autograd intact
     out = ours(sample, t, encoder_hidden_states=text).sample
@@ -201,6 +210,62 @@ def test_freezing_opt_in_prepacks_weights_and_matches(tmp_path):
         assert_matches(model(x), model._call_impl(x))
     stats = opt.compiled_call(model).stats
     assert stats["weight_packs"] >= 2 and stats["compiled"] == 1  # both convs pre-packed for oneDNN
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x, scale: float = 1.0):
+        return self.linear(x) * scale
+
+
+def test_calls_a_package_cannot_serve_use_torch_compile(monkeypatch, tmp_path):
+    """The default (packages) refuses a numeric argument (it would be baked into the graph) and a model with forward
+    hooks (unfused LoRA): those calls go to torch.compile (here a stand-in that runs eager), never to a build."""
+    compiled = []
+
+    def stand_in(fn, **kwargs):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", stand_in)
+    model = _Scaled().eval()
+    x = torch.randn(3, 4)
+    opt.optimize_module(model, cache_dir=tmp_path)
+    call = opt.compiled_call(model)
+    assert call.packages is not None and call.packages.bound  # the exact path's default: bound packages
+    with torch.no_grad():
+        assert torch.equal(model(x, 0.5), model._call_impl(x, 0.5))
+        handle = model.linear.register_forward_hook(lambda module, args, out: out + 1)
+        assert torch.equal(model(x), model._call_impl(x))
+        handle.remove()
+    assert call.stats["compiled"] == 2 and call.stats["aoti_builds"] == 0 and len(compiled) == 1, call.stats
+    assert not (opt._versioned(tmp_path) / "aoti").exists()  # nothing built
+
+
+def test_pipeline_optimize_gives_every_component_the_same_default(tmp_path):
+    """``pipe.optimize()`` passes its arguments to each model: by default every compiled part (UNet, VAE encoder and
+    decoder, text encoder) runs from bound packages; ``packages=False`` or ``use_cache=False``: torch.compile. Lazy:
+    nothing is built here."""
+    from sd_assets import build_tiny_sd
+
+    from diffusekit import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(build_tiny_sd(tmp_path / "sd"))
+    parts = (pipe.unet, pipe.vae.encoder, pipe.vae.decoder, pipe.text_encoder)
+    pipe.optimize(cache_dir=tmp_path / "cache")
+    for part in parts:
+        call = opt.compiled_call(part)
+        assert call is not None and call.packages is not None and call.packages.bound, type(part).__name__
+    for kwargs in ({"packages": False}, {"use_cache": False}, {"dynamic": None}):
+        pipe.optimize(cache_dir=tmp_path / "cache", **kwargs)
+        for part in parts:
+            assert opt.compiled_call(part).packages is None, (kwargs, type(part).__name__)
+    pipe.optimize(cache_dir=tmp_path / "cache", packages=True)
+    assert all(opt.compiled_call(part).packages is not None for part in parts)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_no_compiler_warns_once_and_runs_eager(monkeypatch):
@@ -335,9 +400,10 @@ def test_pipeline_optimize_matches_eager(tmp_path):
     eager = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
     assert pipe.optimize(cache_dir=tmp_path / "cache") is pipe
     fast = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
-    for module in (pipe.unet, pipe.vae.decoder, pipe.text_encoder):
+    for module in (pipe.unet, pipe.vae.decoder, pipe.text_encoder):  # each from its bound package (the default)
         stats = opt.compiled_call(module).stats
         assert stats["compiled"] >= 1 and stats["eager_fallback"] == 0, (type(module).__name__, stats)
+        assert stats["aoti_builds"] == 1 and stats["compiles"] == 0, (type(module).__name__, stats)
     assert_matches(torch.from_numpy(fast), torch.from_numpy(eager))
 
     # with DeepCache-style reuse (a per-step object passed to the UNet): still compiled, still exact
@@ -347,6 +413,8 @@ def test_pipeline_optimize_matches_eager(tmp_path):
     pipe.unet.optimize(cache_dir=tmp_path / "cache")
     fast = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
     stats = opt.compiled_call(pipe.unet).stats
-    # one compiled call per UNet step (PNDM runs one more step than asked), two graphs (full and cached steps)
+    # one compiled call per UNet step (PNDM runs one more step than asked), two graphs (full and cached steps); the
+    # per-step object is not a package's input, so torch.compile serves those calls
     assert stats["compiled"] == 4 and stats["eager_fallback"] == 0, stats
+    assert stats["aoti_builds"] == 0 and stats["compiles"] == 2, stats
     assert_matches(torch.from_numpy(fast), torch.from_numpy(eager))

@@ -316,10 +316,12 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         CPU: inductor (fused C++ kernels; freezing opt-in via ``options={"freezing": True}``, automatic for int8
         QDQ models) under ``torch.no_grad()`` / ``inference_mode``;
         accelerators: plain ``torch.compile``. Compiles lazily on the first call per input shape; compiled code is
-        cached on disk (``cache_dir``, default ``diffusekit.optimize.default_cache_dir()``). Frozen models, and the
-        exact path with ``packages=True``, run from AOTInductor packages that later processes load in seconds
-        (``diffusekit.aot_packages``; the exact path's hold code only and run on the model's own weights);
-        ``packages=False``: always ``torch.compile`` (its FX-graph cache spares the C++ build only). Grad mode runs eager; no compiler -> one warning, eager.
+        cached on disk (``cache_dir``, default ``diffusekit.optimize.default_cache_dir()``). By default (CPU,
+        static shapes) each input shape is built once per machine into an AOTInductor package that later processes
+        load in seconds (``diffusekit.aot_packages``; the exact path's hold code only and run on the model's own
+        weights); a call a package cannot serve (forward hooks such as unfused LoRA, numeric or object arguments)
+        uses ``torch.compile``. ``packages=False``: always ``torch.compile`` (its FX-graph cache spares the C++ build
+        only). Grad mode runs eager; no compiler -> one warning, eager.
         ``release_weights``: give the memory-mapped checkpoint pages back to the OS once the compiled code has its
         pre-packed copies (about one copy of the weights in memory instead of two). Not in diffusers (its users call
         ``torch.compile`` themselves). See docs/PERFORMANCE.md.

@@ -504,8 +504,10 @@ class DiffusionPipeline:
                  options: dict[str, Any] | None = None, release_weights: bool = True,
                  packages: bool | None = None) -> "DiffusionPipeline":
         """Compile the UNet, the VAE and the text encoder(s) for faster inference (``ModelMixin.optimize`` on
-        each): images within 1e-5 relative of eager fp32, compiled code cached on disk per machine; returns
-        ``self``. Each model compiles on its first call per input shape. See docs/PERFORMANCE.md."""
+        each, with the same arguments): images within 1e-5 relative of eager fp32, compiled code cached on disk per
+        machine (by default on the CPU: AOTInductor packages a later process loads in seconds; ``packages=False``:
+        ``torch.compile``); returns ``self``. Each model compiles on its first call per input shape. Not in
+        diffusers. See docs/PERFORMANCE.md."""
         for name in self._optimize_components:
             component = self.components.get(name)
             if component is not None and hasattr(component, "optimize"):
