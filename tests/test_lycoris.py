@@ -1,9 +1,11 @@
 """LyCORIS LoHa / LoKr / full / (IA)³ / norm layers (and DoRA's ``dora_scale``) in the LoRA loader: files written
 here in kohya / LyCORIS keys (``lora_unet_<layer>.hada_w1_a`` ..., ``.lokr_w1`` ..., ``.alpha``, with kohya's
 ``ss_network_module`` metadata) load with the numbers peft's LoHa / LoKr / (IA)³ layers give for the same tensors
-(UNet outputs of diffusers + peft, CLIP outputs of transformers + peft, per-layer weight deltas); the LoKr
-full-matrix scale, full / norm differences and DoRA against the formulas of LyCORIS / A1111 written out here; set_adapters weights, fuse / unfuse / unload, the CLI's ``<lora:name:w>`` tag
-and hash; malformed files name the file and key."""
+(UNet outputs of diffusers + peft, CLIP outputs of transformers + peft, per-layer weight deltas); BOFT, OFT and
+GLoRA files as the LyCORIS package saves them load with the weights its own modules merge; the LoKr full-matrix
+scale, full / norm differences, DoRA and the older OFT / GLoRA layouts against the formulas of LyCORIS / A1111
+written out here; set_adapters weights, fuse / unfuse / unload, the CLI's ``<lora:name:w>`` tag and hash; malformed
+files name the file and key."""
 
 from __future__ import annotations
 
@@ -87,6 +89,19 @@ def unet_out(unet, **kwargs):
 
 def peft_layers(model):
     return [m for m in model.modules() if isinstance(m, peft.tuners.lycoris_utils.LycorisLayer)]
+
+
+def load_weighted_and_fuse(pipe, state_dict, name, weight, paths):
+    """Load ``state_dict`` as adapter ``name`` at ``weight``, check that it changes the UNet's output, fuse it;
+    returns the weights of ``paths`` before and the unfused output."""
+    weights = {p: pipe.unet.get_submodule(p).weight.detach().clone() for p in paths}
+    before = unet_out(pipe.unet)
+    pipe.load_lora_weights(state_dict, adapter_name=name)
+    pipe.set_adapters(name, weight)
+    unfused = unet_out(pipe.unet)
+    assert (unfused - before).abs().max() > 1e-2
+    pipe.fuse_lora()
+    return weights, unfused
 
 
 CONFIGS = {
@@ -224,13 +239,7 @@ def test_locon_with_a_cp_middle(pipes):
             for j in range(3):
                 delta[:, :, k, j] = up[:, :, 0, 0] @ mid[:, :, k, j] @ down[:, :, 0, 0]
         want[path] = delta * (1.5 / 3)  # alpha / rank, rank = lora_down's
-    base = {p: ours.unet.get_submodule(p).weight.detach().clone() for p in paths}
-    before = unet_out(ours.unet)
-    ours.load_lora_weights(sd, adapter_name="cp")
-    ours.set_adapters("cp", 0.8)
-    unfused = unet_out(ours.unet)
-    assert (unfused - before).abs().max() > 1e-2
-    ours.fuse_lora()
+    base, unfused = load_weighted_and_fuse(ours, sd, "cp", 0.8, paths)
     for path in paths:
         torch.testing.assert_close(ours.unet.get_submodule(path).weight - base[path], 0.8 * want[path], rtol=1e-5,
                                    atol=1e-6)
@@ -598,14 +607,8 @@ def test_oft_as_lycoris(pipes):
         sd[f"{name}.oft_blocks"] = blocks[path] = torch.randn(k, n, n, generator=g) * 0.2
         sd[f"{name}.alpha"] = torch.tensor(alpha)
     rescale = torch.rand(32, 1, 1, 1, generator=g) + 0.5
-    weights = {p: ours.unet.get_submodule(p).weight.detach().clone() for p in layers}
     before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
-    base = unet_out(ours.unet)
-    ours.load_lora_weights(sd, adapter_name="oft")
-    ours.set_adapters("oft", 0.6)
-    unfused = unet_out(ours.unet)
-    assert (unfused - base).abs().max() > 1e-2
-    ours.fuse_lora()
+    weights, unfused = load_weighted_and_fuse(ours, sd, "oft", 0.6, layers)
     for path, (k, n, alpha) in layers.items():
         want = lycoris_oft(weights[path], blocks[path], alpha * weights[path].shape[0], 0.6)
         torch.testing.assert_close(ours.unet.get_submodule(path).weight, want, rtol=1e-5, atol=1e-6)
@@ -631,6 +634,191 @@ def test_oft_as_lycoris(pipes):
     ours.fuse_lora()
     torch.testing.assert_close(ours.unet.get_submodule(linear).weight,
                                lycoris_oft(weights[linear], blocks[linear], 0.01 * 16, 1.0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def lycoris_modules():
+    """The LyCORIS package's modules (a test-only oracle, pinned in requirements-test.txt), on its plain torch path
+    (no compiled or GPU kernels)."""
+    pytest.importorskip("lycoris")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LYCORIS_KERNEL_BACKEND", "torch")
+        from lycoris.modules.boft import ButterflyOFTModule
+        from lycoris.modules.diag_oft import DiagOFTModule
+        from lycoris.modules.glora import GLoRAModule
+
+        yield {"boft": ButterflyOFTModule, "diag-oft": DiagOFTModule, "glora": GLoRAModule}
+
+
+#: algo -> ({layer: the LyCORIS module's arguments}, the file's dtype); the layers: Linear 16 <- 16, Linear 16 <- 32,
+#: 1x1 conv, 3x3 conv 16 -> 16, Linear 16 <- 64 (time_emb_proj), 3x3 conv 32 -> 32
+ORACLE_FILES = {
+    "boft": ({UNET_PATHS[0]: dict(lora_dim=4, rescaled=True),  # (3, 4, 4, 4): three butterfly stages
+              UNET_PATHS[3]: dict(lora_dim=2, constraint=0.01),  # (4, 8, 2, 2), ‖Q‖ clipped to 0.01 · 16
+              UNET_PATHS[4]: dict(lora_dim=8, rescaled=True),  # (2, 2, 8, 8)
+              UNET_PATHS[6]: dict(lora_dim=4)}, torch.float16),  # (4, 8, 4, 4)
+    "diag-oft": ({UNET_PATHS[1]: dict(lora_dim=4, rescaled=True),
+                  UNET_PATHS[4]: dict(lora_dim=8, rescaled=True, constraint=0.001)}, torch.float32),
+    "glora": ({UNET_PATHS[1]: dict(lora_dim=4, alpha=2.0), UNET_PATHS[3]: dict(lora_dim=2, alpha=1.0),
+               UNET_PATHS[4]: dict(lora_dim=4, alpha=8.0), UNET_PATHS[5]: dict(lora_dim=2, alpha=0.0)},
+              torch.bfloat16),
+}
+
+
+def plain_layer(weight):
+    """A bias-free Linear / Conv2d holding a copy of ``weight`` (for LyCORIS's modules to wrap)."""
+    if weight.ndim == 4:
+        layer = torch.nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), bias=False)
+    else:
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer
+
+
+def lycoris_save(pipe, module_type, layers, dtype, seed):
+    """What LyCORIS saves for ``layers`` of the UNet: each of its modules built on the layer, parameters random,
+    ``lora_unet_<layer>.<its state dict key>`` in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for path, kwargs in layers.items():
+        module = module_type("x", plain_layer(pipe.unet.get_submodule(path).weight.detach()), 1.0, **kwargs)
+        for key, tensor in module.state_dict().items():
+            if key == "rescale":
+                tensor = 1 + 0.3 * torch.rand(tensor.shape, generator=g)
+            elif key != "alpha":
+                tensor = torch.randn(tensor.shape, generator=g) * 0.2
+            sd[f"lora_unet_{path.replace('.', '_')}.{key}"] = tensor.to(dtype)
+    return sd
+
+
+def lycoris_merged(module_type, sd, path, weight, multiplier):
+    """The layer's ``weight`` as LyCORIS merges the file's tensors into it at ``multiplier``: its module rebuilt
+    from them (``make_module_from_state_dict``, the way LyCORIS loads a file)."""
+    import inspect
+
+    name = f"lora_unet_{path.replace('.', '_')}."
+    saved = {k[len(name):].removesuffix(".weight"): v for k, v in sd.items() if k.startswith(name)}
+    parameters = list(inspect.signature(module_type.make_module_from_state_dict).parameters)[2:]
+    with torch.no_grad():
+        module = module_type.make_module_from_state_dict("x", plain_layer(weight),
+                                                         **{p: saved.get(p) for p in parameters})
+        return module.get_merged_weight(multiplier)[0].reshape(weight.shape)
+
+
+@pytest.mark.parametrize("algo", list(ORACLE_FILES))
+def test_boft_oft_glora_match_lycoris(pipes, tmp_path, lycoris_modules, algo):
+    """BOFT, diag-OFT (with its rescale at a weight below 1) and GLoRA files as LyCORIS saves them, loaded from a
+    safetensors file: at adapter weights 0.5 and 1 the unfused UNet's output equals diffusers' UNet with the weights
+    LyCORIS's own modules merge from the same tensors, and fuse_lora writes exactly those weights."""
+    ours, ref = pipes
+    layers, dtype = ORACLE_FILES[algo]
+    module_type = lycoris_modules[algo]
+    sd = lycoris_save(ours, module_type, layers, dtype, seed=31)
+    file = tmp_path / f"{algo}.safetensors"
+    save_file(sd, file, metadata=kohya_metadata(algo, 4, 1.0))
+    base = unet_out(ours.unet)
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    ours.load_lora_weights(file, adapter_name=algo)
+    for weight in (0.5, 1.0):
+        ours.set_adapters(algo, weight)
+        want = {path: lycoris_merged(module_type, sd, path, before[f"{path}.weight"], weight) for path in layers}
+        with torch.no_grad():
+            for path, merged in want.items():
+                ref.unet.get_submodule(path).weight.copy_(merged)
+        unfused = unet_out(ours.unet)
+        torch.testing.assert_close(unfused, unet_out(ref.unet), rtol=1e-4, atol=1e-5)
+        assert (unfused - base).abs().max() > 1e-2
+        ours.fuse_lora()
+        for path, merged in want.items():
+            torch.testing.assert_close(ours.unet.get_submodule(path).weight, merged, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=1e-4, atol=1e-5)
+        ours.unfuse_lora()
+    assert all(torch.equal(v, before[k]) for k, v in ours.unet.state_dict().items())
+
+
+def test_boft_blends_every_stage(pipes, lycoris_modules):
+    """BOFT's change is not linear in the adapter weight (each butterfly stage is blended with the identity, as
+    LyCORIS does; A1111 would scale the whole change): the delta at 0.5 is not half the delta at 1, and the call
+    scale of diffusers (``cross_attention_kwargs``) is the same blend as the adapter weight."""
+    ours, _ = pipes
+    path = UNET_PATHS[6]
+    sd = lycoris_save(ours, lycoris_modules["boft"], {path: dict(lora_dim=4)}, torch.float32, seed=32)
+    base = ours.unet.get_submodule(path).weight.detach().clone()
+    half = lycoris_merged(lycoris_modules["boft"], sd, path, base, 0.5) - base
+    full = lycoris_merged(lycoris_modules["boft"], sd, path, base, 1.0) - base
+    assert (half - full / 2).abs().max() > 1e-3 * full.abs().max()
+    ours.load_lora_weights(sd, adapter_name="boft")
+    ours.set_adapters("boft", 0.5)
+    weighted = unet_out(ours.unet)
+    ours.set_adapters("boft", 1.0)
+    torch.testing.assert_close(unet_out(ours.unet, cross_attention_kwargs={"scale": 0.5}), weighted, rtol=1e-5,
+                               atol=1e-6)
+    ours.set_adapters("boft", 0.5)
+    ours.fuse_lora()
+    torch.testing.assert_close(ours.unet.get_submodule(path).weight - base, half, rtol=1e-5, atol=1e-6)
+
+
+def test_glora_tucker_and_older_layout(pipes, lycoris_modules):
+    """GLoRA with LyCORIS 3.0's Tucker ``bm`` on a 3x3 conv (a 1x1 ``b2``, ``bm`` with the layer's kernel) and in the
+    layout of LyCORIS ≤ 2.2 (``a1`` (r, in), ``a2`` (in, r), ``b1`` (r, in), ``b2`` (out, r)), against their merges
+    written out from LyCORIS's ``make_weight`` of those versions; unfused, fused, at weights 0.5 and 1."""
+    from lycoris.functional.general import tucker_weight_from_conv
+
+    ours, _ = pipes
+    g = torch.Generator().manual_seed(33)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    tucker, linear, conv1x1 = UNET_PATHS[6], UNET_PATHS[1], UNET_PATHS[7]  # 3x3 32 -> 32, Linear 16 <- 32, 1x1
+    name = {p: "lora_unet_" + p.replace(".", "_") for p in (tucker, linear, conv1x1)}
+    weights = {p: ours.unet.get_submodule(p).weight.detach().clone() for p in name}
+    t = {"a1": r(32, 2, 1, 1), "a2": r(2, 32, 1, 1), "b1": r(32, 2, 1, 1), "b2": r(2, 32, 1, 1), "bm": r(2, 2, 3, 3)}
+    sd = {f"{name[tucker]}.{k}.weight": v for k, v in t.items()} | {f"{name[tucker]}.alpha": torch.tensor(1.0)}
+    w = weights[tucker]
+    w_a = torch.einsum("oi...,ij->oj...", torch.einsum("oi...,ij->oj...", w, t["a1"].flatten(1)), t["a2"].flatten(1))
+    deltas = {tucker: (tucker_weight_from_conv(t["b1"], t["b2"], t["bm"]) + w_a) * (1.0 / 2)}
+    for path, alpha in ((linear, 3.0), (conv1x1, 0.0)):  # LyCORIS ≤ 2.2: ΔW = (b2 @ b1 + W @ a2 @ a1) · alpha / r
+        w = weights[path]
+        out, fan_in = w.shape[:2]
+        old = {"a1": r(3, fan_in), "a2": r(fan_in, 3), "b1": r(3, fan_in), "b2": r(out, 3)}
+        if w.ndim == 4:
+            old = {k: v[:, :, None, None] for k, v in old.items()}
+        sd |= {f"{name[path]}.{k}.weight": v for k, v in old.items()} | {f"{name[path]}.alpha": torch.tensor(alpha)}
+        flat = {k: v.flatten(1) for k, v in old.items()}
+        delta = flat["b2"] @ flat["b1"] + (w.flatten(1) @ flat["a2"]) @ flat["a1"]
+        deltas[path] = delta.reshape(w.shape) * (alpha / 3 if alpha else 1.0)
+    for weight in (0.5, 1.0):
+        _, unfused = load_weighted_and_fuse(ours, sd, f"glora{weight}", weight, name)
+        for path, delta in deltas.items():
+            torch.testing.assert_close(ours.unet.get_submodule(path).weight - weights[path], weight * delta,
+                                       rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=1e-4, atol=1e-5)
+        ours.unfuse_lora()
+        ours.delete_adapters(f"glora{weight}")
+
+
+def test_oft_diag_older_layout(pipes):
+    """LyCORIS 2.0 / 2.1's OFT files (``oft_diag``: the block rotations ``R`` themselves, no constraint): the
+    weight becomes ``(m·R + (1 − m)·I)ᵀ W`` per block of output rows (LyCORIS 2.0's ``make_weight``, A1111's merge)."""
+    ours, _ = pipes
+    g = torch.Generator().manual_seed(34)
+    paths = {UNET_PATHS[0]: (4, 4), UNET_PATHS[6]: (8, 4)}  # k blocks of n rows
+    sd, rotations = {}, {}
+    for path, (k, n) in paths.items():
+        q = torch.randn(k, n, n, generator=g) * 0.3
+        q = q - q.transpose(1, 2)
+        eye = torch.eye(n)
+        rotations[path] = (eye + q) @ torch.linalg.inv(eye - q)
+        sd[f"lora_unet_{path.replace('.', '_')}.oft_diag"] = rotations[path]
+    for weight in (0.6, 1.0):
+        weights, unfused = load_weighted_and_fuse(ours, sd, f"diag{weight}", weight, paths)
+        for path, (k, n) in paths.items():
+            blend = weight * rotations[path] + (1 - weight) * torch.eye(n)
+            w = weights[path]
+            want = torch.einsum("knm,kn...->km...", blend, w.reshape(k, n, *w.shape[1:])).reshape(w.shape)
+            torch.testing.assert_close(ours.unet.get_submodule(path).weight, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(unet_out(ours.unet), unfused, rtol=1e-4, atol=1e-5)
+        ours.unfuse_lora()
+        ours.delete_adapters(f"diag{weight}")
 
 
 def test_malformed_files_name_the_file_and_key(pipes, tmp_path):
@@ -660,8 +848,26 @@ def test_malformed_files_name_the_file_and_key(pipes, tmp_path):
         "dora": ({**loha, f"{n}.dora_scale": r(3, 16)}, rf"key '{n}.dora_scale' has shape \(3, 16\); DoRA needs"),
         "oft": ({f"{n}.oft_blocks": r(3, 4, 4)}, rf"key '{n}.oft_blocks' has shape \(3, 4, 4\), the layer needs "
                 r"\(blocks, size, size\) with blocks · size = 16"),
-        "boft": ({f"{n}.oft_blocks": r(2, 4, 4, 4)}, "that is BOFT"),
-        "oft_diag": ({f"{n}.oft_diag": r(4, 4, 4)}, r"belongs to OFT in the older LyCORIS layout"),
+        "boft": ({f"{n}.oft_blocks": r(2, 4, 3, 3)}, rf"key '{n}.oft_blocks' has shape \(2, 4, 3, 3\), the layer "
+                 r"needs \(levels, blocks, size, size\) with blocks · size = 16, an even size"),
+        "boft_levels": ({f"{n}.oft_blocks": r(4, 4, 4, 4)}, r"blocks divisible by 2\^\(levels − 1\)"),
+        "oft_diag": ({f"{n}.oft_diag": r(4, 2, 2)}, rf"key '{n}.oft_diag' has shape \(4, 2, 2\), the layer needs "
+                     r"\(blocks, size, size\) with blocks · size = 16"),
+        "oft_both": ({f"{n}.oft_diag": r(4, 4, 4), f"{n}.oft_blocks": r(4, 4, 4)}, "are two OFT layouts for one layer"),
+        "oft_rescale_only": ({f"{n}.rescale": r(16, 1)}, rf"key '{n}.rescale' \(OFT\) has no matching oft_blocks"),
+        "glora_missing": ({f"{n}.a1.weight": r(16, 2), f"{n}.a2.weight": r(2, 16), f"{n}.b1.weight": r(16, 2)},
+                          rf"key '{n}.a1.weight' \(GLoRA\) has no matching b2 weight"),
+        "glora_shape": ({f"{n}.a1.weight": r(16, 2), f"{n}.a2.weight": r(2, 16), f"{n}.b1.weight": r(24, 2),
+                         f"{n}.b2.weight": r(2, 16)}, r"GLoRA keys .*b1.weight' \(24, 2\).* do not fit the layer "
+                        r"\(out 16, in 16\)"),
+        "glora_rank": ({f"{n}.a1.weight": r(16, 2), f"{n}.a2.weight": r(2, 16), f"{n}.b1.weight": r(16, 3),
+                        f"{n}.b2.weight": r(2, 16)}, rf"wrong ranks: '{n}.b2.weight' has rank 2 but '{n}.b1.weight' "
+                       "has rank 3"),
+        "glora_dora": ({f"{n}.a1.weight": r(16, 2), f"{n}.a2.weight": r(2, 16), f"{n}.b1.weight": r(16, 2),
+                        f"{n}.b2.weight": r(2, 16), f"{n}.dora_scale": r(1, 16)}, "DoRA beside GLoRA is not supported"),
+        "lokr_t1": ({f"{c}.lokr_t1": r(2, 2, 3, 3), f"{c}.lokr_w1_a": r(2, 4), f"{c}.lokr_w1_b": r(2, 4)},
+                    rf"key '{c}.lokr_t1' belongs to LoKr with a Tucker-decomposed first factor \(a key no LyCORIS "
+                    "release writes"),
         "ia3_size": ({f"{n}.weight": r(15), f"{n}.on_input": torch.tensor(1)},
                      rf"key '{n}.weight' has shape \(15,\), the layer needs 16 values, one per input column"),
         "diff_shape": ({f"{c}.diff": r(16, 16, 1, 1)}, rf"key '{c}.diff' has shape \(16, 16, 1, 1\), the layer needs "

@@ -16,8 +16,9 @@ File formats (the key tables below are the only place names are converted):
 * LyCORIS (kohya / A1111 files, same prefixes and layer names): LoCon's CP middle (``.lora_mid.weight``), LoHa
   (``.hada_w1_a`` ... ``.hada_t2``), LoKr
   (``.lokr_w1`` ... ``.lokr_t2``), "full" (``.diff`` / ``.diff_b``), (IA)³ (``.weight`` / ``.on_input``), trained
-  norm layers (``.w_norm`` / ``.b_norm`` on GroupNorm / LayerNorm), OFT (``.oft_blocks`` / ``.rescale``) and DoRA's
-  ``.dora_scale``; their deltas are built in
+  norm layers (``.w_norm`` / ``.b_norm`` on GroupNorm / LayerNorm), OFT and BOFT (``.oft_blocks`` / ``.rescale``,
+  the older ``.oft_diag``), GLoRA (``.a1.weight`` ... ``.bm.weight``) and DoRA's ``.dora_scale``; their deltas are
+  built in
   :mod:`diffusekit.loaders.lora_layers` (one class per adapter kind, chosen from the parts a layer has).
 * diffusers / PEFT: ``unet.<module path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.``...), the older
   ``.lora.down.weight`` / ``.lora.up.weight`` and attention-processor spellings, optional ``.alpha`` keys, and
@@ -97,8 +98,14 @@ KOHYA_SUFFIXES: dict[str, str] = {
     ".on_input": "on_input",  # (IA)³
     ".w_norm": "w_norm",  # LyCORIS trained norm layers
     ".b_norm": "b_norm",
-    ".oft_blocks": "oft_blocks",  # LyCORIS diag-OFT
+    ".oft_blocks": "oft_blocks",  # LyCORIS diag-OFT (3-d) and BOFT (4-d)
+    ".oft_diag": "oft_diag",  # LyCORIS 2.0 / 2.1 OFT: the rotations themselves
     ".rescale": "rescale",
+    ".a1.weight": "a1",  # LyCORIS GLoRA
+    ".a2.weight": "a2",
+    ".b1.weight": "b1",
+    ".b2.weight": "b2",
+    ".bm.weight": "bm",
     ".weight": "ia3_weight",  # (IA)³'s vector: matched last, after every longer ``.….weight`` above
 }
 #: part -> adapter kind it belongs to (parts not listed, ``alpha`` and ``dora_scale``, go with any kind)
@@ -109,7 +116,8 @@ PART_KINDS: dict[str, str] = {
     "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr", "lokr_w2": "lokr", "lokr_w2_a": "lokr",
     "lokr_w2_b": "lokr", "lokr_t2": "lokr",
     "diff": "full", "diff_b": "full", "ia3_weight": "ia3", "on_input": "ia3", "w_norm": "norm", "b_norm": "norm",
-    "oft_blocks": "oft", "rescale": "oft",
+    "oft_blocks": "oft", "oft_diag": "oft", "rescale": "oft",
+    "a1": "glora", "a2": "glora", "b1": "glora", "b2": "glora", "bm": "glora",
 }
 #: diffusers / PEFT key prefix -> pipeline component
 DIFFUSERS_PREFIXES: dict[str, str] = {
@@ -141,16 +149,13 @@ DIFFUSERS_PATH_RENAMES: dict[str, str] = {
     ".self_attn.to_v": ".self_attn.v_proj",
     ".self_attn.to_out": ".self_attn.out_proj",
 }
-#: key fragments of other adapter kinds, refused with a clear message
+#: key fragments of other adapter kinds, refused with a clear message. ``lokr_t1`` (a Tucker core for LoKr's first
+#: factor) is a name LyCORIS lists but has never built or saved, and that neither LyCORIS, A1111 nor ComfyUI applies:
+#: there is no formula to follow.
 UNSUPPORTED_KINDS: dict[str, str] = {
-    "lokr_t1": "LoKr with a Tucker-decomposed first factor (LyCORIS)",
+    "lokr_t1": "LoKr with a Tucker-decomposed first factor (a key no LyCORIS release writes, which LyCORIS, A1111 "
+               "and ComfyUI do not apply either)",
     "lora_B.bias": "LoRA with bias",
-    ".oft_diag": "OFT in the older LyCORIS layout (oft_diag)",
-    ".a1.weight": "GLoRA (LyCORIS)",
-    ".a2.weight": "GLoRA (LyCORIS)",
-    ".b1.weight": "GLoRA (LyCORIS)",
-    ".b2.weight": "GLoRA (LyCORIS)",
-    ".bm.weight": "GLoRA (LyCORIS)",
 }
 
 
@@ -396,7 +401,8 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], components: Mapping[str, 
         for fragment, kind in UNSUPPORTED_KINDS.items():
             if fragment in key:
                 raise LoraError(f"{origin}: key {key!r} belongs to {kind}, which diffusekit does not load (LoRA, "
-                                "LoCon, LyCORIS LoHa / LoKr / full / (IA)³ / norm layers / OFT, and DoRA)")
+                                "LoCon, LyCORIS LoHa / LoKr / full / (IA)³ / norm layers / OFT / BOFT / GLoRA, and "
+                                "DoRA)")
     parts: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
     indexes: dict[str, dict[str, str]] = {}
     for key, tensor in state_dict.items():
@@ -404,7 +410,8 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], components: Mapping[str, 
         if split is None:
             known = ", ".join([*KOHYA_PREFIXES, *DIFFUSERS_PREFIXES])
             raise LoraError(f"{origin}: key {key!r} is not a LoRA key diffusekit knows (prefixes {known}; suffixes "
-                            "lora_down/lora_up/alpha, LyCORIS hada_*/lokr_*/dora_scale, or lora_A/lora_B)")
+                            "lora_down/lora_up/alpha, LyCORIS hada_*/lokr_*/oft_*/a1.weight.../dora_scale, or "
+                            "lora_A/lora_B)")
         fmt, component, name, part = split
         model = components.get(component)
         if model is None:

@@ -19,9 +19,15 @@ Kinds (the formulas are those of kohya / LyCORIS / A1111, ``W`` of shape (out, i
   weight becomes ``W ⊙ (1 + m·w)``; the bias is kept (LyCORIS's and A1111's merge).
 * trained norms (LyCORIS ``w_norm`` / ``b_norm`` on GroupNorm / LayerNorm): ``Δw = w_norm``, ``Δb = b_norm``.
 * OFT (LyCORIS ``oft_blocks`` (k, n, n), ``alpha`` the constraint, optional ``rescale``): each block of ``n`` output
-  rows rotated by the Cayley transform of ``B − Bᵀ`` (:class:`OftWeights`); ``ΔW = rescale ⊙ RᵀW − W``.
+  rows rotated by the Cayley transform of ``B − Bᵀ`` (:class:`OftWeights`); ``ΔW = rescale ⊙ R_mᵀW − W`` with
+  ``R_m = m·R + (1 − m)·I``. LyCORIS 2.0's ``oft_diag`` holds ``R`` itself.
+* BOFT (LyCORIS ``oft_blocks`` (levels, k, n, n)): ``levels`` butterfly stages of block rotations over the output
+  rows (:class:`BoftWeights`), each stage blended with the identity at ``m``; not linear in ``m``.
+* GLoRA (LyCORIS ``a1`` / ``a2`` / ``b1`` / ``b2`` [/ ``bm``] ``.weight``): ``ΔW = alpha/rank · (W ×ᵢ a_up·a_down +
+  b_up·b_down)`` (:class:`GloraWeights`), reading the layer's weight.
 
-``m`` is the adapter weight times the call scale; every delta (and bias delta) is multiplied by it.
+``m`` is the adapter weight times the call scale; every delta (and bias delta) is multiplied by it (OFT and BOFT
+blend their rotations with it instead, as LyCORIS does).
 Without an ``alpha`` key the scale is 1, as in kohya, LyCORIS and A1111.
 
 DoRA (``dora_scale``, kohya / LyCORIS "weight decompose", any kind): the layer's weight becomes
@@ -127,6 +133,16 @@ class LayerAdapter:
                     setattr(holder, field.name, value.to(like.device, like.dtype))
 
 
+def _up_down(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None) -> torch.Tensor:
+    """``up @ down`` (or ``up · mid · down``) in the shape of the layer's weight: ``up`` (out, r[, 1, 1]), ``down``
+    (r, in[, k, k]), or with a CP ``mid`` (r, r, k, k) a (r, in[, 1, 1]) ``down``."""
+    up2 = up.reshape(up.shape[0], -1)  # (out, r)
+    down2 = down.reshape(down.shape[0], -1)  # (r, in * k * k), or (r, in) with a mid
+    if mid is not None:
+        return torch.einsum("nmkl,on,mc->ockl", mid, up2, down2)  # (out, in, k, k)
+    return (up2 @ down2).reshape(up.shape[0], *down.shape[1:])
+
+
 @dataclasses.dataclass
 class LoraWeights(LayerAdapter):
     """LoRA / LoCon: ``down`` (r, in[, k, k]), ``up`` (out, r[, 1, 1]); with a CP ``mid`` (r, r, k, k) the
@@ -137,12 +153,7 @@ class LoraWeights(LayerAdapter):
     mid: torch.Tensor | None = None
 
     def delta_weight(self) -> torch.Tensor:
-        """``up @ down`` (or ``up · mid · down``) in the shape of the layer's weight."""
-        up = self.up.reshape(self.up.shape[0], -1)  # (out, r)
-        down = self.down.reshape(self.down.shape[0], -1)  # (r, in * k * k), or (r, in) with a mid
-        if self.mid is not None:
-            return torch.einsum("nmkl,on,mc->ockl", self.mid, up, down)  # (out, in, k, k)
-        return (up @ down).reshape(self.up.shape[0], *self.down.shape[1:])
+        return _up_down(self.up, self.down, self.mid)
 
     def forward_delta(self, module, x, base, multiplier):
         if self.needs_base:
@@ -267,34 +278,114 @@ class NormWeights(LayerAdapter):
 @dataclasses.dataclass
 class OftWeights(LayerAdapter):
     """OFT (LyCORIS ``diag-oft``: ``oft_blocks`` (k, n, n) with ``k·n = out``): each block of ``n`` output rows is
-    rotated by the Cayley transform ``R = (I + Q)(I − Q)⁻¹`` of ``Q = B − Bᵀ``, ``‖Q‖`` first clipped to
-    ``constraint`` (``alpha · out``) when above 0; the weight becomes ``W + m·(rescale ⊙ RᵀW − W)`` per block (A1111's
-    merge; LyCORIS's ``m·R + (1 − m)·I`` gives the same). The bias is kept."""
+    rotated by the Cayley transform ``R = (I + Q)(I − Q)⁻¹`` of ``Q = B − Bᵀ``, ``Q`` first scaled down to norm
+    ``constraint`` (``alpha · out``) when that is above 0 and ``‖Q‖`` exceeds it. At multiplier ``m`` the rotation
+    is blended with the identity, ``R_m = m·R + (1 − m)·I``, and the weight becomes ``rescale ⊙ R_mᵀ W`` per block
+    (LyCORIS's ``make_weight``). The bias is kept.
+
+    LyCORIS's older layout (``oft_diag``, LyCORIS 2.0 / 2.1) stores ``R`` itself (``rotation_given``), applied the
+    same way, without a constraint.
+
+    Where the references differ, LyCORIS is followed: A1111 merges ``W + m·(rescale ⊙ RᵀW − W)``, the same without a
+    ``rescale``; with one, LyCORIS keeps the full ``rescale`` at any ``m`` (at ``m = 0`` only the rescale applies)
+    where A1111 scales it with the rotation. A1111 clips ``‖Q‖`` by ``(min(‖Q‖, c) + ε) / (‖Q‖ + ε)``, LyCORIS by
+    ``c / (‖Q‖ + ε)`` only above ``c`` (the same up to ``ε = 1e-8``)."""
 
     blocks: torch.Tensor = None
     constraint: float = 0.0
     rescale: torch.Tensor | None = None
+    rotation_given: bool = False
 
     @property
     def needs_base(self) -> bool:
         return True
 
     def rotation(self) -> torch.Tensor:
-        """``R`` per block, (k, n, n)."""
-        q = self.blocks - self.blocks.transpose(1, 2)
+        """``R`` per block, (k, n, n) (BOFT: (levels, k, n, n)), in float32 (as LyCORIS inverts)."""
+        blocks = self.blocks.float()
+        if self.rotation_given:
+            return blocks
+        q = blocks - blocks.transpose(-1, -2)
         if self.constraint > 0:
-            norm = torch.linalg.vector_norm(q)
-            q = q * (torch.clamp(norm, max=self.constraint) + 1e-8) / (norm + 1e-8)
+            norm = torch.linalg.vector_norm(q) + 1e-8
+            q = q * torch.where(norm > self.constraint, self.constraint / norm, torch.ones_like(norm))
         eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
         return (eye + q) @ torch.linalg.inv(eye - q)
 
+    def rotate(self, base: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        """``base`` (out, ...) with each block of ``n`` output rows multiplied by its ``Rᵀ``."""
+        k, n = rotations.shape[:2]
+        rotated = torch.einsum("knm,kn...->km...", rotations, base.reshape(k, n, *base.shape[1:]))
+        return rotated.reshape(base.shape)
+
     def weight_delta(self, base, multiplier):
-        k, n = self.blocks.shape[:2]
-        rotated = torch.einsum("knm,kn...->km...", self.rotation(), base.reshape(k, n, *base.shape[1:]))
-        rotated = rotated.reshape(base.shape)
+        rotations = self.rotation()
+        if multiplier != 1:
+            eye = torch.eye(rotations.shape[-1], dtype=rotations.dtype, device=rotations.device)
+            rotations = rotations * multiplier + eye * (1 - multiplier)
+        original = base.float()
+        merged = self.rotate(original, rotations)
         if self.rescale is not None:
-            rotated = self.rescale * rotated
-        return (rotated - base) * multiplier
+            merged = self.rescale.float() * merged
+        return (merged - original).to(base.dtype)
+
+
+@dataclasses.dataclass
+class BoftWeights(OftWeights):
+    """BOFT (LyCORIS ``boft``, butterfly OFT: ``oft_blocks`` (levels, k, n, n), ``k·n = out``, ``n`` even, ``k``
+    divisible by ``2^(levels − 1)``): the weight's output rows go through ``levels`` butterfly stages; stage ``i``
+    pairs each row with the one ``2^i · n/2`` rows away, takes the pairs as consecutive blocks of ``n`` rows,
+    multiplies each block by its ``R`` (``R``, not diag-OFT's ``Rᵀ``, as LyCORIS does), and puts the rows back.
+    ``R`` is OFT's Cayley transform, the norm of all stages' ``Q`` together constrained to ``alpha · out``. At
+    multiplier ``m`` every stage's ``R`` is blended, ``m·R + (1 − m)·I``, then the ``rescale`` applies in full
+    (LyCORIS's ``make_weight``): unlike the other kinds the change is not linear in ``m``.
+
+    The references differ when ``m ≠ 1``: LyCORIS (followed here) blends every stage; A1111 applies the stages
+    unblended and multiplies the change, ``W + m·(rescale ⊙ B(W) − W)``; ComfyUI blends every stage and multiplies
+    the change by ``m`` once more. ComfyUI also takes ``alpha`` itself as the constraint (LyCORIS and A1111:
+    ``alpha · out``). All agree at ``m = 1`` (up to the constraint)."""
+
+    def rotate(self, base, rotations):
+        levels, count, size = rotations.shape[:3]
+        rest = base.shape[1:]
+        rows = base
+        for level in range(levels):
+            stride = (size // 2) << level
+            # rows (c, 2, stride) -> (c, stride, 2): rows `stride` apart become neighbours, in blocks of `size`
+            rows = rows.reshape(-1, 2, stride, *rest).transpose(1, 2).reshape(count, size, *rest)
+            rows = torch.einsum("bij,bj...->bi...", rotations[level], rows)
+            rows = rows.reshape(-1, stride, 2, *rest).transpose(1, 2).reshape(base.shape)
+        return rows
+
+
+@dataclasses.dataclass
+class GloraWeights(LayerAdapter):
+    """GLoRA (LyCORIS ``glora``): ``ΔW = s · (W ×ᵢ A + B)`` with ``A = a_up @ a_down`` (in, in) acting on the
+    layer's input channels (``(W ×ᵢ A)[o, j, …] = Σ_i W[o, i, …] · A[i, j]``, a 1×1 map on a conv) and
+    ``B = b_up @ b_down`` (or ``b_up · mid · b_down`` with LyCORIS's Tucker ``bm``) a LoRA / LoCon delta;
+    ``s = alpha / rank`` (1 without an alpha or with alpha 0, as LyCORIS); linear in the multiplier. ``W`` is the
+    layer's weight before any ``fuse_lora`` (LyCORIS reads the weight as it is at the time).
+
+    Key layouts, told apart by their shapes: LyCORIS ≥ 3.0 writes ``a2`` (r, in) → ``a1`` (in, r) and ``b2``
+    (r, in[, k, k]) → ``b1`` (out, r[, 1, 1]), or ``bm`` (r, r, k, k) between a 1×1 ``b2`` and ``b1``; LyCORIS ≤ 2.2
+    wrote the same maps with the names swapped, ``a1`` (r, in) → ``a2`` (in, r) and ``b1`` (r, in) → ``b2``
+    (out, r). A1111 reads only the older layout and ignores ``alpha`` (scale 1); LyCORIS and ComfyUI use
+    ``alpha / rank``, as here (ComfyUI reads both layouts and drops ``bm``)."""
+
+    a_down: torch.Tensor = None
+    a_up: torch.Tensor = None
+    b_down: torch.Tensor = None
+    b_up: torch.Tensor = None
+    b_mid: torch.Tensor | None = None
+
+    @property
+    def needs_base(self) -> bool:
+        return True
+
+    def weight_delta(self, base, multiplier):
+        mix = self.a_up @ self.a_down  # (in, in)
+        delta = torch.einsum("oi...,ij->oj...", base, mix) + _up_down(self.b_up, self.b_down, self.b_mid)
+        return delta * (self.alpha_scale * multiplier)
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -563,20 +654,69 @@ def build_norm(module: nn.Module, found: Found, alpha: float | None, origin: str
 
 
 def build_oft(module: nn.Module, found: Found, alpha: float | None, origin: str) -> OftWeights:
-    _need(found, ("oft_blocks",), origin, "OFT")
+    """diag-OFT (3-d ``oft_blocks``), BOFT (4-d ``oft_blocks``) or LyCORIS 2.0's ``oft_diag`` (the rotations)."""
+    if "oft_blocks" in found and "oft_diag" in found:
+        raise LoraError(f"{origin}: keys {_key(found, 'oft_blocks')!r} and {_key(found, 'oft_diag')!r} are two OFT "
+                        "layouts for one layer; a LyCORIS file has one of them")
+    part = "oft_diag" if "oft_diag" in found else "oft_blocks"
+    _need(found, (part,), origin, "OFT")
     _no_dora(found, origin, "OFT")
-    blocks, rescale = _tensor(found, "oft_blocks"), _tensor(found, "rescale")
+    blocks, rescale = _tensor(found, part), _tensor(found, "rescale")
     out = module.weight.shape[0]
-    if blocks.ndim == 4:
-        raise LoraError(f"{origin}: key {_key(found, 'oft_blocks')!r} has shape {tuple(blocks.shape)}: that is BOFT "
-                        "(LyCORIS butterfly OFT), which diffusekit does not load")
-    _want(blocks.ndim == 3 and blocks.shape[1] == blocks.shape[2] and blocks.shape[0] * blocks.shape[1] == out,
-          found, "oft_blocks", blocks, f"(blocks, size, size) with blocks · size = {out}", origin)
     if rescale is not None:
         _want(rescale.numel() == out, found, "rescale", rescale, f"{out} values, one per output row", origin)
         rescale = rescale.reshape(out, *[1] * (module.weight.ndim - 1))
     constraint = 0.0 if alpha is None or alpha <= 0 else alpha * out
+    if blocks.ndim == 4 and part == "oft_blocks":  # BOFT
+        levels, count, size = blocks.shape[:3]
+        _want(levels >= 1 and size == blocks.shape[3] and count * size == out and size % 2 == 0
+              and count % (1 << (levels - 1)) == 0, found, part, blocks,
+              f"(levels, blocks, size, size) with blocks · size = {out}, an even size and blocks divisible by "
+              "2^(levels − 1) (LyCORIS BOFT)", origin)
+        return BoftWeights(1.0, None, blocks, constraint, rescale)
+    _want(blocks.ndim == 3 and blocks.shape[1] == blocks.shape[2] and blocks.shape[0] * blocks.shape[1] == out,
+          found, part, blocks, f"(blocks, size, size) with blocks · size = {out}", origin)
+    if part == "oft_diag":  # LyCORIS 2.0 / 2.1 saved R itself (its constraint already applied)
+        return OftWeights(1.0, None, blocks, 0.0, rescale, rotation_given=True)
     return OftWeights(1.0, None, blocks, constraint, rescale)
+
+
+def _matrix(found: Found, part: str, origin: str) -> torch.Tensor:
+    """A 2-d factor, also written as a 1×1 convolution's (x, y, 1, 1) weight."""
+    tensor = _tensor(found, part)
+    if tensor.ndim > 2 and tensor.shape[2:].numel() == 1:
+        tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])
+    _want(tensor.ndim == 2, found, part, tensor, "a 2-d factor (or a 1×1 convolution's weight)", origin)
+    return tensor
+
+
+def build_glora(module: nn.Module, found: Found, alpha: float | None, origin: str) -> GloraWeights:
+    """GLoRA in LyCORIS ≥ 3.0's layout or, where only it fits the layer, LyCORIS ≤ 2.2's (:class:`GloraWeights`)."""
+    _need(found, ("a1", "a2", "b1", "b2"), origin, "GLoRA")
+    _no_dora(found, origin, "GLoRA")
+    a1, a2 = _matrix(found, "a1", origin), _matrix(found, "a2", origin)
+    b1, b2 = _tensor(found, "b1"), _tensor(found, "b2")
+    out, fan_in = module.weight.shape[0], module.weight.shape[1]
+    if a1.shape[0] == fan_in and a2.shape[1] == fan_in and b1.shape[0] == out:  # a2 -> a1, b2 -> b1
+        (down, a_down), (up, a_up), b_parts = ("a2", a2), ("a1", a1), {"down": "b2", "up": "b1", "mid": "bm"}
+    elif a1.shape[1] == fan_in and a2.shape[0] == fan_in and b2.shape[0] == out and "bm" not in found:
+        (down, a_down), (up, a_up), b_parts = ("a1", a1), ("a2", a2), {"down": "b1", "up": "b2"}
+    else:
+        shapes = ", ".join(f"{_key(found, p)!r} {tuple(found[p][1].shape)}" for p in ("a1", "a2", "b1", "b2"))
+        raise LoraError(f"{origin}: GLoRA keys {shapes} do not fit the layer (out {out}, in {fan_in}): LyCORIS "
+                        f"writes a1 ({fan_in}, rank), a2 (rank, {fan_in}), b1 ({out}, rank), b2 (rank, {fan_in}[, k, "
+                        f"k]); its versions up to 2.2 a1 (rank, {fan_in}), a2 ({fan_in}, rank), b1 (rank, {fan_in}), "
+                        f"b2 ({out}, rank). A file for another model?")
+    _same_rank(found, up, down, a_up.shape[1], a_down.shape[0], origin)
+    lora_parts = {part: found[key] for part, key in b_parts.items() if key in found}
+    if "mid" in lora_parts:
+        b_down, b_mid, b_up = _cp_shapes(module, lora_parts, origin)
+    else:
+        (b_down, b_up), b_mid = _lora_shapes(module, lora_parts, origin), None
+    _same_rank(found, down, b_parts["down"], a_down.shape[0], b_down.shape[0], origin)
+    rank = a_down.shape[0]
+    scale = 1.0 if not alpha else alpha / rank  # LyCORIS: no alpha or alpha 0 is alpha = rank
+    return GloraWeights(scale, None, a_down, a_up, b_down, b_up, b_mid)
 
 
 #: adapter kind -> builder ``(layer, parts found, alpha or None, origin) -> LayerAdapter``
@@ -588,11 +728,13 @@ BUILDERS: dict[str, Callable[[nn.Module, Found, float | None, str], LayerAdapter
     "ia3": build_ia3,
     "norm": build_norm,
     "oft": build_oft,
+    "glora": build_glora,
 }
 #: adapter kind -> its name in messages
 KIND_NAMES: dict[str, str] = {"lora": "LoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)",
                               "full": "full weight difference (LyCORIS)", "ia3": "(IA)³ (LyCORIS)",
-                              "norm": "trained norm layer (LyCORIS)", "oft": "OFT (LyCORIS)"}
+                              "norm": "trained norm layer (LyCORIS)", "oft": "OFT / BOFT (LyCORIS)",
+                              "glora": "GLoRA (LyCORIS)"}
 #: adapter kind -> the layer types it applies to
 LINEAR_OR_CONV = (nn.Linear, nn.Conv2d)
 KIND_LAYERS: dict[str, tuple[type, ...]] = {"norm": (nn.GroupNorm, nn.LayerNorm)}
