@@ -130,7 +130,7 @@ def test_unet_matches_peft(pipes, tmp_path, kind):
     expected_parts = {
         "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"},
         "loha-plain-conv": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
-        "lokr": {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
+        "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
         "lokr-tucker": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
         "lokr-full": {"lokr_w1", "lokr_w2", "alpha"},
     }[kind]
@@ -643,25 +643,30 @@ def lycoris_modules():
     pytest.importorskip("lycoris")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LYCORIS_KERNEL_BACKEND", "torch")
-        from lycoris.modules.boft import ButterflyOFTModule
-        from lycoris.modules.diag_oft import DiagOFTModule
-        from lycoris.modules.glora import GLoRAModule
+        from lycoris.modules import ButterflyOFTModule, DiagOFTModule, GLoRAModule, LohaModule, LokrModule
 
-        yield {"boft": ButterflyOFTModule, "diag-oft": DiagOFTModule, "glora": GLoRAModule}
+        yield {"boft": ButterflyOFTModule, "diag-oft": DiagOFTModule, "glora": GLoRAModule, "loha": LohaModule,
+               "lokr": LokrModule}
 
 
 #: algo -> ({layer: the LyCORIS module's arguments}, the file's dtype); the layers: Linear 16 <- 16, Linear 16 <- 32,
 #: 1x1 conv, 3x3 conv 16 -> 16, Linear 16 <- 64 (time_emb_proj), 3x3 conv 32 -> 32
 ORACLE_FILES = {
     "boft": ({UNET_PATHS[0]: dict(lora_dim=4, rescaled=True),  # (3, 4, 4, 4): three butterfly stages
-              UNET_PATHS[3]: dict(lora_dim=2, constraint=0.01),  # (4, 8, 2, 2), ‖Q‖ clipped to 0.01 · 16
+              UNET_PATHS[3]: dict(lora_dim=2, constraint=2**-6),  # (4, 8, 2, 2), ‖Q‖ clipped to 16 / 64
               UNET_PATHS[4]: dict(lora_dim=8, rescaled=True),  # (2, 2, 8, 8)
               UNET_PATHS[6]: dict(lora_dim=4)}, torch.float16),  # (4, 8, 4, 4)
     "diag-oft": ({UNET_PATHS[1]: dict(lora_dim=4, rescaled=True),
-                  UNET_PATHS[4]: dict(lora_dim=8, rescaled=True, constraint=0.001)}, torch.float32),
+                  UNET_PATHS[4]: dict(lora_dim=8, rescaled=True, constraint=2**-10)}, torch.float32),
     "glora": ({UNET_PATHS[1]: dict(lora_dim=4, alpha=2.0), UNET_PATHS[3]: dict(lora_dim=2, alpha=1.0),
                UNET_PATHS[4]: dict(lora_dim=4, alpha=8.0), UNET_PATHS[5]: dict(lora_dim=2, alpha=0.0)},
               torch.bfloat16),
+    # the CP / Tucker forms (hada_t1 / hada_t2, lokr_t2) on 3x3 convs, checked against LyCORIS too
+    "loha": ({UNET_PATHS[0]: dict(lora_dim=2, alpha=1.0), UNET_PATHS[4]: dict(lora_dim=2, alpha=1.0, use_tucker=True),
+              UNET_PATHS[6]: dict(lora_dim=4, alpha=2.0, use_tucker=True)}, torch.float16),
+    "lokr": ({UNET_PATHS[2]: dict(lora_dim=2, alpha=1.0, decompose_both=True),
+              UNET_PATHS[6]: dict(lora_dim=2, alpha=4.0, use_tucker=True, decompose_both=True, factor=4)},
+             torch.float32),
 }
 
 
@@ -676,45 +681,63 @@ def plain_layer(weight):
     return layer
 
 
-def lycoris_save(pipe, module_type, layers, dtype, seed):
-    """What LyCORIS saves for ``layers`` of the UNet: each of its modules built on the layer, parameters random,
-    ``lora_unet_<layer>.<its state dict key>`` in ``dtype``."""
+def lycoris_save(pipe, module_type, layers, dtype, seed, std=0.2):
+    """What LyCORIS saves for ``layers`` of the UNet, and its modules that hold those tensors: each module built on
+    a copy of the layer, parameters random (``std``), saved as ``lora_unet_<layer>.<its state dict key>`` in
+    ``dtype`` and loaded back (so both sides see the same rounded numbers). Returns ``(state dict, {layer: module})``.
+    The modules run as LyCORIS runs them in inference (their forward on the layer copy): LyCORIS's
+    ``get_merged_weight`` scales LoHa and LoKr by alpha / rank twice, and its file loader (``make_module``)
+    mis-sizes a Tucker LoKr, so neither is the reference."""
     g = torch.Generator().manual_seed(seed)
-    sd = {}
+    sd, modules = {}, {}
     for path, kwargs in layers.items():
         module = module_type("x", plain_layer(pipe.unet.get_submodule(path).weight.detach()), 1.0, **kwargs)
+        saved = {}
         for key, tensor in module.state_dict().items():
             if key == "rescale":
                 tensor = 1 + 0.3 * torch.rand(tensor.shape, generator=g)
             elif key != "alpha":
-                tensor = torch.randn(tensor.shape, generator=g) * 0.2
-            sd[f"lora_unet_{path.replace('.', '_')}.{key}"] = tensor.to(dtype)
-    return sd
+                tensor = torch.randn(tensor.shape, generator=g) * std
+            saved[key] = sd[f"lora_unet_{path.replace('.', '_')}.{key}"] = tensor.to(dtype)
+        module.load_state_dict({k: v.float() for k, v in saved.items()})
+        module.apply_to()
+        modules[path] = module
+    return sd, modules
 
 
-def lycoris_merged(module_type, sd, path, weight, multiplier):
-    """The layer's ``weight`` as LyCORIS merges the file's tensors into it at ``multiplier``: its module rebuilt
-    from them (``make_module_from_state_dict``, the way LyCORIS loads a file)."""
-    import inspect
-
-    name = f"lora_unet_{path.replace('.', '_')}."
-    saved = {k[len(name):].removesuffix(".weight"): v for k, v in sd.items() if k.startswith(name)}
-    parameters = list(inspect.signature(module_type.make_module_from_state_dict).parameters)[2:]
+def lycoris_merged(module, multiplier):
+    """The weight of the layer under LyCORIS ``module`` at ``multiplier``, read back from its forward by feeding it
+    every unit input."""
+    module.multiplier = multiplier
+    layer = module.org_module[0]
+    weight = layer.weight
+    fan_in = weight[0].numel()
+    units = torch.eye(fan_in).reshape(fan_in, *weight.shape[1:])  # (in, in) or (in·k·k, in, k, k)
     with torch.no_grad():
-        module = module_type.make_module_from_state_dict("x", plain_layer(weight),
-                                                         **{p: saved.get(p) for p in parameters})
-        return module.get_merged_weight(multiplier)[0].reshape(weight.shape)
+        return layer(units).reshape(fan_in, -1).T.reshape(weight.shape)
+
+
+#: algo -> the key suffixes its file must hold (every layout the test means to exercise is there)
+ORACLE_PARTS = {
+    "boft": {"oft_blocks", "rescale", "alpha"},
+    "diag-oft": {"oft_blocks", "rescale", "alpha"},
+    "glora": {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"},
+    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
+}
 
 
 @pytest.mark.parametrize("algo", list(ORACLE_FILES))
-def test_boft_oft_glora_match_lycoris(pipes, tmp_path, lycoris_modules, algo):
-    """BOFT, diag-OFT (with its rescale at a weight below 1) and GLoRA files as LyCORIS saves them, loaded from a
-    safetensors file: at adapter weights 0.5 and 1 the unfused UNet's output equals diffusers' UNet with the weights
-    LyCORIS's own modules merge from the same tensors, and fuse_lora writes exactly those weights."""
+def test_files_merge_as_lycoris_does(pipes, tmp_path, lycoris_modules, algo):
+    """BOFT, diag-OFT (with its rescale at a weight below 1), GLoRA, and LoHa / LoKr with their CP / Tucker forms,
+    in files as LyCORIS saves them, loaded from safetensors: at adapter weights 0.5 and 1 the unfused UNet's output
+    equals diffusers' UNet with the weights LyCORIS's own file loader and modules merge from the same tensors, and
+    fuse_lora writes exactly those weights."""
     ours, ref = pipes
     layers, dtype = ORACLE_FILES[algo]
-    module_type = lycoris_modules[algo]
-    sd = lycoris_save(ours, module_type, layers, dtype, seed=31)
+    sd, modules = lycoris_save(ours, lycoris_modules[algo], layers, dtype, seed=31, std=0.5 if algo == "loha" else 0.2)
+    assert {k.split(".", 1)[1] for k in sd} == ORACLE_PARTS[algo]
+    assert any(v.ndim == 4 for k, v in sd.items() if k.endswith("oft_blocks")) == (algo == "boft")
     file = tmp_path / f"{algo}.safetensors"
     save_file(sd, file, metadata=kohya_metadata(algo, 4, 1.0))
     base = unet_out(ours.unet)
@@ -722,7 +745,7 @@ def test_boft_oft_glora_match_lycoris(pipes, tmp_path, lycoris_modules, algo):
     ours.load_lora_weights(file, adapter_name=algo)
     for weight in (0.5, 1.0):
         ours.set_adapters(algo, weight)
-        want = {path: lycoris_merged(module_type, sd, path, before[f"{path}.weight"], weight) for path in layers}
+        want = {path: lycoris_merged(module, weight) for path, module in modules.items()}
         with torch.no_grad():
             for path, merged in want.items():
                 ref.unet.get_submodule(path).weight.copy_(merged)
@@ -743,10 +766,10 @@ def test_boft_blends_every_stage(pipes, lycoris_modules):
     scale of diffusers (``cross_attention_kwargs``) is the same blend as the adapter weight."""
     ours, _ = pipes
     path = UNET_PATHS[6]
-    sd = lycoris_save(ours, lycoris_modules["boft"], {path: dict(lora_dim=4)}, torch.float32, seed=32)
+    sd, modules = lycoris_save(ours, lycoris_modules["boft"], {path: dict(lora_dim=4)}, torch.float32, seed=32)
     base = ours.unet.get_submodule(path).weight.detach().clone()
-    half = lycoris_merged(lycoris_modules["boft"], sd, path, base, 0.5) - base
-    full = lycoris_merged(lycoris_modules["boft"], sd, path, base, 1.0) - base
+    half = lycoris_merged(modules[path], 0.5) - base
+    full = lycoris_merged(modules[path], 1.0) - base
     assert (half - full / 2).abs().max() > 1e-3 * full.abs().max()
     ours.load_lora_weights(sd, adapter_name="boft")
     ours.set_adapters("boft", 0.5)
