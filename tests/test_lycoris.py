@@ -130,7 +130,7 @@ def test_unet_matches_peft(pipes, tmp_path, kind):
     expected_parts = {
         "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"},
         "loha-plain-conv": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
-        "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
+        "lokr": {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
         "lokr-tucker": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
         "lokr-full": {"lokr_w1", "lokr_w2", "alpha"},
     }[kind]
