@@ -26,17 +26,38 @@ from diffusekit import optimize as opt
 
 
 _CHILD = textwrap.dedent("""
-    import json, sys, warnings
+    import json, os, sys, warnings
+    from pathlib import Path
     import torch
     torch.set_num_threads(1)
+    from safetensors.torch import save_file
     from torch import nn
+    from diffusekit.modeling import read_safetensors
     from diffusekit.optimize import compiled_call, optimize_module
     from diffusekit.quantization import quantize_model
 
+    def resident_kb(path):  # this process's resident pages of a mapped file (/proc/self/smaps)
+        path, total, mine = os.path.realpath(path), 0, False
+        for line in open("/proc/self/smaps"):
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's header line
+                mine = len(fields) >= 6 and fields[5] == path
+            elif mine and fields[0] == "Rss:":
+                total += int(fields[1])
+        return total
+
     torch.manual_seed(int(sys.argv[2]))
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.SiLU(), nn.Flatten(2), nn.Linear(36, 8)).eval()
+    # the 2048 x 2048 layer gives the package 4 MB of frozen int8 constants (its code is a few hundred kB)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.SiLU(), nn.Flatten(2), nn.Linear(36, 2048), nn.SiLU(),
+                          nn.Linear(2048, 2048), nn.SiLU(), nn.Linear(2048, 8)).eval()
     x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(5))
     quantize_model(model, [x * 1.2, x])
+    # the weights memory-mapped from a checkpoint, as from_pretrained loads them: the first process writes it, later
+    # ones map the same file (where each weight lies in it is part of the package's key)
+    weights = Path(sys.argv[1]).parent / f"weights-{sys.argv[2]}.safetensors"
+    if not weights.exists():
+        save_file(model.state_dict(), weights)
+    model.load_state_dict(read_safetensors(weights), assign=True)
     with torch.no_grad():
         eager = model(x)
         with warnings.catch_warnings(record=True) as caught:
@@ -47,6 +68,10 @@ _CHILD = textwrap.dedent("""
     stats["rel"] = ((fast - eager).norm() / eager.norm()).item()
     stats["warnings"] = [str(w.message) for w in caught if "optimize()" in str(w.message)]
     stats["out"] = fast.flatten().tolist()
+    libraries = sorted(Path(sys.argv[1]).glob("*/aoti/*/model.so"))
+    stats["library_kb"] = [p.stat().st_size // 1024 for p in libraries]
+    stats["library_resident_kb"] = [resident_kb(p) for p in libraries]
+    stats["weights_kb"], stats["weights_resident_kb"] = weights.stat().st_size // 1024, resident_kb(weights)
     print(json.dumps(stats))
 """)
 
@@ -73,6 +98,12 @@ def _cold_and_warm(cache: Path) -> tuple[dict, Path]:
     assert warm["aoti_loads"] == 1 and warm["aoti_builds"] == 0 and warm["compiles"] == 0, warm
     assert warm["compile_seconds"] == 0 and warm["fxgraph_cache_miss"] == 0 and warm["warnings"] == []
     assert warm["out"] == cold["out"]
+    # memory, by mechanism: the package's library holds the frozen weights, which loading copies out once; its pages
+    # go back to the OS while it does (one copy of the weights, not two), and the model's own checkpoint pages are
+    # never held beside that copy (its digest names the weights by their place in the file; anything read goes back)
+    (library_kb,), (library_resident_kb,) = warm["library_kb"], warm["library_resident_kb"]
+    assert library_kb > 4000 and library_resident_kb < 1500, warm
+    assert warm["weights_kb"] > 4000 and warm["weights_resident_kb"] < 500, warm
     # the native page-out helper (loading copies the weights out of the library while holding the GIL) was built
     assert list((opt._versioned(cache) / "aoti").glob("pageout-*.so"))
     return cold, entry

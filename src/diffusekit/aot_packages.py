@@ -336,6 +336,20 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _flush(path: Path) -> None:
+    """Write ``path``'s pages to disk now (``fsync``). A freshly written library's pages stay dirty for up to ~30 s
+    (the kernel's writeback delay), and dirty pages are not handed back by ``MADV_PAGEOUT``: a frozen package loaded
+    in that window (by its builder, or a process started right after) kept its whole weights resident beside the
+    copy the loader makes (measured: 3.1 of 5.8 MB of a test package's library resident 10 s after its build, 0.2 MB
+    once written back; the SD 1.5 int8 UNet process peaked 2490 MiB instead of ~1400). Also what makes the
+    temporary-folder-and-rename store crash-safe."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class CorruptPackage(Exception):
     """A cache entry that does not match its manifest (or fails to load)."""
 
@@ -529,6 +543,7 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: dict[str,
         del program
         so = tmp / "model.so"
         os.replace(built, so)
+        _flush(so)
         manifest = {"format": FORMAT, "key": key, "size": so.stat().st_size, "sha256": _file_sha256(so),
                     "seconds": round(time.perf_counter() - start, 1), "created": time.time(), **description}
         # a graph calling custom ops (diffusekit.cpu_attention) runs them through AOTInductor's proxy executor,
