@@ -166,6 +166,63 @@ def test_bound_package_runs_on_the_live_weights_and_other_weights_load_it(tmp_pa
     assert json.loads((entry / "manifest.json").read_text())["weights"] == "bound (inputs)"
 
 
+class _Carry:
+    """A per-call object in the shape of DeepCache's step (aot.PackageInput): a tensor in, a tensor written back."""
+
+    def __init__(self, gain: int, cached=None):
+        self.gain, self.cached, self.feature = gain, cached, None
+
+    def package_split(self):
+        return self.gain, (self.cached,)
+
+    @classmethod
+    def package_join(cls, gain, tensors):
+        return cls(gain, tensors[0])
+
+    def package_results(self):
+        return () if self.feature is None else (self.feature,)
+
+    def package_take(self, results):
+        self.feature = results[0] if results else None
+
+
+class _UsesCarry(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, carry=None):
+        y = self.lin(x)
+        if carry is not None:
+            if carry.cached is not None:
+                y = y + carry.cached
+            carry.feature = y * carry.gain  # written into the caller's object
+        return y
+
+
+def test_object_inputs_are_served_by_a_package_and_their_results_written_back(tmp_path):
+    """A call with a per-call object (DeepCache's step) runs from a package: its tensors are inputs (a new value is
+    used, not baked in), its static part is in the key (another gain: another package), and what the call writes
+    into it comes back into the caller's object, as eager writes it."""
+    model = _UsesCarry().eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        opt.optimize_module(model, cache_dir=tmp_path, packages=True)
+        for cached in (torch.randn(3, 4), torch.randn(3, 4)):
+            fast, slow = _Carry(2, cached), _Carry(2, cached)
+            out, ref = model(x, carry=fast), model._call_impl(x, carry=slow)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(fast.feature, slow.feature, rtol=1e-5, atol=1e-6)
+        stats = opt.compiled_call(model).stats
+        assert (stats["aoti_builds"], stats["compiled"], stats["compiles"]) == (1, 2, 0), stats
+        packages = opt.compiled_call(model).packages
+        def key(carry):
+            return packages.key(aot.call_signature((x,), {"carry": carry})[0])
+
+        assert key(_Carry(2, x)) != key(_Carry(3, x))  # the static part is in the key
+        assert key(_Carry(2, x)) != key(_Carry(2, None))  # a missing tensor too
+
+
 @pytest.mark.slow
 def test_a_truncated_package_is_rebuilt_with_one_warning(tmp_path):
     cache = tmp_path / "cache"
@@ -321,7 +378,7 @@ def test_signature_refuses_what_a_package_cannot_serve():
     assert aot.input_signature((x,), {"flag": False})[0] != aot.input_signature((x,), {"flag": True})[0]
     assert aot.input_signature((x, 3), {}) is None  # a number would be baked into the graph
     assert aot.input_signature((x,), {"scale": 0.5}) is None
-    assert aot.input_signature((x, object()), {}) is None  # an object the call may mutate (DeepCache's step)
+    assert aot.input_signature((x, object()), {}) is None  # an object the call may mutate (not a PackageInput)
     assert aot.input_signature((torch.randn(2, requires_grad=True),), {}) is None
 
 

@@ -418,3 +418,11 @@ def test_pipeline_optimize_matches_eager(tmp_path):
     assert stats["compiled"] == 4 and stats["eager_fallback"] == 0, stats
     assert stats["aoti_builds"] + stats["compiles"] >= 1, stats
     assert_matches(torch.from_numpy(fast), torch.from_numpy(eager))
+
+    # and from packages: one per graph (full and cached steps), the step's tensors passed in and its kept feature
+    # passed back out (aot_packages.PackageInput)
+    pipe.unet.optimize(cache_dir=tmp_path / "cache", packages=True)
+    fast = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    stats = opt.compiled_call(pipe.unet).stats
+    assert (stats["compiled"], stats["aoti_builds"], stats["compiles"]) == (4, 2, 0), stats
+    assert_matches(torch.from_numpy(fast), torch.from_numpy(eager))

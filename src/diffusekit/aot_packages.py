@@ -39,9 +39,15 @@ each against its manifest (size, and sha256 up to ``FULL_CHECK_BYTES``, of ``mod
 loaded as a package. Whoever can write to the cache folder can run code as you (as with inductor's own cache or your
 site-packages): keep ``DIFFUSEKIT_CACHE_DIR`` private.
 
+**Object inputs**: an argument whose class implements the small protocol of :class:`PackageInput` (DeepCache's
+per-step :class:`~diffusekit.models.deep_cache.DeepCacheStep`) is served too: the package takes its tensors as inputs,
+its static part goes into the key, the graph rebuilds the object, and the tensors the call writes into it are
+package outputs, written back into the caller's object.
+
 A package that is missing, corrupt or fails to load is rebuilt (one warning); a call this path cannot serve (hooks on
-the model, non-tensor inputs other than ``bool`` / ``str`` / ``None``, inputs or weights off the CPU, an export or
-AOT compile that fails) goes to ``torch.compile`` (per process), which falls back to eager as before.
+the model, non-tensor inputs other than ``bool`` / ``str`` / ``None`` and the object inputs above, inputs or weights
+off the CPU, an export or AOT compile that fails) goes to ``torch.compile`` (per process), which falls back to eager
+as before.
 """
 
 from __future__ import annotations
@@ -301,6 +307,37 @@ class StructureWatch:
         return True
 
 
+class PackageInput:
+    """The protocol of an object argument a package can serve (a model's per-call state, such as DeepCache's step):
+
+    - ``package_split()`` -> ``(static, tensors)``: ``static`` (JSON-able) goes into the key, ``tensors`` (a tuple of
+      tensors or ``None``) into the graph's inputs;
+    - ``package_join(static, tensors)`` (classmethod): the object again, from those parts (inside the graph);
+    - ``package_results()`` -> a tuple of tensors: what the call wrote into the object (read inside the graph, after
+      the call; package outputs);
+    - ``package_take(results)``: write those outputs into the caller's object.
+
+    Subclassing is optional: any class with these four methods is served."""
+
+    METHODS = ("package_split", "package_join", "package_results", "package_take")
+
+
+def _is_package_input(value: Any) -> bool:
+    return all(callable(getattr(value, name, None)) for name in PackageInput.METHODS)
+
+
+def split_objects(kwargs: dict) -> tuple[dict, dict[str, tuple[type, Any]]]:
+    """Keyword arguments with every :class:`PackageInput` object replaced by its tensors (under the same name, as a
+    tuple), and ``{name: (class, static)}`` for them (empty when there are none)."""
+    objects, plain = {}, dict(kwargs)
+    for name, value in kwargs.items():
+        if _is_package_input(value):
+            static, tensors = value.package_split()
+            objects[name] = (type(value), static)
+            plain[name] = tuple(tensors)
+    return plain, objects
+
+
 def input_signature(args: tuple, kwargs: dict) -> tuple[list, Any] | None:
     """(description, flat tensors) of a call's inputs, or ``None`` when a package cannot serve them: a non-tensor
     leaf other than ``bool`` / ``str`` (a number would be baked into the graph; an object may be mutated by the
@@ -319,6 +356,20 @@ def input_signature(args: tuple, kwargs: dict) -> tuple[list, Any] | None:
         else:
             return None
     return [str(spec), described], [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def call_signature(args: tuple, kwargs: dict) -> tuple[list, list[torch.Tensor], dict, dict] | None:
+    """(description, flat tensors, keyword arguments with object inputs as their tensors, the object inputs) of a
+    call (:func:`split_objects`, :func:`input_signature`), or ``None`` when a package cannot serve it."""
+    kwargs, objects = split_objects(kwargs)
+    found = input_signature(args, kwargs)
+    if found is None:
+        return None
+    signature, tensors = found
+    if objects:
+        signature = [*signature, {name: [f"{cls.__module__}.{cls.__qualname__}", static]
+                                  for name, (cls, static) in objects.items()}]
+    return signature, tensors, kwargs, objects
 
 
 def package_key(parts: dict[str, Any]) -> str:
@@ -517,10 +568,13 @@ def _root(folder: Path) -> Path:
 
 
 def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: dict[str, Any], folder: Path, key: str,
-          description: dict[str, Any], weights: tuple[list[str], list[torch.Tensor]] | None = None) -> Path:
+          description: dict[str, Any], weights: tuple[list[str], list[torch.Tensor]] | None = None,
+          objects: dict[str, tuple[type, Any]] | None = None) -> Path:
     """Export ``module`` for these inputs, AOT-compile it (``options``: inductor settings, freezing among them) and
     store it atomically as ``<folder>/aoti/<key>``; returns that entry. ``weights`` (names, tensors): build a bound
-    package, whose first input is the list of these parameters and buffers (see the module docstring)."""
+    package, whose first input is the list of these parameters and buffers (see the module docstring). ``objects``
+    (from :func:`split_objects`; ``kwargs`` then holds their tensors): the package rebuilds them and returns
+    ``(output, results)``."""
     import torch._inductor  # noqa: F401  (only here: never imported to load a package)
     from torch.utils import _pytree as pytree
 
@@ -533,6 +587,8 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: dict[str,
         args = ([t.detach() for t in weights[1]], *args)
     else:
         wrapper = _Forward(module)
+    if objects:
+        wrapper = _WithObjects(wrapper, objects)
     try:
         start = time.perf_counter()
         with torch.no_grad():  # freezing is an inference transform: inductor applies it only without grad
@@ -575,6 +631,21 @@ class _Forward(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.inner.forward(*args, **kwargs)
+
+
+class _WithObjects(torch.nn.Module):
+    """``inner`` called with the object inputs rebuilt from their tensors (``objects``: name -> (class, static));
+    returns ``(output, {name: results})``, the tensors the call wrote into each object as outputs."""
+
+    def __init__(self, inner: torch.nn.Module, objects: dict[str, tuple[type, Any]]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.objects = objects
+
+    def forward(self, *args, **kwargs):
+        rebuilt = {name: cls.package_join(static, kwargs[name]) for name, (cls, static) in self.objects.items()}
+        out = self.inner(*args, **{**kwargs, **rebuilt})
+        return out, {name: tuple(obj.package_results()) for name, obj in rebuilt.items()}
 
 
 class _Bound(torch.nn.Module):
@@ -735,24 +806,28 @@ class Packages:
         if self._hooks:
             return NOT_HANDLED
         as_tuple = False
+        original = kwargs
         if self._return_dict and "return_dict" in kwargs:  # one package: the output class, made a tuple here
             kwargs = dict(kwargs)
             as_tuple = not kwargs.pop("return_dict")
-        kwargs = dict(sorted(kwargs.items()))
-        found = input_signature(args, kwargs)
+        found = call_signature(args, dict(sorted(kwargs.items())))
         if found is None:
             return NOT_HANDLED
-        signature, tensors = found
+        signature, tensors, kwargs, objects = found
         if self.bound and not self._check_layout():
             return NOT_HANDLED
         key, description = self._key(signature)
         package = self.loaded.get(key)
         if package is None:
-            package = self._get(key, description, args, kwargs, compiling)
+            package = self._get(key, description, args, kwargs, compiling, objects)
             if package is None:
                 return NOT_HANDLED
             self.loaded[key] = package
         out = package(tensors, self._tensors if self.bound else ())
+        if objects:
+            out, results = out
+            for name in objects:
+                original[name].package_take(results[name])
         if as_tuple:
             to_tuple = getattr(out, "to_tuple", None)
             if to_tuple is None:  # not an output class: return_dict goes into the signature from now on
@@ -761,7 +836,8 @@ class Packages:
             out = to_tuple()
         return out
 
-    def _get(self, key: str, description: dict, args, kwargs, compiling) -> Package | None:
+    def _get(self, key: str, description: dict, args, kwargs, compiling,
+             objects: dict[str, tuple[type, Any]] | None = None) -> Package | None:
         entry = _root(self.folder) / key
         name = type(self.module).__name__
         if (entry / "manifest.json").exists():
@@ -785,7 +861,7 @@ class Packages:
         try:
             with compiling():
                 entry = build(self.module, args, kwargs, self.options, self.folder, key, description,
-                              weights=(self._names, self._tensors) if self.bound else None)
+                              weights=(self._names, self._tensors) if self.bound else None, objects=objects)
             package = Package(entry, key, bound=self.bound)
         except Exception as err:  # noqa: BLE001 - the input's fault (re-raised by eager) or the compiler's
             raise BuildFailed(err) from err

@@ -13,7 +13,7 @@ Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-o
   frozen ones hold the pre-packed weights (their key hashes the weights). This is the default for every CPU graph
   (exact and frozen; measured at 512² on a quiet machine: a fresh process's first call 10.8 s for a 10.4 s step,
   against 19.4-21.9 s with ``torch.compile``'s caches; the same step within noise). ``packages=False``, and calls a
-  package cannot serve (hooks such as unfused LoRA, numeric or object arguments such as DeepCache's step) or a
+  package cannot serve (hooks such as unfused LoRA, numeric arguments, objects other than DeepCache's step) or a
   failed build (one warning) use ``torch.compile`` in the process.
 - **CUDA / MPS / other accelerators**: plain ``torch.compile`` (no CPU-only settings); fp16 / bf16 work there.
 - **Shapes are static** (``dynamic=False``): each input shape (batch, resolution, prompt length) compiles once,

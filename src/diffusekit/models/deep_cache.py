@@ -38,5 +38,20 @@ class DeepCacheStep:
     def reuse(self) -> bool:
         return self.cached is not None
 
+    # what optimize()'s AOTInductor packages need to serve a call with a step (aot_packages.PackageInput): the branch
+    # goes into the package key, the cached feature in, the kept feature out
+    def package_split(self) -> tuple[int, tuple[torch.Tensor | None]]:
+        return self.branch, (self.cached,)
+
+    @classmethod
+    def package_join(cls, branch: int, tensors: tuple[torch.Tensor | None]) -> "DeepCacheStep":
+        return cls(branch, tensors[0])
+
+    def package_results(self) -> tuple[torch.Tensor, ...]:
+        return () if self.feature is None else (self.feature,)
+
+    def package_take(self, results: tuple[torch.Tensor, ...]) -> None:
+        self.feature = results[0] if results else None
+
     def __repr__(self) -> str:
         return f"DeepCacheStep(branch={self.branch}, {'cached' if self.reuse else 'full'})"
