@@ -157,6 +157,7 @@ def vae(args):
 
 PROFILE_KINDS = (  # (kind, test on a profiler event name), first match wins
     ("attention (fused CPU SDPA, float)", lambda n: n.startswith("aten::_scaled_dot_product")),
+    ("attention (diffusekit fused bf16 kernel)", lambda n: n == "diffusekit::cpu_attention"),
     ("int8 conv (oneDNN)", lambda n: n == "onednn::qconv_pointwise"),
     ("int8 linear (oneDNN)", lambda n: n == "onednn::qlinear_pointwise"),
     ("fused GroupNorm (+SiLU, +quantize)", lambda n: n.startswith("graph_") and "group_norm" in n),
@@ -187,8 +188,10 @@ def profile(args):
         start = time.perf_counter()
         model(**x)
         print(f"warm step {time.perf_counter() - start:.2f} s", flush=True)
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             model(**x)
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40,
+                                                              max_name_column_width=60, max_shapes_column_width=90))
     events = [e for e in prof.events() if e.name in ("## Call CompiledFxGraph None ##",) or
               any(test(e.name) for _, test in PROFILE_KINDS)]
     total = sum(e.cpu_time_total for e in events if e.name.startswith("## Call CompiledFxGraph"))
@@ -198,7 +201,8 @@ def profile(args):
             if test(e.name):
                 by_kind[kind] = by_kind.get(kind, 0.0) + e.self_cpu_time_total
                 break
-    sdpa = sorted((e.self_cpu_time_total for e in events if PROFILE_KINDS[0][1](e.name)), reverse=True)
+    sdpa = sorted((e.self_cpu_time_total for e in events if PROFILE_KINDS[0][1](e.name) or PROFILE_KINDS[1][1](e.name)),
+                  reverse=True)
     tokens = args.latents[-1] ** 2
     widest = [t for t in sdpa if t > sdpa[0] / 3]  # the self-attention calls over the full-resolution tokens
     print(json.dumps({"profiled_step_ms": round(total / 1e3), **{k: f"{v / 1e3:.0f} ms ({100 * v / total:.1f} %)"
