@@ -446,6 +446,10 @@ def _signature(args, kwargs) -> tuple:
             return tuple(describe(v) for v in value)
         if isinstance(value, dict):
             return tuple((k, describe(v)) for k, v in sorted(value.items()))
+        split = getattr(value, "package_split", None)  # an object input (DeepCache's step): its parts
+        if callable(split):
+            static, tensors = split()
+            return (type(value).__name__, repr(static), describe(tuple(tensors)))
         return type(value).__name__
 
     return (describe(tuple(args)), describe(kwargs))
