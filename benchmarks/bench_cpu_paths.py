@@ -7,6 +7,10 @@ Variants (each row runs every variant, one fresh child process per variant, in t
 - ``exact``      diffusekit ``optimize()``: the compiled exact path (outputs within 1e-5 relative of eager).
 - ``int8``       diffusekit int8 UNet (``pipe.quantize`` once, saved, reloaded from disk) + ``optimize()``.
 - ``int8-vae``   the same with the VAE decoder quantized too (``components=("unet", "vae")``); not in the default set.
+- ``int8-vae-deepcache``  ``int8-vae`` with DeepCache feature reuse (``pipe.enable_deep_cache()``: interval 3, branch
+               0, the recommended setting of BENCHMARKS.md "DeepCache"): end to end only, not in the default set. Less
+               UNet work per image, not faster UNet work: an opt-in step saving, its quality measured on the bundled
+               model, not a like-for-like comparison with diffusers.
 - ``openvino``, ``openvino-int8``  external references, UNet and VAE rows only, not in the default set: diffusers'
   model converted with ``openvino.convert_model`` and compiled at f32 precision (its default on this CPU is bf16,
   slower here), and that model quantized by NNCF (weights + activations, 8 calibration inputs). OpenVINO is not a
@@ -54,9 +58,11 @@ from .common import (
 )
 
 VARIANTS = (THEIRS, "eager", "exact", "int8")
-OPTIONAL = ("int8-vae",)
+OPTIONAL = ("int8-vae", "int8-vae-deepcache")
+#: variants that run only end to end (step savings act across the steps of a pipeline call)
+E2E_ONLY = ("int8-vae-deepcache",)
 EXTERNAL = ("openvino", "openvino-int8")
-COMPILED = ("exact", "int8", "int8-vae")
+COMPILED = ("exact", "int8", "int8-vae", "int8-vae-deepcache")
 #: int8 variant -> the components pipe.quantize() quantizes
 INT8_COMPONENTS = {"int8": ("unet",), "int8-vae": ("unet", "vae")}
 ROWS = ("unet256", "unet512", "vae512", "e2e512")
@@ -160,6 +166,8 @@ def _load(row: str, variant: str, path: str, inputs=()):
     else:
         model = lib.StableDiffusionPipeline.from_pretrained(path, use_safetensors=True)
         model.set_progress_bar_config(disable=True)
+        if variant.endswith("-deepcache"):
+            model.enable_deep_cache()
     if variant in COMPILED:
         model.optimize()
     return model
@@ -215,7 +223,7 @@ def run_row(row: str, args, folders: dict[str, Path], results: list[dict]) -> No
     outs: dict[str, torch.Tensor] = {}
     line = {"row": row, "variants": {}}
     for variant in args.variants:
-        if variant in EXTERNAL and e2e:
+        if (variant in EXTERNAL and e2e) or (variant in E2E_ONLY and not e2e):
             continue
         compiled = variant in COMPILED
         # end to end, eager variants take one call (their first call is a warm one), compiled ones a second, warm
@@ -319,9 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info(args.threads)
     fp32 = args.fp32_folder = sd_folder(args)
     folders = {v: fp32 for v in args.variants}
-    for variant in INT8_COMPONENTS:
-        if variant in args.variants:
-            folders[variant] = int8_folder(args, variant)
+    for variant in args.variants:
+        base = variant.removesuffix("-deepcache")
+        if base in INT8_COMPONENTS:
+            folders[variant] = int8_folder(args, base)
     results: list[dict] = []
     for row in ROWS:
         if selected(args, row):
