@@ -1,0 +1,200 @@
+"""The floor a CPU puts under each path: its measured peak multiply-add rate per instruction kind, times the
+multiply-adds of each SD 1.5 component, against the measured times and issue 13's targets.
+
+What a path can never beat on this machine, whatever its kernels: every multiply-add of the model has to go through
+the CPU's vector units, at best at one instruction per cycle per core. The script
+
+1. builds three tight loops (12 independent accumulators each, so latency hides behind throughput) with the C++
+   compiler inductor uses and times them on one thread (thread CPU time, so other work on the machine does not count):
+   float32 FMA (``vfmadd231ps``, 16 multiply-adds per instruction), int8 dot product (``vpdpbusd``, 64) and bfloat16
+   dot product (``vdpbf16ps``, 32), each on 512-bit registers; then the same loops on ``--threads`` threads at once
+   (wall clock: all cores busy, as in a model step);
+2. counts the multiply-adds of diffusekit's SD 1.5 UNet (batch 2: the CFG batch, 77x768 context) at 32x32 and 64x64
+   latents, of the VAE decoder (one 4x64x64 latent) and of the text encoder, on the meta device (no weights, no
+   compute: ``torch.utils.flop_counter``), split into convolutions, linear layers and the attention products;
+3. prints the floor of each path: exact (float32: every multiply-add at the FMA peak) and int8 (convolutions and
+   linear layers at the ``vpdpbusd`` peak, the attention products at the ``vdpbf16ps`` peak of diffusekit's fused
+   kernel); the softmax, norms and memory traffic come on top, so the real floor is higher still.
+
+``--reference`` gives measured diffusers eager times (seconds, ``name=value``: unet256, unet512, vae512) to print
+each floor as a ratio to them; without it the floors are in seconds only::
+
+    python -m benchmarks.bench_floor --threads 2 --reference unet256=2.74 unet512=10.28
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+# each loop: n iterations of 12 independent accumulations into 512-bit registers; returns a value so nothing is
+# optimised away
+LOOPS = r"""
+#include <immintrin.h>
+#define LOOP(NAME, T, INIT, OP, FOLD)                                                   \
+  extern "C" double NAME(long n) {                                                      \
+    T a[12];                                                                            \
+    for (int i = 0; i < 12; ++i) a[i] = INIT;                                           \
+    for (long k = 0; k < n; ++k)                                                        \
+      for (int i = 0; i < 12; ++i) a[i] = OP;                                           \
+    double s = 0;                                                                       \
+    for (int i = 0; i < 12; ++i) s += FOLD;                                             \
+    return s;                                                                           \
+  }
+LOOP(fma_f32, __m512, _mm512_set1_ps(1e-3f * i),
+     _mm512_fmadd_ps(a[i], _mm512_set1_ps(0.999f), _mm512_set1_ps(1e-4f)), _mm512_reduce_add_ps(a[i]))
+LOOP(dot_u8s8, __m512i, _mm512_set1_epi32(i),
+     _mm512_dpbusd_epi32(a[i], _mm512_set1_epi8(3), _mm512_set1_epi8(5)), _mm512_reduce_add_epi32(a[i]))
+LOOP(dot_bf16, __m512, _mm512_set1_ps(i),
+     _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_set1_epi16(0x3f80), (__m512bh)_mm512_set1_epi16(0x3a80)),
+     _mm512_reduce_add_ps(a[i]))
+"""
+#: instruction -> (loop symbol, multiply-adds per instruction, what uses it)
+KINDS = {
+    "vfmadd231ps": ("fma_f32", 16, "float32 (the exact path)"),
+    "vpdpbusd": ("dot_u8s8", 64, "int8 convolutions and linear layers"),
+    "vdpbf16ps": ("dot_bf16", 32, "the fused attention kernel's products"),
+}
+FLAGS = {"vfmadd231ps": "avx512f", "vpdpbusd": "avx512_vnni", "vdpbf16ps": "avx512_bf16"}
+
+
+def compiler() -> str:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - any failure: the usual names
+        found = shutil.which("c++") or shutil.which("g++")
+        if not found:
+            raise SystemExit("no C++ compiler found (needed to build the peak loops)")
+        return found
+
+
+def build_loops(folder: Path) -> ctypes.CDLL:
+    source = folder / "loops.cpp"
+    source.write_text(LOOPS)
+    from diffusekit._native import build_library
+
+    target = folder / "loops.so"
+    build_library(target, lambda tmp: [compiler(), "-O3", "-march=native", "-shared", "-fPIC", str(source),
+                                       "-o", str(tmp / target.name)], timeout=120)
+    lib = ctypes.CDLL(str(target))
+    for symbol, _, _ in KINDS.values():
+        getattr(lib, symbol).restype = ctypes.c_double
+        getattr(lib, symbol).argtypes = [ctypes.c_long]
+    return lib
+
+
+def peak_rates(lib: ctypes.CDLL, threads: int, iterations: int, repeat: int) -> dict:
+    """Giga multiply-adds per second: one thread (its CPU time, best of ``repeat``) and ``threads`` at once (wall)."""
+    from diffusekit._native import cpu_flags
+
+    rates = {}
+    for name, (symbol, macs, use) in KINDS.items():
+        if FLAGS[name] not in cpu_flags():
+            rates[name] = None
+            continue
+        fn = getattr(lib, symbol)
+        per_call = iterations * 12 * macs
+        single = []
+        for _ in range(repeat):
+            start = time.thread_time()
+            fn(iterations)
+            single.append(per_call / (time.thread_time() - start) / 1e9)
+        walls = []
+        for _ in range(repeat):
+            workers = [threading.Thread(target=fn, args=(iterations,)) for _ in range(threads)]  # ctypes drops the GIL
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            walls.append(threads * per_call / (time.perf_counter() - start) / 1e9)
+        rates[name] = {"use": use, "gmac_per_s_one_core": round(max(single), 1),
+                       f"gmac_per_s_{threads}_threads": round(max(walls), 1)}
+    return rates
+
+
+def count_macs(model, **inputs) -> dict[str, float]:
+    """Multiply-adds (GMAC) of one forward by kind, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(**inputs)
+    kinds = {"conv": 0.0, "linear": 0.0, "attention": 0.0}
+    for op, flops in counter.get_flop_counts()["Global"].items():
+        name = str(op)
+        kind = ("conv" if "convolution" in name else "linear" if name in ("aten.mm", "aten.addmm") else "attention")
+        kinds[kind] += flops / 2e9
+    return kinds
+
+
+def component_macs() -> dict[str, dict[str, float]]:
+    """GMAC by kind of each SD 1.5 component at the shapes of issue 13's rows (diffusekit's models, meta device)."""
+    from diffusekit import AutoencoderKL, CLIPTextModel, CLIPTextConfig, UNet2DConditionModel
+
+    from .bench_sd import configs
+
+    cfg = configs(quick=False)
+    meta = torch.device("meta")
+    with meta:
+        unet = UNet2DConditionModel.from_config(cfg["unet"])
+        vae = AutoencoderKL.from_config(cfg["vae"])
+        text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    context = torch.empty(2, 77, 768, device=meta)
+    out = {f"unet{8 * size}": count_macs(unet, sample=torch.empty(2, 4, size, size, device=meta),
+                                         timestep=torch.tensor(500), encoder_hidden_states=context)
+           for size in (32, 64)}
+    out["vae512"] = count_macs(vae.decode, z=torch.empty(1, 4, 64, 64, device=meta))
+    out["text"] = count_macs(text, input_ids=torch.zeros(2, 77, dtype=torch.long, device=meta))
+    return {name: {kind: round(v, 1) for kind, v in kinds.items()} for name, kinds in out.items()}
+
+
+def floors(macs: dict, rates: dict, threads: int) -> dict:
+    """Seconds each path needs at the peak rates (``threads`` cores, each at its one-core peak)."""
+    def rate(name):
+        return rates[name]["gmac_per_s_one_core"] * threads if rates.get(name) else None
+
+    fp32, u8, bf16 = rate("vfmadd231ps"), rate("vpdpbusd"), rate("vdpbf16ps")
+    out = {}
+    for name, kinds in macs.items():
+        row = {"exact (float32)": sum(kinds.values()) / fp32 if fp32 else None}
+        if u8 and bf16:
+            row["int8 (int8 GEMMs, bf16 attention)"] = (kinds["conv"] + kinds["linear"]) / u8 + kinds["attention"] / bf16
+        out[name] = row
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=20_000_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--reference", nargs="*", default=[], help="diffusers eager times: unet256=S unet512=S ...")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rates = peak_rates(build_loops(Path(tmp)), args.threads, args.iterations, args.repeat)
+    print(json.dumps({"peak": rates}, indent=1), flush=True)
+    macs = component_macs()
+    print(json.dumps({"gmac": macs}, indent=1), flush=True)
+    reference = {k: float(v) for k, v in (item.split("=", 1) for item in args.reference)}
+    result = {}
+    for name, row in floors(macs, rates, args.threads).items():
+        result[name] = {path: (None if s is None else
+                               {"floor_s": round(s, 2),
+                                **({"floor_vs_diffusers": round(s / reference[name], 3)} if name in reference else {})})
+                        for path, s in row.items()}
+    print(json.dumps({"floors": result, "diffusers_eager_s": reference}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
