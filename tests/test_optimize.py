@@ -268,6 +268,18 @@ def test_pipeline_optimize_gives_every_component_the_same_default(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_packages_stay_in_our_cache_when_the_user_chose_inductors(monkeypatch, tmp_path):
+    """A user's own ``TORCHINDUCTOR_CACHE_DIR`` is inductor's cache for torch.compile (not redirected), but packages
+    are diffusekit's: they still run, from diffusekit's cache folder (a warm start for that user too)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("DIFFUSEKIT_CACHE_DIR", str(tmp_path / "ours"))
+    model = opt.optimize_module(_toy())
+    call = opt.compiled_call(model)
+    assert call.cache_dir is None  # inductor's own caches: the user's choice
+    assert call.packages is not None and call.packages.folder == opt._versioned(tmp_path / "ours")
+    assert opt.compiled_call(opt.optimize_module(_toy(), use_cache=False)).packages is None
+
+
 def test_no_compiler_warns_once_and_runs_eager(monkeypatch):
     monkeypatch.setattr(opt, "_cpp_compiler", lambda: None)
     model = _toy()

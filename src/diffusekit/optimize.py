@@ -284,7 +284,7 @@ class CompiledCall:
 
     def __init__(self, module: torch.nn.Module, cache_dir: Path | None, options: dict[str, Any] | None,
                  dynamic: bool | None, mode: str | None, release_weights: bool = False,
-                 packages: bool = False) -> None:
+                 package_dir: Path | None = None) -> None:
         self.module = module
         self.release_weights = release_weights
         self.cache_dir = cache_dir
@@ -302,10 +302,10 @@ class CompiledCall:
         # CPU graphs: AOTInductor packages on disk (aot_packages), so a later process loads instead of compiling;
         # bound to the live weights (exact path) or with the frozen weights inside
         self.packages = None
-        if packages and cache_dir is not None:
+        if package_dir is not None:
             from . import aot_packages
 
-            self.packages = aot_packages.Packages(module, cache_dir, options or {}, self.stats,
+            self.packages = aot_packages.Packages(module, package_dir, options or {}, self.stats,
                                                   release=self._release_originals if release_weights else None,
                                                   bound=not self.frozen)
         self._build()
@@ -472,8 +472,8 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     on CPU; a key set to ``None`` removes a default). Calling it again recompiles (e.g. after changing the device).
     ``release_weights`` (CPU with freezing): hand the memory-mapped checkpoint pages of the weights back to the OS
     while and after compiling, since the compiled code runs on its own pre-packed copies (see :class:`_FilePages`).
-    ``packages`` (``None``, the default, or ``True``): on the CPU, with static shapes, the default mode and a cache
-    folder, run from AOTInductor packages built once per machine (:mod:`diffusekit.aot_packages`: a later process
+    ``packages`` (``None``, the default, or ``True``): on the CPU, with static shapes, the default mode and the
+    persistent cache (diffusekit's folder, even where ``TORCHINDUCTOR_CACHE_DIR`` moves inductor's), run from AOTInductor packages built once per machine (:mod:`diffusekit.aot_packages`: a later process
     loads them in seconds): bound packages (code only, the live weights as inputs) for the exact path, frozen ones
     for frozen graphs (int8, freezing). Elsewhere (``dynamic`` or ``mode`` set, ``use_cache=False``, accelerators),
     and for calls a package cannot serve, ``torch.compile``. ``False``: ``torch.compile`` in every process (dynamo
@@ -492,16 +492,19 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
         _default_fused_attention(module)
     merged.update(options or {})
     merged = {k: v for k, v in merged.items() if v is not None}
-    folder = None
+    ours = _versioned(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
+    folder = None  # inductor's caches while our compiled code runs: ours, unless the user chose inductor's own
     if use_cache and (cache_dir is not None or not _user_inductor_cache()):
-        folder = _versioned(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
+        folder = ours
     elif not use_cache:
         merged["fx_graph_cache"] = False
     frozen = device.type == "cpu" and bool(merged.get("freezing"))
     release = release_weights and frozen
     packages = packages is not False  # None (default) or True: wherever a package can serve
-    packages = packages and device.type == "cpu" and folder is not None and dynamic is False and mode is None
-    module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode, release, packages)
+    packages = packages and device.type == "cpu" and use_cache and dynamic is False and mode is None
+    # packages live in diffusekit's cache folder whatever TORCHINDUCTOR_CACHE_DIR says (they are not inductor's)
+    module._compiled_call_impl = CompiledCall(module, folder, merged or None, dynamic, mode, release,
+                                              package_dir=ours if packages else None)
     return module
 
 
