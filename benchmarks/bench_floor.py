@@ -16,6 +16,10 @@ the CPU's vector units, at best at one instruction per cycle per core. The scrip
    linear layers at the ``vpdpbusd`` peak, the attention products at the ``vdpbf16ps`` peak of diffusekit's fused
    kernel); the softmax, norms and memory traffic come on top, so the real floor is higher still.
 
+``--kernels`` also times oneDNN's convolutions alone on the UNet's main shapes (batch 2, one thread, thread CPU time):
+float32 (what diffusers and the exact path run) and int8 (``onednn.qconv_pointwise`` with a pre-packed weight, what
+the int8 path's graph calls), as a share of the peak above: how close the libraries' kernels already run to it.
+
 ``--reference`` gives measured diffusers eager times (seconds, ``name=value``: unet256, unet512, vae512) to print
 each floor as a ratio to them; without it the floors are in seconds only::
 
@@ -174,12 +178,56 @@ def floors(macs: dict, rates: dict, threads: int) -> dict:
     return out
 
 
+#: (in channels, out channels, latent size, kernel) of the SD 1.5 UNet's main convolutions
+CONV_SHAPES = ((320, 320, 64, 3), (640, 640, 32, 3), (1280, 1280, 16, 3), (1280, 1280, 8, 3), (320, 320, 64, 1))
+
+
+def conv_kernels(rates: dict, repeat: int) -> list[dict]:
+    """GMAC/s of oneDNN's float32 and int8 convolutions alone, one thread, and their share of the one-core peak."""
+    torch.set_num_threads(1)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.thread_time()
+            fn()
+            times.append(time.thread_time() - start)
+        return min(times)
+
+    rows = []
+    for c_in, c_out, size, k in CONV_SHAPES:
+        pad, macs = k // 2, 2 * size * size * c_in * c_out * k * k / 1e9
+        x = torch.randn(2, c_in, size, size)
+        w = torch.randn(c_out, c_in, k, k) * 0.02
+        fp32 = best(lambda: torch.nn.functional.conv2d(x, w, padding=pad))
+        row = {"conv": f"{c_in}->{c_out} {size}x{size} k{k}",
+               "fp32_gmac_s": round(macs / fp32, 1),
+               "fp32_of_peak": round(macs / fp32 / rates["vfmadd231ps"]["gmac_per_s_one_core"], 2)}
+        if rates.get("vpdpbusd"):
+            xq = torch.randint(0, 255, x.shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+            wq = torch.randint(-127, 127, w.shape, dtype=torch.int8)
+            x_scale, x_zp = torch.tensor(0.02), torch.tensor(128, dtype=torch.int32)
+            w_scale, w_zp = torch.full((c_out,), 0.01), torch.zeros(c_out, dtype=torch.int64)
+            packed = torch.ops.onednn.qconv_prepack(wq, w_scale, 0.02, 128, [1, 1], [pad, pad], [1, 1], 1,
+                                                    xq.shape)
+            bias = torch.zeros(c_out)
+            int8 = best(lambda: torch.ops.onednn.qconv_pointwise.tensor(
+                xq, x_scale, x_zp, packed, w_scale, w_zp, bias, [1, 1], [pad, pad], [1, 1], 1, 1.0, 0,
+                torch.float32, "none", [None], ""))
+            row.update(int8_gmac_s=round(macs / int8, 1),
+                       int8_of_peak=round(macs / int8 / rates["vpdpbusd"]["gmac_per_s_one_core"], 2))
+        rows.append(row)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=20_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--reference", nargs="*", default=[], help="diffusers eager times: unet256=S unet512=S ...")
+    parser.add_argument("--kernels", action="store_true", help="also time oneDNN's convolutions alone")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rates = peak_rates(build_loops(Path(tmp)), args.threads, args.iterations, args.repeat)
@@ -193,7 +241,9 @@ def main():
                                {"floor_s": round(s, 2),
                                 **({"floor_vs_diffusers": round(s / reference[name], 3)} if name in reference else {})})
                         for path, s in row.items()}
-    print(json.dumps({"floors": result, "diffusers_eager_s": reference}, indent=1))
+    print(json.dumps({"floors": result, "diffusers_eager_s": reference}, indent=1), flush=True)
+    if args.kernels:
+        print(json.dumps({"conv_kernels_one_thread": conv_kernels(rates, args.repeat)}, indent=1))
 
 
 if __name__ == "__main__":
