@@ -323,7 +323,8 @@ class PackageInput:
     METHODS = ("package_split", "package_join", "package_results", "package_take")
 
 
-def _is_package_input(value: Any) -> bool:
+def is_package_input(value: Any) -> bool:
+    """Whether ``value`` implements :class:`PackageInput`."""
     return all(callable(getattr(value, name, None)) for name in PackageInput.METHODS)
 
 
@@ -332,7 +333,7 @@ def split_objects(kwargs: dict) -> tuple[dict, dict[str, tuple[type, Any]]]:
     tuple), and ``{name: (class, static)}`` for them (empty when there are none)."""
     objects, plain = {}, dict(kwargs)
     for name, value in kwargs.items():
-        if _is_package_input(value):
+        if is_package_input(value):
             static, tensors = value.package_split()
             objects[name] = (type(value), static)
             plain[name] = tuple(tensors)
@@ -393,8 +394,8 @@ def _flush(path: Path) -> None:
     (the kernel's writeback delay), and dirty pages are not handed back by ``MADV_PAGEOUT``: a frozen package loaded
     in that window (by its builder, or a process started right after) kept the library's weight pages resident
     beside the copy the loader makes (measured: 3.1 of 5.8 MB of a test package's library resident 10 s after its
-    build, 0.2 MB once written back; a process loading the SD 1.5 int8 UNet's package right after its build and running one 512²
-    step peaked at 2284 MiB, 1480 MiB with this)."""
+    build, 0.2 MB once written back; a process loading the SD 1.5 int8 UNet's package right after its build and
+    running one 512² step peaked at 2284 MiB, 1480 MiB with this)."""
     with contextlib.suppress(OSError):  # best effort (e.g. a platform refusing fsync on this file): memory only
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -439,6 +439,8 @@ def _short(err: Exception) -> str:
 
 def _signature(args, kwargs) -> tuple:
     """The input shapes / dtypes (what a static compile specialises on), for stats and logs."""
+    from .aot_packages import is_package_input
+
     def describe(value):
         if isinstance(value, torch.Tensor):
             return (tuple(value.shape), str(value.dtype).removeprefix("torch."))
@@ -446,9 +448,8 @@ def _signature(args, kwargs) -> tuple:
             return tuple(describe(v) for v in value)
         if isinstance(value, dict):
             return tuple((k, describe(v)) for k, v in sorted(value.items()))
-        split = getattr(value, "package_split", None)  # an object input (DeepCache's step): its parts
-        if callable(split):
-            static, tensors = split()
+        if is_package_input(value):  # an object input (DeepCache's step): its parts
+            static, tensors = value.package_split()
             return (type(value).__name__, repr(static), describe(tuple(tensors)))
         return type(value).__name__
 
@@ -473,8 +474,9 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     ``release_weights`` (CPU with freezing): hand the memory-mapped checkpoint pages of the weights back to the OS
     while and after compiling, since the compiled code runs on its own pre-packed copies (see :class:`_FilePages`).
     ``packages`` (``None``, the default, or ``True``): on the CPU, with static shapes, the default mode and the
-    persistent cache (diffusekit's folder, even where ``TORCHINDUCTOR_CACHE_DIR`` moves inductor's), run from AOTInductor packages built once per machine (:mod:`diffusekit.aot_packages`: a later process
-    loads them in seconds): bound packages (code only, the live weights as inputs) for the exact path, frozen ones
+    persistent cache (diffusekit's folder, even where ``TORCHINDUCTOR_CACHE_DIR`` moves inductor's), run from
+    AOTInductor packages built once per machine (:mod:`diffusekit.aot_packages`: a later process loads them in
+    seconds): bound packages (code only, the live weights as inputs) for the exact path, frozen ones
     for frozen graphs (int8, freezing). Elsewhere (``dynamic`` or ``mode`` set, ``use_cache=False``, accelerators),
     and for calls a package cannot serve, ``torch.compile``. ``False``: ``torch.compile`` in every process (dynamo
     traces each one; inductor's FX-graph cache spares the C++ build of the exact path; frozen graphs, which it does
