@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import shutil
 import tempfile
 import threading
 import time
@@ -70,25 +69,17 @@ KINDS = {
 FLAGS = {"vfmadd231ps": "avx512f", "vpdpbusd": "avx512_vnni", "vdpbf16ps": "avx512_bf16"}
 
 
-def compiler() -> str:
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        return get_cpp_compiler()
-    except Exception:  # noqa: BLE001 - any failure: the usual names
-        found = shutil.which("c++") or shutil.which("g++")
-        if not found:
-            raise SystemExit("no C++ compiler found (needed to build the peak loops)")
-        return found
-
-
 def build_loops(folder: Path) -> ctypes.CDLL:
     source = folder / "loops.cpp"
     source.write_text(LOOPS)
     from diffusekit._native import build_library
+    from diffusekit.optimize import _cpp_compiler  # the compiler inductor (and diffusekit's own kernel) uses
 
+    compiler = _cpp_compiler()
+    if compiler is None:
+        raise SystemExit("no C++ compiler found (needed to build the peak loops): install g++ or clang, or set CXX")
     target = folder / "loops.so"
-    build_library(target, lambda tmp: [compiler(), "-O3", "-march=native", "-shared", "-fPIC", str(source),
+    build_library(target, lambda tmp: [compiler, "-O3", "-march=native", "-shared", "-fPIC", str(source),
                                        "-o", str(tmp / target.name)], timeout=120)
     lib = ctypes.CDLL(str(target))
     for symbol, _, _ in KINDS.values():
