@@ -152,7 +152,7 @@ def _openvino(row: str, variant: str, path: str, inputs):
     return call
 
 
-def _load(row: str, variant: str, path: str, inputs=()):
+def _load(row: str, variant: str, path: str, inputs=(), reuse_memory: bool = True):
     if variant in EXTERNAL:
         return _openvino(row, variant, path, inputs)
     if variant == THEIRS:
@@ -169,7 +169,7 @@ def _load(row: str, variant: str, path: str, inputs=()):
         if variant.endswith("-deepcache"):
             model.enable_deep_cache()
     if variant in COMPILED:
-        model.optimize()
+        model.optimize(reuse_memory=reuse_memory)
     return model
 
 
@@ -180,7 +180,7 @@ def child(args) -> None:
     set_threads(args.threads)
     inputs = _inputs(args.row, args.quick)
     start = time.perf_counter()
-    model = _load(args.row, args.variant, args.path, inputs)
+    model = _load(args.row, args.variant, args.path, inputs, reuse_memory=not args.no_reuse_memory)
     load_time = time.perf_counter() - start
 
     def call():
@@ -235,7 +235,7 @@ def run_row(row: str, args, folders: dict[str, Path], results: list[dict]) -> No
             argv = ["-m", "benchmarks.bench_cpu_paths", "--child", "--row", row, "--variant", variant,
                     "--path", str(folders[variant]), "--out", str(out_file), "--threads", str(args.threads),
                     "--steps", str(args.steps), "--calls", str(calls), "--workdir", args.workdir,
-                    *(["--quick"] if args.quick else [])]
+                    *(["--quick"] if args.quick else []), *(["--no-reuse-memory"] if args.no_reuse_memory else [])]
             print(f"  {row} {variant} run {attempt + 1} ...", flush=True)
             runs.append(run_child(argv, timeout=3600))
             outs[variant] = load_file(out_file)["out"]
@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=None, help="warm calls per child (default 3; 1 end to end)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--keep-cache", action="store_true", help="keep the compile cache from an earlier run")
+    parser.add_argument("--no-reuse-memory", action="store_true",
+                        help="optimize(reuse_memory=False): leave malloc as it is (the A/B of docs/PERFORMANCE.md)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)

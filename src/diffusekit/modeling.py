@@ -310,7 +310,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     def optimize(self, *, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                  dynamic: bool | None = False, mode: str | None = None,
                  options: dict[str, Any] | None = None, release_weights: bool = True,
-                 packages: bool | None = None) -> "ModelMixin":
+                 packages: bool | None = None, reuse_memory: bool = True) -> "ModelMixin":
         """Compile this model for faster inference, outputs within 1e-5 relative of eager fp32; returns ``self``.
 
         CPU: inductor (fused C++ kernels; freezing opt-in via ``options={"freezing": True}``, automatic for int8
@@ -323,14 +323,17 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         uses ``torch.compile``. ``packages=False``: always ``torch.compile`` (its FX-graph cache spares the C++ build
         only). Grad mode runs eager; no compiler -> one warning, eager.
         ``release_weights``: give the memory-mapped checkpoint pages back to the OS once the compiled code has its
-        pre-packed copies (about one copy of the weights in memory instead of two). Not in diffusers (its users call
+        pre-packed copies (about one copy of the weights in memory instead of two). ``reuse_memory`` (CPU): malloc
+        keeps the memory a call frees for the next call (no page faults for the activations of every step;
+        process-wide, once; ``diffusekit._native.keep_freed_memory``). Not in diffusers (its users call
         ``torch.compile`` themselves). See docs/PERFORMANCE.md.
         """
         from .optimize import optimize_module
 
         for name in self._optimize_targets:
             optimize_module(self.get_submodule(name), cache_dir=cache_dir, use_cache=use_cache, dynamic=dynamic,
-                            mode=mode, options=options, release_weights=release_weights, packages=packages)
+                            mode=mode, options=options, release_weights=release_weights, packages=packages,
+                            reuse_memory=reuse_memory)
         return self
 
     # ------------------------------------------------------------------ hooks

@@ -502,7 +502,7 @@ class DiffusionPipeline:
     def optimize(self, *, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                  dynamic: bool | None = False, mode: str | None = None,
                  options: dict[str, Any] | None = None, release_weights: bool = True,
-                 packages: bool | None = None) -> "DiffusionPipeline":
+                 packages: bool | None = None, reuse_memory: bool = True) -> "DiffusionPipeline":
         """Compile the UNet, the VAE and the text encoder(s) for faster inference (``ModelMixin.optimize`` on
         each, with the same arguments): images within 1e-5 relative of eager fp32, compiled code cached on disk per
         machine (by default on the CPU: AOTInductor packages a later process loads in seconds; ``packages=False``:
@@ -512,7 +512,8 @@ class DiffusionPipeline:
             component = self.components.get(name)
             if component is not None and hasattr(component, "optimize"):
                 component.optimize(cache_dir=cache_dir, use_cache=use_cache, dynamic=dynamic, mode=mode,
-                                   options=options, release_weights=release_weights, packages=packages)
+                                   options=options, release_weights=release_weights, packages=packages,
+                                   reuse_memory=reuse_memory)
         return self
 
     # ------------------------------------------------------------------ per-call state
