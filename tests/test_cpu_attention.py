@@ -40,6 +40,10 @@ def _errors(out, ref):
     (1, 1, 5, 3, 7),        # odd head size, fewer keys than a tile
     (2, 1, 40, 300, 80),    # more than one block of keys, second-stage head size
     (1, 2, 9, 20, 160),     # the widest SD head size (10 channel vectors)
+    (1, 1, 37, 45, 24),     # head sizes of 16 n + 8: a last half vector after 1, 3, 4 and 5 full ones
+    (1, 2, 19, 70, 56),
+    (1, 1, 21, 33, 72),
+    (1, 1, 17, 40, 88),
 ])
 def test_kernel_matches_sdpa_within_bf16_error(batch, heads, nq, nk, dim):
     q = _heads(batch, nq, heads, dim)

@@ -89,21 +89,32 @@ inline void qk_tile(const uint16_t* q, int64_t ldq, const uint16_t* kp, int64_t 
     }
 }
 
-// O[r, 16j..] = O[r, 16j..] * alpha[r] + sum over G pairs of keys of p[r, key] v[key, 16j..]  (R rows x NV vectors)
+// O[r, 16j..] = O[r, 16j..] * alpha[r] + sum over G pairs of keys of p[r, key] v[key, 16j..]  (R rows x NV vectors
+// of 16 channels, then with HALF one of 8: a 256-bit product, half the cost of padding the head to 16 channels)
 // P: [R][ldP] bf16; vp: [G][Dv][2 keys] bf16, already offset to this chunk's first channel.
-template <int R, int NV>
+template <int R, int NV, bool HALF>
 inline void pv_tile(const uint16_t* P, int64_t ldP, const uint16_t* vp, int64_t Dv, int64_t G, const float* alpha,
                     float* O, int64_t ldO) {
-  __m512 acc[R][NV];
-  for (int r = 0; r < R; ++r)
+  constexpr int NA = NV > 0 ? NV : 1;
+  __m512 acc[R][NA];
+  __m256 acch[R];
+  for (int r = 0; r < R; ++r) {
     for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
+    if constexpr (HALF) acch[r] = _mm256_setzero_ps();
+  }
 #pragma GCC unroll 4
   for (int64_t g = 0; g < G; ++g) {
-    __m512bh b[NV];
+    __m512bh b[NA];
     for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(vp + (g * Dv + 16 * j) * 2);
+    __m256bh bh;
+    if constexpr (HALF) bh = (__m256bh)_mm256_loadu_si256((const __m256i*)(vp + (g * Dv + 16 * NV) * 2));
     for (int r = 0; r < R; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(load_pair(P + r * ldP + 2 * g));
-      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+      const int32_t pair = load_pair(P + r * ldP + 2 * g);
+      if constexpr (NV > 0) {
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+        for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+      }
+      if constexpr (HALF) acch[r] = _mm256_dpbf16_ps(acch[r], (__m256bh)_mm256_set1_epi32(pair), bh);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -112,27 +123,41 @@ inline void pv_tile(const uint16_t* P, int64_t ldP, const uint16_t* vp, int64_t 
       float* o = O + r * ldO + 16 * j;
       _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), al, acc[r][j]));
     }
+    if constexpr (HALF) {
+      float* o = O + r * ldO + 16 * NV;
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_loadu_ps(o), _mm256_set1_ps(alpha[r]), acch[r]));
+    }
   }
 }
 
-template <int R, int NV>
+template <int R, int NV, bool HALF = false>
 void pv_chunk(const uint16_t* P, const uint16_t* vp, int64_t Dv, int64_t G, const float* alpha, float* O,
-              int64_t j) {  // all QB rows, channel vectors j .. j + NV - 1
-  for (int64_t r = 0; r < QB; r += R) pv_tile<R, NV>(P + r * KB, KB, vp + 32 * j, Dv, G, alpha + r, O + r * Dv + 16 * j, Dv);
+              int64_t j) {  // all QB rows, channel vectors j .. j + NV - 1 (and the half vector after them)
+  for (int64_t r = 0; r < QB; r += R)
+    pv_tile<R, NV, HALF>(P + r * KB, KB, vp + 32 * j, Dv, G, alpha + r, O + r * Dv + 16 * j, Dv);
 }
 
-// all QB rows and Dv / 16 channel vectors, in chunks that keep the accumulators in registers
+// all QB rows and Dv channels (a multiple of 8), in chunks that keep the accumulators in registers
 void pv_block(const uint16_t* P, const uint16_t* vp, int64_t Dv, int64_t G, const float* alpha, float* O) {
   const int64_t nvec = Dv / 16;
-  if (nvec == 3) return pv_chunk<8, 3>(P, vp, Dv, G, alpha, O, 0);
   int64_t j = 0;
   for (; j + 5 <= nvec; j += 5) pv_chunk<4, 5>(P, vp, Dv, G, alpha, O, j);
-  switch (nvec - j) {
-    case 4: pv_chunk<4, 4>(P, vp, Dv, G, alpha, O, j); break;
-    case 3: pv_chunk<8, 3>(P, vp, Dv, G, alpha, O, j); break;
-    case 2: pv_chunk<8, 2>(P, vp, Dv, G, alpha, O, j); break;
-    case 1: pv_chunk<8, 1>(P, vp, Dv, G, alpha, O, j); break;
-    default: break;
+  if (Dv % 16 == 0) {
+    switch (nvec - j) {
+      case 4: pv_chunk<4, 4>(P, vp, Dv, G, alpha, O, j); break;
+      case 3: pv_chunk<8, 3>(P, vp, Dv, G, alpha, O, j); break;
+      case 2: pv_chunk<8, 2>(P, vp, Dv, G, alpha, O, j); break;
+      case 1: pv_chunk<8, 1>(P, vp, Dv, G, alpha, O, j); break;
+      default: break;
+    }
+    return;
+  }
+  switch (nvec - j) {  // and the last 8 channels
+    case 4: pv_chunk<4, 4, true>(P, vp, Dv, G, alpha, O, j); break;
+    case 3: pv_chunk<4, 3, true>(P, vp, Dv, G, alpha, O, j); break;
+    case 2: pv_chunk<8, 2, true>(P, vp, Dv, G, alpha, O, j); break;  // head size 40: SD 1.5's first stage
+    case 1: pv_chunk<8, 1, true>(P, vp, Dv, G, alpha, O, j); break;
+    default: pv_chunk<8, 0, true>(P, vp, Dv, G, alpha, O, j); break;
   }
 }
 
@@ -156,7 +181,7 @@ at::Tensor cpu_attention(const at::Tensor& q_in, const at::Tensor& k_in, const a
   auto out = at::empty({B, Nq, H, D}, q.options());
   if (B == 0 || H == 0 || Nq == 0 || D == 0) return out.transpose(1, 2);
 
-  const int64_t Dq = round_up(D, 2), G = Dq / 2, Dv = round_up(D, 16);
+  const int64_t Dq = round_up(D, 2), G = Dq / 2, Dv = round_up(D, 8);
   const int64_t Nkp = round_up(Nk, KB), nkb = Nkp / KB, BH = B * H;
   const float qk_scale = static_cast<float>(scale) * kLog2e;  // softmax in base 2
   auto kp_all = buffer<uint16_t>(BH * Nkp * Dq);  // per head: [Nkp / 16][G][16][2]
