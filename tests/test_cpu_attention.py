@@ -111,13 +111,73 @@ def test_model_switch_and_torch_compile_trace_the_op():
     assert all(m.cpu_fused_attention is False for m in layers)
 
 
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("shape,groups,offset", [
+    ((2, 320, 9, 11), 32, 0.0),    # SD UNet widths: 10 channels per group
+    ((1, 128, 37, 21), 32, 100.0),  # the VAE's last stage (4 channels per group); a mean far from 0
+    ((3, 24, 5, 7), 8, -3.0),      # channels not a multiple of 16
+    ((2, 40, 1, 1), 4, 0.5),       # one pixel
+    ((2, 6, 9), 3, 1.0),           # 3-d input
+])
+def test_group_norm_kernel_matches_torch_in_both_layouts(shape, groups, offset):
+    """``diffusekit::group_norm`` against float64 ``F.group_norm``: within float32 rounding in the contiguous and the
+    channels-last layout (where inductor's own GroupNorm is slow), output in the input's layout, with and without
+    the affine parameters."""
+    from diffusekit import cpu_group_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g) * 2 + offset
+    weight, bias = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    layouts = [x] + ([x.contiguous(memory_format=torch.channels_last)] if x.dim() == 4 else [])
+    for affine in ((weight, bias), (None, None)):
+        ref = F.group_norm(x.double(), groups, *(None if a is None else a.double() for a in affine), 1e-5)
+        for xi in layouts:
+            out = cpu_group_norm.group_norm(xi, groups, *affine, 1e-5)
+            assert out.dtype == torch.float32 and out.is_contiguous(memory_format=cpu_group_norm.output_format(xi))
+            assert (out.double() - ref).abs().max() <= 2e-6 * ref.abs().max()
+    with pytest.raises(RuntimeError, match="do not split into 7 groups"):
+        cpu_group_norm.group_norm(x, 7, None, None, 1e-5)
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_group_norm_layers_route_to_the_kernel_and_compile(monkeypatch):
+    """Every GroupNorm of the models is ``models.normalization.GroupNorm``: ``cpu_kernel`` (set by optimize() for int8
+    models, as the attention switch) routes float32 calls outside autograd to the kernel, torch.compile traces the op
+    on a channels-last input, and grad mode keeps torch's (the kernel has no backward)."""
+    from diffusekit import cpu_group_norm
+    from diffusekit.models.normalization import GroupNorm
+    from diffusekit.optimize import _default_cpu_kernels
+
+    calls = []
+    kernel = cpu_group_norm.group_norm
+    monkeypatch.setattr(cpu_group_norm, "group_norm", lambda *args: calls.append(1) or kernel(*args))
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), GroupNorm(8, 32), torch.nn.SiLU()).eval()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)
+        assert model[1].cpu_kernel is None
+        _default_cpu_kernels(model)
+        assert model[1].cpu_kernel is True
+        assert not calls
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        torch.testing.assert_close(compiled, ref, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2
+    y = model(x.requires_grad_())  # grad mode: torch's GroupNorm, differentiable
+    y.sum().backward()
+    assert x.grad is not None and len(calls) == 2
+
+
 _FALLBACK = textwrap.dedent("""
     import json, os, warnings
     import torch
     from diffusekit import cpu_attention
     from diffusekit.models.attention import Attention
     from diffusekit.modeling import ModelMixin
-    from diffusekit.optimize import _default_fused_attention
+    from diffusekit.optimize import _default_cpu_kernels
 
     class Model(ModelMixin):
         def __init__(self):
@@ -134,7 +194,7 @@ _FALLBACK = textwrap.dedent("""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             enabled = model.enable_cpu_fused_attention()
-            _default_fused_attention(model)  # what optimize() does for an int8 model: no second warning
+            _default_cpu_kernels(model)  # what optimize() does for an int8 model: no second warning
             out = model(x)
             choice = model.attn.cpu_fused_attention
             model.attn.cpu_fused_attention = True  # set by hand without a kernel: still SDPA, no error

@@ -1,4 +1,5 @@
-"""A fused attention kernel for x86 CPUs with AVX-512 BF16: ``torch.ops.diffusekit.cpu_attention``.
+"""A fused attention kernel for x86 CPUs with AVX-512 BF16: ``torch.ops.diffusekit.cpu_attention`` (and, built into
+the same library, the channels-last GroupNorm of :mod:`diffusekit.cpu_group_norm`).
 
 ``softmax(q kᵀ / sqrt(d)) v`` in one flash-style pass (blocks of queries stream blocks of keys, online softmax in
 float32), with both products as bfloat16 dot products accumulated in float32 (``vdpbf16ps``, twice the work per
@@ -7,9 +8,10 @@ torch's fused float32 CPU kernel, at a relative error of the output of a few 1e-
 measurements). It is the attention of the int8 path: ``optimize()`` turns it on for a quantized model on such a CPU;
 any model can opt in with ``model.enable_cpu_fused_attention()``.
 
-- **Built at run time** from ``cpu_attention.cpp`` (next to this file) with the C++ compiler inductor uses, against
-  the installed torch's headers, once per machine: ``<compile cache>/native/cpu_attention-<key>.so`` (key: the
-  source, torch, the compiler and the CPU flags), written to a temporary file and renamed into place. Loaded with
+- **Built at run time** from ``cpu_attention.cpp`` and ``cpu_group_norm.cpp`` (next to this file) with the C++
+  compiler inductor uses, against the installed torch's headers, once per machine:
+  ``<compile cache>/native/cpu_attention-<key>.so`` (key: the sources, torch, the compiler and the CPU flags), written
+  to a temporary file and renamed into place. Loaded with
   ``torch.ops.load_library``; the op is registered from C++ (so AOTInductor packages can call it), its shape
   function (fake tensor) from Python (so ``torch.compile`` / ``torch.export`` can trace it).
 - **Where it cannot be used** (not Linux x86-64, a CPU without AVX-512 BF16, no compiler, a failed build):
@@ -32,20 +34,21 @@ from ._native import build_library, cpu_flags
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+#: the library's sources: the attention kernel and the GroupNorm (one build, one load)
+SOURCES = (Path(__file__).with_name("cpu_attention.cpp"), Path(__file__).with_name("cpu_group_norm.cpp"))
 #: CPU features the kernel is compiled for (``/proc/cpuinfo`` names)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 _ARCH_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 
 
-def _build_command(compiler: str, source: Path, target: Path) -> list[str]:
+def _build_command(compiler: str, sources: tuple[Path, ...], target: Path) -> list[str]:
     torch_dir = Path(torch.__file__).resolve().parent
     lib = torch_dir / "lib"
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     return [compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", *_ARCH_FLAGS, "-w",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}",
             f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-            "-o", str(target), str(source), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+            "-o", str(target), *map(str, sources), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
 
 
 def library_path(compiler: str) -> Path:
@@ -53,7 +56,7 @@ def library_path(compiler: str) -> Path:
     from .optimize import _versioned, default_cache_dir
 
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(),
+    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), compiler.encode(),
                  " ".join(sorted(cpu_flags())).encode()):
         h.update(part + b"\0")
     return _versioned(default_cache_dir()) / "native" / f"cpu_attention-{h.hexdigest()[:16]}.so"
@@ -64,6 +67,12 @@ def _register_fake() -> None:
     def _(q, k, v, scale):
         batch, heads, length, channels = q.shape
         return q.new_empty((batch, length, heads, channels)).transpose(1, 2)
+
+    @torch.library.register_fake("diffusekit::group_norm")
+    def _(x, groups, weight, bias, eps):
+        from .cpu_group_norm import output_format
+
+        return torch.empty_like(x, memory_format=output_format(x))
 
 
 _lock = threading.Lock()
@@ -93,7 +102,7 @@ def _unavailable_reason() -> str | None:
         target = library_path(compiler)
         if not target.exists():
             logger.info("building the fused CPU attention kernel: %s", target)
-            build_library(target, lambda folder: _build_command(compiler, SOURCE, folder / target.name), 600)
+            build_library(target, lambda folder: _build_command(compiler, SOURCES, folder / target.name), 600)
         torch.ops.load_library(str(target))
         _register_fake()
         global _loaded

@@ -500,7 +500,7 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     merged = dict(CPU_OPTIONS) if device.type == "cpu" else {}
     if device.type == "cpu" and _is_quantized(module):
         merged.update(QUANTIZED_OPTIONS)
-        _default_fused_attention(module)
+        _default_cpu_kernels(module)
     merged.update(options or {})
     merged = {k: v for k, v in merged.items() if v is not None}
     ours = _versioned(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
@@ -519,21 +519,26 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     return module
 
 
-def _default_fused_attention(module: torch.nn.Module) -> None:
-    """The int8 path's attention: diffusekit's fused bf16 CPU kernel (``diffusekit.cpu_attention``) for every
-    attention layer that has no explicit choice (``enable_`` / ``disable_cpu_fused_attention``), where it runs."""
+def _default_cpu_kernels(module: torch.nn.Module) -> None:
+    """The int8 path's CPU kernels (``diffusekit.cpu_attention``, one library): the fused bf16 attention for every
+    attention layer that has no explicit choice (``enable_`` / ``disable_cpu_fused_attention``), and the GroupNorm
+    kernel (``diffusekit.cpu_group_norm``: fast on the channels-last activations of int8 convolutions) for every
+    ``GroupNorm`` whose ``cpu_kernel`` is not chosen, where they run."""
     undecided = [m for m in module.modules() if hasattr(m, "cpu_fused_attention") and m.cpu_fused_attention is None]
-    if not undecided:
+    norms = [m for m in module.modules() if getattr(m, "cpu_kernel", False) is None]
+    if not undecided and not norms:
         return
     from . import cpu_attention
 
     reason = cpu_attention.unavailable_reason()
     if reason is not None:
-        logger.info("%s.optimize(): attention stays torch's SDPA (the fused CPU kernel is unavailable: %s)",
+        logger.info("%s.optimize(): attention and GroupNorm stay torch's (the fused CPU kernels are unavailable: %s)",
                     type(module).__name__, reason)
         return
     for layer in undecided:
         layer.cpu_fused_attention = True
+    for norm in norms:
+        norm.cpu_kernel = True
 
 
 def _is_quantized(module: torch.nn.Module) -> bool:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .normalization import GroupNorm
+
 
 class Attention(nn.Module):
     """Multi-head (self or cross) attention.
@@ -79,7 +81,7 @@ class Attention(nn.Module):
         self.cpu_fused_attention: bool | None = None
 
         if norm_num_groups is not None:
-            self.group_norm = nn.GroupNorm(num_groups=norm_num_groups, num_channels=query_dim, eps=eps, affine=True)
+            self.group_norm = GroupNorm(num_groups=norm_num_groups, num_channels=query_dim, eps=eps, affine=True)
         else:
             self.group_norm = None
         self.to_q = nn.Linear(query_dim, self.inner_dim, bias=bias)

@@ -27,6 +27,7 @@ from . import unet_blocks  # noqa: F401  (registers the block classes)
 from .attention import rename_legacy_attention_keys
 from .registry import get_block
 from .unet_blocks import UNetMidBlock2D
+from .normalization import GroupNorm
 
 _VAE_EPS = 1e-6  # GroupNorm epsilon of every VAE layer (not configurable in diffusers either)
 
@@ -139,7 +140,7 @@ class Encoder(nn.Module):
             attention_head_dim=width,
             add_attention=mid_block_add_attention,
         )
-        self.conv_norm_out = nn.GroupNorm(num_groups=norm_num_groups, num_channels=width, eps=_VAE_EPS)
+        self.conv_norm_out = GroupNorm(num_groups=norm_num_groups, num_channels=width, eps=_VAE_EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(width, 2 * out_channels if double_z else out_channels, kernel_size=3, padding=1)
 
@@ -197,7 +198,7 @@ class Decoder(nn.Module):
             )
             for i, name in enumerate(up_block_types)
         )
-        self.conv_norm_out = nn.GroupNorm(num_groups=norm_num_groups, num_channels=block_out_channels[0], eps=_VAE_EPS)
+        self.conv_norm_out = GroupNorm(num_groups=norm_num_groups, num_channels=block_out_channels[0], eps=_VAE_EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
 

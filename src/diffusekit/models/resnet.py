@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .normalization import GroupNorm
+
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "swish": nn.SiLU,
     "silu": nn.SiLU,
@@ -155,14 +157,14 @@ class ResnetBlock2D(nn.Module):
         self.skip_time_act = skip_time_act
         self.up, self.down = up, down
 
-        self.norm1 = nn.GroupNorm(num_groups=groups, num_channels=in_channels, eps=eps, affine=True)
+        self.norm1 = GroupNorm(num_groups=groups, num_channels=in_channels, eps=eps, affine=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels is None:
             self.time_emb_proj = None
         else:
             proj_out = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
             self.time_emb_proj = nn.Linear(temb_channels, proj_out)
-        self.norm2 = nn.GroupNorm(num_groups=groups_out or groups, num_channels=out_channels, eps=eps, affine=True)
+        self.norm2 = GroupNorm(num_groups=groups_out or groups, num_channels=out_channels, eps=eps, affine=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, conv_2d_out_channels, kernel_size=3, stride=1, padding=1)
         self.nonlinearity = get_activation(non_linearity)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
+from .normalization import GroupNorm
 
 
 def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -142,7 +143,7 @@ class Transformer2DModel(nn.Module):
         self.in_channels, self.out_channels, self.inner_dim = in_channels, out_channels, inner_dim
         self.use_linear_projection = use_linear_projection
 
-        self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)  # eps is fixed at 1e-6, as in diffusers
+        self.norm = GroupNorm(norm_num_groups, in_channels, eps=1e-6)  # eps is fixed at 1e-6, as in diffusers
         if use_linear_projection:
             self.proj_in = nn.Linear(in_channels, inner_dim)
         else:

@@ -24,6 +24,7 @@ from . import unet_blocks  # noqa: F401  (registers the block classes)
 from .attention import rename_legacy_attention_keys
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .registry import get_block
+from .normalization import GroupNorm
 
 
 @dataclass
@@ -180,7 +181,7 @@ class UNet2DModel(ModelMixin):
             )
 
         out_groups = norm_num_groups if norm_num_groups is not None else min(width // 4, 32)
-        self.conv_norm_out = nn.GroupNorm(num_groups=out_groups, num_channels=width, eps=norm_eps)
+        self.conv_norm_out = GroupNorm(num_groups=out_groups, num_channels=width, eps=norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(width, out_channels, kernel_size=3, padding=1)
 

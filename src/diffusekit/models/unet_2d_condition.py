@@ -43,6 +43,7 @@ from .registry import get_block
 from .resnet import get_activation
 from .transformer_2d import mask_to_bias
 from .unet_blocks import skip_layers
+from .normalization import GroupNorm
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
 
         # ---- output
         if norm_num_groups is not None:
-            self.conv_norm_out = nn.GroupNorm(norm_num_groups, width, eps=norm_eps)
+            self.conv_norm_out = GroupNorm(norm_num_groups, width, eps=norm_eps)
             self.conv_act = get_activation(act_fn)
         else:
             self.conv_norm_out = None
