@@ -60,7 +60,7 @@ def keep_freed_memory() -> str | None:
 
     Why: by default each block over 32 MiB (and, once the heap trims, smaller ones) is a fresh mapping, so every
     step of a compiled model faults in and zeroes its activations again: measured on the SD 1.5 int8 UNet at 512²,
-    about 170 000 page faults and 6 % of the step; on its int8 VAE decoder 16 % (docs/PERFORMANCE.md, "Memory kept
+    about 170 000 page faults and 8-11 % of the step; on its int8 VAE decoder 15-26 % (docs/PERFORMANCE.md, "Memory kept
     for reuse"). The cost: memory a call freed is not handed back to the OS until the top of the heap holds 2 GiB
     free (the peak is the same; the process stays near it between calls).
 

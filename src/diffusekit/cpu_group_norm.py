@@ -6,7 +6,7 @@ strided runs of a few channels: on the SD VAE decoder's 128 x 512 x 512 activati
 norm on a ``[N, C, H, W]`` tensor. This kernel takes per-channel sums across the pixels (vectorised over the
 channels) and combines them into the groups, so both layouts run at memory speed; its statistics are as exact as
 torch's (double sums of pivot-shifted values). ``optimize()`` turns it on with the attention kernel for quantized
-models (``GroupNorm.cpu_kernel``); docs/PERFORMANCE.md has the measurements.
+models (``GroupNorm.cpu_kernel``); docs/QUANTIZATION.md ("GroupNorm kernel") has the measurements.
 """
 
 from __future__ import annotations

@@ -482,8 +482,8 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     traces each one; inductor's FX-graph cache spares the C++ build of the exact path; frozen graphs, which it does
     not cache, compile in full).
     ``reuse_memory`` (CPU): let malloc keep the memory each call frees for the next one instead of handing it back
-    and faulting it in again (:func:`diffusekit._native.keep_freed_memory`: process-wide, once; measured 6 % of an
-    int8 UNet step at 512², 16 % of an int8 VAE decode). ``False`` leaves malloc as it is, for this call.
+    and faulting it in again (:func:`diffusekit._native.keep_freed_memory`: process-wide, once; measured 8-11 % of
+    an int8 UNet step at 512², 15-26 % of an int8 VAE decode). ``False`` leaves malloc as it is, for this call.
     """
     device = _module_device(module)
     if device.type == "cpu" and reuse_memory:
