@@ -124,9 +124,13 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
     return torch.ops.diffusekit.cpu_attention(query, key, value, query.shape[-1] ** -0.5)
 
 
+def serves_tensors(*tensors: torch.Tensor) -> bool:
+    """Whether the library's kernels (this attention, :mod:`diffusekit.cpu_group_norm`) can take these tensors: the
+    library is loaded, they are float32 on the CPU, and outside autograd (the kernels have no backward)."""
+    return (_loaded and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
 def serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> bool:
     """Whether :func:`attention` can stand in for SDPA on these inputs (and the kernel is loaded)."""
-    return (_loaded and mask is None and query.device.type == "cpu" and query.dtype == torch.float32
-            and key.dtype == torch.float32 and value.dtype == torch.float32 and query.shape[-1] > 0
-            and key.shape[-2] > 0 and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
-                                                                        or value.requires_grad)))
+    return mask is None and query.shape[-1] > 0 and key.shape[-2] > 0 and serves_tensors(query, key, value)

@@ -33,7 +33,5 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
 
 def serves(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether :func:`group_norm` can stand in for ``F.group_norm`` here (the library is loaded, float32 on the CPU,
-    outside autograd)."""
-    return (cpu_attention._loaded and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2
-            and (weight is None or weight.dtype == torch.float32)
-            and not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))))
+    outside autograd: :func:`diffusekit.cpu_attention.serves_tensors`)."""
+    return x.dim() >= 2 and cpu_attention.serves_tensors(x, *(() if weight is None else (weight,)))
