@@ -171,6 +171,129 @@ def test_group_norm_layers_route_to_the_kernel_and_compile(monkeypatch):
     assert x.grad is not None and len(calls) == 2
 
 
+def _geglu_reference(x, w, w_scale, bias, x_qparams, out_qparams):
+    """The int8 GEGLU projection in float64: dequantize, both halves, a * gelu(g), quantize (round half to even)."""
+    (xs, xzp), (os_, ozp) = x_qparams, out_qparams
+    y = (x.double() - xzp) @ w.double().T * (xs * w_scale.double()) + (0 if bias is None else bias.double())
+    a, g = y.chunk(2, dim=-1)
+    h = (a * F.gelu(g)).float()
+    return torch.clamp(torch.round(h * (1.0 / os_)) + ozp, 0, 255).to(torch.uint8)
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("lead,k,n,with_bias", [
+    ((8192 // 64,), 320, 1280, True),  # SD 1.5's first-stage shape (fewer tokens)
+    ((2, 37), 64, 48, True),           # rows not a multiple of the 6-row tile; 48 outputs: a 16-wide last block
+    ((7,), 8, 16, False),              # tiny, no bias
+    ((3, 101), 128, 528, True),        # several column tasks (256 wide) and a ragged last one
+])
+def test_int8_geglu_kernel_matches_the_float64_reference(lead, k, n, with_bias):
+    """``diffusekit::int8_geglu`` (u8 x s8 products, GEGLU, uint8 output) against the same computation in float64:
+    the same uint8 almost everywhere, off by one step only where a value lies on a rounding border; gates spread
+    far into the negative side, where gelu's small values need the erfc form."""
+    from diffusekit import cpu_int8_geglu
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (*lead, k), dtype=torch.uint8, generator=g)
+    w = torch.randint(-127, 128, (2 * n, k), dtype=torch.int8, generator=g)
+    w_scale = torch.rand(2 * n, generator=g) * 4e-3 + 1e-4
+    bias = torch.randn(2 * n, generator=g) * 0.5 if with_bias else None
+    x_qparams, out_qparams = (0.02, 121), (0.01, 30)
+    packed, colsum = cpu_int8_geglu.pack(w)
+    out = torch.ops.diffusekit.int8_geglu(x, packed, colsum, w_scale, bias, *x_qparams, *out_qparams)
+    ref = _geglu_reference(x, w, w_scale, bias, x_qparams, out_qparams)
+    assert out.shape == (*lead, n) and out.dtype == torch.uint8
+    diff = (out.int() - ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    assert 0.05 < (ref == out_qparams[1]).logical_not().float().mean() and (ref < out_qparams[1]).any()  # not all 0
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        torch.ops.diffusekit.int8_geglu(x[..., :-2], packed, colsum, w_scale, bias, *x_qparams, *out_qparams)
+    with pytest.raises(RuntimeError, match="packed int8"):
+        torch.ops.diffusekit.int8_geglu(x, w, colsum, w_scale, bias, *x_qparams, *out_qparams)
+
+
+def _int8_feed_forward(dim=64, seed=0):
+    from diffusekit.models.transformer_2d import FeedForward
+    from diffusekit.quantization.modules import Int8Linear
+
+    torch.manual_seed(seed)
+    ff = FeedForward(dim).eval()
+    with torch.no_grad():
+        ff.net[0].proj.bias.normal_(0, 0.3)
+    ff.net[0].proj = Int8Linear.from_float(ff.net[0].proj)
+    ff.net[0].proj.set_input_qparams(0.03, 128)
+    ff.net[2] = Int8Linear.from_float(ff.net[2])
+    ff.net[2].set_input_qparams(0.004, 60)
+    return ff
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_int8_feed_forward_routes_to_the_geglu_kernel_and_keeps_its_copy_current(monkeypatch):
+    """``FeedForward.cpu_kernel`` (set by optimize() for int8 models) runs an int8 feed-forward's first layer and GEGLU
+    through the kernel, with the numbers of the QDQ layers; the packed copy follows ``set_weight`` and loads, stays
+    out of the state dict, and goes with the switch; float feed-forwards and grad mode keep the layers."""
+    from diffusekit import cpu_int8_geglu
+    from diffusekit.models.transformer_2d import FeedForward
+    from diffusekit.optimize import _default_cpu_kernels
+
+    calls = []
+    kernel = cpu_int8_geglu.feed_forward
+    monkeypatch.setattr(cpu_int8_geglu, "feed_forward", lambda *args: calls.append(1) or kernel(*args))
+    ff = _int8_feed_forward()
+    x = torch.randn(2, 50, 64)
+    step = 0.004 * ff.net[2]._dq_weight().abs().sum(1).max()  # the most one uint8 step of the hidden moves an output
+    with torch.no_grad():
+        ref = ff(x)
+        assert ff.cpu_kernel is None and ff.net[0].proj.geglu_weight is None
+        _default_cpu_kernels(ff)
+        assert ff.cpu_kernel is True and ff.net[0].proj.geglu_weight is not None
+        assert not any("geglu" in key for key in ff.state_dict())
+        out = ff(x)
+        assert len(calls) == 1
+        assert (out - ref).abs().max() <= step and (out - ref).norm() / ref.norm() < 1e-3
+        compiled = torch.compile(ff, backend="aot_eager", fullgraph=True)(x)
+        torch.testing.assert_close(compiled, out, rtol=0, atol=0)
+        assert len(calls) == 2
+
+        other = _int8_feed_forward(seed=1)
+        ff.net[0].proj.set_weight(other.net[0].proj._dq_weight())  # a new weight: packed again
+        torch.testing.assert_close(ff(x), ff.net[2](ff.net[0](x)), rtol=0, atol=float(step))
+        ff.load_state_dict(other.state_dict())  # a load: packed again
+        torch.testing.assert_close(ff(x), other(x), rtol=0, atol=float(step))
+        assert len(calls) == 4
+        ff.cpu_kernel = False
+        assert ff.net[0].proj.geglu_weight is None
+        ff(x)
+        assert len(calls) == 4
+
+        plain = FeedForward(64).eval()
+        plain.cpu_kernel = True  # float layers: nothing to pack, the layers run
+        plain(x)
+        assert len(calls) == 4
+    ff.cpu_kernel = True
+    ff(x.requires_grad_())  # grad mode: the QDQ layers (the kernel has no backward)
+    assert len(calls) == 4
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_int8_feed_forward_compiles_to_the_kernel_and_a_oneDNN_int8_matmul_on_its_output():
+    """Under inductor with freezing (what optimize() runs for int8 models), the kernel's uint8 output goes straight
+    into the second layer's oneDNN int8 matmul: no float linear and no dequantized [tokens, 4 dim] tensor."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    ff = _int8_feed_forward()
+    ff.cpu_kernel = True
+    x = torch.randn(2, 50, 64)
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        out, (code, *_) = run_and_get_code(torch.compile(ff), x)
+        eager = ff(x)
+    assert "diffusekit.int8_geglu" in code and "qlinear_pointwise" in code
+    assert "addmm" not in code and "mkl_linear" not in code
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
 _FALLBACK = textwrap.dedent("""
     import json, os, warnings
     import torch

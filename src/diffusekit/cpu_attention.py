@@ -1,5 +1,6 @@
 """A fused attention kernel for x86 CPUs with AVX-512 BF16: ``torch.ops.diffusekit.cpu_attention`` (and, built into
-the same library, the channels-last GroupNorm of :mod:`diffusekit.cpu_group_norm`).
+the same library, the channels-last GroupNorm of :mod:`diffusekit.cpu_group_norm` and the int8 feed-forward
+projection of :mod:`diffusekit.cpu_int8_geglu`).
 
 ``softmax(q kᵀ / sqrt(d)) v`` in one flash-style pass (blocks of queries stream blocks of keys, online softmax in
 float32), with both products as bfloat16 dot products accumulated in float32 (``vdpbf16ps``, twice the work per
@@ -8,7 +9,7 @@ torch's fused float32 CPU kernel, at a relative error of the output of a few 1e-
 measurements). It is the attention of the int8 path: ``optimize()`` turns it on for a quantized model on such a CPU;
 any model can opt in with ``model.enable_cpu_fused_attention()``.
 
-- **Built at run time** from ``cpu_attention.cpp`` and ``cpu_group_norm.cpp`` (next to this file) with the C++
+- **Built at run time** from ``cpu_attention.cpp``, ``cpu_group_norm.cpp`` and ``cpu_int8_geglu.cpp`` (next to this file) with the C++
   compiler inductor uses, against the installed torch's headers, once per machine:
   ``<compile cache>/native/cpu_attention-<key>.so`` (key: the sources, torch, the compiler and the CPU flags), written
   to a temporary file and renamed into place. Loaded with
@@ -34,11 +35,12 @@ from ._native import build_library, cpu_flags
 
 logger = logging.getLogger(__name__)
 
-#: the library's sources: the attention kernel and the GroupNorm (one build, one load)
-SOURCES = (Path(__file__).with_name("cpu_attention.cpp"), Path(__file__).with_name("cpu_group_norm.cpp"))
-#: CPU features the kernel is compiled for (``/proc/cpuinfo`` names)
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
-_ARCH_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+#: the library's sources: the attention kernel, the GroupNorm and the int8 GEGLU (one build, one load)
+SOURCES = tuple(Path(__file__).with_name(name) for name in
+                ("cpu_attention.cpp", "cpu_group_norm.cpp", "cpu_int8_geglu.cpp"))
+#: CPU features the kernels are compiled for (``/proc/cpuinfo`` names; every CPU with AVX-512 BF16 has VNNI)
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
+_ARCH_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-mfma"]
 
 
 def _build_command(compiler: str, sources: tuple[Path, ...], target: Path) -> list[str]:
@@ -73,6 +75,10 @@ def _register_fake() -> None:
         from .cpu_group_norm import output_format
 
         return torch.empty_like(x, memory_format=output_format(x))
+
+    @torch.library.register_fake("diffusekit::int8_geglu")
+    def _(x, w, colsum, w_scale, bias, x_scale, x_zero_point, out_scale, out_zero_point):
+        return x.new_empty((*x.shape[:-1], w.shape[0] * 16))
 
 
 _lock = threading.Lock()

@@ -521,9 +521,10 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
 
 def _default_cpu_kernels(module: torch.nn.Module) -> None:
     """The int8 path's CPU kernels (``diffusekit.cpu_attention``, one library): the fused bf16 attention for every
-    attention layer that has no explicit choice (``enable_`` / ``disable_cpu_fused_attention``), and the GroupNorm
-    kernel (``diffusekit.cpu_group_norm``: fast on the channels-last activations of int8 convolutions) for every
-    ``GroupNorm`` whose ``cpu_kernel`` is not chosen, where they run."""
+    attention layer that has no explicit choice (``enable_`` / ``disable_cpu_fused_attention``), and for every layer
+    whose ``cpu_kernel`` is not chosen the GroupNorm kernel (``diffusekit.cpu_group_norm``: fast on the channels-last
+    activations of int8 convolutions) and the int8 feed-forward's fused GEGLU (``diffusekit.cpu_int8_geglu``), where
+    they run."""
     undecided = [m for m in module.modules() if hasattr(m, "cpu_fused_attention") and m.cpu_fused_attention is None]
     norms = [m for m in module.modules() if getattr(m, "cpu_kernel", False) is None]
     if not undecided and not norms:
@@ -532,7 +533,8 @@ def _default_cpu_kernels(module: torch.nn.Module) -> None:
 
     reason = cpu_attention.unavailable_reason()
     if reason is not None:
-        logger.info("%s.optimize(): attention and GroupNorm stay torch's (the fused CPU kernels are unavailable: %s)",
+        logger.info("%s.optimize(): attention, GroupNorm and GEGLU stay torch's (the fused CPU kernels are "
+                    "unavailable: %s)",
                     type(module).__name__, reason)
         return
     for layer in undecided:

@@ -40,7 +40,12 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """``net = [GEGLU(dim -> 4 dim), Dropout, Linear(4 dim -> dim)]`` (keys ``net.0.proj``, ``net.2``)."""
+    """``net = [GEGLU(dim -> 4 dim), Dropout, Linear(4 dim -> dim)]`` (keys ``net.0.proj``, ``net.2``).
+
+    ``cpu_kernel`` (``None``: not chosen, off): once the two linear layers are int8 (``diffusekit.quantization``),
+    run the first, GEGLU and the second's input quantization as one CPU kernel (``diffusekit.cpu_int8_geglu``);
+    ``optimize()`` of a quantized model turns it on where the kernel runs. Float layers ignore it.
+    """
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, bias: bool = True):
         super().__init__()
@@ -48,8 +53,25 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList(
             [GEGLU(dim, inner_dim, bias=bias), nn.Dropout(dropout), nn.Linear(inner_dim, dim, bias=bias)]
         )
+        self._cpu_kernel: bool | None = None
+
+    @property
+    def cpu_kernel(self) -> bool | None:
+        return self._cpu_kernel
+
+    @cpu_kernel.setter
+    def cpu_kernel(self, on: bool | None) -> None:
+        self._cpu_kernel = on
+        pack = getattr(self.net[0].proj, "pack_geglu", None)  # int8 layers keep the kernel's copy of the weight
+        if pack is not None:
+            pack(bool(on) and hasattr(self.net[2], "forward_uint8"))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._cpu_kernel:
+            from .. import cpu_int8_geglu
+
+            if cpu_int8_geglu.serves(self.net[0].proj, self.net[2], hidden_states):
+                return cpu_int8_geglu.feed_forward(self.net[0].proj, self.net[2], hidden_states)
         for layer in self.net:
             hidden_states = layer(hidden_states)
         return hidden_states

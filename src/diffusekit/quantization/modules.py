@@ -159,6 +159,32 @@ class Int8Linear(_Int8Layer):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_buffers((out_features, in_features), out_features, bias, device)
+        # the GEGLU kernel's copy of the weight (diffusekit.cpu_int8_geglu), kept only while it is on
+        self.register_buffer("geglu_weight", None, persistent=False)
+        self.register_buffer("geglu_colsum", None, persistent=False)
+
+    def pack_geglu(self, enable: bool = True) -> bool:
+        """Keep (``enable``) or drop the packed copy of the weight that the fused GEGLU kernel reads, when this layer
+        is a feed-forward's GEGLU projection (``diffusekit.cpu_int8_geglu``; about the weight's size again). Kept in
+        step with :meth:`set_weight` and loads. Returns whether a copy is kept (not for shapes the kernel does not
+        take, or a weight on another device than the CPU)."""
+        from ..cpu_int8_geglu import pack, packable
+
+        self.geglu_weight = self.geglu_colsum = None
+        if not enable or not packable(self) or self.weight.device.type != "cpu" or self.weight.is_meta:
+            return False
+        self.geglu_weight, self.geglu_colsum = pack(self.weight)
+        return True
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        super().set_weight(weight)
+        if self.geglu_weight is not None:
+            self.pack_geglu()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.geglu_weight is not None:
+            self.pack_geglu()
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
@@ -176,6 +202,13 @@ class Int8Linear(_Int8Layer):
         # contiguous: a strided 3-d input (spatial attention: (B, C, HW) transposed) makes aten.linear a bmm, which
         # inductor only folds into an int8 kernel when the dequantized input has no other user
         return F.linear(self._qdq_input(x.contiguous()), self._dq_weight(), self.bias)
+
+    def forward_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on an input already quantized with its input parameters (uint8 ``[..., in_features]``, what the
+        GEGLU kernel writes): dequantize, linear (the pattern inductor lowers to a oneDNN int8 matmul on ``x``)."""
+        scale, zero_point = self._input_qparams
+        x = _ops().dequantize_per_tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
+        return F.linear(x, self._dq_weight(), self.bias)
 
 
 # float layer class -> int8 layer class (exact types: subclasses with their own forward are left alone)
