@@ -171,6 +171,92 @@ def test_group_norm_layers_route_to_the_kernel_and_compile(monkeypatch):
     assert x.grad is not None and len(calls) == 2
 
 
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("shape,groups,shift,silu", [
+    ((2, 320, 9, 11), 32, True, True),    # a UNet ResNet's norm2: time embedding added, SiLU
+    ((1, 128, 37, 21), 32, False, True),  # the VAE's last stage: no time embedding
+    ((3, 24, 5, 7), 8, True, False),      # channels not a multiple of 16; no activation
+])
+def test_group_norm_quantize_matches_norm_silu_and_quantize(shape, groups, shift, silu):
+    """``diffusekit::group_norm_quantize``: the uint8 of ``quantize(silu(group_norm(x + shift)))`` computed in float64,
+    in both layouts (output in the input's layout), off by one step only on rounding borders."""
+    from diffusekit import cpu_group_norm
+    from diffusekit.quantization.modules import _ops
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*shape, generator=g) * 3 + 1
+    weight, bias = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    add = torch.randn(shape[0], shape[1], 1, 1, generator=g) * 2 if shift else None
+    ref = F.group_norm(x.double() + (0 if add is None else add.double()), groups, weight.double(), bias.double(), 1e-5)
+    ref = (F.silu(ref) if silu else ref).float()
+    ref = _ops().quantize_per_tensor(ref, 0.01, 40, 0, 255, torch.uint8)
+    for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = cpu_group_norm.group_norm_quantize(xi, groups, weight, bias, 1e-5, add, silu, 0.01, 40)
+        assert out.dtype == torch.uint8 and out.is_contiguous(memory_format=cpu_group_norm.output_format(xi))
+        diff = (out.int() - ref.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    assert (ref > 40).any() and (ref < 40).any() and (ref == 255).float().mean() < 0.05
+    with pytest.raises(RuntimeError, match="one value per"):
+        cpu_group_norm.group_norm_quantize(x, groups, weight, bias, 1e-5, torch.ones(5), silu, 0.01, 40)
+
+
+def _int8_resnet(channels=32):
+    from diffusekit.models.resnet import ResnetBlock2D
+    from diffusekit.quantization.modules import Int8Conv2d
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=channels, out_channels=channels, temb_channels=16, groups=8).eval()
+    for name in ("conv1", "conv2"):
+        conv = Int8Conv2d.from_float(getattr(block, name))
+        conv.set_input_qparams(0.02, 14)
+        setattr(block, name, conv)
+    return block
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_int8_resnet_norms_quantize_for_their_convolutions_in_one_pass(monkeypatch):
+    """With the GroupNorm kernel on, a ResNet block's ``norm -> SiLU -> int8 conv`` (norm2 with the time embedding
+    added) runs the norm, SiLU and the conv's input quantization as one kernel pass with the numbers of the separate
+    layers; float convs, dropout while training and grad mode keep the separate layers; inductor lowers the uint8
+    hand-over to oneDNN int8 convolutions."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from diffusekit import cpu_group_norm
+    from diffusekit.models.resnet import ResnetBlock2D
+
+    calls = []
+    kernel = cpu_group_norm.group_norm_quantize
+    monkeypatch.setattr(cpu_group_norm, "group_norm_quantize", lambda *args: calls.append(1) or kernel(*args))
+    block = _int8_resnet()
+    x, temb = torch.randn(2, 32, 12, 12), torch.randn(2, 16)
+    step = 0.02 * block.conv2._dq_weight().abs().sum((1, 2, 3)).max()  # the most one uint8 step moves an output
+    with torch.no_grad():
+        ref = block(x, temb)
+        block.norm1.cpu_kernel = block.norm2.cpu_kernel = True
+        out = block(x, temb)
+        assert len(calls) == 2
+        assert (out - ref).abs().max() <= 2 * step and (out - ref).norm() / ref.norm() < 1e-3
+        torch._dynamo.reset()
+        with inductor_config.patch(freezing=True):
+            compiled, (code, *_) = run_and_get_code(torch.compile(block), x, temb)
+        assert "diffusekit.group_norm_quantize" in code and code.count("qconv") >= 2
+        assert "_convolution_pointwise" not in code  # no float convolution left
+        torch.testing.assert_close(compiled, out, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 4  # traced once per norm
+
+        plain = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=16, groups=8).eval()
+        plain.norm1.cpu_kernel = plain.norm2.cpu_kernel = True
+        plain(x, temb)  # float convs: the float GroupNorm kernel, then SiLU and the conv
+        block.train()
+        block.dropout.p = 0.5
+        block(x, temb)  # dropout between SiLU and conv2: norm2 stays separate, norm1 still fused
+        assert len(calls) == 5
+    block.eval()
+    block(x.requires_grad_(), temb)  # grad mode: the separate layers
+    assert len(calls) == 5
+
+
 def _geglu_reference(x, w, w_scale, bias, x_qparams, out_qparams):
     """The int8 GEGLU projection in float64: dequantize, both halves, a * gelu(g), quantize (round half to even)."""
     (xs, xzp), (os_, ozp) = x_qparams, out_qparams

@@ -35,3 +35,21 @@ def test_demo_command_writes_a_grid(tmp_path):
     grid = Image.open(tmp_path / "ddpm-grid.png")
     assert grid.size == (64, 64)
     assert (tmp_path / "tiny-ddpm" / "model_index.json").exists()
+
+
+def test_package_data_ships_the_native_kernels_sources():
+    """A wheel carries every file the run-time kernel build reads (sources and headers): a source left out of
+    ``package-data`` would leave an installed (not editable) diffusekit without its CPU kernels, which the editable
+    test install would never notice. Checked against the patterns setuptools applies."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    from diffusekit import cpu_attention
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["diffusekit"]
+    package = Path(cpu_attention.__file__).parent
+    for path in cpu_attention.SOURCES + cpu_attention.HEADERS:
+        name = path.relative_to(package).as_posix()
+        assert path.exists() and any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name

@@ -9,13 +9,14 @@ torch's fused float32 CPU kernel, at a relative error of the output of a few 1e-
 measurements). It is the attention of the int8 path: ``optimize()`` turns it on for a quantized model on such a CPU;
 any model can opt in with ``model.enable_cpu_fused_attention()``.
 
-- **Built at run time** from ``cpu_attention.cpp``, ``cpu_group_norm.cpp`` and ``cpu_int8_geglu.cpp`` (next to this file) with the C++
-  compiler inductor uses, against the installed torch's headers, once per machine:
+- **Built at run time** from ``cpu_attention.cpp``, ``cpu_group_norm.cpp`` and ``cpu_int8_geglu.cpp`` (next to this
+  file, with the header ``cpu_simd.h``) by the C++ compiler inductor uses, against the installed torch's headers,
+  once per machine:
   ``<compile cache>/native/cpu_attention-<key>.so`` (key: the sources, torch, the compiler and the CPU flags), written
   to a temporary file and renamed into place. Loaded with
   ``torch.ops.load_library``; the op is registered from C++ (so AOTInductor packages can call it), its shape
   function (fake tensor) from Python (so ``torch.compile`` / ``torch.export`` can trace it).
-- **Where it cannot be used** (not Linux x86-64, a CPU without AVX-512 BF16, no compiler, a failed build):
+- **Where it cannot be used** (not Linux x86-64, a CPU without AVX-512 BF16 and VNNI, no compiler, a failed build):
   :func:`unavailable_reason` says why, and attention stays torch's ``scaled_dot_product_attention``.
 - It serves float32 CPU calls without a mask, outside autograd; anything else goes to SDPA.
 """
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 #: the library's sources: the attention kernel, the GroupNorm and the int8 GEGLU (one build, one load)
 SOURCES = tuple(Path(__file__).with_name(name) for name in
                 ("cpu_attention.cpp", "cpu_group_norm.cpp", "cpu_int8_geglu.cpp"))
+#: headers they include (part of the build key)
+HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 #: CPU features the kernels are compiled for (``/proc/cpuinfo`` names; every CPU with AVX-512 BF16 has VNNI)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
 _ARCH_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-mfma"]
@@ -54,11 +57,11 @@ def _build_command(compiler: str, sources: tuple[Path, ...], target: Path) -> li
 
 
 def library_path(compiler: str) -> Path:
-    """Where the built library for this source, torch, compiler and CPU lives in the compile cache."""
+    """Where the built library for these sources, torch, compiler and CPU lives in the compile cache."""
     from .optimize import _versioned, default_cache_dir
 
     h = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), compiler.encode(),
+    for part in (*(source.read_bytes() for source in SOURCES + HEADERS), torch.__version__.encode(), compiler.encode(),
                  " ".join(sorted(cpu_flags())).encode()):
         h.update(part + b"\0")
     return _versioned(default_cache_dir()) / "native" / f"cpu_attention-{h.hexdigest()[:16]}.so"
@@ -75,6 +78,12 @@ def _register_fake() -> None:
         from .cpu_group_norm import output_format
 
         return torch.empty_like(x, memory_format=output_format(x))
+
+    @torch.library.register_fake("diffusekit::group_norm_quantize")
+    def _(x, groups, weight, bias, eps, shift, silu, out_scale, out_zero_point):
+        from .cpu_group_norm import output_format
+
+        return torch.empty_like(x, dtype=torch.uint8, memory_format=output_format(x))
 
     @torch.library.register_fake("diffusekit::int8_geglu")
     def _(x, w, colsum, w_scale, bias, x_scale, x_zero_point, out_scale, out_zero_point):

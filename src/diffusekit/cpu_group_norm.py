@@ -31,6 +31,16 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
     return torch.ops.diffusekit.group_norm(x, groups, weight, bias, eps)
 
 
+def group_norm_quantize(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                        eps: float, shift: torch.Tensor | None, silu: bool, out_scale: float,
+                        out_zero_point: int) -> torch.Tensor:
+    """``quantize_per_tensor(act(F.group_norm(x + shift, ...)), out_scale, out_zero_point)`` as uint8 in ``x``'s
+    layout (``act``: SiLU or none; ``shift``: one value per sample and channel, or ``None``), in one pass: what an
+    int8 convolution after the norm reads. Call :func:`serves` first."""
+    return torch.ops.diffusekit.group_norm_quantize(x, groups, weight, bias, eps, shift, silu, out_scale,
+                                                    out_zero_point)
+
+
 def serves(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether :func:`group_norm` can stand in for ``F.group_norm`` here (the library is loaded, float32 on the CPU,
     outside autograd: :func:`diffusekit.cpu_attention.serves_tensors`)."""

@@ -15,6 +15,8 @@
 // half to even like torch's quantize_per_tensor.
 #include <immintrin.h>
 
+#include "cpu_simd.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -28,24 +30,12 @@
 
 namespace {
 
+using diffusekit_simd::exp2_accurate;
+using diffusekit_simd::quantize_u8;
+
 constexpr int64_t kRows = 6;        // rows per register tile (6 x 4 accumulators)
 constexpr int64_t kTaskRows = 96;   // rows per task (a multiple of kRows)
 constexpr int64_t kTaskCols = 256;  // outputs per task (a multiple of 32): its packed weight stays in L2
-
-// 2^x, relative error ~1e-7 (degree-6 polynomial of the fraction); 0 below -126
-inline __m512 exp2_accurate(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.540353e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.333356e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550411e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // gelu(g) = g / 2 * (1 + erf(g / sqrt 2)), with 1 + erf(z) = erfc(-z) taken as t poly(t) exp(-z^2) for z < 0 (so
 // the small values of the negative side keep their relative precision) and 2 minus that for z >= 0
@@ -137,9 +127,7 @@ inline void tile(const uint8_t* x, int64_t K, const int8_t* w, const Epilogue& e
       const __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][2 * j], ca)), sa, ba);
       const __m512 g = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][2 * j + 1], cg)), sg, bg);
       const __m512 h = _mm512_mul_ps(a, gelu_erf(g));
-      __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(h, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      q = _mm512_max_epi32(_mm512_add_epi32(q, zp), _mm512_setzero_si512());
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * ep.N + na), _mm512_cvtusepi32_epi8(q));  // <= 255
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * ep.N + na), quantize_u8(h, inv, zp));
     }
   }
 }

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .normalization import GroupNorm
+from .normalization import GroupNorm, norm_act_conv
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "swish": nn.SiLU,
@@ -183,14 +183,17 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         # input_tensor: (B, C_in, H, W); temb: (B, temb_channels) or None
-        hidden_states = self.nonlinearity(self.norm1(input_tensor))
-        if self.upsample is not None:
-            input_tensor = self.upsample(input_tensor)
-            hidden_states = self.upsample(hidden_states)
-        elif self.downsample is not None:
-            input_tensor = self.downsample(input_tensor)
-            hidden_states = self.downsample(hidden_states)
-        hidden_states = self.conv1(hidden_states)  # (B, C_out, H, W)
+        if self.upsample is None and self.downsample is None:
+            hidden_states = norm_act_conv(self.norm1, self.nonlinearity, self.conv1, input_tensor)  # (B, C_out, H, W)
+        else:
+            hidden_states = self.nonlinearity(self.norm1(input_tensor))
+            if self.upsample is not None:
+                input_tensor = self.upsample(input_tensor)
+                hidden_states = self.upsample(hidden_states)
+            else:
+                input_tensor = self.downsample(input_tensor)
+                hidden_states = self.downsample(hidden_states)
+            hidden_states = self.conv1(hidden_states)  # (B, C_out, H, W)
 
         if self.time_emb_proj is not None and temb is not None:
             if not self.skip_time_act:
@@ -204,11 +207,8 @@ class ResnetBlock2D(nn.Module):
                 raise ValueError("ResnetBlock2D with time_embedding_norm='scale_shift' needs a time embedding")
             scale, shift = temb.chunk(2, dim=1)
             hidden_states = self.norm2(hidden_states) * (1 + scale) + shift
-        else:
-            if temb is not None:
-                hidden_states = hidden_states + temb
-            hidden_states = self.norm2(hidden_states)
-
-        hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))  # (B, C_out, H, W)
+            hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))  # (B, C_out, H, W)
+        else:  # conv2(dropout(act(norm2(h + temb))))
+            hidden_states = norm_act_conv(self.norm2, self.nonlinearity, self.conv2, hidden_states, temb, self.dropout)
         shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
         return (shortcut + hidden_states) / self.output_scale_factor

@@ -114,6 +114,10 @@ class _Int8Layer(nn.Module):
         x = ops.quantize_per_tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
         return ops.dequantize_per_tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
 
+    def _dq_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = self._input_qparams
+        return _ops().dequantize_per_tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
+
     def _dq_weight(self) -> torch.Tensor:
         return _ops().dequantize_per_channel(self.weight, self.weight_scale, self.weight_zero_point, 0,
                                              W_QMIN, W_QMAX, torch.int8)
@@ -148,8 +152,15 @@ class Int8Conv2d(_Int8Layer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, C_in, H, W] -> [B, C_out, H', W']
-        return F.conv2d(self._qdq_input(x), self._dq_weight(), self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        return self._conv(self._qdq_input(x))
+
+    def forward_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on an input already quantized with its input parameters (uint8 ``[B, C_in, H, W]``, what the
+        GroupNorm kernel writes): dequantize, conv (the pattern inductor lowers to a oneDNN int8 convolution)."""
+        return self._conv(self._dq_uint8(x))
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self._dq_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class Int8Linear(_Int8Layer):
@@ -206,9 +217,7 @@ class Int8Linear(_Int8Layer):
     def forward_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on an input already quantized with its input parameters (uint8 ``[..., in_features]``, what the
         GEGLU kernel writes): dequantize, linear (the pattern inductor lowers to a oneDNN int8 matmul on ``x``)."""
-        scale, zero_point = self._input_qparams
-        x = _ops().dequantize_per_tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
-        return F.linear(x, self._dq_weight(), self.bias)
+        return F.linear(self._dq_uint8(x), self._dq_weight(), self.bias)
 
 
 # float layer class -> int8 layer class (exact types: subclasses with their own forward are left alone)

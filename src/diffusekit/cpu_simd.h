@@ -1,0 +1,30 @@
+// diffusekit: AVX-512 maths shared by the CPU kernels (cpu_group_norm.cpp, cpu_int8_geglu.cpp).
+#pragma once
+
+#include <immintrin.h>
+
+namespace diffusekit_simd {
+
+// 2^x, relative error ~1e-7 (degree-6 polynomial of the fraction); 0 below -126, x clamped at 126 above
+inline __m512 exp2_accurate(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.f)), _mm512_set1_ps(126.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.540353e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.333356e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550411e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// uint8 = clamp(round_half_even(y / scale) + zero_point, 0, 255), as torch's quantize_per_tensor (inv = 1 / scale)
+inline __m128i quantize_u8(__m512 y, __m512 inv, __m512i zero_point) {
+  __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(y, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm512_max_epi32(_mm512_add_epi32(q, zero_point), _mm512_setzero_si512());
+  return _mm512_cvtusepi32_epi8(q);  // unsigned saturation: <= 255
+}
+
+}  // namespace diffusekit_simd
