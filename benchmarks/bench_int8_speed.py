@@ -161,7 +161,7 @@ PROFILE_KINDS = (  # (kind, test on a profiler event name), first match wins
     ("int8 conv (oneDNN)", lambda n: n == "onednn::qconv_pointwise"),
     ("int8 linear (oneDNN)", lambda n: n == "onednn::qlinear_pointwise"),
     ("int8 feed-forward projection + GEGLU (diffusekit kernel)", lambda n: n == "diffusekit::int8_geglu"),
-    ("GroupNorm (diffusekit kernel)", lambda n: n == "diffusekit::group_norm"),
+    ("GroupNorm, alone or + SiLU + quantize (diffusekit kernel)", lambda n: n.startswith("diffusekit::group_norm")),
     ("fused GroupNorm (+SiLU, +quantize)", lambda n: n.startswith("graph_") and "group_norm" in n),
     ("fused LayerNorm (+quantize)", lambda n: n.startswith("graph_") and "layer_norm" in n),
     ("fused quantize / layout", lambda n: n.startswith("graph_") and "quantize" in n),

@@ -217,12 +217,13 @@ def _int8_resnet(channels=32):
 def test_int8_resnet_norms_quantize_for_their_convolutions_in_one_pass(monkeypatch):
     """With the GroupNorm kernel on, a ResNet block's ``norm -> SiLU -> int8 conv`` (norm2 with the time embedding
     added) runs the norm, SiLU and the conv's input quantization as one kernel pass with the numbers of the separate
-    layers; float convs, dropout while training and grad mode keep the separate layers; inductor lowers the uint8
+    layers (also without an activation: a spatial transformer's input projection); float convs, dropout while training and grad mode keep the separate layers; inductor lowers the uint8
     hand-over to oneDNN int8 convolutions."""
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
     from diffusekit import cpu_group_norm
+    from diffusekit.models.normalization import norm_act_conv
     from diffusekit.models.resnet import ResnetBlock2D
 
     calls = []
@@ -245,16 +246,23 @@ def test_int8_resnet_norms_quantize_for_their_convolutions_in_one_pass(monkeypat
         torch.testing.assert_close(compiled, out, rtol=1e-5, atol=1e-5)
         assert len(calls) == 4  # traced once per norm
 
+        # no activation (a spatial transformer's norm -> int8 proj_in)
+        fused = norm_act_conv(block.norm1, None, block.conv1, x)
+        assert len(calls) == 5
+        block.norm1.cpu_kernel = False
+        torch.testing.assert_close(fused, norm_act_conv(block.norm1, None, block.conv1, x), rtol=0, atol=float(step))
+        block.norm1.cpu_kernel = True
+
         plain = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=16, groups=8).eval()
         plain.norm1.cpu_kernel = plain.norm2.cpu_kernel = True
         plain(x, temb)  # float convs: the float GroupNorm kernel, then SiLU and the conv
         block.train()
         block.dropout.p = 0.5
         block(x, temb)  # dropout between SiLU and conv2: norm2 stays separate, norm1 still fused
-        assert len(calls) == 5
+        assert len(calls) == 6
     block.eval()
     block(x.requires_grad_(), temb)  # grad mode: the separate layers
-    assert len(calls) == 5
+    assert len(calls) == 6
 
 
 def _geglu_reference(x, w, w_scale, bias, x_qparams, out_qparams):

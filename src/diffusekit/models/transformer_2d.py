@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
-from .normalization import GroupNorm
+from .normalization import GroupNorm, norm_act_conv
 
 
 def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -201,12 +201,11 @@ class Transformer2DModel(nn.Module):
         batch, _, height, width = hidden_states.shape
         residual = hidden_states
 
-        hidden_states = self.norm(hidden_states)
         if self.use_linear_projection:  # flatten, then project
-            hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(batch, height * width, -1)  # (B, HW, C)
+            hidden_states = self.norm(hidden_states).permute(0, 2, 3, 1).reshape(batch, height * width, -1)
             hidden_states = self.proj_in(hidden_states)  # (B, HW, inner)
         else:  # project, then flatten
-            hidden_states = self.proj_in(hidden_states)  # (B, inner, H, W)
+            hidden_states = norm_act_conv(self.norm, None, self.proj_in, hidden_states)  # (B, inner, H, W)
             hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(batch, height * width, -1)  # (B, HW, inner)
 
         for block in self.transformer_blocks:
