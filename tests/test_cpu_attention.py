@@ -19,9 +19,13 @@ from diffusekit.models.attention import Attention
 
 @pytest.fixture
 def needs_kernel():
-    """Skips where the kernel cannot run (built on first use, once per machine: not at collection)."""
-    if not cpu_attention.available():
-        pytest.skip(f"fused CPU attention unavailable: {cpu_attention.unavailable_reason()}")
+    """Skips where the kernel cannot run (built on first use, once per machine: not at collection); fails where the
+    machine can build it and the build fails (a broken source must not pass as skipped tests)."""
+    reason = cpu_attention.unavailable_reason()
+    if reason is not None and reason.startswith("building or loading it failed"):
+        pytest.fail(f"the CPU kernels did not build on a machine that can build them: {reason}")
+    if reason is not None:
+        pytest.skip(f"fused CPU attention unavailable: {reason}")
 
 
 def _heads(batch, tokens, heads, dim, offset=0.0):
@@ -263,6 +267,46 @@ def test_int8_resnet_norms_quantize_for_their_convolutions_in_one_pass(monkeypat
     block.eval()
     block(x.requires_grad_(), temb)  # grad mode: the separate layers
     assert len(calls) == 6
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_attention_before_an_int8_output_projection_is_written_as_its_uint8_input():
+    """With an int8 ``to_out.0``, the kernel writes the attention quantized as that layer's uint8 input
+    (``diffusekit::cpu_attention_quantize``): the uint8 of the float kernel's output, off by one step only on rounding
+    borders; the layer's output matches the float route; inductor hands the uint8 tensor to a oneDNN int8 matmul."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from diffusekit.quantization.modules import Int8Linear, _ops
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (_heads(2, 77, 4, 24) * 2 for _ in range(3))
+    ref = _ops().quantize_per_tensor(cpu_attention.attention(q, k, v).transpose(1, 2).contiguous(), 0.01, 100, 0,
+                                     255, torch.uint8)
+    out = cpu_attention.attention_quantize(q, k, v, 0.01, 100)
+    assert out.shape == (2, 77, 4, 24) and out.dtype == torch.uint8
+    diff = (out.int() - ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3 and (ref != 100).float().mean() > 0.5
+
+    torch.manual_seed(0)
+    layer = Attention(query_dim=96, heads=4, dim_head=24).eval()
+    layer.to_out[0] = Int8Linear.from_float(layer.to_out[0])
+    layer.to_out[0].set_input_qparams(0.004, 128)
+    layer.cpu_fused_attention = True
+    x = torch.randn(2, 50, 96, generator=g)
+    step = 0.004 * layer.to_out[0]._dq_weight().abs().sum(1).max()
+    with torch.no_grad():
+        fused = layer(x)
+        int8_out = layer.to_out[0]
+        layer.to_out[0] = torch.nn.Sequential(int8_out)  # no forward_uint8: the float kernel, then the layer
+        separate = layer(x)
+        layer.to_out[0] = int8_out
+        assert (fused - separate).abs().max() <= step and (fused - separate).norm() / separate.norm() < 1e-3
+        torch._dynamo.reset()
+        with inductor_config.patch(freezing=True):
+            compiled, (code, *_) = run_and_get_code(torch.compile(layer), x)
+    assert "diffusekit.cpu_attention_quantize" in code and "qlinear_pointwise" in code
+    torch.testing.assert_close(compiled, fused, rtol=1e-5, atol=1e-5)
 
 
 def _geglu_reference(x, w, w_scale, bias, x_qparams, out_qparams):

@@ -9,8 +9,11 @@
 //           and it shrinks the values the rounding is relative to);
 //   p . v : p = exp(s - running max) rounded to bf16, v rounded to bf16; the row sums are taken in float32.
 // Inputs: q [B, H, Nq, D], k and v [B, H, Nk, D], float32, any strides.
-// Output: [B, H, Nq, D] whose memory is laid out as [B, Nq, H, D] (what the output projection reads next).
+// Output: [B, H, Nq, D] whose memory is laid out as [B, Nq, H, D] (what the output projection reads next);
+// cpu_attention_quantize: uint8 [B, Nq, H, D], quantized for an int8 output projection.
 #include <immintrin.h>
+
+#include "cpu_simd.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -161,7 +164,10 @@ void pv_block(const uint16_t* P, const uint16_t* vp, int64_t Dv, int64_t G, cons
   }
 }
 
-at::Tensor cpu_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale) {
+// Out = float: the attention; Out = uint8_t: quantized with (inv_scale, zero_point) for an int8 output projection
+template <typename Out>
+at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
+                          float inv_scale, int32_t zero_point) {
   // any strides; the last dimension is made contiguous where it is not
   const at::Tensor q = q_in.dim() == 4 && q_in.stride(3) != 1 ? q_in.contiguous() : q_in;
   const at::Tensor k = k_in.dim() == 4 && k_in.stride(3) != 1 ? k_in.contiguous() : k_in;
@@ -178,8 +184,9 @@ at::Tensor cpu_attention(const at::Tensor& q_in, const at::Tensor& k_in, const a
               "diffusekit::cpu_attention: q ", q.sizes(), ", k ", k.sizes(), " and v ", v.sizes(), " do not match");
   TORCH_CHECK(Nk > 0 || Nq == 0, "diffusekit::cpu_attention: no keys");
   TORCH_CHECK(scale > 0, "diffusekit::cpu_attention: the scale must be positive, got ", scale);
-  auto out = at::empty({B, Nq, H, D}, q.options());
-  if (B == 0 || H == 0 || Nq == 0 || D == 0) return out.transpose(1, 2);
+  const auto dtype = std::is_same_v<Out, float> ? at::kFloat : at::kByte;
+  at::Tensor out = at::empty({B, Nq, H, D}, q.options().dtype(dtype));
+  if (B == 0 || H == 0 || Nq == 0 || D == 0) return out;
 
   const int64_t Dq = round_up(D, 2), G = Dq / 2, Dv = round_up(D, 8);
   const int64_t Nkp = round_up(Nk, KB), nkb = Nkp / KB, BH = B * H;
@@ -189,7 +196,7 @@ at::Tensor cpu_attention(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const float* qd = q.const_data_ptr<float>();
   const float* kd = k.const_data_ptr<float>();
   const float* vd = v.const_data_ptr<float>();
-  float* od = out.mutable_data_ptr<float>();
+  Out* od = out.mutable_data_ptr<Out>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
@@ -271,19 +278,47 @@ at::Tensor cpu_attention(const at::Tensor& q_in, const at::Tensor& k_in, const a
         pv_block(P.get(), vp_all.get() + bh * Nkp * Dv + n0 * Dv, Dv, nk / 2, alpha, O.get());
       }
       for (int64_t r = 0; r < rows; ++r) {
-        float* o = od + ((b * Nq + r0 + r) * H + h) * D;
+        Out* o = od + ((b * Nq + r0 + r) * H + h) * D;
         const float inv = 1.f / l[r];
-        for (int64_t d = 0; d < D; ++d) o[d] = O[r * Dv + d] * inv;
+        if constexpr (std::is_same_v<Out, float>) {
+          for (int64_t d = 0; d < D; ++d) o[d] = O[r * Dv + d] * inv;
+        } else {  // as quantize_per_tensor
+          const __m512 sv = _mm512_set1_ps(inv), iv = _mm512_set1_ps(inv_scale);
+          const __m512i zv = _mm512_set1_epi32(zero_point);
+          for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 m = D - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - d)) - 1);
+            const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, O.get() + r * Dv + d), sv);
+            _mm_mask_storeu_epi8(o + d, m, diffusekit_simd::quantize_u8(x, iv, zv));
+          }
+        }
       }
     }
   });
-  return out.transpose(1, 2);
+  return out;
+}
+
+at::Tensor cpu_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  return attention_impl<float>(q, k, v, scale, 1.f, 0).transpose(1, 2);
+}
+
+at::Tensor cpu_attention_quantize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                  double out_scale, int64_t out_zero_point) {
+  TORCH_CHECK(out_scale > 0 && 0 <= out_zero_point && out_zero_point <= 255,
+              "diffusekit::cpu_attention_quantize: the output scale must be positive and its zero point in [0, 255]");
+  return attention_impl<uint8_t>(q, k, v, scale, static_cast<float>(1.0 / out_scale),
+                                 static_cast<int32_t>(out_zero_point));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(diffusekit, m) {
   m.def("cpu_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  // the same, written as uint8 [B, Nq, H, D] for an int8 output projection
+  m.def("cpu_attention_quantize(Tensor q, Tensor k, Tensor v, float scale, float out_scale, int out_zero_point) "
+        "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(diffusekit, CPU, m) { m.impl("cpu_attention", &cpu_attention); }
+TORCH_LIBRARY_IMPL(diffusekit, CPU, m) {
+  m.impl("cpu_attention", &cpu_attention);
+  m.impl("cpu_attention_quantize", &cpu_attention_quantize);
+}

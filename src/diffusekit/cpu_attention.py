@@ -73,6 +73,11 @@ def _register_fake() -> None:
         batch, heads, length, channels = q.shape
         return q.new_empty((batch, length, heads, channels)).transpose(1, 2)
 
+    @torch.library.register_fake("diffusekit::cpu_attention_quantize")
+    def _(q, k, v, scale, out_scale, out_zero_point):
+        batch, heads, length, channels = q.shape
+        return q.new_empty((batch, length, heads, channels), dtype=torch.uint8)
+
     @torch.library.register_fake("diffusekit::group_norm")
     def _(x, groups, weight, bias, eps):
         from .cpu_group_norm import output_format
@@ -137,6 +142,15 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
     ``scaled_dot_product_attention`` without a mask; the result's memory is laid out ``(B, N, heads, d)``. Call
     :func:`available` first (this function is traced by ``torch.compile`` and does no loading itself)."""
     return torch.ops.diffusekit.cpu_attention(query, key, value, query.shape[-1] ** -0.5)
+
+
+def attention_quantize(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out_scale: float,
+                       out_zero_point: int) -> torch.Tensor:
+    """:func:`attention`, written as uint8 ``(B, N, heads, d)`` quantized with ``(out_scale, out_zero_point)`` (round
+    half to even, like ``quantize_per_tensor``): the input of an int8 output projection, without the float32 result
+    in between. Call :func:`available` first."""
+    return torch.ops.diffusekit.cpu_attention_quantize(query, key, value, query.shape[-1] ** -0.5, out_scale,
+                                                       out_zero_point)
 
 
 def serves_tensors(*tensors: torch.Tensor) -> bool:

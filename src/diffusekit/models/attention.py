@@ -135,6 +135,17 @@ class Attention(nn.Module):
                 )  # (1, size, N, d)
         return out
 
+    def _attend_quantized(self, query, key, value, mask) -> torch.Tensor | None:
+        """With the fused CPU kernel on and an int8 ``to_out.0`` (``forward_uint8``): the attention written straight
+        as that layer's uint8 input, ``(B, N, heads, d)`` (one pass less over a float32 tensor); else ``None``."""
+        if not self.cpu_fused_attention or not hasattr(self.to_out[0], "forward_uint8"):
+            return None
+        from .. import cpu_attention
+
+        if not cpu_attention.serves(query, key, value, mask):
+            return None
+        return cpu_attention.attention_quantize(query, key, value, *self.to_out[0]._input_qparams)
+
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (B, N, heads * dim_head) -> (B, heads, N, dim_head)
         batch, length, _ = x.shape
@@ -179,11 +190,16 @@ class Attention(nn.Module):
         if self.upcast and out_dtype in (torch.float16, torch.bfloat16):
             query, key, value = query.float(), key.float(), value.float()
         mask = None if attention_mask is None else self._prepare_mask(attention_mask, query.dtype)
-        attended = self._attend(query, key, value, mask)  # (B, heads, N, d)
-        batch_size, _, length, _ = attended.shape
-        attended = attended.transpose(1, 2).reshape(batch_size, length, self.inner_dim).to(out_dtype)  # (B, N, inner)
-
-        hidden_states = self.to_out[1](self.to_out[0](attended))  # (B, N, out_dim)
+        quantized = self._attend_quantized(query, key, value, mask)
+        if quantized is not None:  # uint8 (B, N, heads, d) for an int8 to_out
+            batch_size, length = quantized.shape[:2]
+            hidden_states = self.to_out[0].forward_uint8(quantized.reshape(batch_size, length, self.inner_dim))
+        else:
+            attended = self._attend(query, key, value, mask)  # (B, heads, N, d)
+            batch_size, _, length, _ = attended.shape
+            attended = attended.transpose(1, 2).reshape(batch_size, length, self.inner_dim).to(out_dtype)  # (B,N,inner)
+            hidden_states = self.to_out[0](attended)  # (B, N, out_dim)
+        hidden_states = self.to_out[1](hidden_states)
         if spatial:
             hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, height, width)  # (B, C, H, W)
         if self.residual_connection:
