@@ -387,7 +387,8 @@ def test_compiled_int8_attention_keeps_a_fused_attention_kernel():
         calls[event.name] = calls.get(event.name, 0) + 1
     fused = cpu_attention.available()
     assert model.cpu_fused_attention is (True if fused else None)
-    kernel = "diffusekit::cpu_attention" if fused else "aten::_scaled_dot_product_flash_attention_for_cpu"
+    # the fused kernel writes to_out.0's uint8 input itself (cpu_attention_quantize)
+    kernel = "diffusekit::cpu_attention_quantize" if fused else "aten::_scaled_dot_product_flash_attention_for_cpu"
     assert calls.get(kernel) == 1, list(calls.items())
     assert calls.get("onednn::qlinear_pointwise") == 4, list(calls.items())  # to_q, to_k, to_v, to_out.0
     assert not {"aten::bmm", "aten::_softmax", "aten::matmul", "aten::mm"} & set(calls), sorted(calls)
