@@ -202,7 +202,8 @@ class Transformer2DModel(nn.Module):
         residual = hidden_states
 
         if self.use_linear_projection:  # flatten, then project
-            hidden_states = self.norm(hidden_states).permute(0, 2, 3, 1).reshape(batch, height * width, -1)
+            hidden_states = self.norm(hidden_states)
+            hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(batch, height * width, -1)  # (B, HW, C)
             hidden_states = self.proj_in(hidden_states)  # (B, HW, inner)
         else:  # project, then flatten
             hidden_states = norm_act_conv(self.norm, None, self.proj_in, hidden_states)  # (B, inner, H, W)
