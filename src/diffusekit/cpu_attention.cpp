@@ -286,7 +286,7 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
           const __m512 sv = _mm512_set1_ps(inv), iv = _mm512_set1_ps(inv_scale);
           const __m512i zv = _mm512_set1_epi32(zero_point);
           for (int64_t d = 0; d < D; d += 16) {
-            const __mmask16 m = D - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - d)) - 1);
+            const __mmask16 m = diffusekit_simd::tail_mask(D - d);
             const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, O.get() + r * Dv + d), sv);
             _mm_mask_storeu_epi8(o + d, m, diffusekit_simd::quantize_u8(x, iv, zv));
           }

@@ -154,8 +154,9 @@ def attention_quantize(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def serves_tensors(*tensors: torch.Tensor) -> bool:
-    """Whether the library's kernels (this attention, :mod:`diffusekit.cpu_group_norm`) can take these tensors: the
-    library is loaded, they are float32 on the CPU, and outside autograd (the kernels have no backward)."""
+    """Whether the library's kernels (this attention, :mod:`diffusekit.cpu_group_norm`,
+    :mod:`diffusekit.cpu_int8_geglu`) can take these tensors: the library is loaded, they are float32 on the CPU, and
+    outside autograd (the kernels have no backward)."""
     return (_loaded and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 

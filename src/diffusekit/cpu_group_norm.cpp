@@ -36,7 +36,7 @@ namespace {
 constexpr int64_t kRun = 1024;    // values summed in float before they go to the double sums ([N, C, H, W])
 constexpr int64_t kPixels = 256;  // pixels per float partial sum ([N, H, W, C])
 
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+using diffusekit_simd::tail_mask;
 
 // sums of (x - pivot) and (x - pivot)^2 over n contiguous values
 void row_sums(const float* x, int64_t n, float pivot, double& s1, double& s2) {
@@ -76,7 +76,7 @@ struct Finish {
 
 inline __m512 activate(__m512 y, const Finish& f) {
   if (!f.silu) return y;
-  const __m512 e = diffusekit_simd::exp2_accurate(_mm512_mul_ps(y, _mm512_set1_ps(-1.4426950408889634f)));
+  const __m512 e = diffusekit_simd::exp_accurate(_mm512_sub_ps(_mm512_setzero_ps(), y));
   return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.f), e));  // y / (1 + exp(-y))
 }
 

@@ -45,11 +45,9 @@ def feed_forward(proj, out, x: torch.Tensor) -> torch.Tensor:
     """``out(a * gelu(g))`` with ``[a, g] = proj(x)``, for the int8 layers :func:`serves` accepts: x is quantized
     with ``proj``'s input parameters, the kernel writes ``out``'s uint8 input, ``out`` runs on it. Traced by
     ``torch.compile``; does no loading itself."""
-    from .quantization.modules import ACT_QMAX, ACT_QMIN, _ops
-
     x_scale, x_zero_point = proj._input_qparams
     out_scale, out_zero_point = out._input_qparams
-    q = _ops().quantize_per_tensor(x.contiguous(), x_scale, x_zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
+    q = proj._quantize_input(x.contiguous())
     hidden = torch.ops.diffusekit.int8_geglu(q, proj.geglu_weight, proj.geglu_colsum, proj.weight_scale, proj.bias,
                                              x_scale, x_zero_point, out_scale, out_zero_point)
     return out.forward_uint8(hidden)

@@ -3,6 +3,8 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace diffusekit_simd {
 
 // 2^x, relative error ~1e-7 (degree-6 polynomial of the fraction); 0 below -126, x clamped at 126 above
@@ -19,6 +21,14 @@ inline __m512 exp2_accurate(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
+
+// e^x, same accuracy
+inline __m512 exp_accurate(__m512 x) {
+  return exp2_accurate(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)));
+}
+
+// the first `left` of 16 lanes (all 16 when left >= 16)
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
 
 // uint8 = clamp(round_half_even(y / scale) + zero_point, 0, 255), as torch's quantize_per_tensor (inv = 1 / scale)
 inline __m128i quantize_u8(__m512 y, __m512 inv, __m512i zero_point) {

@@ -526,8 +526,8 @@ def _default_cpu_kernels(module: torch.nn.Module) -> None:
     activations of int8 convolutions) and the int8 feed-forward's fused GEGLU (``diffusekit.cpu_int8_geglu``), where
     they run."""
     undecided = [m for m in module.modules() if hasattr(m, "cpu_fused_attention") and m.cpu_fused_attention is None]
-    norms = [m for m in module.modules() if getattr(m, "cpu_kernel", False) is None]
-    if not undecided and not norms:
+    switchable = [m for m in module.modules() if getattr(m, "cpu_kernel", False) is None]  # GroupNorm, FeedForward
+    if not undecided and not switchable:
         return
     from . import cpu_attention
 
@@ -539,8 +539,8 @@ def _default_cpu_kernels(module: torch.nn.Module) -> None:
         return
     for layer in undecided:
         layer.cpu_fused_attention = True
-    for norm in norms:
-        norm.cpu_kernel = True
+    for layer in switchable:
+        layer.cpu_kernel = True
 
 
 def _is_quantized(module: torch.nn.Module) -> bool:

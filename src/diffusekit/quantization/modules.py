@@ -109,10 +109,12 @@ class _Int8Layer(nn.Module):
                 f"{type(self).__name__}: int8 quantized models run on the CPU only (got an input on {x.device}); "
                 "on a GPU load the float checkpoint and use torch_dtype=torch.float16 or torch.bfloat16 instead"
             )
-        ops = _ops()
+        return self._dq_uint8(self._quantize_input(x))
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the uint8 this layer's input parameters give (what the kernels that feed ``forward_uint8`` take)."""
         scale, zero_point = self._input_qparams
-        x = ops.quantize_per_tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
-        return ops.dequantize_per_tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
+        return _ops().quantize_per_tensor(x, scale, zero_point, ACT_QMIN, ACT_QMAX, torch.uint8)
 
     def _dq_uint8(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self._input_qparams
@@ -182,7 +184,7 @@ class Int8Linear(_Int8Layer):
         from ..cpu_int8_geglu import pack, packable
 
         self.geglu_weight = self.geglu_colsum = None
-        if not enable or not packable(self) or self.weight.device.type != "cpu" or self.weight.is_meta:
+        if not enable or not packable(self) or self.weight.device.type != "cpu":  # (a meta weight is not on the CPU)
             return False
         self.geglu_weight, self.geglu_colsum = pack(self.weight)
         return True
