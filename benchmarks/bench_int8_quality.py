@@ -43,6 +43,12 @@ CONFIGS = {
     # the default int8 UNet, and with the fp32 UNet (the kernel's own error)
     "fused-attention": dict(_fused_attention=True),
     "fp32+fused-attention": dict(_fused_attention=True, _quantize=False),
+    # attention's two products in bf16 instead of int8 on the int8 route (Attention.cpu_int8_products; read with
+    # --optimize, or with the fused kernel on): the int8 UNet, and the int8 UNet and VAE decoder under the kernel
+    "bf16-attention-products": dict(_int8_products=False),
+    "unet+vae+fused-attention": dict(components=("unet", "vae"), _fused_attention=True),
+    "unet+vae+fused-attention-bf16-products": dict(components=("unet", "vae"), _fused_attention=True,
+                                                   _int8_products=False),
 }
 
 
@@ -95,12 +101,17 @@ def main():
         pipe = load()
         config = dict(CONFIGS[name])
         fused, quantize = config.pop("_fused_attention", False), config.pop("_quantize", True)
+        int8_products = config.pop("_int8_products", True)
         start = time.monotonic()
         if quantize:
             pipe.quantize(CALIBRATION, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, **config)
         seconds = time.monotonic() - start
-        if fused and not pipe.unet.enable_cpu_fused_attention():
+        kernel_models = (pipe.unet, pipe.vae) if "vae" in config.get("components", ()) else (pipe.unet,)
+        if fused and not all(model.enable_cpu_fused_attention() for model in kernel_models):
             continue
+        for module in (*pipe.unet.modules(), *pipe.vae.modules()):
+            if hasattr(module, "cpu_int8_products"):
+                module.cpu_int8_products = int8_products
         if args.optimize:
             pipe.unet.optimize()
         with torch.no_grad():

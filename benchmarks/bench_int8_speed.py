@@ -157,7 +157,8 @@ def vae(args):
 
 PROFILE_KINDS = (  # (kind, test on a profiler event name), first match wins
     ("attention (fused CPU SDPA, float)", lambda n: n.startswith("aten::_scaled_dot_product")),
-    ("attention (diffusekit fused bf16 kernel)", lambda n: n == "diffusekit::cpu_attention"),
+    # cpu_attention, and cpu_attention_quantize (before an int8 output projection: int8 products by default)
+    ("attention (diffusekit fused kernel)", lambda n: n.startswith("diffusekit::cpu_attention")),
     ("int8 conv (oneDNN)", lambda n: n == "onednn::qconv_pointwise"),
     ("int8 linear (oneDNN)", lambda n: n == "onednn::qlinear_pointwise"),
     ("int8 feed-forward projection + GEGLU (diffusekit kernel)", lambda n: n == "diffusekit::int8_geglu"),
@@ -250,9 +251,10 @@ def attention(args):
 
 
 def fused_attention(args, best):
-    """diffusekit's fused bf16 CPU kernel vs float32 SDPA on the UNet's attention shapes at ``--latents``: the
-    first-stage self-attention (8 heads x 40 channels; also with peaked rows), cross-attention (77 text tokens) and
-    the second-stage self-attention (a quarter of the tokens, 80 channels); time ratio and error of the output."""
+    """diffusekit's fused CPU kernel (bf16 products, and int8 ones) vs float32 SDPA on the UNet's attention shapes at
+    ``--latents``: the first-stage self-attention (8 heads x 40 channels; also with peaked rows), cross-attention (77
+    text tokens) and the second-stage self-attention (a quarter of the tokens, 80 channels); time ratio and error of
+    the output."""
     import torch.nn.functional as F
 
     from diffusekit import cpu_attention
@@ -273,12 +275,18 @@ def fused_attention(args, best):
         v = torch.randn(2, nk, 8, dim, generator=g).transpose(1, 2)
         ref = F.scaled_dot_product_attention(q, k, v)
         out = cpu_attention.attention(q, k, v)
+        out8 = cpu_attention.attention(q, k, v, int8_products=True)
         sdpa_s = best(lambda: F.scaled_dot_product_attention(q, k, v))
         fused_s = best(lambda: cpu_attention.attention(q, k, v))
+        int8_s = best(lambda: cpu_attention.attention(q, k, v, int8_products=True))
         print(json.dumps({"case": name, "shape": f"q {list(q.shape)} k {list(k.shape)}", "sdpa_fp32_s": round(sdpa_s, 4),
                           "fused_s": round(fused_s, 4), "ratio": round(fused_s / sdpa_s, 3),
                           "rel_err": float(f"{float((out - ref).norm() / ref.norm()):.2e}"),
                           "max_abs_err": float(f"{float((out - ref).abs().max()):.2e}"),
+                          # int8 products (the int8 path's default): time against the bf16 kernel, error vs SDPA
+                          "int8_products_s": round(int8_s, 4), "int8_vs_bf16": round(int8_s / fused_s, 3),
+                          "int8_rel_err": float(f"{float((out8 - ref).norm() / ref.norm()):.2e}"),
+                          "int8_max_abs_err": float(f"{float((out8 - ref).abs().max()):.2e}"),
                           "ref_max_abs": round(float(ref.abs().max()), 3)}), flush=True)
 
 

@@ -6,6 +6,7 @@ skip with the reason, and the fallback test still checks that attention stays SD
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import pytest
@@ -66,6 +67,66 @@ def test_kernel_matches_sdpa_within_bf16_error(batch, heads, nq, nk, dim):
     assert rel < 1e-2 and worst < 3e-2, (rel, worst)
     # contiguous inputs, and a contiguous copy of the last dimension, give the same result
     assert torch.equal(cpu_attention.attention(q.contiguous(), k.contiguous(), v.contiguous()), out)
+
+
+def _int8_products_reference(q, k, v, block=256):
+    """The int8 products' arithmetic in float64 (what ``int8_products=True`` computes, up to the float32 rounding of
+    the scores and the exponential): k and v less their means over the keys, one step per channel (largest magnitude
+    / 127); q times k's steps, one step per query row; p = round(255 * 2^(s - the row's maximum in its block of 256
+    keys)), each block weighted by 2^(its maximum - the row's maximum); v's mean added back."""
+    q, k, v = q.double(), k.double(), v.double()
+
+    def steps(x, dim):
+        step = x.abs().amax(dim, keepdim=True) / 127
+        return torch.where(step > 0, step, torch.ones_like(step))
+
+    k = k - k.mean(2, keepdim=True)
+    k_step = steps(k, 2)
+    k_int = torch.round(k / k_step).clamp(-127, 127)
+    q = q * k_step
+    q_step = steps(q, -1)
+    q_int = torch.round(q / q_step).clamp(-127, 127)
+    v_mean = v.mean(2, keepdim=True)
+    v_step = steps(v - v_mean, 2)
+    v_int = torch.round((v - v_mean) / v_step).clamp(-127, 127)
+    s = (q_int @ k_int.transpose(-1, -2)) * q_step * (q.shape[-1] ** -0.5 / math.log(2))  # base 2
+    top = s.amax(-1, keepdim=True)
+    num, den = 0, 0
+    for n in range(0, s.shape[-1], block):
+        part = s[..., n:n + block]
+        local = part.amax(-1, keepdim=True)
+        p = torch.round(255 * torch.exp2(part - local))
+        weight = torch.exp2(local - top)
+        num = num + weight * (p @ v_int[:, :, n:n + block])
+        den = den + weight * p.sum(-1, keepdim=True)
+    return num / den * v_step + v_mean
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("batch,heads,nq,nk,dim", [
+    (2, 2, 70, 600, 40),    # three blocks of keys, the last one partly padding; padded query rows
+    (1, 3, 33, 77, 40),     # cross-attention over 77 text tokens
+    (1, 1, 5, 3, 7),        # odd head size (padded channel quads), fewer keys than a tile
+    (2, 1, 40, 300, 80),
+    (1, 2, 9, 20, 160),
+    (1, 1, 37, 45, 24),
+    (1, 2, 19, 70, 56),
+])
+def test_int8_products_compute_their_emulation_and_stay_near_sdpa(batch, heads, nq, nk, dim):
+    """``int8_products=True``: the kernel's numbers are the float64 emulation of its int8 arithmetic (a layout or
+    offset mistake moves them by far more), within a few percent of SDPA, and the uint8 route agrees with it."""
+    from diffusekit.quantization.modules import _ops
+
+    q = _heads(batch, nq, heads, dim) * 2  # scores of std ~2
+    k, v = _heads(batch, nk, heads, dim, offset=0.5), _heads(batch, nk, heads, dim, offset=0.3)
+    out = cpu_attention.attention(q, k, v, int8_products=True)
+    emulated = _int8_products_reference(q, k, v)
+    assert float((out - emulated).norm() / emulated.norm()) < 2e-3
+    rel, _ = _errors(out, F.scaled_dot_product_attention(q, k, v))
+    assert rel < 5e-2, rel
+    assert torch.equal(cpu_attention.attention(q.contiguous(), k.contiguous(), v.contiguous(), True), out)
+    ref = _ops().quantize_per_tensor(out.transpose(1, 2).contiguous(), 0.01, 100, 0, 255, torch.uint8)
+    _assert_same_uint8(cpu_attention.attention_quantize(q, k, v, 0.01, 100, int8_products=True), ref)
 
 
 @pytest.mark.usefixtures("needs_kernel")
@@ -301,12 +362,17 @@ def test_attention_before_an_int8_output_projection_is_written_as_its_uint8_inpu
     x = torch.randn(2, 50, 96, generator=g)
     step = 0.004 * layer.to_out[0]._dq_weight().abs().sum(1).max()
     with torch.no_grad():
+        with_int8_products = layer(x)  # the default on this route
+        layer.cpu_int8_products = False
         fused = layer(x)
         int8_out = layer.to_out[0]
-        layer.to_out[0] = torch.nn.Sequential(int8_out)  # no forward_uint8: the float kernel, then the layer
+        layer.to_out[0] = torch.nn.Sequential(int8_out)  # no forward_uint8: the float (bf16) kernel, then the layer
         separate = layer(x)
         layer.to_out[0] = int8_out
         assert (fused - separate).abs().max() <= step and (fused - separate).norm() / separate.norm() < 1e-3
+        # int8 products: a different result, as near the float route as their error allows
+        change = float((with_int8_products - separate).norm() / separate.norm())
+        assert 1e-4 < change < 3e-2, change
         torch._dynamo.reset()
         with inductor_config.patch(freezing=True):
             compiled, (code, *_) = run_and_get_code(torch.compile(layer), x)

@@ -69,12 +69,12 @@ def library_path(compiler: str) -> Path:
 
 def _register_fake() -> None:
     @torch.library.register_fake("diffusekit::cpu_attention")
-    def _(q, k, v, scale):
+    def _(q, k, v, scale, int8_products=False):
         batch, heads, length, channels = q.shape
         return q.new_empty((batch, length, heads, channels)).transpose(1, 2)
 
     @torch.library.register_fake("diffusekit::cpu_attention_quantize")
-    def _(q, k, v, scale, out_scale, out_zero_point):
+    def _(q, k, v, scale, out_scale, out_zero_point, int8_products=False):
         batch, heads, length, channels = q.shape
         return q.new_empty((batch, length, heads, channels), dtype=torch.uint8)
 
@@ -137,20 +137,25 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, int8_products: bool = False) -> torch.Tensor:
     """``softmax(q kᵀ / sqrt(d)) v`` for float32 CPU tensors ``(B, heads, N, d)`` (last dimension contiguous), as
     ``scaled_dot_product_attention`` without a mask; the result's memory is laid out ``(B, N, heads, d)``. Call
-    :func:`available` first (this function is traced by ``torch.compile`` and does no loading itself)."""
-    return torch.ops.diffusekit.cpu_attention(query, key, value, query.shape[-1] ** -0.5)
+    :func:`available` first (this function is traced by ``torch.compile`` and does no loading itself).
+
+    ``int8_products``: both products as int8 dot products (``vpdpbusd``, twice the rate of the default bf16 ones; q
+    with a scale per token, k and v with one per channel after their means over the keys are taken out, the
+    probabilities as uint8 steps of their block's row maximum): about 0.75× the time of the bf16 kernel at a few
+    times its error (docs/QUANTIZATION.md, "int8 products"); the int8 path's choice."""
+    return torch.ops.diffusekit.cpu_attention(query, key, value, query.shape[-1] ** -0.5, int8_products)
 
 
 def attention_quantize(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out_scale: float,
-                       out_zero_point: int) -> torch.Tensor:
+                       out_zero_point: int, *, int8_products: bool = False) -> torch.Tensor:
     """:func:`attention`, written as uint8 ``(B, N, heads, d)`` quantized with ``(out_scale, out_zero_point)`` (round
     half to even, like ``quantize_per_tensor``): the input of an int8 output projection, without the float32 result
     in between. Call :func:`available` first."""
     return torch.ops.diffusekit.cpu_attention_quantize(query, key, value, query.shape[-1] ** -0.5, out_scale,
-                                                       out_zero_point)
+                                                       out_zero_point, int8_products)
 
 
 def serves_tensors(*tensors: torch.Tensor) -> bool:

@@ -241,7 +241,9 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         products, float32 softmax; about half the time of torch's float32 SDPA, relative error of a few 1e-3) for
         float32 CPU calls without a mask; returns whether it is on. Built on first use (seconds, once per machine).
         Where it cannot run (a CPU without AVX-512 BF16, no C++ compiler, a failed build) attention stays SDPA,
-        with one warning (``warn=False``: a log line). ``optimize()`` turns it on for int8 models. Not in diffusers.
+        with one warning (``warn=False``: a log line). ``optimize()`` turns it on for int8 models, where attention
+        before an int8 output projection also runs its two products in int8 (``Attention.cpu_int8_products``;
+        docs/QUANTIZATION.md). Not in diffusers.
         """
         from . import cpu_attention
 

@@ -79,6 +79,9 @@ class Attention(nn.Module):
         # ModelMixin.enable_ / disable_cpu_fused_attention; None (not chosen): SDPA, and optimize() of an int8 model
         # turns it on where the kernel runs
         self.cpu_fused_attention: bool | None = None
+        # on the int8 route (an int8 to_out.0 under the fused kernel): q . k and p . v as int8 products (True) or
+        # bf16 ones (False); docs/QUANTIZATION.md, "int8 products"
+        self.cpu_int8_products = True
 
         if norm_num_groups is not None:
             self.group_norm = GroupNorm(num_groups=norm_num_groups, num_channels=query_dim, eps=eps, affine=True)
@@ -137,14 +140,16 @@ class Attention(nn.Module):
 
     def _attend_quantized(self, query, key, value, mask) -> torch.Tensor | None:
         """With the fused CPU kernel on and an int8 ``to_out.0`` (``forward_uint8``): the attention written straight
-        as that layer's uint8 input, ``(B, N, heads, d)`` (one pass less over a float32 tensor); else ``None``."""
+        as that layer's uint8 input, ``(B, N, heads, d)`` (one pass less over a float32 tensor), its two products in
+        int8 unless ``cpu_int8_products`` is False; else ``None``."""
         if not self.cpu_fused_attention or not hasattr(self.to_out[0], "forward_uint8"):
             return None
         from .. import cpu_attention
 
         if not cpu_attention.serves(query, key, value, mask):
             return None
-        return cpu_attention.attention_quantize(query, key, value, *self.to_out[0]._input_qparams)
+        return cpu_attention.attention_quantize(query, key, value, *self.to_out[0]._input_qparams,
+                                                int8_products=self.cpu_int8_products)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (B, N, heads * dim_head) -> (B, heads, N, dim_head)
