@@ -144,7 +144,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, int8_
 
     ``int8_products``: both products as int8 dot products (``vpdpbusd``, twice the rate of the default bf16 ones; q
     with a scale per token, k and v with one per channel after their means over the keys are taken out, the
-    probabilities as uint8 steps of their block's row maximum): about 0.75× the time of the bf16 kernel at a few
+    probabilities as uint8 steps of their block's row maximum): about 0.6× the time of the bf16 kernel at a few
     times its error (docs/QUANTIZATION.md, "int8 products"); the int8 path's choice."""
     return torch.ops.diffusekit.cpu_attention(query, key, value, query.shape[-1] ** -0.5, int8_products)
 
