@@ -124,7 +124,7 @@ def test_int8_products_compute_their_emulation_and_stay_near_sdpa(batch, heads, 
     assert float((out - emulated).norm() / emulated.norm()) < 2e-3
     rel, _ = _errors(out, F.scaled_dot_product_attention(q, k, v))
     assert rel < 5e-2, rel
-    assert torch.equal(cpu_attention.attention(q.contiguous(), k.contiguous(), v.contiguous(), True), out)
+    assert torch.equal(cpu_attention.attention(q.contiguous(), k.contiguous(), v.contiguous(), int8_products=True), out)
     ref = _ops().quantize_per_tensor(out.transpose(1, 2).contiguous(), 0.01, 100, 0, 255, torch.uint8)
     _assert_same_uint8(cpu_attention.attention_quantize(q, k, v, 0.01, 100, int8_products=True), ref)
 

@@ -296,20 +296,36 @@ inline int64_t packed_quad(int64_t n) {
   return quad - in64 + (in64 % 4) * 4 + in64 / 4;
 }
 
-// out[d] = round(x[d] * inv[d] * step_inv) as int8, saturated at +-127 (inv: per channel, step_inv: one factor);
-// returns the sum of the int8 values
-inline int32_t quantize_row_s8(const float* x, const float* inv, float step_inv, int64_t n, int8_t* out) {
+// out[d] = round((x[d] - mean[d]) * inv[d] * step_inv) as int8, saturated at +-127 (mean: per channel, or nullptr
+// for none; inv: per channel; step_inv: one factor); returns the sum of the int8 values
+inline int32_t quantize_row_s8(const float* x, const float* mean, const float* inv, float step_inv, int64_t n,
+                               int8_t* out) {
   __m512i sum = _mm512_setzero_si512();
   for (int64_t d = 0; d < n; d += 16) {
     const __mmask16 mk = diffusekit_simd::tail_mask(n - d);
-    const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + d), _mm512_maskz_loadu_ps(mk, inv + d)),
-                                   _mm512_set1_ps(step_inv));
+    __m512 x_d = _mm512_maskz_loadu_ps(mk, x + d);
+    if (mean != nullptr) x_d = _mm512_sub_ps(x_d, _mm512_maskz_loadu_ps(mk, mean + d));
+    const __m512 y = _mm512_mul_ps(_mm512_mul_ps(x_d, _mm512_maskz_loadu_ps(mk, inv + d)), _mm512_set1_ps(step_inv));
     __m512i iv = _mm512_cvt_roundps_epi32(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     iv = _mm512_min_epi32(_mm512_max_epi32(iv, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
     sum = _mm512_add_epi32(sum, iv);
     _mm_mask_storeu_epi8(out + d, mk, _mm512_cvtepi32_epi8(iv));
   }
   return _mm512_reduce_add_epi32(sum);
+}
+
+// per channel d of the n rows x[i * stride + d]: mean[d] and, where step is given, the int8 step of x - mean (its
+// largest magnitude / 127; 1 for a constant channel)
+void channel_stats(const float* x, int64_t stride, int64_t n, int64_t D, float* mean, float* step) {
+  std::fill(mean, mean + D, 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < D; ++d) mean[d] += x[i * stride + d];
+  for (int64_t d = 0; d < D; ++d) mean[d] /= static_cast<float>(n);
+  if (step == nullptr) return;
+  std::fill(step, step + D, 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < D; ++d) step[d] = std::max(step[d], std::abs(x[i * stride + d] - mean[d]));
+  for (int64_t d = 0; d < D; ++d) step[d] = step[d] > 0.f ? step[d] / 127.f : 1.f;
 }
 
 // Out = float: the attention; Out = uint8_t: quantized with (inv_scale, zero_point) for an int8 output projection.
@@ -364,8 +380,8 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
 
   // k and v of every head in the layouts the tiles read
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    auto kmean = buffer<float>(D), inv = buffer<float>(D + 16);
-    auto row = buffer<int8_t>(D + 16);
+    auto kmean = buffer<float>(D), inv = buffer<float>(D);
+    auto row = buffer<int8_t>(D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const float* kb = kd + b * ks0 + h * ks1;
@@ -373,41 +389,21 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
       KT* kp = kp_all.get() + bh * Nkp * Dq;
       VT* vp = vp_all.get() + bh * Nkp * Dv;
       float *qmul = qmul_all.get() + bh * D, *vscale = vscale_all.get() + bh * D, *vmean = vmean_all.get() + bh * D;
-      std::fill(kmean.get(), kmean.get() + D, 0.f);
-      for (int64_t n = 0; n < Nk; ++n)
-        for (int64_t d = 0; d < D; ++d) kmean[d] += kb[n * ks2 + d];
-      for (int64_t d = 0; d < D; ++d) kmean[d] /= static_cast<float>(Nk);
+      // k's mean (and I8: k's steps, what q is multiplied with)
+      channel_stats(kb, ks2, Nk, D, kmean.get(), I8 ? qmul : nullptr);
       std::memset(kp, 0, sizeof(KT) * Nkp * Dq);
       std::memset(vp, 0, sizeof(VT) * Nkp * Dv);
       if constexpr (I8) {
-        std::fill(vmean, vmean + D, 0.f);
-        for (int64_t n = 0; n < Nk; ++n)
-          for (int64_t d = 0; d < D; ++d) vmean[d] += vb[n * vs2 + d];
-        for (int64_t d = 0; d < D; ++d) vmean[d] /= static_cast<float>(Nk);
-        std::fill(qmul, qmul + D, 0.f);
-        std::fill(vscale, vscale + D, 0.f);
-        for (int64_t n = 0; n < Nk; ++n)
-          for (int64_t d = 0; d < D; ++d) {
-            qmul[d] = std::max(qmul[d], std::abs(kb[n * ks2 + d] - kmean[d]));
-            vscale[d] = std::max(vscale[d], std::abs(vb[n * vs2 + d] - vmean[d]));
-          }
-        for (int64_t d = 0; d < D; ++d) {  // k's and v's steps: their largest magnitude / 127
-          qmul[d] = qmul[d] > 0.f ? qmul[d] / 127.f : 1.f;
-          vscale[d] = vscale[d] > 0.f ? vscale[d] / 127.f : 1.f;
-        }
-        std::fill(inv.get(), inv.get() + D + 16, 0.f);
+        channel_stats(vb, vs2, Nk, D, vmean, vscale);
         for (int64_t d = 0; d < D; ++d) inv[d] = 1.f / qmul[d];
-        auto centred = buffer<float>(D);
         for (int64_t n = 0; n < Nk; ++n) {  // k: [n / 16][d / 4][n % 16][d % 4], + 128
-          for (int64_t d = 0; d < D; ++d) centred[d] = kb[n * ks2 + d] - kmean[d];
-          quantize_row_s8(centred.get(), inv.get(), 1.f, D, row.get());
+          quantize_row_s8(kb + n * ks2, kmean.get(), inv.get(), 1.f, D, row.get());
           uint8_t* tile = kp + (n / 16) * 16 * Dq + (n % 16) * 4;
           for (int64_t d = 0; d < D; ++d) tile[(d / 4) * 64 + d % 4] = static_cast<uint8_t>(row[d] + 128);
         }
         for (int64_t d = 0; d < D; ++d) inv[d] = 1.f / vscale[d];
         for (int64_t n = 0; n < Nk; ++n) {  // v: [n / 4][d][n % 4]
-          for (int64_t d = 0; d < D; ++d) centred[d] = vb[n * vs2 + d] - vmean[d];
-          quantize_row_s8(centred.get(), inv.get(), 1.f, D, row.get());
+          quantize_row_s8(vb + n * vs2, vmean, inv.get(), 1.f, D, row.get());
           int8_t* dst = vp + packed_quad(n) * Dv * 4 + n % 4;
           for (int64_t d = 0; d < D; ++d) dst[d * 4] = row[d];
         }
@@ -433,7 +429,6 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
     auto P = buffer<PT>(QB * KB);
     auto S = buffer<float>(QB * KB);
     auto O = buffer<float>(QB * Dv);
-    auto qmul_pad = buffer<float>(D + 16);
     float m[QB], l[QB], alpha[QB], fv_row[QB], cblk[QB], top[QB];
     int32_t qoff[QB];
     __m512 rmax[QB];
@@ -444,7 +439,7 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
       std::fill(qbuf.get(), qbuf.get() + QB * Dq, QT(0));
       std::fill(fv_row, fv_row + QB, qk_scale);
       if constexpr (I8) {  // q times k's steps, then one step per row
-        std::copy(qmul_all.get() + bh * D, qmul_all.get() + (bh + 1) * D, qmul_pad.get());
+        const float* qmul = qmul_all.get() + bh * D;
         std::fill(qoff, qoff + QB, 0);
         for (int64_t r = 0; r < rows; ++r) {
           const float* x = qbase + r * qs2;
@@ -452,10 +447,10 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
           for (int64_t d = 0; d < D; d += 16) {
             const __mmask16 mk = diffusekit_simd::tail_mask(D - d);
             amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + d),
-                                                                   _mm512_maskz_loadu_ps(mk, qmul_pad.get() + d))));
+                                                                   _mm512_maskz_loadu_ps(mk, qmul + d))));
           }
           const float top = _mm512_reduce_max_ps(amax), step = top > 0.f ? top / 127.f : 1.f;
-          qoff[r] = -128 * quantize_row_s8(x, qmul_pad.get(), 1.f / step, D, qbuf.get() + r * Dq);
+          qoff[r] = -128 * quantize_row_s8(x, nullptr, qmul, 1.f / step, D, qbuf.get() + r * Dq);
           fv_row[r] = qk_scale * step;
         }
       } else {

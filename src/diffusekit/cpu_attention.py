@@ -137,7 +137,8 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, int8_products: bool = False) -> torch.Tensor:
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+              int8_products: bool = False) -> torch.Tensor:
     """``softmax(q kᵀ / sqrt(d)) v`` for float32 CPU tensors ``(B, heads, N, d)`` (last dimension contiguous), as
     ``scaled_dot_product_attention`` without a mask; the result's memory is laid out ``(B, N, heads, d)``. Call
     :func:`available` first (this function is traced by ``torch.compile`` and does no loading itself).
