@@ -69,8 +69,6 @@ ALLOWED: dict[str, str] = {
     "*.enable_xla_flash_attention": "TPU/XLA kernels: no XLA support",
     "*.disable_xla_flash_attention": "TPU/XLA kernels: no XLA support",
     "*.set_use_xla_flash_attention": "TPU/XLA kernels: no XLA support",
-    "*.enable_freeu": "FreeU: " + _OUT_OF_SCOPE,
-    "*.disable_freeu": "FreeU: " + _OUT_OF_SCOPE,
     "*.fuse_qkv_projections": "fused QKV: " + _OUT_OF_SCOPE,
     "*.unfuse_qkv_projections": "fused QKV: " + _OUT_OF_SCOPE,
     "*.dequantize": "quantised weights (bitsandbytes, gguf, torchao) are not supported",

@@ -80,8 +80,8 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     Training and memory: ``enable_gradient_checkpointing()`` and ``set_attention_slice()`` as in diffusers
     (docs/MEMORY.md). Deliberately not implemented (out of scope for now; one attention code path, SDPA): the
     attention-processor API (``attn_processors``, ``set_attn_processor``: refused; ``set_default_attn_processor``:
-    a no-op, the default is the only processor), IP-Adapter, FreeU (``enable_freeu`` refused, ``disable_freeu`` a
-    no-op) and fused QKV projections (``fuse_qkv_projections`` refused, ``unfuse_qkv_projections`` a no-op).
+    a no-op, the default is the only processor), IP-Adapter and fused QKV projections (``fuse_qkv_projections``
+    refused, ``unfuse_qkv_projections`` a no-op). FreeU: ``enable_freeu`` / ``disable_freeu`` (``models/freeu.py``).
     """
 
     _supports_gradient_checkpointing = True  # enable_gradient_checkpointing(): recompute block layers
@@ -343,10 +343,21 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
         """A no-op: the default attention (SDPA) is the only one."""
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
-        raise NotImplementedError("UNet2DConditionModel.enable_freeu: FreeU is not implemented by diffusekit")
+        """FreeU (diffusers' API): at up stages 0 / 1, the first half of the backbone channels times ``b1`` / ``b2``
+        and the skip features' lowest frequencies times ``s1`` / ``s2``; see ``models/freeu.py``. diffusers' example
+        for SD 1.5: ``s1=0.9, s2=0.2, b1=1.5, b2=1.6`` (the FreeU repository lists values per model). Unlike
+        diffusers, a factor of 0 is applied, not read as "off"."""
+        for name, value in (("s1", s1), ("s2", s2), ("b1", b1), ("b2", b2)):
+            if value is None or not isinstance(value, (int, float)):
+                raise ValueError(f"UNet2DConditionModel.enable_freeu: {name} must be a number, got {value!r} (use "
+                                 "disable_freeu() to turn FreeU off)")
+        for block in self.up_blocks:
+            block.s1, block.s2, block.b1, block.b2 = float(s1), float(s2), float(b1), float(b2)
 
     def disable_freeu(self) -> None:
-        """A no-op: FreeU is never enabled here."""
+        """Turn FreeU off (every up block's ``s1``, ``s2``, ``b1``, ``b2`` back to ``None``)."""
+        for block in self.up_blocks:
+            block.s1 = block.s2 = block.b1 = block.b2 = None
 
     def fuse_qkv_projections(self) -> None:
         raise NotImplementedError(

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .freeu import FreeUSkips
 from .registry import register_block
 from .resnet import Downsample2D, Upsample2D
 from .transformer_2d import Transformer2DModel
@@ -241,7 +242,7 @@ class UNetMidBlock2DCrossAttn(nn.Module, _CrossAttnLayers, Checkpointable):
 
 
 @register_block("up")
-class CrossAttnUpBlock2D(nn.Module, _CrossAttnLayers, Checkpointable):
+class CrossAttnUpBlock2D(nn.Module, _CrossAttnLayers, Checkpointable, FreeUSkips):
     """``num_layers`` x (resnet on ``cat(hidden, skip)`` -> transformer), then an optional 2x upsampler."""
 
     has_cross_attention = True
@@ -290,6 +291,7 @@ class CrossAttnUpBlock2D(nn.Module, _CrossAttnLayers, Checkpointable):
         )
         self.attentions, self.resnets = attentions, resnets  # diffusers' registration (state dict) order
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None
+        self.resolution_idx = extra.get("resolution_idx")  # FreeU's stage (models/freeu.py)
 
     def forward(
         self,
@@ -309,7 +311,7 @@ class CrossAttnUpBlock2D(nn.Module, _CrossAttnLayers, Checkpointable):
         stop = len(self.resnets) if stop is None else stop
         for resnet, attn in zip(self.resnets[start:stop], self.attentions[start:stop]):
             skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
-            hidden_states = self._layer(resnet, torch.cat([hidden_states, skip], dim=1), temb)  # (B, C_out, H, W)
+            hidden_states = self._layer(resnet, self._join(hidden_states, skip), temb)  # (B, C_out, H, W)
             hidden_states = self._layer(
                 attn, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask
             )

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
+from .freeu import FreeUSkips
 from .registry import register_block
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -347,7 +348,7 @@ class UNetMidBlock2D(nn.Module, Checkpointable):
 
 
 @register_block("up")
-class UpBlock2D(nn.Module, Checkpointable):
+class UpBlock2D(nn.Module, Checkpointable, FreeUSkips):
     """``num_layers`` resnets, each on ``cat(hidden, skip)``, then an optional 2x upsampler."""
 
     runs_layer_ranges = True  # forward(..., stop=) (up blocks: start= too): part of the layers, for feature caching
@@ -380,6 +381,7 @@ class UpBlock2D(nn.Module, Checkpointable):
             resnets.append(_resnet(hidden + skip, out_channels, *common, output_scale_factor))
         self.resnets = nn.ModuleList(resnets)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None
+        self.resolution_idx = extra.get("resolution_idx")  # FreeU's stage (models/freeu.py)
 
     def forward(
         self,
@@ -396,7 +398,7 @@ class UpBlock2D(nn.Module, Checkpointable):
         stop = len(self.resnets) if stop is None else stop
         for resnet in self.resnets[start:stop]:
             skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
-            hidden_states = self._layer(resnet, torch.cat([hidden_states, skip], dim=1), temb)  # (B, C_out, H, W)
+            hidden_states = self._layer(resnet, self._join(hidden_states, skip), temb)  # (B, C_out, H, W)
         if self.upsamplers is not None and stop == len(self.resnets):
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C_out, 2H, 2W)
         return hidden_states

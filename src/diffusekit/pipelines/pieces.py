@@ -320,6 +320,15 @@ class LatentDiffusionMixin(PerCallStateMixin):
         w = torch.tensor(guidance_scale - 1).repeat(batch)
         return guidance_scale_embedding(w, dim).to(device, dtype)
 
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU on the UNet (diffusers' API): ``pipe.unet.enable_freeu(s1, s2, b1, b2)``; see
+        :meth:`UNet2DConditionModel.enable_freeu`."""
+        self.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        """Turn FreeU off: ``pipe.unet.disable_freeu()``."""
+        self.unet.disable_freeu()
+
     # ------------------------------------------------------------------ the start of a call
 
     def check_call(self, call) -> None:
