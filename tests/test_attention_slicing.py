@@ -92,12 +92,9 @@ def test_pipeline_enable_and_disable_attention_slicing(tmp_path):
 
 
 def test_out_of_scope_attention_features_are_refused_or_no_ops():
-    """Deliberate differences (UNet2DConditionModel docstring): no processor classes or fused QKV."""
+    """Deliberate differences (UNet2DConditionModel docstring): no processor classes."""
     ours, ref = _unets()
-    for name in ("set_default_attn_processor", "unfuse_qkv_projections"):
-        assert callable(getattr(ref, name))
-        assert getattr(ours, name)() is None  # no-ops: what they reset is never set here
-    with pytest.raises(NotImplementedError, match="fused QKV"):
-        ours.fuse_qkv_projections()
+    assert callable(ref.set_default_attn_processor)
+    assert ours.set_default_attn_processor() is None  # a no-op: SDPA is the only processor
     with pytest.raises(NotImplementedError, match="set_attention_slice"):
         ours.set_attn_processor(object())

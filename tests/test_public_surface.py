@@ -69,8 +69,6 @@ ALLOWED: dict[str, str] = {
     "*.enable_xla_flash_attention": "TPU/XLA kernels: no XLA support",
     "*.disable_xla_flash_attention": "TPU/XLA kernels: no XLA support",
     "*.set_use_xla_flash_attention": "TPU/XLA kernels: no XLA support",
-    "*.fuse_qkv_projections": "fused QKV: " + _OUT_OF_SCOPE,
-    "*.unfuse_qkv_projections": "fused QKV: " + _OUT_OF_SCOPE,
     "*.dequantize": "quantised weights (bitsandbytes, gguf, torchao) are not supported",
     "*.enable_layerwise_casting": "fp8 storage with layerwise upcasting: " + _OUT_OF_SCOPE,
     "*.enable_group_offload": "group offload (diffusers hooks): use enable_model_cpu_offload / sequential",

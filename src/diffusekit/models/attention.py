@@ -12,9 +12,15 @@ The product is computed by :func:`torch.nn.functional.scaled_dot_product_attenti
 half precision, and casts the result back. ``set_attention_slice(n)`` computes it for ``n`` (batch, head) pairs at a
 time (diffusers' sliced attention), which bounds the memory of backends that materialise the score matrix.
 
-Not implemented, deliberately: diffusers' attention-processor classes (``set_processor``, ``attn_processors``),
-IP-Adapter, fused QKV projections; the one code path here is SDPA, optionally sliced, or (opt-in, float32 on an
-AVX-512 BF16 CPU, the int8 path's default) diffusekit's fused bf16 kernel (``diffusekit.cpu_attention``).
+Fused projections (diffusers' ``fuse_projections`` / ``fuse_qkv_projections``): q, k and v of a self-attention call
+(k and v of a cross-attention call) come from one matrix product against the layers' weights concatenated at call
+time. diffusers keeps a concatenated copy instead (a ``to_qkv`` / ``to_kv`` layer): here there is no second copy of
+the weights to go stale or to land in a saved checkpoint, and a layer with a LoRA or offload hook, or an int8 one,
+is simply run on its own. The numbers are diffusers' fused ones.
+
+Not implemented, deliberately: diffusers' attention-processor classes (``set_processor``, ``attn_processors``) and
+IP-Adapter; the one code path here is SDPA, optionally sliced, or (opt-in, float32 on an AVX-512 BF16 CPU, the int8
+path's default) diffusekit's fused bf16 kernel (``diffusekit.cpu_attention``).
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ class Attention(nn.Module):
         # on the int8 route (an int8 to_out.0 under the fused kernel): q . k and p . v as int8 products (True) or
         # bf16 ones (False); docs/QUANTIZATION.md, "int8 products"
         self.cpu_int8_products = True
+        self.fused_projections = False  # fuse_projections(): one matrix product for q, k, v (or k, v)
 
         if norm_num_groups is not None:
             self.group_norm = GroupNorm(num_groups=norm_num_groups, num_channels=query_dim, eps=eps, affine=True)
@@ -151,6 +158,25 @@ class Attention(nn.Module):
         return cpu_attention.attention_quantize(query, key, value, *self.to_out[0]._input_qparams,
                                                 int8_products=self.cpu_int8_products)
 
+    def fuse_projections(self, fuse: bool = True) -> None:
+        """diffusers' switch: compute q, k, v (self-attention calls) or k, v (cross-attention calls) in one matrix
+        product. No fused copy of the weights is kept (module docstring); ``fuse=False`` turns it off."""
+        self.fused_projections = bool(fuse)
+
+    def _project(self, hidden_states: torch.Tensor, context: torch.Tensor, self_attention: bool):
+        """(q, k, v): (B, N, inner), (B, M, inner), (B, M, inner); fused where :meth:`fuse_projections` asked and
+        every layer involved is a plain ``nn.Linear`` without hooks."""
+        layers = (self.to_q, self.to_k, self.to_v) if self_attention else (self.to_k, self.to_v)
+        plain = all(type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+                    for layer in layers)
+        biases = [layer.bias for layer in layers] if plain else []
+        if not self.fused_projections or not plain or len({b is None for b in biases}) > 1:
+            return self.to_q(hidden_states), self.to_k(context), self.to_v(context)
+        weight = torch.cat([layer.weight for layer in layers])  # (len(layers) * inner, C)
+        bias = None if biases[0] is None else torch.cat(biases)
+        fused = F.linear(context, weight, bias).split(self.inner_dim, dim=-1)  # views (B, M, inner) each
+        return (*fused,) if self_attention else (self.to_q(hidden_states), *fused)
+
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (B, N, heads * dim_head) -> (B, heads, N, dim_head)
         batch, length, _ = x.shape
@@ -187,9 +213,8 @@ class Attention(nn.Module):
             hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # (B, M, C_ctx)
-        query = self._split_heads(self.to_q(hidden_states))  # (B, heads, N, d)
-        key = self._split_heads(self.to_k(context))  # (B, heads, M, d)
-        value = self._split_heads(self.to_v(context))  # (B, heads, M, d)
+        # (B, heads, N, d), (B, heads, M, d), (B, heads, M, d)
+        query, key, value = map(self._split_heads, self._project(hidden_states, context, encoder_hidden_states is None))
         out_dtype = query.dtype
 
         if self.upcast and out_dtype in (torch.float16, torch.bfloat16):
@@ -210,6 +235,13 @@ class Attention(nn.Module):
         if self.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / self.rescale_output_factor
+
+
+def fuse_qkv_projections(model: nn.Module, fuse: bool = True) -> None:
+    """:meth:`Attention.fuse_projections` on every attention layer of ``model``."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fuse_projections(fuse)
 
 
 def set_attention_slice(model: nn.Module, slice_size: str | int | list[int | None] | None = "auto") -> None:

@@ -24,7 +24,7 @@ from ..outputs import BaseOutput
 from ..single_file.loading import FromOriginalModelMixin
 from ..random import randn_tensor
 from . import unet_blocks  # noqa: F401  (registers the block classes)
-from .attention import rename_legacy_attention_keys
+from .attention import fuse_qkv_projections, rename_legacy_attention_keys
 from .registry import get_block
 from .unet_blocks import UNetMidBlock2D
 from .normalization import GroupNorm
@@ -302,6 +302,14 @@ class AutoencoderKL(ModelMixin, FromOriginalModelMixin):
 
     def disable_tiling(self) -> None:
         self.use_tiling = False
+
+    def fuse_qkv_projections(self) -> None:
+        """diffusers' API: the mid-block attention computes q, k, v in one matrix product (``models/attention.py``)."""
+        fuse_qkv_projections(self, True)
+
+    def unfuse_qkv_projections(self) -> None:
+        """Undo :meth:`fuse_qkv_projections`."""
+        fuse_qkv_projections(self, False)
 
     # ------------------------------------------------------------------ encode
 

@@ -36,7 +36,7 @@ from ..modeling import ModelMixin
 from ..outputs import BaseOutput
 from ..single_file.loading import FromOriginalModelMixin
 from . import unet_2d_condition_blocks, unet_blocks  # noqa: F401  (register the block classes)
-from .attention import set_attention_slice
+from .attention import fuse_qkv_projections, set_attention_slice
 from .deep_cache import DeepCacheStep
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .registry import get_block
@@ -80,8 +80,8 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     Training and memory: ``enable_gradient_checkpointing()`` and ``set_attention_slice()`` as in diffusers
     (docs/MEMORY.md). Deliberately not implemented (out of scope for now; one attention code path, SDPA): the
     attention-processor API (``attn_processors``, ``set_attn_processor``: refused; ``set_default_attn_processor``:
-    a no-op, the default is the only processor), IP-Adapter and fused QKV projections (``fuse_qkv_projections``
-    refused, ``unfuse_qkv_projections`` a no-op). FreeU: ``enable_freeu`` / ``disable_freeu`` (``models/freeu.py``).
+    a no-op, the default is the only processor) and IP-Adapter. FreeU: ``enable_freeu`` / ``disable_freeu``
+    (``models/freeu.py``); fused projections: ``fuse_qkv_projections`` / ``unfuse_qkv_projections``.
     """
 
     _supports_gradient_checkpointing = True  # enable_gradient_checkpointing(): recompute block layers
@@ -360,12 +360,13 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
             block.s1 = block.s2 = block.b1 = block.b2 = None
 
     def fuse_qkv_projections(self) -> None:
-        raise NotImplementedError(
-            "UNet2DConditionModel.fuse_qkv_projections: fused QKV projections are not implemented by diffusekit"
-        )
+        """diffusers' API: every attention layer computes q, k, v (k, v for cross-attention) in one matrix product;
+        no fused copy of the weights is kept (``models/attention.py``)."""
+        fuse_qkv_projections(self, True)
 
     def unfuse_qkv_projections(self) -> None:
-        """A no-op: projections are never fused here."""
+        """Undo :meth:`fuse_qkv_projections`."""
+        fuse_qkv_projections(self, False)
 
     def set_attention_slice(self, slice_size: str | int | list[int | None] | None = "auto") -> None:
         """Sliced attention (diffusers' API): ``"auto"`` halves each layer's heads, ``"max"`` runs one (batch, head)

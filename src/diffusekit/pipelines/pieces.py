@@ -329,6 +329,32 @@ class LatentDiffusionMixin(PerCallStateMixin):
         """Turn FreeU off: ``pipe.unet.disable_freeu()``."""
         self.unet.disable_freeu()
 
+    fusing_unet = False  # diffusers' flags: which models fuse_qkv_projections() fused
+    fusing_vae = False
+
+    def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        """Fused q/k/v projections in the UNet and / or the VAE (diffusers' API; same numbers, one matrix product
+        where there were three; ``models/attention.py``)."""
+        self.fusing_unet = self.fusing_vae = False
+        if unet:
+            self.unet.fuse_qkv_projections()
+            self.fusing_unet = True
+        if vae:
+            self.vae.fuse_qkv_projections()
+            self.fusing_vae = True
+
+    def unfuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        """Undo :meth:`fuse_qkv_projections`; a model that was not fused is left as it is, with a warning."""
+        for name, chosen in (("unet", unet), ("vae", vae)):
+            if not chosen:
+                continue
+            if not getattr(self, f"fusing_{name}"):
+                logger.warning("%s.unfuse_qkv_projections: the %s was not fused; nothing to undo",
+                               type(self).__name__, name)
+                continue
+            getattr(self, name).unfuse_qkv_projections()
+            setattr(self, f"fusing_{name}", False)
+
     # ------------------------------------------------------------------ the start of a call
 
     def check_call(self, call) -> None:
