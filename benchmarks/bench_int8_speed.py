@@ -22,6 +22,8 @@ Random weights give unrepresentative activation ranges: fine for speed and memor
   second-stage self-attention (time ratio, relative and max error).
 - ``fused``: the int8 UNet of ``--out`` compiled with attention through SDPA and through diffusekit's fused CPU
   kernel (optimize()'s default for int8 where it runs), interleaved (``--with-fp32``: and fp32 eager).
+- ``exact``: the fp32 UNet of ``--folder`` under ``optimize()`` (the exact path), its attention through SDPA and
+  through the fused kernel's float32 products (the exact path's default where it runs), interleaved in one process.
 - ``memory``: a fresh process loads one model (``--variant fp32|int8|int8-eager``), runs one step (compiled for
   ``int8``), and prints its peak RSS next to the fp32 weight file's size.
 
@@ -34,6 +36,7 @@ Full-size runs want a quiet machine (nothing else heavy running)::
     python -m benchmarks.bench_int8_speed profile --out DIR --latents 64
     python -m benchmarks.bench_int8_speed attention --out DIR --latents 64
     python -m benchmarks.bench_int8_speed fused --out DIR --latents 64 --with-fp32
+    python -m benchmarks.bench_int8_speed exact --folder .bench/sd15-random --latents 64 --repeat 4
 """
 
 from __future__ import annotations
@@ -251,7 +254,7 @@ def attention(args):
 
 
 def fused_attention(args, best):
-    """diffusekit's fused CPU kernel (bf16 products, and int8 ones) vs float32 SDPA on the UNet's attention shapes at
+    """diffusekit's fused CPU kernel (bf16, int8 and float32 products) vs float32 SDPA on the UNet's attention shapes at
     ``--latents``: the first-stage self-attention (8 heads x 40 channels; also with peaked rows), cross-attention (77
     text tokens) and the second-stage self-attention (a quarter of the tokens, 80 channels); time ratio and error of
     the output."""
@@ -275,10 +278,12 @@ def fused_attention(args, best):
         v = torch.randn(2, nk, 8, dim, generator=g).transpose(1, 2)
         ref = F.scaled_dot_product_attention(q, k, v)
         out = cpu_attention.attention(q, k, v)
-        out8 = cpu_attention.attention(q, k, v, int8_products=True)
+        out8 = cpu_attention.attention(q, k, v, products="int8")
+        out32 = cpu_attention.attention(q, k, v, products="float32")
         sdpa_s = best(lambda: F.scaled_dot_product_attention(q, k, v))
         fused_s = best(lambda: cpu_attention.attention(q, k, v))
-        int8_s = best(lambda: cpu_attention.attention(q, k, v, int8_products=True))
+        int8_s = best(lambda: cpu_attention.attention(q, k, v, products="int8"))
+        float32_s = best(lambda: cpu_attention.attention(q, k, v, products="float32"))
         print(json.dumps({"case": name, "shape": f"q {list(q.shape)} k {list(k.shape)}", "sdpa_fp32_s": round(sdpa_s, 4),
                           "fused_s": round(fused_s, 4), "ratio": round(fused_s / sdpa_s, 3),
                           "rel_err": float(f"{float((out - ref).norm() / ref.norm()):.2e}"),
@@ -287,6 +292,9 @@ def fused_attention(args, best):
                           "int8_products_s": round(int8_s, 4), "int8_vs_bf16": round(int8_s / fused_s, 3),
                           "int8_rel_err": float(f"{float((out8 - ref).norm() / ref.norm()):.2e}"),
                           "int8_max_abs_err": float(f"{float((out8 - ref).abs().max()):.2e}"),
+                          # float32 products (the exact path's attention): time and error against SDPA
+                          "float32_products_s": round(float32_s, 4), "float32_vs_sdpa": round(float32_s / sdpa_s, 3),
+                          "float32_max_abs_err": float(f"{float((out32 - ref).abs().max()):.2e}"),
                           "ref_max_abs": round(float(ref.abs().max()), 3)}), flush=True)
 
 
@@ -333,6 +341,45 @@ def fused_step(args):
             print(latent, json.dumps(result), flush=True)
 
 
+def exact_step(args):
+    """The fp32 UNet of ``--folder`` under ``optimize()`` (the exact path) with its attention through torch's SDPA and
+    through the kernel's float32 products (``Attention.cpu_exact_attention``, the default where it runs): one model,
+    one process, the two choices interleaved (each is its own package); time per step and the outputs' difference."""
+    from diffusekit import UNet2DConditionModel
+    from diffusekit.models.attention import Attention
+
+    model = UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet").optimize()
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+
+    def choose(kernel: bool) -> None:
+        for layer in layers:
+            layer.cpu_exact_attention = kernel
+
+    with torch.no_grad():
+        for latent in args.latents:
+            x = inputs(latent, seed=7)
+            outs, times, result = {}, {True: [], False: []}, {"latents": latent}
+            for kernel in (True, False):
+                choose(kernel)
+                start = time.perf_counter()
+                outs[kernel] = model(**x).sample
+                result[f"{'kernel' if kernel else 'sdpa'}_first_call_s"] = round(time.perf_counter() - start, 1)
+            for _ in range(args.repeat):
+                for kernel in (True, False):
+                    choose(kernel)
+                    start = time.perf_counter()
+                    model(**x)
+                    times[kernel].append(time.perf_counter() - start)
+            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            diff = outs[True] - outs[False]
+            result.update({"kernel_s": round(med[True], 3), "sdpa_s": round(med[False], 3),
+                           "kernel_calls_s": [round(t, 2) for t in times[True]],
+                           "sdpa_calls_s": [round(t, 2) for t in times[False]],
+                           "kernel_vs_sdpa_time": round(med[True] / med[False], 3),
+                           "max_abs_diff_rel": float(f"{float(diff.abs().max() / outs[False].abs().max()):.2e}")})
+            print(json.dumps(result), flush=True)
+
+
 def memory_child(args):
     from diffusekit import UNet2DConditionModel
 
@@ -366,10 +413,10 @@ def memory(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=["build", "time", "vae", "profile", "attention", "fused", "memory",
+    parser.add_argument("step", choices=["build", "time", "vae", "profile", "attention", "fused", "exact", "memory",
                                          "memory-child"])
     parser.add_argument("--folder", default=".bench/sd15-random")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="the int8 UNet's folder (every step but exact)")
     parser.add_argument("--latents", type=int, nargs="*", default=[32, 64])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -380,9 +427,12 @@ def main():
     parser.add_argument("--with-fp32", action="store_true", help="fused: also time fp32 eager (--folder)")
     parser.add_argument("--variants", nargs="*", default=["fp32", "int8", "int8-eager"])
     args = parser.parse_args()
+    if args.out is None and args.step != "exact":
+        parser.error(f"{args.step} needs --out")
     torch.set_num_threads(args.threads)
-    {"build": build, "time": timing, "vae": vae, "profile": profile, "attention": attention, "fused": fused_step,
-     "memory": memory, "memory-child": memory_child}[args.step](args)
+    steps = {"build": build, "time": timing, "vae": vae, "profile": profile, "attention": attention,
+             "fused": fused_step, "exact": exact_step, "memory": memory, "memory-child": memory_child}
+    steps[args.step](args)
 
 
 if __name__ == "__main__":

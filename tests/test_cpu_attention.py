@@ -70,7 +70,7 @@ def test_kernel_matches_sdpa_within_bf16_error(batch, heads, nq, nk, dim):
 
 
 def _int8_products_reference(q, k, v, block=256):
-    """The int8 products' arithmetic in float64 (what ``int8_products=True`` computes, up to the float32 rounding of
+    """The int8 products' arithmetic in float64 (what ``products="int8"`` computes, up to the float32 rounding of
     the scores and the exponential): k and v less their means over the keys, one step per channel (largest magnitude
     / 127); q times k's steps, one step per query row; p = round(255 * 2^(s - the row's maximum in its block of 256
     keys)), each block weighted by 2^(its maximum - the row's maximum); v's mean added back."""
@@ -113,20 +113,84 @@ def _int8_products_reference(q, k, v, block=256):
     (1, 2, 19, 70, 56),
 ])
 def test_int8_products_compute_their_emulation_and_stay_near_sdpa(batch, heads, nq, nk, dim):
-    """``int8_products=True``: the kernel's numbers are the float64 emulation of its int8 arithmetic (a layout or
+    """``products="int8"``: the kernel's numbers are the float64 emulation of its int8 arithmetic (a layout or
     offset mistake moves them by far more), within a few percent of SDPA, and the uint8 route agrees with it."""
     from diffusekit.quantization.modules import _ops
 
     q = _heads(batch, nq, heads, dim) * 2  # scores of std ~2
     k, v = _heads(batch, nk, heads, dim, offset=0.5), _heads(batch, nk, heads, dim, offset=0.3)
-    out = cpu_attention.attention(q, k, v, int8_products=True)
+    out = cpu_attention.attention(q, k, v, products="int8")
     emulated = _int8_products_reference(q, k, v)
     assert float((out - emulated).norm() / emulated.norm()) < 2e-3
     rel, _ = _errors(out, F.scaled_dot_product_attention(q, k, v))
     assert rel < 5e-2, rel
-    assert torch.equal(cpu_attention.attention(q.contiguous(), k.contiguous(), v.contiguous(), int8_products=True), out)
+    assert torch.equal(cpu_attention.attention(q.contiguous(), k.contiguous(), v.contiguous(), products="int8"), out)
     ref = _ops().quantize_per_tensor(out.transpose(1, 2).contiguous(), 0.01, 100, 0, 255, torch.uint8)
-    _assert_same_uint8(cpu_attention.attention_quantize(q, k, v, 0.01, 100, int8_products=True), ref)
+    _assert_same_uint8(cpu_attention.attention_quantize(q, k, v, 0.01, 100, products="int8"), ref)
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("batch,heads,nq,nk,dim,sharp", [
+    (2, 2, 70, 300, 40, 1.0),   # the first-stage head size; more than one block of keys, padded keys and queries
+    (1, 3, 33, 77, 40, 1.0),    # cross-attention over 77 text tokens
+    (1, 1, 5, 3, 7, 1.0),       # odd head size, fewer keys than a tile
+    (2, 1, 40, 520, 80, 4.0),   # peaked rows (scores of std ~16) across three blocks: the online softmax's rescaling
+    (1, 2, 9, 20, 160, 1.0),
+    (1, 1, 37, 45, 24, 1.0),
+])
+def test_float32_products_give_sdpa_numbers(batch, heads, nq, nk, dim, sharp):
+    """``products="float32"`` (the exact path's attention): float32 FMAs and an exponential accurate to float32, so
+    the result is SDPA's to float32 rounding: nearer float64 than torch's own float32 SDPA is, within 1e-5 of it."""
+    q = _heads(batch, nq, heads, dim) * sharp
+    k, v = _heads(batch, nk, heads, dim, offset=0.5), _heads(batch, nk, heads, dim)
+    ref64 = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    out = cpu_attention.attention(q, k, v, products="float32")
+    assert out.shape == sdpa.shape and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, sdpa, rtol=1e-5, atol=1e-5)
+    rel, _ = _errors(out.double(), ref64)
+    rel_sdpa, _ = _errors(sdpa.double(), ref64)
+    assert rel < max(2 * rel_sdpa, 1e-6), (rel, rel_sdpa)
+    assert torch.equal(cpu_attention.attention(q.contiguous(), k.contiguous(), v.contiguous(), products="float32"),
+                       out)
+    with pytest.raises(ValueError, match="products must be one of"):
+        cpu_attention.attention(q, k, v, products="fp32")
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_exact_attention_routes_long_self_attention_and_optimize_chooses_it(monkeypatch):
+    from diffusekit import UNet2DConditionModel
+    from diffusekit.models.attention import EXACT_KERNEL_MAX_HEAD_DIM, EXACT_KERNEL_MIN_SCORES
+
+    layer = Attention(32, heads=2, dim_head=16).eval()
+    side = math.isqrt(EXACT_KERNEL_MIN_SCORES)  # self-attention over side tokens: side² scores per head
+    assert side * side == EXACT_KERNEL_MIN_SCORES
+    short, long = torch.randn(2, side - 1, 32), torch.randn(2, side, 32)
+    with torch.no_grad():
+        sdpa_short, sdpa_long = layer(short), layer(long)
+        layer.cpu_exact_attention = True
+        calls = []
+        real = cpu_attention.attention
+        monkeypatch.setattr(cpu_attention, "attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+        assert torch.equal(layer(short), sdpa_short)  # fewer scores: SDPA, where it is as fast
+        assert calls == []
+        torch.testing.assert_close(layer(long), sdpa_long, rtol=1e-5, atol=1e-6)
+        assert calls == [{"products": "float32"}]
+        wide = Attention(EXACT_KERNEL_MAX_HEAD_DIM + 8, heads=1, dim_head=EXACT_KERNEL_MAX_HEAD_DIM + 8).eval()
+        wide.cpu_exact_attention = True  # a head wider than the kernel's limit (the VAE's 512): SDPA
+        wide(torch.randn(1, side, EXACT_KERNEL_MAX_HEAD_DIM + 8))
+        assert len(calls) == 1
+    unet = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8).eval()
+    layers = [m for m in unet.modules() if isinstance(m, Attention)]
+    layers[0].cpu_exact_attention = False  # an explicit choice stays
+    unet.optimize(use_cache=False)  # chooses the layers' attention now; compiles at the first call (not made here)
+    assert layers[0].cpu_exact_attention is False and all(m.cpu_exact_attention is True for m in layers[1:])
+    assert all(m.cpu_fused_attention is None for m in layers)  # the bf16 kernel stays opt-in
+    unet.disable_cpu_fused_attention()
+    assert all(m.cpu_exact_attention is False for m in layers)
 
 
 @pytest.mark.usefixtures("needs_kernel")

@@ -8,7 +8,9 @@
 //   q . k : q and k rounded to bf16 (k first has its mean over the keys subtracted: softmax is invariant to it
 //           and it shrinks the values the rounding is relative to);
 //   p . v : p = exp(s - running max) rounded to bf16, v rounded to bf16; the row sums are taken in float32.
-// or, with int8_products, int8 dot products with int32 accumulation (vpdpbusd: 64 per instruction; attention_impl).
+// or, with products = int8, int8 dot products with int32 accumulation (vpdpbusd: 64 per instruction; attention_impl),
+// or, with products = float32, float32 FMAs (16 per instruction) and an exponential accurate to float32: the exact
+// path's attention, within float32 rounding of SDPA.
 // Inputs: q [B, H, Nq, D], k and v [B, H, Nk, D], float32, any strides.
 // Output: [B, H, Nq, D] whose memory is laid out as [B, Nq, H, D] (what the output projection reads next);
 // cpu_attention_quantize: uint8 [B, Nq, H, D], quantized for an int8 output projection.
@@ -69,21 +71,47 @@ inline __m512 exp2_nonpos(__m512 x) {
   return _mm512_scalef_ps(p, x);
 }
 
+// The element kinds of the bf16 and float32 products (the tiles below are written once for both): a group is K
+// values of the reduced dimension (channels for q . k, keys for p . v) in one 32-bit lane: a pair of bf16 values
+// (vdpbf16ps) or one float (FMA)
+struct Bf16Pairs {
+  using T = uint16_t;
+  static constexpr int64_t K = 2;
+  static __m512bh load(const T* x) { return (__m512bh)_mm512_loadu_si512(x); }
+  static __m256bh load_half(const T* x) { return (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); }
+  static int32_t scalar(const T* x) { return load_pair(x); }
+  static __m512 madd(__m512 acc, int32_t a, __m512bh b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(a), b);
+  }
+  static __m256 madd_half(__m256 acc, int32_t a, __m256bh b) {
+    return _mm256_dpbf16_ps(acc, (__m256bh)_mm256_set1_epi32(a), b);
+  }
+};
+struct Float32s {
+  using T = float;
+  static constexpr int64_t K = 1;
+  static __m512 load(const T* x) { return _mm512_loadu_ps(x); }
+  static __m256 load_half(const T* x) { return _mm256_loadu_ps(x); }
+  static float scalar(const T* x) { return *x; }
+  static __m512 madd(__m512 acc, float a, __m512 b) { return _mm512_fmadd_ps(_mm512_set1_ps(a), b, acc); }
+  static __m256 madd_half(__m256 acc, float a, __m256 b) { return _mm256_fmadd_ps(_mm256_set1_ps(a), b, acc); }
+};
+
 // S[r, 16t + i] = q[r] . k[16t + i] for R rows x T tiles of 16 keys; rmax[r] = max(rmax[r], S[r, :]) lane-wise.
-// q: [R][ldq] bf16 (pairs of channels); kp: T tiles of [G][16 keys][2 channels] bf16.
-template <int R, int T>
-inline void qk_tile(const uint16_t* q, int64_t ldq, const uint16_t* kp, int64_t G, float* S, int64_t ldS,
+// q: [R][ldq] (groups of E::K channels); kp: T tiles of [G][16 keys][E::K channels].
+template <typename E, int R, int T>
+inline void qk_tile(const typename E::T* q, int64_t ldq, const typename E::T* kp, int64_t G, float* S, int64_t ldS,
                     __m512* rmax) {
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
 #pragma GCC unroll 4
   for (int64_t g = 0; g < G; ++g) {
-    __m512bh b[T];
-    for (int t = 0; t < T; ++t) b[t] = (__m512bh)_mm512_loadu_si512(kp + (t * G + g) * 32);
+    decltype(E::load(kp)) b[T];
+    for (int t = 0; t < T; ++t) b[t] = E::load(kp + (t * G + g) * 16 * E::K);
     for (int r = 0; r < R; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(load_pair(q + r * ldq + 2 * g));
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], a, b[t]);
+      const auto a = E::scalar(q + r * ldq + E::K * g);
+      for (int t = 0; t < T; ++t) acc[r][t] = E::madd(acc[r][t], a, b[t]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -121,12 +149,12 @@ inline void qk_tile_i8(const int8_t* q, int64_t ldq, const uint8_t* kp, int64_t 
     }
 }
 
-// O[r, 16j..] = O[r, 16j..] * alpha[r] + sum over G pairs of keys of p[r, key] v[key, 16j..]  (R rows x NV vectors
-// of 16 channels, then with HALF one of 8: a 256-bit product, half the cost of padding the head to 16 channels)
-// P: [R][ldP] bf16; vp: [G][Dv][2 keys] bf16, already offset to this chunk's first channel.
-template <int R, int NV, bool HALF>
-inline void pv_tile(const uint16_t* P, int64_t ldP, const uint16_t* vp, int64_t Dv, int64_t G, const float* alpha,
-                    float* O, int64_t ldO) {
+// O[r, 16j..] = O[r, 16j..] * alpha[r] + sum over G groups of E::K keys of p[r, key] v[key, 16j..]  (R rows x NV
+// vectors of 16 channels, then with HALF one of 8: a 256-bit product, half the cost of padding the head to 16
+// channels). P: [R][ldP]; vp: [G][Dv][E::K keys], already offset to this chunk's first channel.
+template <typename E, int R, int NV, bool HALF>
+inline void pv_tile(const typename E::T* P, int64_t ldP, const typename E::T* vp, int64_t Dv, int64_t G,
+                    const float* alpha, float* O, int64_t ldO) {
   constexpr int NA = NV > 0 ? NV : 1;
   __m512 acc[R][NA];
   __m256 acch[R];
@@ -136,17 +164,14 @@ inline void pv_tile(const uint16_t* P, int64_t ldP, const uint16_t* vp, int64_t 
   }
 #pragma GCC unroll 4
   for (int64_t g = 0; g < G; ++g) {
-    __m512bh b[NA];
-    for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(vp + (g * Dv + 16 * j) * 2);
-    __m256bh bh;
-    if constexpr (HALF) bh = (__m256bh)_mm256_loadu_si256((const __m256i*)(vp + (g * Dv + 16 * NV) * 2));
+    decltype(E::load(vp)) b[NA];
+    for (int j = 0; j < NV; ++j) b[j] = E::load(vp + (g * Dv + 16 * j) * E::K);
+    decltype(E::load_half(vp)) bh;
+    if constexpr (HALF) bh = E::load_half(vp + (g * Dv + 16 * NV) * E::K);
     for (int r = 0; r < R; ++r) {
-      const int32_t pair = load_pair(P + r * ldP + 2 * g);
-      if constexpr (NV > 0) {
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-        for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
-      }
-      if constexpr (HALF) acch[r] = _mm256_dpbf16_ps(acch[r], (__m256bh)_mm256_set1_epi32(pair), bh);
+      const auto a = E::scalar(P + r * ldP + E::K * g);
+      for (int j = 0; j < NV; ++j) acc[r][j] = E::madd(acc[r][j], a, b[j]);
+      if constexpr (HALF) acch[r] = E::madd_half(acch[r], a, bh);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -157,7 +182,7 @@ inline void pv_tile(const uint16_t* P, int64_t ldP, const uint16_t* vp, int64_t 
     }
     if constexpr (HALF) {
       float* o = O + r * ldO + 16 * NV;
-      _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_loadu_ps(o), _mm256_set1_ps(alpha[r]), acch[r]));
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_loadu_ps(o), _mm512_castps512_ps256(al), acch[r]));
     }
   }
 }
@@ -247,45 +272,53 @@ inline void pv_tile_i8_40(const uint8_t* P, int64_t ldP, const int8_t* vp, int64
 #undef DK_PAIRS
 }
 
-// all QB rows, channel vectors j .. j + NV - 1 (and the half vector after them); I8 picks the int8 tile
-template <bool I8, int R, int NV, bool HALF = false>
+// the kinds of the two products: bf16 dot products, int8 dot products, float32 FMAs
+enum Products : int64_t { kBf16 = 0, kInt8 = 1, kFloat32 = 2 };
+
+// all QB rows, channel vectors j .. j + NV - 1 (and the half vector after them), with the tile of PR
+template <Products PR, int R, int NV, bool HALF = false>
 void pv_chunk(const void* P, const void* vp, int64_t Dv, int64_t G, const float* alpha, const float* c, float* O,
               int64_t j) {
+  constexpr bool I8 = PR == kInt8;
   for (int64_t r = 0; r < QB; r += R) {
-    if constexpr (I8 && R == 8 && NV == 2 && HALF)
+    if constexpr (PR == kFloat32)
+      pv_tile<Float32s, R, NV, HALF>(static_cast<const float*>(P) + r * KB, KB, static_cast<const float*>(vp) + 16 * j,
+                                     Dv, G, alpha + r, O + r * Dv + 16 * j, Dv);
+    else if constexpr (I8 && R == 8 && NV == 2 && HALF)
       pv_tile_i8_40(static_cast<const uint8_t*>(P) + r * KB, KB, static_cast<const int8_t*>(vp) + 64 * j, Dv, G,
                     alpha + r, c + r, O + r * Dv + 16 * j, Dv);
     else if constexpr (I8)
       pv_tile_i8<R, NV, HALF>(static_cast<const uint8_t*>(P) + r * KB, KB, static_cast<const int8_t*>(vp) + 64 * j,
                               Dv, G, alpha + r, c + r, O + r * Dv + 16 * j, Dv);
     else
-      pv_tile<R, NV, HALF>(static_cast<const uint16_t*>(P) + r * KB, KB, static_cast<const uint16_t*>(vp) + 32 * j,
-                           Dv, G, alpha + r, O + r * Dv + 16 * j, Dv);
+      pv_tile<Bf16Pairs, R, NV, HALF>(static_cast<const uint16_t*>(P) + r * KB, KB,
+                                      static_cast<const uint16_t*>(vp) + 32 * j, Dv, G, alpha + r, O + r * Dv + 16 * j,
+                                      Dv);
   }
 }
 
 // all QB rows and Dv channels (a multiple of 8), in chunks that keep the accumulators in registers
-template <bool I8>
+template <Products PR>
 void pv_block(const void* P, const void* vp, int64_t Dv, int64_t G, const float* alpha, const float* c, float* O) {
   const int64_t nvec = Dv / 16;
   int64_t j = 0;
-  for (; j + 5 <= nvec; j += 5) pv_chunk<I8, 4, 5>(P, vp, Dv, G, alpha, c, O, j);
+  for (; j + 5 <= nvec; j += 5) pv_chunk<PR, 4, 5>(P, vp, Dv, G, alpha, c, O, j);
   if (Dv % 16 == 0) {
     switch (nvec - j) {
-      case 4: pv_chunk<I8, 4, 4>(P, vp, Dv, G, alpha, c, O, j); break;
-      case 3: pv_chunk<I8, 8, 3>(P, vp, Dv, G, alpha, c, O, j); break;
-      case 2: pv_chunk<I8, 8, 2>(P, vp, Dv, G, alpha, c, O, j); break;
-      case 1: pv_chunk<I8, 8, 1>(P, vp, Dv, G, alpha, c, O, j); break;
+      case 4: pv_chunk<PR, 4, 4>(P, vp, Dv, G, alpha, c, O, j); break;
+      case 3: pv_chunk<PR, 8, 3>(P, vp, Dv, G, alpha, c, O, j); break;
+      case 2: pv_chunk<PR, 8, 2>(P, vp, Dv, G, alpha, c, O, j); break;
+      case 1: pv_chunk<PR, 8, 1>(P, vp, Dv, G, alpha, c, O, j); break;
       default: break;
     }
     return;
   }
   switch (nvec - j) {  // and the last 8 channels
-    case 4: pv_chunk<I8, 4, 4, true>(P, vp, Dv, G, alpha, c, O, j); break;
-    case 3: pv_chunk<I8, 4, 3, true>(P, vp, Dv, G, alpha, c, O, j); break;
-    case 2: pv_chunk<I8, 8, 2, true>(P, vp, Dv, G, alpha, c, O, j); break;  // head size 40: SD 1.5's first stage
-    case 1: pv_chunk<I8, 8, 1, true>(P, vp, Dv, G, alpha, c, O, j); break;
-    default: pv_chunk<I8, 8, 0, true>(P, vp, Dv, G, alpha, c, O, j); break;
+    case 4: pv_chunk<PR, 4, 4, true>(P, vp, Dv, G, alpha, c, O, j); break;
+    case 3: pv_chunk<PR, 4, 3, true>(P, vp, Dv, G, alpha, c, O, j); break;
+    case 2: pv_chunk<PR, 8, 2, true>(P, vp, Dv, G, alpha, c, O, j); break;  // head size 40: SD 1.5's first stage
+    case 1: pv_chunk<PR, 8, 1, true>(P, vp, Dv, G, alpha, c, O, j); break;
+    default: pv_chunk<PR, 8, 0, true>(P, vp, Dv, G, alpha, c, O, j); break;
   }
 }
 
@@ -335,7 +368,7 @@ void channel_stats(const float* x, int64_t stride, int64_t n, int64_t D, float* 
 //   p . v : p = exp(s - the block's row maximum) as uint8 (255 = that maximum; the block's scale against the running
 //           maximum is applied to the int32 sums); v has its mean over the keys subtracted (added back at the end:
 //           the weights sum to 1) and one scale per channel.
-template <typename Out, bool I8>
+template <typename Out, Products PR>
 at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
                           float inv_scale, int32_t zero_point) {
   // any strides; the last dimension is made contiguous where it is not
@@ -358,11 +391,13 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
   at::Tensor out = at::empty({B, Nq, H, D}, q.options().dtype(dtype));
   if (B == 0 || H == 0 || Nq == 0 || D == 0) return out;
 
-  constexpr int64_t CG = I8 ? 4 : 2;  // channels per q . k group and keys per p . v group: bf16 pairs, int8 quads
-  using KT = std::conditional_t<I8, uint8_t, uint16_t>;  // packed k
-  using QT = std::conditional_t<I8, int8_t, uint16_t>;   // packed q
-  using PT = std::conditional_t<I8, uint8_t, uint16_t>;  // p
-  using VT = std::conditional_t<I8, int8_t, uint16_t>;   // packed v
+  constexpr bool I8 = PR == kInt8, F32 = PR == kFloat32;
+  // channels per q . k group and keys per p . v group: bf16 pairs, int8 quads, single floats
+  constexpr int64_t CG = I8 ? 4 : F32 ? 1 : 2;
+  using KT = std::conditional_t<I8, uint8_t, std::conditional_t<F32, float, uint16_t>>;  // packed k
+  using QT = std::conditional_t<I8, int8_t, std::conditional_t<F32, float, uint16_t>>;   // packed q
+  using PT = KT;                                                                        // p
+  using VT = QT;                                                                        // packed v
   const int64_t Dq = round_up(D, CG), G = Dq / CG, Dv = round_up(D, 8);
   const int64_t Nkp = round_up(Nk, KB), nkb = Nkp / KB, BH = B * H;
   const float qk_scale = static_cast<float>(scale) * kLog2e;  // softmax in base 2
@@ -407,6 +442,15 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
           int8_t* dst = vp + packed_quad(n) * Dv * 4 + n % 4;
           for (int64_t d = 0; d < D; ++d) dst[d * 4] = row[d];
         }
+      } else if constexpr (F32) {
+        std::fill(qmul, qmul + D, 1.f);
+        std::fill(vscale, vscale + D, 1.f);
+        std::fill(vmean, vmean + D, 0.f);
+        for (int64_t n = 0; n < Nk; ++n) {  // k - its mean: [n / 16][d][n % 16]
+          float* tile = kp + (n / 16) * 16 * Dq + n % 16;
+          for (int64_t d = 0; d < D; ++d) tile[d * 16] = kb[n * ks2 + d] - kmean[d];
+        }
+        for (int64_t n = 0; n < Nk; ++n) std::memcpy(vp + n * Dv, vb + n * vs2, sizeof(float) * D);  // v: [n][d]
       } else {
         std::fill(qmul, qmul + D, 1.f);
         std::fill(vscale, vscale + D, 1.f);
@@ -453,6 +497,8 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
           qoff[r] = -128 * quantize_row_s8(x, nullptr, qmul, 1.f / step, D, qbuf.get() + r * Dq);
           fv_row[r] = qk_scale * step;
         }
+      } else if constexpr (F32) {
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(qbuf.get() + r * Dq, qbase + r * qs2, sizeof(float) * D);
       } else {
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t d = 0; d < D; ++d) qbuf[r * Dq + d] = to_bf16(qbase[r * qs2 + d]);
@@ -470,7 +516,8 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
               qk_tile_i8<4, 4>(qbuf.get() + r * Dq, Dq, kp + t * 16 * Dq, G, qoff + r, S.get() + r * KB + 16 * t, KB,
                                rmax + r);
             else
-              qk_tile<4, 4>(qbuf.get() + r * Dq, Dq, kp + t * 16 * Dq, G, S.get() + r * KB + 16 * t, KB, rmax + r);
+              qk_tile<std::conditional_t<F32, Float32s, Bf16Pairs>, 4, 4>(qbuf.get() + r * Dq, Dq, kp + t * 16 * Dq, G,
+                                                                          S.get() + r * KB + 16 * t, KB, rmax + r);
           }
         if (valid < nk) {  // padding keys: out of the maximum and the softmax
           for (int64_t r = 0; r < QB; ++r) {
@@ -506,6 +553,15 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
               _mm512_storeu_si512(p + c, bytes);
             }
             l[r] = l[r] * alpha[r] + cblk[r] * static_cast<float>(_mm512_reduce_add_epi64(sum));
+          } else if constexpr (F32) {  // p = 2^(s - m), accurate to float32 rounding
+            const __m512 mv = _mm512_set1_ps(m[r]);
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t c = 0; c < nk; c += 16) {
+              const __m512 e = diffusekit_simd::exp2_accurate(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), fv, mv));
+              sum = _mm512_add_ps(sum, e);
+              _mm512_storeu_ps(p + c, e);
+            }
+            l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
           } else {
             const __m512 mv = _mm512_set1_ps(m[r]);
             __m512 sum = _mm512_setzero_ps();
@@ -518,7 +574,7 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
             l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
           }
         }
-        pv_block<I8>(P.get(), vp_all.get() + bh * Nkp * Dv + n0 * Dv, Dv, nk / CG, alpha, cblk, O.get());
+        pv_block<PR>(P.get(), vp_all.get() + bh * Nkp * Dv + n0 * Dv, Dv, nk / CG, alpha, cblk, O.get());
       }
       const float *vscale = vscale_all.get() + bh * D, *vmean = vmean_all.get() + bh * D;
       for (int64_t r = 0; r < rows; ++r) {  // out = O / l * v's scale + v's mean
@@ -541,30 +597,40 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
   return out;
 }
 
+template <typename Out>
+at::Tensor attention_products(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                              float inv_scale, int32_t zero_point, int64_t products) {
+  switch (products) {
+    case kBf16: return attention_impl<Out, kBf16>(q, k, v, scale, inv_scale, zero_point);
+    case kInt8: return attention_impl<Out, kInt8>(q, k, v, scale, inv_scale, zero_point);
+    case kFloat32: return attention_impl<Out, kFloat32>(q, k, v, scale, inv_scale, zero_point);
+    default: TORCH_CHECK(false, "diffusekit::cpu_attention: products must be 0 (bf16), 1 (int8) or 2 (float32), got ",
+                         products);
+  }
+}
+
 at::Tensor cpu_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                         bool int8_products) {
-  return (int8_products ? attention_impl<float, true>(q, k, v, scale, 1.f, 0)
-                  : attention_impl<float, false>(q, k, v, scale, 1.f, 0)).transpose(1, 2);
+                         int64_t products) {
+  return attention_products<float>(q, k, v, scale, 1.f, 0, products).transpose(1, 2);
 }
 
 at::Tensor cpu_attention_quantize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                                  double out_scale, int64_t out_zero_point, bool int8_products) {
+                                  double out_scale, int64_t out_zero_point, int64_t products) {
   TORCH_CHECK(out_scale > 0 && 0 <= out_zero_point && out_zero_point <= 255,
               "diffusekit::cpu_attention_quantize: the output scale must be positive and its zero point in [0, 255]");
-  const float inv = static_cast<float>(1.0 / out_scale);
-  const auto zp = static_cast<int32_t>(out_zero_point);
-  return int8_products ? attention_impl<uint8_t, true>(q, k, v, scale, inv, zp)
-                 : attention_impl<uint8_t, false>(q, k, v, scale, inv, zp);
+  return attention_products<uint8_t>(q, k, v, scale, static_cast<float>(1.0 / out_scale),
+                                     static_cast<int32_t>(out_zero_point), products);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(diffusekit, m) {
-  // int8_products: both products in int8 (twice the rate of bf16, a few times its rounding error; attention_impl)
-  m.def("cpu_attention(Tensor q, Tensor k, Tensor v, float scale, bool int8_products=False) -> Tensor");
+  // products: 0 bf16 dot products, 1 int8 ones (twice the rate of bf16, a few times its rounding error), 2 float32
+  // FMAs (half the rate of bf16, float32 rounding); attention_impl
+  m.def("cpu_attention(Tensor q, Tensor k, Tensor v, float scale, int products=0) -> Tensor");
   // the same, written as uint8 [B, Nq, H, D] for an int8 output projection
   m.def("cpu_attention_quantize(Tensor q, Tensor k, Tensor v, float scale, float out_scale, int out_zero_point, "
-        "bool int8_products=False) -> Tensor");
+        "int products=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(diffusekit, CPU, m) {

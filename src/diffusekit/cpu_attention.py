@@ -7,7 +7,10 @@ float32), with both products as bfloat16 dot products accumulated in float32 (``
 instruction of a float32 FMA). On the SD 1.5 UNet's 4096-token self-attention it takes less than half the time of
 torch's fused float32 CPU kernel, at a relative error of the output of a few 1e-3 (docs/QUANTIZATION.md has the
 measurements). It is the attention of the int8 path: ``optimize()`` turns it on for a quantized model on such a CPU;
-any model can opt in with ``model.enable_cpu_fused_attention()``.
+any model can opt in with ``model.enable_cpu_fused_attention()``. With float32 products (FMAs, and an exponential
+accurate to float32) it gives SDPA's numbers to float32 rounding in about 0.75x SDPA's time on the UNet's long
+self-attention: the exact path's attention (``Attention.cpu_exact_attention``, which ``optimize()`` of a float model
+turns on; docs/PERFORMANCE.md).
 
 - **Built at run time** from ``cpu_attention.cpp``, ``cpu_group_norm.cpp`` and ``cpu_int8_geglu.cpp`` (next to this
   file, with the header ``cpu_simd.h``) by the C++ compiler inductor uses, against the installed torch's headers,
@@ -69,12 +72,12 @@ def library_path(compiler: str) -> Path:
 
 def _register_fake() -> None:
     @torch.library.register_fake("diffusekit::cpu_attention")
-    def _(q, k, v, scale, int8_products=False):
+    def _(q, k, v, scale, products=0):
         batch, heads, length, channels = q.shape
         return q.new_empty((batch, length, heads, channels)).transpose(1, 2)
 
     @torch.library.register_fake("diffusekit::cpu_attention_quantize")
-    def _(q, k, v, scale, out_scale, out_zero_point, int8_products=False):
+    def _(q, k, v, scale, out_scale, out_zero_point, products=0):
         batch, heads, length, channels = q.shape
         return q.new_empty((batch, length, heads, channels), dtype=torch.uint8)
 
@@ -137,26 +140,41 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-              int8_products: bool = False) -> torch.Tensor:
+#: the kinds of the kernel's two products (the op's ``products`` codes)
+PRODUCTS = {"bf16": 0, "int8": 1, "float32": 2}
+
+
+def _products_code(products: str) -> int:
+    try:
+        return PRODUCTS[products]
+    except KeyError:
+        raise ValueError(f"products must be one of {sorted(PRODUCTS)}, got {products!r}") from None
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, products: str = "bf16") -> torch.Tensor:
     """``softmax(q kᵀ / sqrt(d)) v`` for float32 CPU tensors ``(B, heads, N, d)`` (last dimension contiguous), as
     ``scaled_dot_product_attention`` without a mask; the result's memory is laid out ``(B, N, heads, d)``. Call
     :func:`available` first (this function is traced by ``torch.compile`` and does no loading itself).
 
-    ``int8_products``: both products as int8 dot products (``vpdpbusd``, twice the rate of the default bf16 ones; q
-    with a scale per token, k and v with one per channel after their means over the keys are taken out, the
-    probabilities as uint8 steps of their block's row maximum): about 0.6× the time of the bf16 kernel at a few
-    times its error (docs/QUANTIZATION.md, "int8 products"); the int8 path's choice."""
-    return torch.ops.diffusekit.cpu_attention(query, key, value, query.shape[-1] ** -0.5, int8_products)
+    ``products``, how the two products are computed:
+
+    - ``"bf16"`` (default): bfloat16 dot products, float32 sums; relative error of a few 1e-3.
+    - ``"int8"``: int8 dot products (``vpdpbusd``, twice the rate of bf16; q with a scale per token, k and v with one
+      per channel after their means over the keys are taken out, the probabilities as uint8 steps of their block's
+      row maximum): about 0.6× the time of bf16 at a few times its error (docs/QUANTIZATION.md, "int8 products");
+      the int8 path's choice.
+    - ``"float32"``: float32 FMAs and an exponential accurate to float32: SDPA's numbers to float32 rounding, the
+      exact path's choice (docs/PERFORMANCE.md)."""
+    return torch.ops.diffusekit.cpu_attention(query, key, value, query.shape[-1] ** -0.5, _products_code(products))
 
 
 def attention_quantize(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out_scale: float,
-                       out_zero_point: int, *, int8_products: bool = False) -> torch.Tensor:
+                       out_zero_point: int, *, products: str = "bf16") -> torch.Tensor:
     """:func:`attention`, written as uint8 ``(B, N, heads, d)`` quantized with ``(out_scale, out_zero_point)`` (round
     half to even, like ``quantize_per_tensor``): the input of an int8 output projection, without the float32 result
     in between. Call :func:`available` first."""
     return torch.ops.diffusekit.cpu_attention_quantize(query, key, value, query.shape[-1] ** -0.5, out_scale,
-                                                       out_zero_point, int8_products)
+                                                       out_zero_point, _products_code(products))
 
 
 def serves_tensors(*tensors: torch.Tensor) -> bool:

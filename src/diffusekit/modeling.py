@@ -260,8 +260,12 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         return True
 
     def disable_cpu_fused_attention(self) -> None:
-        """Back to torch's ``scaled_dot_product_attention`` (see :meth:`enable_cpu_fused_attention`)."""
+        """Back to torch's ``scaled_dot_product_attention`` (see :meth:`enable_cpu_fused_attention`), also where
+        ``optimize()`` chose the kernel's exact float32 products."""
         self._set_cpu_fused_attention(False)
+        for module in self.modules():
+            if hasattr(module, "cpu_exact_attention"):
+                module.cpu_exact_attention = False
 
     def _set_cpu_fused_attention(self, enabled: bool) -> None:
         for module in self.modules():

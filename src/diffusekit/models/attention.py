@@ -20,7 +20,9 @@ is simply run on its own. The numbers are diffusers' fused ones.
 
 Not implemented, deliberately: diffusers' attention-processor classes (``set_processor``, ``attn_processors``) and
 IP-Adapter; the one code path here is SDPA, optionally sliced, or (opt-in, float32 on an AVX-512 BF16 CPU, the int8
-path's default) diffusekit's fused bf16 kernel (``diffusekit.cpu_attention``).
+path's default) diffusekit's fused bf16 kernel (``diffusekit.cpu_attention``), or (the exact path's default under
+``optimize()``, for the larger products: ``EXACT_KERNEL_MIN_SCORES``) the same kernel with float32 products, SDPA's
+numbers to float32 rounding.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .normalization import GroupNorm
+
+
+#: the float32 kernel (``cpu_exact_attention``) serves calls with at least this many scores per head (queries x
+#: keys): below, torch's SDPA is as fast or faster. Measured on SD 1.5's shapes (heads split from the projections):
+#: 4096 x 4096 tokens 0.68-0.75x SDPA's time, 1024 x 1024 0.80-0.84x, 4096 x 77 0.7-0.9x; 1024 x 77 1.11x and
+#: 256 x 256 1.02x (left to SDPA)
+EXACT_KERNEL_MIN_SCORES = 2**18
+#: ... and heads at most this wide: the VAE's single 512-channel head runs faster in SDPA (1.06-1.14x with the kernel)
+EXACT_KERNEL_MAX_HEAD_DIM = 160
 
 
 class Attention(nn.Module):
@@ -88,6 +99,11 @@ class Attention(nn.Module):
         # on the int8 route (an int8 to_out.0 under the fused kernel): q . k and p . v as int8 products (True) or
         # bf16 ones (False); docs/QUANTIZATION.md, "int8 products"
         self.cpu_int8_products = True
+        # float32 CPU calls without a mask, with EXACT_KERNEL_MIN_SCORES scores per head or more and heads at most
+        # EXACT_KERNEL_MAX_HEAD_DIM wide, through diffusekit.cpu_attention's float32 products (SDPA's numbers to
+        # float32 rounding, faster there); None (not chosen): SDPA, and optimize() of a float model turns it on
+        # where the kernel runs
+        self.cpu_exact_attention: bool | None = None
         self.fused_projections = False  # fuse_projections(): one matrix product for q, k, v (or k, v)
 
         if norm_num_groups is not None:
@@ -120,11 +136,14 @@ class Attention(nn.Module):
         Slices are views (no copies of q/k/v): each call's score matrix is ``slice_size`` heads big. Slices never span
         two batch items (diffusers' flat (batch x head) slices can); the numbers are the same either way.
         """
-        if self.cpu_fused_attention:
+        exact = (self.cpu_exact_attention and query.shape[-2] * key.shape[-2] >= EXACT_KERNEL_MIN_SCORES
+                 and query.shape[-1] <= EXACT_KERNEL_MAX_HEAD_DIM)
+        if self.cpu_fused_attention or exact:
             from .. import cpu_attention
 
-            if cpu_attention.serves(query, key, value, mask):
-                return cpu_attention.attention(query, key, value)  # (B, heads, N, d); never materialises scores
+            if cpu_attention.serves(query, key, value, mask):  # (B, heads, N, d); never materialises scores
+                return cpu_attention.attention(query, key, value,
+                                               products="bf16" if self.cpu_fused_attention else "float32")
         batch, heads = query.shape[:2]
         size = self.slice_size
         if size is None or size >= batch * heads:
@@ -156,7 +175,7 @@ class Attention(nn.Module):
         if not cpu_attention.serves(query, key, value, mask):
             return None
         return cpu_attention.attention_quantize(query, key, value, *self.to_out[0]._input_qparams,
-                                                int8_products=self.cpu_int8_products)
+                                                products="int8" if self.cpu_int8_products else "bf16")
 
     def fuse_projections(self, fuse: bool = True) -> None:
         """diffusers' switch: compute q, k, v (self-attention calls) or k, v (cross-attention calls) in one matrix
