@@ -8,7 +8,7 @@ instruction of a float32 FMA). On the SD 1.5 UNet's 4096-token self-attention it
 torch's fused float32 CPU kernel, at a relative error of the output of a few 1e-3 (docs/QUANTIZATION.md has the
 measurements). It is the attention of the int8 path: ``optimize()`` turns it on for a quantized model on such a CPU;
 any model can opt in with ``model.enable_cpu_fused_attention()``. With float32 products (FMAs, and an exponential
-accurate to float32) it gives SDPA's numbers to float32 rounding in about 0.75x SDPA's time on the UNet's long
+accurate to float32) it gives SDPA's numbers to float32 rounding in 0.68-0.75x SDPA's time on the UNet's long
 self-attention: the exact path's attention (``Attention.cpu_exact_attention``, which ``optimize()`` of a float model
 turns on; docs/PERFORMANCE.md).
 
