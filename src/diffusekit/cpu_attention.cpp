@@ -428,6 +428,11 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
       channel_stats(kb, ks2, Nk, D, kmean.get(), I8 ? qmul : nullptr);
       std::memset(kp, 0, sizeof(KT) * Nkp * Dq);
       std::memset(vp, 0, sizeof(VT) * Nkp * Dv);
+      if constexpr (!I8) {  // q, v unscaled, v not centred
+        std::fill(qmul, qmul + D, 1.f);
+        std::fill(vscale, vscale + D, 1.f);
+        std::fill(vmean, vmean + D, 0.f);
+      }
       if constexpr (I8) {
         channel_stats(vb, vs2, Nk, D, vmean, vscale);
         for (int64_t d = 0; d < D; ++d) inv[d] = 1.f / qmul[d];
@@ -443,18 +448,12 @@ at::Tensor attention_impl(const at::Tensor& q_in, const at::Tensor& k_in, const 
           for (int64_t d = 0; d < D; ++d) dst[d * 4] = row[d];
         }
       } else if constexpr (F32) {
-        std::fill(qmul, qmul + D, 1.f);
-        std::fill(vscale, vscale + D, 1.f);
-        std::fill(vmean, vmean + D, 0.f);
         for (int64_t n = 0; n < Nk; ++n) {  // k - its mean: [n / 16][d][n % 16]
           float* tile = kp + (n / 16) * 16 * Dq + n % 16;
           for (int64_t d = 0; d < D; ++d) tile[d * 16] = kb[n * ks2 + d] - kmean[d];
         }
         for (int64_t n = 0; n < Nk; ++n) std::memcpy(vp + n * Dv, vb + n * vs2, sizeof(float) * D);  // v: [n][d]
       } else {
-        std::fill(qmul, qmul + D, 1.f);
-        std::fill(vscale, vscale + D, 1.f);
-        std::fill(vmean, vmean + D, 0.f);
         for (int64_t n = 0; n < Nk; ++n) {  // k - its mean: [n / 16][d / 2][n % 16][d % 2]
           uint16_t* tile = kp + (n / 16) * 16 * Dq + (n % 16) * 2;
           for (int64_t d = 0; d < D; ++d) tile[(d / 2) * 32 + d % 2] = to_bf16(kb[n * ks2 + d] - kmean[d]);

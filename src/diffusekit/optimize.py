@@ -529,15 +529,7 @@ def _default_cpu_kernels(module: torch.nn.Module) -> None:
     they run."""
     undecided = [m for m in module.modules() if hasattr(m, "cpu_fused_attention") and m.cpu_fused_attention is None]
     switchable = [m for m in module.modules() if getattr(m, "cpu_kernel", False) is None]  # GroupNorm, FeedForward
-    if not undecided and not switchable:
-        return
-    from . import cpu_attention
-
-    reason = cpu_attention.unavailable_reason()
-    if reason is not None:
-        logger.info("%s.optimize(): attention, GroupNorm and GEGLU stay torch's (the fused CPU kernels are "
-                    "unavailable: %s)",
-                    type(module).__name__, reason)
+    if not (undecided or switchable) or not _cpu_kernels_run(module, "attention, GroupNorm and GEGLU stay torch's"):
         return
     for layer in undecided:
         layer.cpu_fused_attention = True
@@ -551,17 +543,22 @@ def _default_exact_attention(module: torch.nn.Module) -> None:
     choice, where the kernel runs."""
     undecided = [m for m in module.modules() if getattr(m, "cpu_exact_attention", False) is None
                  and not getattr(m, "cpu_fused_attention", None)]
-    if not undecided:
+    if not undecided or not _cpu_kernels_run(module, "attention stays torch's SDPA"):
         return
+    for layer in undecided:
+        layer.cpu_exact_attention = True
+
+
+def _cpu_kernels_run(module: torch.nn.Module, otherwise: str) -> bool:
+    """Whether diffusekit's CPU kernel library runs here (building it on first use); if not, one log line: what
+    ``otherwise`` happens, and why."""
     from . import cpu_attention
 
     reason = cpu_attention.unavailable_reason()
     if reason is not None:
-        logger.info("%s.optimize(): attention stays torch's SDPA (the CPU kernel is unavailable: %s)",
-                    type(module).__name__, reason)
-        return
-    for layer in undecided:
-        layer.cpu_exact_attention = True
+        logger.info("%s.optimize(): %s (the fused CPU kernels are unavailable: %s)", type(module).__name__, otherwise,
+                    reason)
+    return reason is None
 
 
 def _is_quantized(module: torch.nn.Module) -> bool:

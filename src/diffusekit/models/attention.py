@@ -185,16 +185,15 @@ class Attention(nn.Module):
     def _project(self, hidden_states: torch.Tensor, context: torch.Tensor, self_attention: bool):
         """(q, k, v): (B, N, inner), (B, M, inner), (B, M, inner); fused where :meth:`fuse_projections` asked and
         every layer involved is a plain ``nn.Linear`` without hooks."""
-        layers = (self.to_q, self.to_k, self.to_v) if self_attention else (self.to_k, self.to_v)
-        plain = all(type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
-                    for layer in layers)
-        biases = [layer.bias for layer in layers] if plain else []
-        if not self.fused_projections or not plain or len({b is None for b in biases}) > 1:
-            return self.to_q(hidden_states), self.to_k(context), self.to_v(context)
-        weight = torch.cat([layer.weight for layer in layers])  # (len(layers) * inner, C)
-        bias = None if biases[0] is None else torch.cat(biases)
-        fused = F.linear(context, weight, bias).split(self.inner_dim, dim=-1)  # views (B, M, inner) each
-        return (*fused,) if self_attention else (self.to_q(hidden_states), *fused)
+        if self.fused_projections:  # the default (off) costs one attribute read
+            layers = (self.to_q, self.to_k, self.to_v) if self_attention else (self.to_k, self.to_v)
+            if all(type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+                   for layer in layers) and len({layer.bias is None for layer in layers}) == 1:
+                weight = torch.cat([layer.weight for layer in layers])  # (len(layers) * inner, C)
+                bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+                fused = F.linear(context, weight, bias).split(self.inner_dim, dim=-1)  # views (B, M, inner) each
+                return (*fused,) if self_attention else (self.to_q(hidden_states), *fused)
+        return self.to_q(hidden_states), self.to_k(context), self.to_v(context)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (B, N, heads * dim_head) -> (B, heads, N, dim_head)
