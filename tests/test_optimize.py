@@ -24,6 +24,7 @@ import torch
 from conftest import assert_close, run_json_child
 from diffusekit import UNet2DConditionModel
 from diffusekit import optimize as opt
+from diffusekit.models import winograd
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -62,7 +63,11 @@ def _unet_inputs(batch=2, size=8, seed=1):
             torch.randn(batch, 7, 16, generator=g))
 
 
-def test_unet_optimize_matches_eager_and_diffusers(tmp_path):
+def test_unet_optimize_matches_eager_and_diffusers(tmp_path, monkeypatch):
+    # the tiny UNet's 3x3 layers go through Winograd (optimize()'s CPU default, here for every size): compiled into
+    # the package, within the exact path's bound of eager's direct convolutions and of diffusers
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_PIXELS", 1)
     ours, ref = _unet_pair(tmp_path)
     sample, t, text = _unet_inputs()
     with torch.no_grad():
@@ -79,12 +84,15 @@ def test_unet_optimize_matches_eager_and_diffusers(tmp_path):
     # one package (code only, bound to the live weights) serves every return_dict: the tuple is made outside
     assert call.stats["aoti_builds"] == 1 and len(call.packages.loaded) == 1, call.stats
     (package,) = call.packages.loaded.values()
-    assert package.runner.get_constant_names_to_original_fqns() == {}  # no weight inside: all are inputs
+    # no weight inside: all are inputs; the only constants are Winograd's 16 x 9 transform matrix (one per layer)
+    constants = package.runner.get_constant_names_to_original_fqns()
+    assert all(name.startswith("_tensor_constant") for name in constants.values()), constants
     assert isinstance(again, tuple) and len(again) == 1 and type(explicit).__name__ == "UNet2DConditionOutput"
     assert_matches(fast, eager)
     assert_matches(again[0], eager)
     assert torch.equal(explicit.sample, fast)
     assert_matches(fast, expected)
+    assert all(m.winograd for m in ours.modules() if isinstance(m, winograd.Conv2d))
 
     # a fresh instance (as a fresh process would be: test_aot_packages checks that too) loads the package, builds
     # nothing, compiles nothing; the same code on the same weights gives the same bits

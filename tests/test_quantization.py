@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import diffusekit
+from diffusekit.models import winograd
 from diffusekit.quantization import (Int8Conv2d, Int8Linear, QuantizationConfigError, is_quantized,
                                      quantize_model)
 from diffusekit.quantization.modules import activation_qparams, quantize_weight_per_channel
@@ -153,7 +154,7 @@ def test_quantized_output_close_to_float(quantized):
 def test_quantize_model_options_and_refusals():
     q = quantize_model(tiny_unet(), unet_inputs(1), modules_to_not_convert=["down_blocks.0", "*.to_k"],
                        observer="percentile", percentile=99.9)
-    assert type(q.down_blocks[0].resnets[0].conv1) is nn.Conv2d
+    assert type(q.down_blocks[0].resnets[0].conv1) is winograd.Conv2d  # kept float
     assert type(q.up_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k) is nn.Linear
     assert isinstance(q.up_blocks[1].attentions[0].transformer_blocks[0].attn2.to_v, Int8Linear)
     assert q.config["quantization_config"]["calibration"]["percentile"] == 99.9

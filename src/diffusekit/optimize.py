@@ -3,9 +3,11 @@
 Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-out kernels). What it does:
 
 - **CPU**: inductor: fused C++ kernels (GroupNorm+SiLU and other pointwise chains), oneDNN / MKL convolutions and
-  matmuls, compiled code cached on disk. Freezing (weights pre-packed for oneDNN) is opt-in
-  (``options={"freezing": True}``) and on by itself for int8 QDQ models (``QUANTIZED_OPTIONS``). Settings are a
-  config patch around each compiled call (``CPU_OPTIONS``); docs/PERFORMANCE.md has the measurements.
+  matmuls, compiled code cached on disk. The UNet's wider 3x3 convolutions run as Winograd F(2x2, 3x3)
+  (``diffusekit.models.winograd``) and its larger attention products on diffusekit's float32 kernel. Freezing
+  (weights pre-packed for oneDNN) is opt-in (``options={"freezing": True}``) and on by itself for int8 QDQ models
+  (``QUANTIZED_OPTIONS``). Settings are a config patch around each compiled call (``CPU_OPTIONS``);
+  docs/PERFORMANCE.md has the measurements.
 - **CPU graphs run from AOTInductor packages** (:mod:`diffusekit.aot_packages`): each input signature is exported and
   AOT-compiled once per machine into a shared library, keyed by the structure, inputs, settings and versions; a
   later process loads it in seconds (no dynamo, no compile, not even an inductor import). The exact path's packages
@@ -503,6 +505,7 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
         _default_cpu_kernels(module)
     elif device.type == "cpu":
         _default_exact_attention(module)
+        _default_winograd(module)
     merged.update(options or {})
     merged = {k: v for k, v in merged.items() if v is not None}
     ours = _versioned(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
@@ -547,6 +550,18 @@ def _default_exact_attention(module: torch.nn.Module) -> None:
         return
     for layer in undecided:
         layer.cpu_exact_attention = True
+
+
+def _default_winograd(module: torch.nn.Module) -> None:
+    """The exact path's 3x3 convolutions as Winograd F(2x2, 3x3) (``diffusekit.models.winograd``: 2.25x fewer
+    multiply-adds, the direct convolution's rounding), in models that declare it measured faster (``_exact_winograd``:
+    the conditional UNet), for every such layer that has no explicit choice; each call uses it where its rule says it
+    pays."""
+    if not getattr(module, "_exact_winograd", False):
+        return
+    for layer in module.modules():
+        if getattr(layer, "winograd", False) is None:
+            layer.winograd = True
 
 
 def _cpu_kernels_run(module: torch.nn.Module, otherwise: str) -> bool:

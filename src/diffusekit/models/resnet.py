@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import winograd
 from .normalization import GroupNorm, norm_act_conv
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -85,7 +86,7 @@ class Upsample2D(nn.Module):
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         if use_conv:
-            self.conv = nn.Conv2d(channels, self.out_channels, kernel_size, padding=padding, bias=bias)
+            self.conv = winograd.Conv2d(channels, self.out_channels, kernel_size, padding=padding, bias=bias)
         else:
             self.conv = None
 
@@ -158,7 +159,7 @@ class ResnetBlock2D(nn.Module):
         self.up, self.down = up, down
 
         self.norm1 = GroupNorm(num_groups=groups, num_channels=in_channels, eps=eps, affine=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = winograd.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels is None:
             self.time_emb_proj = None
         else:
@@ -166,7 +167,7 @@ class ResnetBlock2D(nn.Module):
             self.time_emb_proj = nn.Linear(temb_channels, proj_out)
         self.norm2 = GroupNorm(num_groups=groups_out or groups, num_channels=out_channels, eps=eps, affine=True)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, conv_2d_out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = winograd.Conv2d(out_channels, conv_2d_out_channels, kernel_size=3, stride=1, padding=1)
         self.nonlinearity = get_activation(non_linearity)
 
         # weightless resampling (the "resnet" down/upsample types)

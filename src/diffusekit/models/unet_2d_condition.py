@@ -87,6 +87,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     _supports_gradient_checkpointing = True  # enable_gradient_checkpointing(): recompute block layers
 
     _single_file_kind = "unet"  # from_single_file / save_single_file: docs/SINGLE_FILE.md
+    _exact_winograd = True  # optimize() on the CPU: Winograd 3x3 convolutions where they pay (models/winograd.py)
 
     @register_to_config
     def __init__(

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import winograd
+
 ACT_QMIN, ACT_QMAX = 0, 255  # activations: uint8, per-tensor affine
 W_QMIN, W_QMAX = -128, 127  # weights: int8, per-channel symmetric (values in [-127, 127], zero point 0)
 
@@ -222,5 +224,7 @@ class Int8Linear(_Int8Layer):
         return F.linear(self._dq_uint8(x), self._dq_weight(), self.bias)
 
 
-# float layer class -> int8 layer class (exact types: subclasses with their own forward are left alone)
-INT8_LAYERS: dict[type, type[_Int8Layer]] = {nn.Conv2d: Int8Conv2d, nn.Linear: Int8Linear}
+# float layer class -> int8 layer class (exact types: subclasses with their own forward are left alone, but for the
+# blocks' convolutions, whose forward only adds the exact path's Winograd choice)
+INT8_LAYERS: dict[type, type[_Int8Layer]] = {nn.Conv2d: Int8Conv2d, winograd.Conv2d: Int8Conv2d,
+                                             nn.Linear: Int8Linear}

@@ -1,0 +1,112 @@
+"""Winograd F(2x2, 3x3) convolution: a 3x3 convolution as 16 matrix products over 4x4 input tiles, 2.25x fewer
+multiply-adds than the direct sum (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015).
+
+Each 4x4 tile ``d`` of the padded input (stride 2) gives a 2x2 output tile ``A^T [(G w G^T) * (B^T d B)] A``. The
+elementwise product over the 16 tile positions, summed over the input channels, is 16 matrix products
+``(C_out x C_in) @ (C_in x tiles)``. The transforms' coefficients are 0, ±1 and ±1/2, so float32 rounding stays at
+the direct convolution's level (against float64, 3.9-4.3e-7 of the output's largest value where oneDNN's direct
+convolution gives 2.6-3.6e-7, on SD 1.5's layer shapes after SiLU).
+
+It is diffusekit's exact CPU path's choice (``optimize()``) for the UNet's wide layers on small images, and left
+alone elsewhere: :func:`pays` holds the rule measured on SD 1.5's UNet. The VAE decoder keeps the direct
+convolution: each of its large layers alone ran faster through Winograd (0.72-0.93x), but the whole 512² decode did
+not (1.09x with all of them, 1.01x with its 64x64 ones). The weight transform runs on every call from the
+live weights: no second copy of them is kept (a cached one would be 16/9 of SD 1.5's 1280-channel weights, 1.4 GB),
+an edited weight is never stale, and the transient copy is at most one layer's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Winograd serves layers with at least this many input and output channels ...
+MIN_CHANNELS = 256
+#: ... on at least this many output pixels per call (batch x height x width) ...
+MIN_PIXELS = 512
+#: ... and at most this many: SD 1.5's UNet at 512² with CFG (batch 2 x 64 x 64), the largest call measured in the
+#: whole model. Layers alone, against oneDNN's direct convolution (both compiled, 2-core AVX-512 CPU, weight
+#: transform included): SD 1.5's UNet layers at 512² 0.60-0.92x its time from 64x64 down to 16x16 latents, 0.97-1.0x
+#: for 640 channels at 16x16 and 320 at 32x32, but 1.3-1.4x at 8x8 (the weight transform outweighs the saved
+#: products on 128 pixels). The whole UNet step: 0.94x (BENCHMARKS.md)
+MAX_PIXELS = 8192
+#: the transformed input and product tiles of one chunk of tile rows stay under this many bytes each (4x the input
+#: chunk's size): the VAE decoder's 512-channel layer at 256² would otherwise hold 2 x 512 MiB at once
+CHUNK_BYTES = 128 * 2**20
+
+# G (4x3) of F(2x2, 3x3), as the 16 x 9 matrix kron(G, G): U[4a+b] = sum over (i, j) of G[a, i] G[b, j] w[i, j]
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_KRON_G = tuple(tuple(_G[a][i] * _G[b][j] for i in range(3) for j in range(3)) for a in range(4) for b in range(4))
+
+
+def serves(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether :func:`conv2d` computes ``conv(x)``: a float32 3x3 convolution with stride 1, padding 1, no dilation
+    or groups, zero padding, and a 4-D input."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and x.dim() == 4 and x.dtype == torch.float32 and conv.weight.dtype == torch.float32)
+
+
+def pays(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """The measured rule (:data:`MIN_CHANNELS`, :data:`MIN_PIXELS`, :data:`MAX_PIXELS`): Winograd is faster than the
+    direct convolution for ``conv(x)``."""
+    return (min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+            and MIN_PIXELS <= x.shape[0] * x.shape[-2] * x.shape[-1] <= MAX_PIXELS)
+
+
+def _input_tiles(d: torch.Tensor) -> list[torch.Tensor]:
+    """``B^T d B`` for tiles ``d (..., 4, 4)``: the 16 transformed values (row-major), each ``(...)``."""
+
+    def bt(d0, d1, d2, d3):  # B^T applied to four rows (or columns)
+        return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+    rows = bt(*(d[..., i, :] for i in range(4)))  # 4 x (..., 4)
+    return [v for row in rows for v in bt(*(row[..., j] for j in range(4)))]
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` by Winograd F(2x2, 3x3). Any height and width
+    (odd sizes are padded to even and cropped back)."""
+    n, c, h, w = x.shape  # (N, C, H, W)
+    out_c = weight.shape[0]
+    th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 output tiles
+    kron = torch.tensor(_KRON_G, dtype=weight.dtype, device=weight.device)  # (16, 9)
+    u = torch.mm(kron, weight.reshape(out_c * c, 9).t()).view(16, out_c, c)  # G w G^T: (16, C_out, C)
+    padded = F.pad(x, (1, 1 + 2 * tw - w, 1, 1 + 2 * th - h))  # (N, C, 2*th + 2, 2*tw + 2)
+    row_bytes = 16 * max(c, out_c) * n * tw * x.element_size()  # one tile row's transformed input or products
+    step = max(1, min(th, CHUNK_BYTES // row_bytes))
+    chunks = [_tile_rows(padded[:, :, 2 * t0:2 * min(th, t0 + step) + 2], u) for t0 in range(0, th, step)]
+    y = chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)  # (N, C_out, 2*th, 2*tw)
+    y = y[:, :, :h, :w]  # (N, C_out, H, W)
+    return y if bias is None else y + bias[:, None, None]
+
+
+def _tile_rows(padded: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The output rows of ``padded (N, C, 2*rows + 2, 2*tw + 2)`` against the transformed weights ``u``:
+    ``(N, C_out, 2*rows, 2*tw)``."""
+    n, c = padded.shape[:2]
+    out_c = u.shape[1]
+    tiles = padded.unfold(2, 4, 2).unfold(3, 4, 2)  # (N, C, rows, tw, 4, 4)
+    rows, tw = tiles.shape[2:4]
+    v = torch.stack(_input_tiles(tiles), 0)  # B^T d B: (16, N, C, rows, tw)
+    v = v.transpose(1, 2).reshape(16, c, n * rows * tw)  # (16, C, N*rows*tw)
+    m = torch.bmm(u, v).view(4, 4, out_c, n, rows, tw)  # (4, 4, C_out, N, rows, tw)
+    r0, r1 = m[0] + m[1] + m[2], m[1] - m[2] - m[3]  # A^T over tile rows: (4, C_out, N, rows, tw) each
+    y = torch.stack([torch.stack([r[0] + r[1] + r[2], r[1] - r[2] - r[3]], -1) for r in (r0, r1)], -2)
+    return y.permute(1, 0, 2, 4, 3, 5).reshape(n, out_c, 2 * rows, 2 * tw)  # ... m A over tile columns
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and checkpoint keys) that runs as :func:`conv2d` where its ``winograd`` is
+    True, the call :func:`serves` and Winograd :func:`pays`. ``winograd`` is ``None`` (direct) until ``optimize()``
+    of a float UNet on the CPU sets it; set it to ``False`` to keep a layer direct there."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.winograd: bool | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.winograd and serves(self, x) and pays(self, x):
+            return conv2d(x, self.weight, self.bias)
+        return super().forward(x)

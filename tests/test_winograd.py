@@ -1,0 +1,145 @@
+"""Winograd F(2x2, 3x3) convolutions (``diffusekit.models.winograd``): the direct convolution's numbers, on the
+layers and calls its rule picks, switched on by ``optimize()`` for float CPU models only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import diffusekit
+from diffusekit.models import winograd
+from sd_assets import tiny_unet_kwargs, tiny_vae_kwargs
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 8, 8), (1, 3, 4, 7, 5), (2, 6, 6, 1, 1), (1, 4, 4, 2, 3),
+                                   (3, 5, 7, 13, 6)])  # (N, C_in, C_out, H, W): odd sizes, one pixel
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_is_the_3x3_convolution(shape, bias):
+    n, c, o, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(n, c, h, w, generator=g, dtype=torch.float64), torch.randn(o, c, 3, 3, generator=g,
+                                                                                       dtype=torch.float64)
+    b = torch.randn(o, generator=g, dtype=torch.float64) if bias else None
+    expected = F.conv2d(x, weight, b, padding=1)
+    torch.testing.assert_close(winograd.conv2d(x, weight, b), expected, rtol=1e-12, atol=1e-12)
+    channels_last = winograd.conv2d(x.to(memory_format=torch.channels_last), weight, b)
+    torch.testing.assert_close(channels_last, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_rounding_is_the_direct_convolutions():
+    """Against float64, Winograd's float32 error stays at the direct convolution's level (transform coefficients 0,
+    ±1, ±1/2)."""
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(2, 256, 16, 16, generator=g), torch.randn(256, 256, 3, 3, generator=g) / 48
+    exact = F.conv2d(x.double(), weight.double(), padding=1)
+
+    def error(y):
+        return float((y.double() - exact).abs().max() / exact.abs().max())
+
+    direct, fast = error(F.conv2d(x, weight, padding=1)), error(winograd.conv2d(x, weight))
+    assert fast < 2e-6 and fast < 3 * direct, (fast, direct)
+
+
+def test_large_calls_are_computed_in_chunks_of_tile_rows(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x, weight, b = torch.randn(2, 4, 11, 6, generator=g), torch.randn(3, 4, 3, 3, generator=g), torch.randn(3)
+    whole = winograd.conv2d(x, weight, b)
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[1].shape) or real_bmm(*a))
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 16 * 4 * 2 * 3 * 4 * 2)  # two tile rows of this call per chunk
+    chunked = winograd.conv2d(x, weight, b)
+    assert [shape[-1] for shape in calls] == [2 * 2 * 3] * 3  # 6 tile rows: 3 chunks of (2 images x 2 rows x 3)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def _counting(monkeypatch) -> list:
+    calls = []
+    real = winograd.conv2d
+    monkeypatch.setattr(winograd, "conv2d", lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+def test_layer_uses_winograd_only_where_switched_on_served_and_paying(monkeypatch):
+    calls = _counting(monkeypatch)
+    conv = winograd.Conv2d(256, 256, 3, padding=1)
+    assert conv.winograd is None and list(conv.state_dict()) == ["weight", "bias"]  # nn.Conv2d's keys
+    big, small = torch.randn(2, 256, 16, 16), torch.randn(1, 256, 16, 16)  # 512 and 256 output pixels
+    with torch.no_grad():
+        direct = conv(big)
+        assert calls == []  # None: direct
+        conv.winograd = True
+        torch.testing.assert_close(conv(big), direct, rtol=1e-5, atol=1e-5)
+        assert calls == [big.shape]
+        conv(small)  # under MIN_PIXELS: direct
+        conv(torch.randn(1, 256, 96, 96))  # over MAX_PIXELS: direct
+        copy.deepcopy(conv).double()(big.double())  # float32 only: direct
+        narrow = winograd.Conv2d(128, 256, 3, padding=1)
+        narrow.winograd = True
+        narrow(torch.randn(2, 128, 16, 16))  # under MIN_CHANNELS: direct
+        for kwargs in (dict(stride=2, padding=1), dict(padding=2, dilation=2), dict(padding=1, groups=2),
+                       dict(padding=1, padding_mode="reflect")):
+            other = winograd.Conv2d(256, 256, 3, **kwargs)
+            other.winograd = True
+            other(big)  # not served
+        assert calls == [big.shape]
+
+
+def test_winograd_reads_the_live_weights():
+    """No transformed copy is kept: a weight edited (or a LoRA fused) after a call is used by the next one."""
+    conv = winograd.Conv2d(256, 256, 3, padding=1)
+    conv.winograd = True
+    x = torch.randn(2, 256, 16, 16)
+    with torch.no_grad():
+        conv(x)
+        conv.weight.mul_(-2)
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-4)
+
+
+def test_optimize_switches_it_on_for_float_cpu_models_and_keeps_explicit_choices():
+    unet = diffusekit.UNet2DConditionModel(**tiny_unet_kwargs()).eval()
+    vae = diffusekit.AutoencoderKL(**tiny_vae_kwargs()).eval()
+    convs = [m for m in unet.modules() if isinstance(m, winograd.Conv2d)]
+    # every resnet's two convolutions and the upsamplers'; the stride-2 and the 4-channel in/out convs stay torch's
+    assert len(convs) == 2 * len([m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]) + 1
+    convs[0].winograd = False
+    unet.optimize()
+    vae.optimize()
+    assert convs[0].winograd is False and all(c.winograd for c in convs[1:])
+    # the VAE decoder keeps the direct convolution (measured slower through Winograd as a whole)
+    assert all(m.winograd is None for m in vae.modules() if isinstance(m, winograd.Conv2d))
+
+
+def test_int8_models_keep_their_convolutions(monkeypatch):
+    from diffusekit import optimize
+
+    monkeypatch.setattr(optimize, "_is_quantized", lambda module: True)  # optimize()'s int8 branch
+    monkeypatch.setattr(optimize, "_default_cpu_kernels", lambda module: None)
+    unet = diffusekit.UNet2DConditionModel(**tiny_unet_kwargs()).eval()
+    unet.optimize()
+    assert all(m.winograd is None for m in unet.modules() if isinstance(m, winograd.Conv2d))
+
+
+def test_unet_with_winograd_matches_diffusers(monkeypatch):
+    """Every 3x3 layer of a tiny UNet through Winograd (thresholds lowered) gives diffusers' numbers."""
+    diffusers = pytest.importorskip("diffusers")
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_PIXELS", 1)
+    calls = _counting(monkeypatch)
+    config = tiny_unet_kwargs(layers_per_block=2)
+    torch.manual_seed(0)
+    ours = diffusekit.UNet2DConditionModel(**config).eval()
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(**config).eval()
+    for m in ours.modules():
+        if isinstance(m, winograd.Conv2d):
+            m.winograd = True
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(2, 4, 10, 6, generator=g), 10, torch.randn(2, 6, 32, generator=g))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(*inputs).sample, ref(*inputs).sample, rtol=1e-5, atol=1e-5)
+    assert len(calls) == len([m for m in ours.modules() if isinstance(m, winograd.Conv2d)])
