@@ -22,8 +22,10 @@ Random weights give unrepresentative activation ranges: fine for speed and memor
   second-stage self-attention (time ratio, relative and max error).
 - ``fused``: the int8 UNet of ``--out`` compiled with attention through SDPA and through diffusekit's fused CPU
   kernel (optimize()'s default for int8 where it runs), interleaved (``--with-fp32``: and fp32 eager).
-- ``exact``: the fp32 UNet of ``--folder`` under ``optimize()`` (the exact path), its attention through SDPA and
-  through the fused kernel's float32 products (the exact path's default where it runs), interleaved in one process.
+- ``exact``: the fp32 UNet of ``--folder`` under ``optimize()`` (the exact path), one of its CPU defaults on and off
+  (``--choice``): ``attention`` through the fused kernel's float32 products or SDPA, ``winograd``: the 3x3
+  convolutions through Winograd F(2x2, 3x3) or oneDNN's direct one; interleaved in one process. ``--model vae``: the
+  VAE's decode of one latent instead of the UNet's step.
 - ``memory``: a fresh process loads one model (``--variant fp32|int8|int8-eager``), runs one step (compiled for
   ``int8``), and prints its peak RSS next to the fp32 weight file's size.
 
@@ -37,6 +39,8 @@ Full-size runs want a quiet machine (nothing else heavy running)::
     python -m benchmarks.bench_int8_speed attention --out DIR --latents 64
     python -m benchmarks.bench_int8_speed fused --out DIR --latents 64 --with-fp32
     python -m benchmarks.bench_int8_speed exact --folder .bench/sd15-random --latents 64 --repeat 4
+    python -m benchmarks.bench_int8_speed exact --choice winograd --folder .bench/sd15-random --latents 64 --repeat 4
+    python -m benchmarks.bench_int8_speed exact --choice winograd --model vae --folder .bench/sd15-random --latents 64
 """
 
 from __future__ import annotations
@@ -341,41 +345,61 @@ def fused_step(args):
             print(latent, json.dumps(result), flush=True)
 
 
+#: exact_step's choices: the layer class and its switch (each turned on by optimize() where it runs)
+EXACT_CHOICES = {
+    "attention": ("diffusekit.models.attention", "Attention", "cpu_exact_attention"),  # kernel vs SDPA
+    "winograd": ("diffusekit.models.winograd", "Conv2d", "winograd"),  # Winograd vs direct 3x3 convolutions
+}
+
+
 def exact_step(args):
-    """The fp32 UNet of ``--folder`` under ``optimize()`` (the exact path) with its attention through torch's SDPA and
-    through the kernel's float32 products (``Attention.cpu_exact_attention``, the default where it runs): one model,
-    one process, the two choices interleaved (each is its own package); time per step and the outputs' difference."""
-    from diffusekit import UNet2DConditionModel
-    from diffusekit.models.attention import Attention
+    """The fp32 UNet of ``--folder`` under ``optimize()`` (the exact path), one of its defaults (``--choice``) on and
+    off: the attention through the kernel's float32 products or torch's SDPA (``Attention.cpu_exact_attention``), or
+    the 3x3 convolutions through Winograd or oneDNN's direct one (``winograd.Conv2d.winograd``). One model, one
+    process, the two settings interleaved (each is its own package); time per step and the outputs' difference."""
+    import importlib
 
-    model = UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet").optimize()
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    from diffusekit import AutoencoderKL, UNet2DConditionModel
 
-    def choose(kernel: bool) -> None:
+    module, cls, switch = EXACT_CHOICES[args.choice]
+    kind = getattr(importlib.import_module(module), cls)
+    if args.model == "vae":
+        model = AutoencoderKL.from_pretrained(args.folder, subfolder="vae").optimize()
+    else:
+        model = UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet").optimize()
+    layers = [m for m in model.modules() if isinstance(m, kind)]
+
+    def run(x):
+        if args.model == "vae":
+            return model.decode(x["sample"][:1]).sample  # one 4 x latents² latent
+        return model(**x).sample
+
+    def choose(on: bool) -> None:
         for layer in layers:
-            layer.cpu_exact_attention = kernel
+            setattr(layer, switch, on)
 
     with torch.no_grad():
         for latent in args.latents:
             x = inputs(latent, seed=7)
-            outs, times, result = {}, {True: [], False: []}, {"latents": latent}
-            for kernel in (True, False):
-                choose(kernel)
+            outs, times = {}, {True: [], False: []}
+            result = {"model": args.model, "choice": args.choice, "latents": latent}
+            for on in (True, False):
+                choose(on)
                 start = time.perf_counter()
-                outs[kernel] = model(**x).sample
-                result[f"{'kernel' if kernel else 'sdpa'}_first_call_s"] = round(time.perf_counter() - start, 1)
+                outs[on] = run(x)
+                result[f"{'on' if on else 'off'}_first_call_s"] = round(time.perf_counter() - start, 1)
             for _ in range(args.repeat):
-                for kernel in (True, False):
-                    choose(kernel)
+                for on in (True, False):
+                    choose(on)
                     start = time.perf_counter()
-                    model(**x)
-                    times[kernel].append(time.perf_counter() - start)
+                    run(x)
+                    times[on].append(time.perf_counter() - start)
             med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
             diff = outs[True] - outs[False]
-            result.update({"kernel_s": round(med[True], 3), "sdpa_s": round(med[False], 3),
-                           "kernel_calls_s": [round(t, 2) for t in times[True]],
-                           "sdpa_calls_s": [round(t, 2) for t in times[False]],
-                           "kernel_vs_sdpa_time": round(med[True] / med[False], 3),
+            result.update({"on_s": round(med[True], 3), "off_s": round(med[False], 3),
+                           "on_calls_s": [round(t, 2) for t in times[True]],
+                           "off_calls_s": [round(t, 2) for t in times[False]],
+                           "on_vs_off_time": round(med[True] / med[False], 3),
                            "max_abs_diff_rel": float(f"{float(diff.abs().max() / outs[False].abs().max()):.2e}")})
             print(json.dumps(result), flush=True)
 
@@ -426,6 +450,10 @@ def main():
                         help="fused: the int8 UNet's attention variants to time")
     parser.add_argument("--with-fp32", action="store_true", help="fused: also time fp32 eager (--folder)")
     parser.add_argument("--variants", nargs="*", default=["fp32", "int8", "int8-eager"])
+    parser.add_argument("--choice", default="attention", choices=sorted(EXACT_CHOICES),
+                        help="exact: the default to switch on and off")
+    parser.add_argument("--model", default="unet", choices=["unet", "vae"],
+                        help="exact: the UNet's CFG step, or the VAE's decode of one latent")
     args = parser.parse_args()
     if args.out is None and args.step != "exact":
         parser.error(f"{args.step} needs --out")
