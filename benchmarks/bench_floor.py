@@ -10,7 +10,7 @@ the CPU's vector units, at best at one instruction per cycle per core. The scrip
    dot product (``vdpbf16ps``, 32), each on 512-bit registers; then the same loops on ``--threads`` threads at once
    (wall clock: all cores busy, as in a model step);
 2. counts the multiply-adds of diffusekit's SD 1.5 UNet (batch 2: the CFG batch, 77x768 context) at 32x32 and 64x64
-   latents, of the VAE decoder (one 4x64x64 latent) and of the text encoder, on the meta device (no weights, no
+   latents (and at 64x64 with the exact path's Winograd convolutions, ``unet512-winograd``), of the VAE decoder (one 4x64x64 latent) and of the text encoder, on the meta device (no weights, no
    compute: ``torch.utils.flop_counter``), split into convolutions, linear layers and the attention products;
 3. prints the floor of each path: exact (float32: every multiply-add at the FMA peak) and int8 (convolutions and
    linear layers at the ``vpdpbusd`` peak, the attention products at the ``vdpbf16ps`` peak of diffusekit's fused
@@ -128,7 +128,10 @@ def count_macs(model, **inputs) -> dict[str, float]:
     kinds = {"conv": 0.0, "linear": 0.0, "attention": 0.0}
     for op, flops in counter.get_flop_counts()["Global"].items():
         name = str(op)
-        kind = ("conv" if "convolution" in name else "linear" if name in ("aten.mm", "aten.addmm") else "attention")
+        # aten.bmm: only Winograd's tile products in these models (attention is SDPA here); its weight transform is
+        # an aten.mm, counted with the linear layers
+        kind = ("conv" if "convolution" in name or name == "aten.bmm"
+                else "linear" if name in ("aten.mm", "aten.addmm") else "attention")
         kinds[kind] += flops / 2e9
     return kinds
 
@@ -149,6 +152,11 @@ def component_macs() -> dict[str, dict[str, float]]:
     out = {f"unet{8 * size}": count_macs(unet, sample=torch.empty(2, 4, size, size, device=meta),
                                          timestep=torch.tensor(500), encoder_hidden_states=context)
            for size in (32, 64)}
+    for layer in unet.modules():  # the exact path's Winograd convolutions, where its rule serves them
+        if hasattr(layer, "winograd"):
+            layer.winograd = True
+    out["unet512-winograd"] = count_macs(unet, sample=torch.empty(2, 4, 64, 64, device=meta),
+                                         timestep=torch.tensor(500), encoder_hidden_states=context)
     out["vae512"] = count_macs(vae.decode, z=torch.empty(1, 4, 64, 64, device=meta))
     out["text"] = count_macs(text, input_ids=torch.zeros(2, 77, dtype=torch.long, device=meta))
     return {name: {kind: round(v, 1) for kind, v in kinds.items()} for name, kinds in out.items()}
