@@ -83,6 +83,10 @@ def test_enable_freeu_refuses_non_numbers():
     ours, _ = _unets()
     with pytest.raises(ValueError, match="b2 must be a number.*disable_freeu"):
         ours.enable_freeu(0.9, 0.2, 1.5, None)
+    with pytest.raises(ValueError, match="s1 must be a number"):
+        ours.enable_freeu(True, 0.2, 1.5, 1.6)
+    ours.enable_freeu(np.float32(0.9), 0.2, 1, 1.6)  # numpy scalars and ints are numbers
+    assert ours.up_blocks[1].s1 == pytest.approx(0.9) and type(ours.up_blocks[1].b1) is float
 
 
 def test_pipeline_enable_freeu_matches_diffusers(tmp_path):
@@ -97,3 +101,21 @@ def test_pipeline_enable_freeu_matches_diffusers(tmp_path):
     assert np.abs(freeu - plain).max() > 1e-3
     ours.disable_freeu()
     np.testing.assert_array_equal(ours(generator=torch.manual_seed(0), **kwargs).images, plain)
+
+
+@pytest.mark.slow
+def test_freeu_switched_after_optimize_recompiles(tmp_path):
+    """optimize() packages key on the up blocks' FreeU factors: switching FreeU gives the eager FreeU numbers."""
+    ours, _ = _unets()
+    inputs = (torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), 10, torch.randn(2, 6, 32))
+    with torch.no_grad():
+        plain = ours(*inputs).sample
+        ours.enable_freeu(**SD15_FREEU)
+        eager_freeu = ours(*inputs).sample
+        ours.disable_freeu()
+        ours.optimize(cache_dir=tmp_path / "cache")
+        torch.testing.assert_close(ours(*inputs).sample, plain, rtol=1e-5, atol=1e-5)
+        ours.enable_freeu(**SD15_FREEU)
+        torch.testing.assert_close(ours(*inputs).sample, eager_freeu, rtol=1e-5, atol=1e-5)
+        ours.disable_freeu()
+        torch.testing.assert_close(ours(*inputs).sample, plain, rtol=1e-5, atol=1e-5)

@@ -118,3 +118,16 @@ def test_pipeline_fuse_qkv_projections_matches_diffusers(tmp_path, caplog):
         ours.unfuse_qkv_projections()  # the UNet is no longer fused: a warning, the VAE is unfused
     assert "the unet was not fused" in caplog.text
     assert not ours.fusing_vae
+
+
+@pytest.mark.slow
+def test_fused_projections_under_optimize(tmp_path):
+    """Fusing after optimize() (the flag is part of the package key) keeps the compiled numbers."""
+    ours, _ = _pair("UNet2DConditionModel", tiny_unet_kwargs(layers_per_block=2))
+    inputs = (torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), 10, torch.randn(2, 6, 32))
+    with torch.no_grad():
+        plain = ours(*inputs).sample
+        ours.optimize(cache_dir=tmp_path / "cache")
+        ours.fuse_qkv_projections()
+        torch.testing.assert_close(ours(*inputs).sample, plain, rtol=1e-5, atol=1e-5)
+        assert all(m.fused_projections for m in ours.modules() if isinstance(m, Attention))

@@ -349,7 +349,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
         for SD 1.5: ``s1=0.9, s2=0.2, b1=1.5, b2=1.6`` (the FreeU repository lists values per model). Unlike
         diffusers, a factor of 0 is applied, not read as "off"."""
         for name, value in (("s1", s1), ("s2", s2), ("b1", b1), ("b2", b2)):
-            if value is None or not isinstance(value, (int, float)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise ValueError(f"UNet2DConditionModel.enable_freeu: {name} must be a number, got {value!r} (use "
                                  "disable_freeu() to turn FreeU off)")
         for block in self.up_blocks:
