@@ -24,7 +24,10 @@ Random weights give unrepresentative activation ranges: fine for speed and memor
   kernel (optimize()'s default for int8 where it runs), interleaved (``--with-fp32``: and fp32 eager).
 - ``exact``: the fp32 UNet of ``--folder`` under ``optimize()`` (the exact path), one of its CPU defaults on and off
   (``--choice``): ``attention`` through the fused kernel's float32 products or SDPA, ``winograd``: the 3x3
-  convolutions through Winograd F(2x2, 3x3) or oneDNN's direct one; interleaved in one process. ``--model vae``: the
+  convolutions through Winograd F(2x2, 3x3) or oneDNN's direct one, ``gemm``: those on the smallest images (8x8 and
+  4x4 latents) through one matrix product or the direct one, ``upsample``: the UNet upsamplers' convolution computed
+  before the upsampling or after it, ``gemm-upsample``: those two together (Winograd on in both settings);
+  interleaved in one process. ``--model vae``: the
   VAE's decode of one latent instead of the UNet's step.
 - ``memory``: a fresh process loads one model (``--variant fp32|int8|int8-eager``), runs one step (compiled for
   ``int8``), and prints its peak RSS next to the fp32 weight file's size.
@@ -41,6 +44,9 @@ Full-size runs want a quiet machine (nothing else heavy running)::
     python -m benchmarks.bench_int8_speed exact --folder .bench/sd15-random --latents 64 --repeat 4
     python -m benchmarks.bench_int8_speed exact --choice winograd --folder .bench/sd15-random --latents 64 --repeat 4
     python -m benchmarks.bench_int8_speed exact --choice winograd --model vae --folder .bench/sd15-random --latents 64
+    python -m benchmarks.bench_int8_speed exact --choice gemm --folder .bench/sd15-random --latents 32 64 --repeat 5
+    python -m benchmarks.bench_int8_speed exact --choice gemm-upsample --folder .bench/sd15-random \
+        --latents 32 64 --repeat 7
 """
 
 from __future__ import annotations
@@ -345,29 +351,36 @@ def fused_step(args):
             print(latent, json.dumps(result), flush=True)
 
 
-#: exact_step's choices: the layer class and its switch (each turned on by optimize() where it runs)
+_WINOGRAD = ("diffusekit.models.winograd", "Conv2d", "winograd")  # Winograd vs direct 3x3 convolutions
+_GEMM = ("diffusekit.models.winograd", "Conv2d", "gemm")  # one matrix product vs direct on the smallest images
+_UPSAMPLE = ("diffusekit.models.resnet", "Upsample2D", "fused_upsample")  # upsampling fused into the convolution
+#: exact_step's choices: layer classes and their switches (each turned on by optimize() where it runs)
 EXACT_CHOICES = {
-    "attention": ("diffusekit.models.attention", "Attention", "cpu_exact_attention"),  # kernel vs SDPA
-    "winograd": ("diffusekit.models.winograd", "Conv2d", "winograd"),  # Winograd vs direct 3x3 convolutions
+    "attention": [("diffusekit.models.attention", "Attention", "cpu_exact_attention")],  # kernel vs SDPA
+    "winograd": [_WINOGRAD],
+    "gemm": [_GEMM],
+    "upsample": [_UPSAMPLE],
+    "gemm-upsample": [_GEMM, _UPSAMPLE],  # both against the direct convolution on small images and upsampling
 }
 
 
 def exact_step(args):
     """The fp32 UNet of ``--folder`` under ``optimize()`` (the exact path), one of its defaults (``--choice``) on and
     off: the attention through the kernel's float32 products or torch's SDPA (``Attention.cpu_exact_attention``), or
-    the 3x3 convolutions through Winograd or oneDNN's direct one (``winograd.Conv2d.winograd``). One model, one
+    the 3x3 convolutions through Winograd or oneDNN's direct one (``winograd.Conv2d.winograd``), or on the smallest
+    images through one matrix product or the direct one (``winograd.Conv2d.gemm``). One model, one
     process, the two settings interleaved (each is its own package); time per step and the outputs' difference."""
     import importlib
 
     from diffusekit import AutoencoderKL, UNet2DConditionModel
 
-    module, cls, switch = EXACT_CHOICES[args.choice]
-    kind = getattr(importlib.import_module(module), cls)
     if args.model == "vae":
         model = AutoencoderKL.from_pretrained(args.folder, subfolder="vae").optimize()
     else:
         model = UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet").optimize()
-    layers = [m for m in model.modules() if isinstance(m, kind)]
+    switches = [(getattr(importlib.import_module(module), cls), switch)
+                for module, cls, switch in EXACT_CHOICES[args.choice]]
+    layers = [(m, switch) for kind, switch in switches for m in model.modules() if isinstance(m, kind)]
 
     def run(x):
         if args.model == "vae":
@@ -375,7 +388,7 @@ def exact_step(args):
         return model(**x).sample
 
     def choose(on: bool) -> None:
-        for layer in layers:
+        for layer, switch in layers:
             setattr(layer, switch, on)
 
     with torch.no_grad():

@@ -1,5 +1,6 @@
-"""Winograd F(2x2, 3x3) convolutions (``diffusekit.models.winograd``): the direct convolution's numbers, on the
-layers and calls its rule picks, switched on by ``optimize()`` for float CPU models only."""
+"""Winograd F(2x2, 3x3) convolutions, one matrix product over the unfolded input on the smallest images, and the
+upsamplers' convolution computed before the upsampling (``diffusekit.models.winograd``): the direct convolution's
+numbers, on the layers and calls their rules pick, switched on by ``optimize()`` for float CPU UNets only."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import diffusekit
-from diffusekit.models import winograd
+from diffusekit.models import resnet, winograd
 from sd_assets import tiny_unet_kwargs, tiny_vae_kwargs
 
 
@@ -30,6 +31,37 @@ def test_conv2d_is_the_3x3_convolution(shape, bias):
     torch.testing.assert_close(channels_last, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 5, 8, 8), (1, 3, 4, 7, 5), (2, 6, 6, 1, 1), (3, 5, 7, 4, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemm_conv2d_is_the_3x3_convolution(shape, bias):
+    n, c, o, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(n, c, h, w, generator=g, dtype=torch.float64), torch.randn(o, c, 3, 3, generator=g,
+                                                                                       dtype=torch.float64)
+    b = torch.randn(o, generator=g, dtype=torch.float64) if bias else None
+    expected = F.conv2d(x, weight, b, padding=1)
+    torch.testing.assert_close(winograd.gemm_conv2d(x, weight, b), expected, rtol=1e-12, atol=1e-12)
+    channels_last = winograd.gemm_conv2d(x.to(memory_format=torch.channels_last), weight, b)
+    torch.testing.assert_close(channels_last, expected, rtol=1e-12, atol=1e-12)
+    # float32: the direct convolution's products and sums, so its rounding
+    y32 = winograd.gemm_conv2d(x.float(), weight.float(), None if b is None else b.float())
+    assert float((y32.double() - expected).abs().max() / expected.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 4, 4), (1, 3, 4, 3, 5), (2, 6, 6, 1, 1), (3, 5, 7, 2, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample_conv2d_is_the_convolution_of_the_upsampled_image(shape, bias):
+    n, c, o, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(n, c, h, w, generator=g, dtype=torch.float64), torch.randn(o, c, 3, 3, generator=g,
+                                                                                       dtype=torch.float64)
+    b = torch.randn(o, generator=g, dtype=torch.float64) if bias else None
+    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, b, padding=1)
+    torch.testing.assert_close(winograd.upsample_conv2d(x, weight, b), expected, rtol=1e-12, atol=1e-12)
+    channels_last = winograd.upsample_conv2d(x.to(memory_format=torch.channels_last), weight, b)
+    torch.testing.assert_close(channels_last, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_float32_rounding_is_the_direct_convolutions():
     """Against float64, Winograd's float32 error stays at the direct convolution's level (transform coefficients 0,
     ±1, ±1/2)."""
@@ -42,6 +74,12 @@ def test_float32_rounding_is_the_direct_convolutions():
 
     direct, fast = error(F.conv2d(x, weight, padding=1)), error(winograd.conv2d(x, weight))
     assert fast < 2e-6 and fast < 3 * direct, (fast, direct)
+    # the upsampler's form sums pairs of weights before its products: rounding at the direct convolution's level too
+    low = x[:, :, ::2, ::2]
+    exact = F.conv2d(F.interpolate(low.double(), scale_factor=2.0, mode="nearest"), weight.double(), padding=1)
+    direct = error(F.conv2d(F.interpolate(low, scale_factor=2.0, mode="nearest"), weight, padding=1))
+    fused = error(winograd.upsample_conv2d(low, weight))
+    assert fused < 2e-6 and fused < 3 * direct, (fused, direct)
 
 
 def test_large_calls_are_computed_in_chunks_of_tile_rows(monkeypatch):
@@ -57,10 +95,10 @@ def test_large_calls_are_computed_in_chunks_of_tile_rows(monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-def _counting(monkeypatch) -> list:
+def _counting(monkeypatch, name: str = "conv2d") -> list:
     calls = []
-    real = winograd.conv2d
-    monkeypatch.setattr(winograd, "conv2d", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = getattr(winograd, name)
+    monkeypatch.setattr(winograd, name, lambda *a: calls.append(a[0].shape) or real(*a))
     return calls
 
 
@@ -89,6 +127,50 @@ def test_layer_uses_winograd_only_where_switched_on_served_and_paying(monkeypatc
         assert calls == [big.shape]
 
 
+def test_layer_uses_the_product_only_below_winograds_range_where_switched_on(monkeypatch):
+    products, tiles = _counting(monkeypatch, "gemm_conv2d"), _counting(monkeypatch)
+    conv = winograd.Conv2d(256, 256, 3, padding=1)
+    assert conv.gemm is None
+    small, big = torch.randn(2, 256, 8, 8), torch.randn(2, 256, 16, 16)  # 128 and 512 output pixels
+    with torch.no_grad():
+        direct = conv(small)
+        assert products == []  # None: direct
+        conv.gemm = True
+        torch.testing.assert_close(conv(small), direct, rtol=1e-5, atol=1e-5)
+        assert products == [small.shape]
+        conv(big)  # Winograd's range, Winograd off: direct, not the product
+        conv.winograd = True
+        conv(big)
+        assert products == [small.shape] and tiles == [big.shape]
+        copy.deepcopy(conv).double()(small.double())  # float32 only: direct
+        narrow = winograd.Conv2d(128, 256, 3, padding=1)
+        narrow.gemm = True
+        narrow(torch.randn(2, 128, 8, 8))  # under MIN_CHANNELS: direct
+        strided = winograd.Conv2d(256, 256, 3, stride=2, padding=1)
+        strided.gemm = True
+        strided(small)  # not served
+        assert products == [small.shape]
+
+
+def test_upsampler_fuses_only_where_switched_on_and_paying(monkeypatch):
+    fused = _counting(monkeypatch, "upsample_conv2d")
+    up = resnet.Upsample2D(256, use_conv=True)
+    assert up.fused_upsample is None and list(up.state_dict()) == ["conv.weight", "conv.bias"]
+    x = torch.randn(2, 256, 8, 8)  # 512 output pixels
+    with torch.no_grad():
+        direct = up(x)
+        assert fused == []  # None: upsampling, then the convolution
+        up.fused_upsample = True
+        torch.testing.assert_close(up(x), direct, rtol=1e-5, atol=1e-5)
+        assert fused == [x.shape]
+        up(x, output_size=(17, 16))  # an explicit size: interpolation, then the convolution
+        up(torch.randn(2, 256, 40, 40))  # over MAX_PIXELS out: direct
+        narrow = resnet.Upsample2D(128, use_conv=True)
+        narrow.fused_upsample = True
+        narrow(torch.randn(2, 128, 8, 8))  # under MIN_CHANNELS: direct
+        assert fused == [x.shape]
+
+
 def test_winograd_reads_the_live_weights():
     """No transformed copy is kept: a weight edited (or a LoRA fused) after a call is used by the next one."""
     conv = winograd.Conv2d(256, 256, 3, padding=1)
@@ -107,11 +189,17 @@ def test_optimize_switches_it_on_for_float_cpu_models_and_keeps_explicit_choices
     # every resnet's two convolutions and the upsamplers'; the stride-2 and the 4-channel in/out convs stay torch's
     assert len(convs) == 2 * len([m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]) + 1
     convs[0].winograd = False
+    convs[1].gemm = False
+    ups = [m for m in unet.modules() if isinstance(m, resnet.Upsample2D)]
+    ups[0].fused_upsample = False
     unet.optimize()
     vae.optimize()
+    assert ups[0].fused_upsample is False and all(u.fused_upsample for u in ups[1:])
+    assert all(m.fused_upsample is None for m in vae.modules() if isinstance(m, resnet.Upsample2D))
     assert convs[0].winograd is False and all(c.winograd for c in convs[1:])
+    assert convs[1].gemm is False and all(c.gemm for c in convs[:1] + convs[2:])
     # the VAE decoder keeps the direct convolution (measured slower through Winograd as a whole)
-    assert all(m.winograd is None for m in vae.modules() if isinstance(m, winograd.Conv2d))
+    assert all(m.winograd is None and m.gemm is None for m in vae.modules() if isinstance(m, winograd.Conv2d))
 
 
 def test_int8_models_keep_their_convolutions(monkeypatch):
@@ -121,15 +209,18 @@ def test_int8_models_keep_their_convolutions(monkeypatch):
     monkeypatch.setattr(optimize, "_default_cpu_kernels", lambda module: None)
     unet = diffusekit.UNet2DConditionModel(**tiny_unet_kwargs()).eval()
     unet.optimize()
-    assert all(m.winograd is None for m in unet.modules() if isinstance(m, winograd.Conv2d))
+    assert all(m.winograd is None and m.gemm is None for m in unet.modules() if isinstance(m, winograd.Conv2d))
+    assert all(m.fused_upsample is None for m in unet.modules() if isinstance(m, resnet.Upsample2D))
 
 
-def test_unet_with_winograd_matches_diffusers(monkeypatch):
-    """Every 3x3 layer of a tiny UNet through Winograd (thresholds lowered) gives diffusers' numbers."""
+@pytest.mark.parametrize("algorithm", ["conv2d", "gemm_conv2d", "upsample_conv2d"])
+def test_unet_with_each_algorithm_matches_diffusers(monkeypatch, algorithm):
+    """Every 3x3 layer of a tiny UNet through Winograd, or through the product (thresholds moved), or its upsampler
+    fused, gives diffusers' numbers."""
     diffusers = pytest.importorskip("diffusers")
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
-    monkeypatch.setattr(winograd, "MIN_PIXELS", 1)
-    calls = _counting(monkeypatch)
+    monkeypatch.setattr(winograd, "MIN_PIXELS", 1 if algorithm == "conv2d" else 10**9)
+    calls = _counting(monkeypatch, algorithm)
     config = tiny_unet_kwargs(layers_per_block=2)
     torch.manual_seed(0)
     ours = diffusekit.UNet2DConditionModel(**config).eval()
@@ -137,9 +228,12 @@ def test_unet_with_winograd_matches_diffusers(monkeypatch):
     ref = diffusers.UNet2DConditionModel(**config).eval()
     for m in ours.modules():
         if isinstance(m, winograd.Conv2d):
-            m.winograd = True
+            m.winograd = m.gemm = True
+        if isinstance(m, resnet.Upsample2D):
+            m.fused_upsample = algorithm == "upsample_conv2d"
     g = torch.Generator().manual_seed(1)
     inputs = (torch.randn(2, 4, 10, 6, generator=g), 10, torch.randn(2, 6, 32, generator=g))
     with torch.no_grad():
         torch.testing.assert_close(ours(*inputs).sample, ref(*inputs).sample, rtol=1e-5, atol=1e-5)
-    assert len(calls) == len([m for m in ours.modules() if isinstance(m, winograd.Conv2d)])
+    layers = resnet.Upsample2D if algorithm == "upsample_conv2d" else winograd.Conv2d
+    assert len(calls) == len([m for m in ours.modules() if isinstance(m, layers)]) > 0

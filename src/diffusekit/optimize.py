@@ -554,14 +554,17 @@ def _default_exact_attention(module: torch.nn.Module) -> None:
 
 def _default_winograd(module: torch.nn.Module) -> None:
     """The exact path's 3x3 convolutions as Winograd F(2x2, 3x3) (``diffusekit.models.winograd``: 2.25x fewer
-    multiply-adds, the direct convolution's rounding), in models that declare it measured faster (``_exact_winograd``:
-    the conditional UNet), for every such layer that has no explicit choice; each call uses it where its rule says it
-    pays."""
+    multiply-adds, the direct convolution's rounding), on images too small for it as one matrix product over the
+    unfolded input (the direct convolution's own products), and the upsamplers' convolutions computed before the
+    upsampling (``Upsample2D.fused_upsample``), in models that declare them measured faster (``_exact_winograd``: the
+    conditional UNet), for every such layer and switch that has no explicit choice; each call uses them where their
+    rules say they pay."""
     if not getattr(module, "_exact_winograd", False):
         return
     for layer in module.modules():
-        if getattr(layer, "winograd", False) is None:
-            layer.winograd = True
+        for switch in ("winograd", "gemm", "fused_upsample"):
+            if getattr(layer, switch, False) is None:
+                setattr(layer, switch, True)
 
 
 def _cpu_kernels_run(module: torch.nn.Module, otherwise: str) -> bool:

@@ -1,18 +1,26 @@
-"""Winograd F(2x2, 3x3) convolution: a 3x3 convolution as 16 matrix products over 4x4 input tiles, 2.25x fewer
-multiply-adds than the direct sum (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015).
+"""The exact CPU path's faster 3x3 convolutions, each with the direct convolution's float32 rounding:
+
+- :func:`conv2d`: Winograd F(2x2, 3x3), a 3x3 convolution as 16 matrix products over 4x4 input tiles, 2.25x fewer
+  multiply-adds than the direct sum (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015);
+- :func:`gemm_conv2d`: on images too small for Winograd, one matrix product over the unfolded input (the direct
+  convolution's own products, in one GEMM that keeps its efficiency on a few pixels);
+- :func:`upsample_conv2d`: an upsampler's convolution of the 2x nearest-upsampled image, computed on the input
+  itself (2.25x fewer multiply-adds, no upsampled tensor).
 
 Each 4x4 tile ``d`` of the padded input (stride 2) gives a 2x2 output tile ``A^T [(G w G^T) * (B^T d B)] A``. The
 elementwise product over the 16 tile positions, summed over the input channels, is 16 matrix products
 ``(C_out x C_in) @ (C_in x tiles)``. The transforms' coefficients are 0, ±1 and ±1/2, so float32 rounding stays at
 the direct convolution's level (against float64, 3.9-4.3e-7 of the output's largest value where oneDNN's direct
-convolution gives 2.6-3.6e-7, on SD 1.5's layer shapes after SiLU).
+convolution gives 2.6-3.6e-7, on SD 1.5's layer shapes after SiLU). Larger Winograd tiles were measured and left
+out: F(4x4, 3x3) and F(3x3, 3x3) round to 6-8e-6 and 2-4e-6, too coarse for the exact path's 1e-5 bound.
 
-It is diffusekit's exact CPU path's choice (``optimize()``) for the UNet's wide layers on small images, and left
-alone elsewhere: :func:`pays` holds the rule measured on SD 1.5's UNet. The VAE decoder keeps the direct
-convolution: each of its large layers alone ran faster through Winograd (0.72-0.93x), but the whole 512² decode did
-not (1.09x with all of them, 1.01x with its 64x64 ones). The weight transform runs on every call from the
-live weights: no second copy of them is kept (a cached one would be 16/9 of SD 1.5's 1280-channel weights, 1.4 GB),
-an edited weight is never stale, and the transient copy is at most one layer's.
+They are diffusekit's exact CPU path's choice (``optimize()``) for the UNet's wide layers on small images, and left
+alone elsewhere: :func:`pays`, :func:`gemm_pays` and :func:`upsample_gemm_pays` hold the rules measured on SD 1.5's
+UNet. The VAE decoder keeps the direct convolution: each of its large layers alone ran faster through Winograd
+(0.72-0.93x), but the whole 512² decode did not (1.09x with all of them, 1.01x with its 64x64 ones). The weight
+transforms run on every call from the live weights: no second copy of them is kept (a cached one would be 16/9 of
+SD 1.5's 1280-channel weights, 1.4 GB), an edited weight is never stale, and the transient copy is at most one
+layer's.
 """
 
 from __future__ import annotations
@@ -53,6 +61,63 @@ def pays(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     direct convolution for ``conv(x)``."""
     return (min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
             and MIN_PIXELS <= x.shape[0] * x.shape[-2] * x.shape[-1] <= MAX_PIXELS)
+
+
+def gemm_pays(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """The measured rule below Winograd's range: on fewer than :data:`MIN_PIXELS` output pixels (SD 1.5's 8x8 and
+    4x4 latents with CFG) a 3x3 convolution with :data:`MIN_CHANNELS` runs faster as one matrix product over the
+    unfolded input (:func:`gemm_conv2d`): 52-89 GMAC/s there on a 2-core AVX-512 CPU, where oneDNN's direct
+    convolution reached 14-45 GMAC/s eagerly and 7-56 inside the compiled UNet (its channels-last input made it
+    slowest: 143 ms for SD 1.5's 2560-channel layer at 4x4, against 16 ms for the product)."""
+    return (min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+            and x.shape[0] * x.shape[-2] * x.shape[-1] < MIN_PIXELS)
+
+
+def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` as one matrix product: the weight as it is
+    stored ``(C_out, C * 9)`` times the input's nine shifted copies ``(C * 9, N * H * W)``. The same products and
+    sums as the direct convolution, in one GEMM that keeps its efficiency on a few pixels."""
+    n, c, h, w = x.shape  # (N, C, H, W)
+    out_c = weight.shape[0]
+    padded = F.pad(x, (1, 1, 1, 1))  # (N, C, H + 2, W + 2)
+    taps = torch.stack([padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)], 0)  # (9, N, C, H, W)
+    cols = taps.permute(2, 0, 1, 3, 4).reshape(c * 9, n * h * w)  # (C * 9, N * H * W), rows as the weight's columns
+    y = torch.mm(weight.reshape(out_c, c * 9), cols).view(out_c, n, h, w).transpose(0, 1)  # (N, C_out, H, W)
+    return y if bias is None else y + bias[:, None, None]
+
+
+def upsample_gemm_pays(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether :func:`upsample_conv2d` serves ``conv(upsample_nearest_2x(x))`` faster than the upsampling and a
+    convolution: a 3x3 layer :func:`serves`, with :data:`MIN_CHANNELS`, on at most :data:`MAX_PIXELS` output pixels
+    (SD 1.5's three UNet upsamplers at 256² and 512²)."""
+    return (serves(conv, x) and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+            and 4 * x.shape[0] * x.shape[-2] * x.shape[-1] <= MAX_PIXELS)
+
+
+def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` for a 3x3 ``weight``,
+    computed on ``x`` itself: each of the four output phases ``(2i + a, 2j + b)`` sees the low-resolution input through
+    a 2x2 window, whose weights are sums of the 3x3 ones (upsampled rows ``2i - 1, 2i, 2i + 1`` are input rows
+    ``i - 1, i, i``; rows ``2i, 2i + 1, 2i + 2`` are ``i, i, i + 1``). That is 16 multiply-adds per input pixel and
+    channel pair where the upsampled convolution takes 36, as four matrix products ``(C_out, 4 C) @ (4 C, N h w)``,
+    with no upsampled tensor and no tile transforms."""
+    n, c, h, w = x.shape  # (N, C, h, w): the input before upsampling
+    out_c = weight.shape[0]
+
+    def phases(t: torch.Tensor, dim: int) -> list[list[torch.Tensor]]:  # per phase, its two taps' summed weights
+        k0, k1, k2 = t.unbind(dim)
+        return [[k0, k1 + k2], [k0 + k1, k2]]  # phase 0: offsets (-1, 0); phase 1: offsets (0, +1)
+
+    kernels = torch.stack([torch.stack([torch.stack([torch.stack(cols, -1) for cols in phases(r, -1)], 0)
+                                        for r in rows], -2)
+                           for rows in phases(weight, 2)], 0)  # (a, b, C_out, C, s, t)
+    padded = F.pad(x, (1, 1, 1, 1))  # (N, C, h + 2, w + 2)
+    cols = torch.stack([torch.stack([padded[:, :, a + s:a + s + h, b + t:b + t + w] for s in (0, 1) for t in (0, 1)], 0)
+                        for a in (0, 1) for b in (0, 1)], 0)  # (4 phases, 4 taps, N, C, h, w)
+    cols = cols.permute(0, 3, 1, 2, 4, 5).reshape(4, c * 4, n * h * w)  # rows (C, s, t) as the kernels' columns
+    y = torch.bmm(kernels.reshape(4, out_c, c * 4), cols).view(2, 2, out_c, n, h, w)  # (a, b, C_out, N, h, w)
+    y = y.permute(3, 2, 4, 0, 5, 1).reshape(n, out_c, 2 * h, 2 * w)  # (N, C_out, 2h, 2w): row 2i + a, column 2j + b
+    return y if bias is None else y + bias[:, None, None]
 
 
 def _input_tiles(d: torch.Tensor) -> list[torch.Tensor]:
@@ -98,15 +163,21 @@ def _tile_rows(padded: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and checkpoint keys) that runs as :func:`conv2d` where its ``winograd`` is
-    True, the call :func:`serves` and Winograd :func:`pays`. ``winograd`` is ``None`` (direct) until ``optimize()``
-    of a float UNet on the CPU sets it; set it to ``False`` to keep a layer direct there."""
+    """``nn.Conv2d`` (same parameters and checkpoint keys) with two faster algorithms for the calls :func:`serves`:
+    :func:`conv2d` (Winograd) where its ``winograd`` is True and Winograd :func:`pays`, and :func:`gemm_conv2d` (one
+    matrix product) where its ``gemm`` is True and the product :func:`gemm_pays` (fewer pixels than Winograd needs).
+    Both switches are ``None`` (direct) until ``optimize()`` of a float UNet on the CPU sets them; set one to
+    ``False`` to keep a layer off that algorithm there."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.winograd: bool | None = None
+        self.gemm: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.winograd and serves(self, x) and pays(self, x):
-            return conv2d(x, self.weight, self.bias)
+        if serves(self, x):
+            if self.winograd and pays(self, x):
+                return conv2d(x, self.weight, self.bias)
+            if self.gemm and gemm_pays(self, x):
+                return gemm_conv2d(x, self.weight, self.bias)
         return super().forward(x)
