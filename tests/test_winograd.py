@@ -16,55 +16,35 @@ from diffusekit.models import resnet, winograd
 from sd_assets import tiny_unet_kwargs, tiny_vae_kwargs
 
 
+def _upsampled_conv2d(x, weight, b):
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, b, padding=1)
+
+
+#: each algorithm and the torch computation it stands for
+ALGORITHMS = {"conv2d": lambda x, weight, b: F.conv2d(x, weight, b, padding=1),
+              "gemm_conv2d": lambda x, weight, b: F.conv2d(x, weight, b, padding=1),
+              "upsample_conv2d": _upsampled_conv2d}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 @pytest.mark.parametrize("shape", [(2, 8, 5, 8, 8), (1, 3, 4, 7, 5), (2, 6, 6, 1, 1), (1, 4, 4, 2, 3),
                                    (3, 5, 7, 13, 6)])  # (N, C_in, C_out, H, W): odd sizes, one pixel
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv2d_is_the_3x3_convolution(shape, bias):
+def test_each_algorithm_is_its_convolution(algorithm, shape, bias):
     n, c, o, h, w = shape
     g = torch.Generator().manual_seed(0)
     x, weight = torch.randn(n, c, h, w, generator=g, dtype=torch.float64), torch.randn(o, c, 3, 3, generator=g,
                                                                                        dtype=torch.float64)
     b = torch.randn(o, generator=g, dtype=torch.float64) if bias else None
-    expected = F.conv2d(x, weight, b, padding=1)
-    torch.testing.assert_close(winograd.conv2d(x, weight, b), expected, rtol=1e-12, atol=1e-12)
-    channels_last = winograd.conv2d(x.to(memory_format=torch.channels_last), weight, b)
-    torch.testing.assert_close(channels_last, expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("shape", [(2, 8, 5, 8, 8), (1, 3, 4, 7, 5), (2, 6, 6, 1, 1), (3, 5, 7, 4, 4)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_gemm_conv2d_is_the_3x3_convolution(shape, bias):
-    n, c, o, h, w = shape
-    g = torch.Generator().manual_seed(0)
-    x, weight = torch.randn(n, c, h, w, generator=g, dtype=torch.float64), torch.randn(o, c, 3, 3, generator=g,
-                                                                                       dtype=torch.float64)
-    b = torch.randn(o, generator=g, dtype=torch.float64) if bias else None
-    expected = F.conv2d(x, weight, b, padding=1)
-    torch.testing.assert_close(winograd.gemm_conv2d(x, weight, b), expected, rtol=1e-12, atol=1e-12)
-    channels_last = winograd.gemm_conv2d(x.to(memory_format=torch.channels_last), weight, b)
-    torch.testing.assert_close(channels_last, expected, rtol=1e-12, atol=1e-12)
-    # float32: the direct convolution's products and sums, so its rounding
-    y32 = winograd.gemm_conv2d(x.float(), weight.float(), None if b is None else b.float())
-    assert float((y32.double() - expected).abs().max() / expected.abs().max()) < 1e-6
-
-
-@pytest.mark.parametrize("shape", [(2, 8, 5, 4, 4), (1, 3, 4, 3, 5), (2, 6, 6, 1, 1), (3, 5, 7, 2, 7)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_upsample_conv2d_is_the_convolution_of_the_upsampled_image(shape, bias):
-    n, c, o, h, w = shape
-    g = torch.Generator().manual_seed(0)
-    x, weight = torch.randn(n, c, h, w, generator=g, dtype=torch.float64), torch.randn(o, c, 3, 3, generator=g,
-                                                                                       dtype=torch.float64)
-    b = torch.randn(o, generator=g, dtype=torch.float64) if bias else None
-    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, b, padding=1)
-    torch.testing.assert_close(winograd.upsample_conv2d(x, weight, b), expected, rtol=1e-12, atol=1e-12)
-    channels_last = winograd.upsample_conv2d(x.to(memory_format=torch.channels_last), weight, b)
+    fast, expected = getattr(winograd, algorithm), ALGORITHMS[algorithm](x, weight, b)
+    torch.testing.assert_close(fast(x, weight, b), expected, rtol=1e-12, atol=1e-12)
+    channels_last = fast(x.to(memory_format=torch.channels_last), weight, b)
     torch.testing.assert_close(channels_last, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_float32_rounding_is_the_direct_convolutions():
-    """Against float64, Winograd's float32 error stays at the direct convolution's level (transform coefficients 0,
-    ±1, ±1/2)."""
+    """Against float64, each algorithm's float32 error stays at the direct convolution's level (Winograd's transform
+    coefficients are 0, ±1, ±1/2; the upsampler's form adds pairs of weights)."""
     g = torch.Generator().manual_seed(1)
     x, weight = torch.randn(2, 256, 16, 16, generator=g), torch.randn(256, 256, 3, 3, generator=g) / 48
     exact = F.conv2d(x.double(), weight.double(), padding=1)
@@ -74,6 +54,8 @@ def test_float32_rounding_is_the_direct_convolutions():
 
     direct, fast = error(F.conv2d(x, weight, padding=1)), error(winograd.conv2d(x, weight))
     assert fast < 2e-6 and fast < 3 * direct, (fast, direct)
+    product = error(winograd.gemm_conv2d(x, weight))  # the direct convolution's products and sums
+    assert product < 2e-6 and product < 3 * direct, (product, direct)
     # the upsampler's form sums pairs of weights before its products: rounding at the direct convolution's level too
     low = x[:, :, ::2, ::2]
     exact = F.conv2d(F.interpolate(low.double(), scale_factor=2.0, mode="nearest"), weight.double(), padding=1)
@@ -102,17 +84,23 @@ def _counting(monkeypatch, name: str = "conv2d") -> list:
     return calls
 
 
+def _switch_on(layer: nn.Module, switch: str, x: torch.Tensor, calls: list) -> None:
+    """``layer`` runs the plain way while ``switch`` is None, then through its algorithm, with the same numbers."""
+    assert getattr(layer, switch) is None
+    direct = layer(x)
+    assert calls == []
+    setattr(layer, switch, True)
+    torch.testing.assert_close(layer(x), direct, rtol=1e-5, atol=1e-5)
+    assert calls == [x.shape]
+
+
 def test_layer_uses_winograd_only_where_switched_on_served_and_paying(monkeypatch):
     calls = _counting(monkeypatch)
     conv = winograd.Conv2d(256, 256, 3, padding=1)
-    assert conv.winograd is None and list(conv.state_dict()) == ["weight", "bias"]  # nn.Conv2d's keys
+    assert list(conv.state_dict()) == ["weight", "bias"]  # nn.Conv2d's keys
     big, small = torch.randn(2, 256, 16, 16), torch.randn(1, 256, 16, 16)  # 512 and 256 output pixels
     with torch.no_grad():
-        direct = conv(big)
-        assert calls == []  # None: direct
-        conv.winograd = True
-        torch.testing.assert_close(conv(big), direct, rtol=1e-5, atol=1e-5)
-        assert calls == [big.shape]
+        _switch_on(conv, "winograd", big, calls)
         conv(small)  # under MIN_PIXELS: direct
         conv(torch.randn(1, 256, 96, 96))  # over MAX_PIXELS: direct
         copy.deepcopy(conv).double()(big.double())  # float32 only: direct
@@ -130,14 +118,9 @@ def test_layer_uses_winograd_only_where_switched_on_served_and_paying(monkeypatc
 def test_layer_uses_the_product_only_below_winograds_range_where_switched_on(monkeypatch):
     products, tiles = _counting(monkeypatch, "gemm_conv2d"), _counting(monkeypatch)
     conv = winograd.Conv2d(256, 256, 3, padding=1)
-    assert conv.gemm is None
     small, big = torch.randn(2, 256, 8, 8), torch.randn(2, 256, 16, 16)  # 128 and 512 output pixels
     with torch.no_grad():
-        direct = conv(small)
-        assert products == []  # None: direct
-        conv.gemm = True
-        torch.testing.assert_close(conv(small), direct, rtol=1e-5, atol=1e-5)
-        assert products == [small.shape]
+        _switch_on(conv, "gemm", small, products)
         conv(big)  # Winograd's range, Winograd off: direct, not the product
         conv.winograd = True
         conv(big)
@@ -155,14 +138,10 @@ def test_layer_uses_the_product_only_below_winograds_range_where_switched_on(mon
 def test_upsampler_fuses_only_where_switched_on_and_paying(monkeypatch):
     fused = _counting(monkeypatch, "upsample_conv2d")
     up = resnet.Upsample2D(256, use_conv=True)
-    assert up.fused_upsample is None and list(up.state_dict()) == ["conv.weight", "conv.bias"]
+    assert list(up.state_dict()) == ["conv.weight", "conv.bias"]
     x = torch.randn(2, 256, 8, 8)  # 512 output pixels
     with torch.no_grad():
-        direct = up(x)
-        assert fused == []  # None: upsampling, then the convolution
-        up.fused_upsample = True
-        torch.testing.assert_close(up(x), direct, rtol=1e-5, atol=1e-5)
-        assert fused == [x.shape]
+        _switch_on(up, "fused_upsample", x, fused)
         up(x, output_size=(17, 16))  # an explicit size: interpolation, then the convolution
         up(torch.randn(2, 256, 40, 40))  # over MAX_PIXELS out: direct
         narrow = resnet.Upsample2D(128, use_conv=True)
