@@ -27,8 +27,7 @@ Random weights give unrepresentative activation ranges: fine for speed and memor
   convolutions through Winograd F(2x2, 3x3) or oneDNN's direct one, ``gemm``: those on the smallest images (8x8 and
   4x4 latents) through one matrix product or the direct one, ``upsample``: the UNet upsamplers' convolution computed
   before the upsampling or after it, ``gemm-upsample``: those two together (Winograd on in both settings);
-  interleaved in one process. ``--model vae``: the
-  VAE's decode of one latent instead of the UNet's step.
+  interleaved in one process. ``--model vae``: the VAE's decode of one latent instead of the UNet's step.
 - ``memory``: a fresh process loads one model (``--variant fp32|int8|int8-eager``), runs one step (compiled for
   ``int8``), and prints its peak RSS next to the fp32 weight file's size.
 
@@ -367,9 +366,11 @@ EXACT_CHOICES = {
 def exact_step(args):
     """The fp32 UNet of ``--folder`` under ``optimize()`` (the exact path), one of its defaults (``--choice``) on and
     off: the attention through the kernel's float32 products or torch's SDPA (``Attention.cpu_exact_attention``), or
-    the 3x3 convolutions through Winograd or oneDNN's direct one (``winograd.Conv2d.winograd``), or on the smallest
-    images through one matrix product or the direct one (``winograd.Conv2d.gemm``). One model, one
-    process, the two settings interleaved (each is its own package); time per step and the outputs' difference."""
+    the 3x3 convolutions through Winograd or oneDNN's direct one (``winograd.Conv2d.winograd``), on the smallest
+    images through one matrix product or the direct one (``winograd.Conv2d.gemm``), or the upsamplers' convolution
+    before the upsampling or after it (``Upsample2D.fused_upsample``); ``--choice gemm-upsample`` switches the last two
+    together. One model, one process, the two settings interleaved (each is its own package); time per step and the
+    outputs' difference."""
     import importlib
 
     from diffusekit import AutoencoderKL, UNet2DConditionModel

@@ -3,8 +3,9 @@
 Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-out kernels). What it does:
 
 - **CPU**: inductor: fused C++ kernels (GroupNorm+SiLU and other pointwise chains), oneDNN / MKL convolutions and
-  matmuls, compiled code cached on disk. The UNet's wider 3x3 convolutions run as Winograd F(2x2, 3x3)
-  (``diffusekit.models.winograd``) and its larger attention products on diffusekit's float32 kernel. Freezing
+  matmuls, compiled code cached on disk. The UNet's wider 3x3 convolutions run as Winograd F(2x2, 3x3), on its
+  smallest images as one matrix product, and its upsamplers' before the upsampling (``diffusekit.models.winograd``);
+  its larger attention products on diffusekit's float32 kernel. Freezing
   (weights pre-packed for oneDNN) is opt-in (``options={"freezing": True}``) and on by itself for int8 QDQ models
   (``QUANTIZED_OPTIONS``). Settings are a config patch around each compiled call (``CPU_OPTIONS``);
   docs/PERFORMANCE.md has the measurements.

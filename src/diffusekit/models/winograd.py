@@ -108,9 +108,8 @@ def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         k0, k1, k2 = t.unbind(dim)
         return [[k0, k1 + k2], [k0 + k1, k2]]  # phase 0: offsets (-1, 0); phase 1: offsets (0, +1)
 
-    kernels = torch.stack([torch.stack([torch.stack([torch.stack(cols, -1) for cols in phases(r, -1)], 0)
-                                        for r in rows], -2)
-                           for rows in phases(weight, 2)], 0)  # (a, b, C_out, C, s, t)
+    rows = torch.stack([torch.stack(taps, 2) for taps in phases(weight, 2)])  # (a, C_out, C, s, 3)
+    kernels = torch.stack([torch.stack(taps, -1) for taps in phases(rows, -1)], 1)  # (a, b, C_out, C, s, t)
     padded = F.pad(x, (1, 1, 1, 1))  # (N, C, h + 2, w + 2)
     cols = torch.stack([torch.stack([padded[:, :, a + s:a + s + h, b + t:b + t + w] for s in (0, 1) for t in (0, 1)], 0)
                         for a in (0, 1) for b in (0, 1)], 0)  # (4 phases, 4 taps, N, C, h, w)
@@ -175,7 +174,7 @@ class Conv2d(nn.Conv2d):
         self.gemm: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if serves(self, x):
+        if (self.winograd or self.gemm) and serves(self, x):  # switches first: eager calls pay nothing more
             if self.winograd and pays(self, x):
                 return conv2d(x, self.weight, self.bias)
             if self.gemm and gemm_pays(self, x):
