@@ -397,6 +397,18 @@ def test_cache_location_and_environment(monkeypatch, tmp_path):
     assert not (tmp_path / "xdg").exists()  # nothing written until a compile writes
 
 
+def test_a_relative_cache_folder_is_taken_from_where_optimize_was_called(monkeypatch, tmp_path):
+    # inductor's compiler and linker run in other working directories (measured: an AOTInductor build into a
+    # relative folder failed to link)
+    monkeypatch.chdir(tmp_path)
+    model = opt.optimize_module(torch.nn.Linear(2, 2).eval(), cache_dir="packages")
+    folder = opt.compiled_call(model).packages.folder
+    assert folder.is_absolute() and folder.parent == tmp_path / "packages", folder
+    model = opt.optimize_module(torch.nn.Linear(2, 2).eval(), cache_dir="compiled", packages=False)
+    assert opt.compiled_call(model).cache_dir.parent == tmp_path / "compiled"
+    assert opt._versioned(Path("env")).parent == tmp_path / "env"  # DIFFUSEKIT_CACHE_DIR=env
+
+
 def test_import_stays_light():
     code = ("import sys, diffusekit; diffusekit.UNet2DConditionModel.optimize; diffusekit.DiffusionPipeline.optimize;"
             "import diffusekit.optimize; print(sorted(m for m in ('torch._dynamo', 'torch._inductor') "

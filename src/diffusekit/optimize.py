@@ -80,9 +80,11 @@ def default_cache_dir() -> Path:
 
 
 def _versioned(root: Path) -> Path:
+    """This torch and diffusekit version's folder under ``root``, as an absolute path (the C++ compiler and linker
+    run in other working directories: a relative cache folder would be written elsewhere or not at all)."""
     from . import __version__
 
-    return root / f"torch-{torch.__version__}-diffusekit-{__version__}".replace("+", "_")
+    return root.expanduser().absolute() / f"torch-{torch.__version__}-diffusekit-{__version__}".replace("+", "_")
 
 
 @contextlib.contextmanager
