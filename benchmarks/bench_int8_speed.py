@@ -353,8 +353,10 @@ def fused_step(args):
 _WINOGRAD = ("diffusekit.models.winograd", "Conv2d", "winograd")  # Winograd vs direct 3x3 convolutions
 _GEMM = ("diffusekit.models.winograd", "Conv2d", "gemm")  # one matrix product vs direct on the smallest images
 _UPSAMPLE = ("diffusekit.models.resnet", "Upsample2D", "fused_upsample")  # upsampling fused into the convolution
-#: exact_step's choices: layer classes and their switches (each turned on by optimize() where it runs)
+#: exact_step's choices: layer classes and their switches (each turned on by optimize() where it runs), or the
+#: inductor options that turn a default off (a second model, compiled with them)
 EXACT_CHOICES = {
+    "onednn": {"post_grad_custom_post_pass": None},  # float32 matrix products on oneDNN vs MKL (cpu_matmul)
     "attention": [("diffusekit.models.attention", "Attention", "cpu_exact_attention")],  # kernel vs SDPA
     "winograd": [_WINOGRAD],
     "gemm": [_GEMM],
@@ -369,19 +371,28 @@ def exact_step(args):
     the 3x3 convolutions through Winograd or oneDNN's direct one (``winograd.Conv2d.winograd``), on the smallest
     images through one matrix product or the direct one (``winograd.Conv2d.gemm``), or the upsamplers' convolution
     before the upsampling or after it (``Upsample2D.fused_upsample``); ``--choice gemm-upsample`` switches the last two
-    together. One model, one process, the two settings interleaved (each is its own package); time per step and the
-    outputs' difference."""
+    together; ``--choice onednn``: the float32 matrix products on oneDNN or MKL (``diffusekit.cpu_matmul``: a second
+    model, compiled without it, on the same weights). One process, the two settings interleaved (each is its own
+    package); time per step and the outputs' difference."""
     import importlib
 
     from diffusekit import AutoencoderKL, UNet2DConditionModel
 
-    if args.model == "vae":
-        model = AutoencoderKL.from_pretrained(args.folder, subfolder="vae").optimize()
+    def load(options=None):
+        if args.model == "vae":
+            return AutoencoderKL.from_pretrained(args.folder, subfolder="vae").optimize(options=options)
+        return UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet").optimize(options=options)
+
+    choice = EXACT_CHOICES[args.choice]
+    models = {True: load()}
+    if isinstance(choice, dict):  # options: a second model (the same memory-mapped weights) compiled with them
+        models[False] = load(choice)
+        switches = []
     else:
-        model = UNet2DConditionModel.from_pretrained(args.folder, subfolder="unet").optimize()
-    switches = [(getattr(importlib.import_module(module), cls), switch)
-                for module, cls, switch in EXACT_CHOICES[args.choice]]
-    layers = [(m, switch) for kind, switch in switches for m in model.modules() if isinstance(m, kind)]
+        models[False] = models[True]
+        switches = [(getattr(importlib.import_module(module), cls), switch) for module, cls, switch in choice]
+    layers = [(m, switch) for kind, switch in switches for m in models[True].modules() if isinstance(m, kind)]
+    model = models[True]
 
     def run(x):
         if args.model == "vae":
@@ -389,6 +400,8 @@ def exact_step(args):
         return model(**x).sample
 
     def choose(on: bool) -> None:
+        nonlocal model
+        model = models[on]
         for layer, switch in layers:
             setattr(layer, switch, on)
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import assert_close, run_json_child
-from diffusekit import UNet2DConditionModel
+from diffusekit import UNet2DConditionModel, cpu_matmul
 from diffusekit import optimize as opt
 from diffusekit.models import winograd
 
@@ -84,9 +84,12 @@ def test_unet_optimize_matches_eager_and_diffusers(tmp_path, monkeypatch):
     # one package (code only, bound to the live weights) serves every return_dict: the tuple is made outside
     assert call.stats["aoti_builds"] == 1 and len(call.packages.loaded) == 1, call.stats
     (package,) = call.packages.loaded.values()
-    # no weight inside: all are inputs; the only constants are Winograd's 16 x 9 transform matrix (one per layer)
+    # no weight inside: all are inputs (Winograd's weight transform is arithmetic, not a constant matrix)
     constants = package.runner.get_constant_names_to_original_fqns()
     assert all(name.startswith("_tensor_constant") for name in constants.values()), constants
+    # the float32 products run on oneDNN where optimize() chose it (cpu_matmul), on MKL elsewhere
+    calls = "".join(path.read_text() for path in (tmp_path / "cache").rglob("model.json"))  # its extern calls
+    assert ("diffusekit::linear" in calls) == (cpu_matmul.unavailable_reason() is None)
     assert isinstance(again, tuple) and len(again) == 1 and type(explicit).__name__ == "UNet2DConditionOutput"
     assert_matches(fast, eager)
     assert_matches(again[0], eager)

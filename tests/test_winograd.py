@@ -70,10 +70,10 @@ def test_large_calls_are_computed_in_chunks_of_tile_rows(monkeypatch):
     whole = winograd.conv2d(x, weight, b)
     calls = []
     real_bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[1].shape) or real_bmm(*a))
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[0].shape) or real_bmm(*a))
     monkeypatch.setattr(winograd, "CHUNK_BYTES", 16 * 4 * 2 * 3 * 4 * 2)  # two tile rows of this call per chunk
     chunked = winograd.conv2d(x, weight, b)
-    assert [shape[-1] for shape in calls] == [2 * 2 * 3] * 3  # 6 tile rows: 3 chunks of (2 images x 2 rows x 3)
+    assert [shape[1] for shape in calls] == [2 * 2 * 3] * 3  # 6 tile rows: 3 chunks of (2 images x 2 rows x 3)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 

@@ -16,15 +16,27 @@ from typing import Callable
 logger = logging.getLogger(__name__)
 
 
+def _cpuinfo(field: str) -> str:
+    """The value of ``field`` on ``/proc/cpuinfo``'s first processor (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            line = next((line for line in handle if line.split(":")[0].strip() == field), "")
+    except OSError:
+        return ""
+    return line.partition(":")[2].strip()
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (``/proc/cpuinfo``; empty where there is none), read once per process."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            line = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        return frozenset()
-    return frozenset(line.partition(":")[2].split())
+    return frozenset(_cpuinfo("flags").split())
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor (``/proc/cpuinfo``'s ``vendor_id``: ``GenuineIntel``, ``AuthenticAMD``, ...; empty where
+    there is none), read once per process."""
+    return _cpuinfo("vendor_id")
 
 
 def build_library(target: Path, command: Callable[[Path], list[str]], timeout: float) -> None:

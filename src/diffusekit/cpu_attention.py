@@ -1,6 +1,6 @@
 """A fused attention kernel for x86 CPUs with AVX-512 BF16: ``torch.ops.diffusekit.cpu_attention`` (and, built into
-the same library, the channels-last GroupNorm of :mod:`diffusekit.cpu_group_norm` and the int8 feed-forward
-projection of :mod:`diffusekit.cpu_int8_geglu`).
+the same library, the channels-last GroupNorm of :mod:`diffusekit.cpu_group_norm`, the int8 feed-forward
+projection of :mod:`diffusekit.cpu_int8_geglu` and the oneDNN matrix product of :mod:`diffusekit.cpu_matmul`).
 
 ``softmax(q kᵀ / sqrt(d)) v`` in one flash-style pass (blocks of queries stream blocks of keys, online softmax in
 float32), with both products as bfloat16 dot products accumulated in float32 (``vdpbf16ps``, twice the work per
@@ -12,11 +12,10 @@ accurate to float32) it gives SDPA's numbers to float32 rounding in 0.68-0.75x S
 self-attention: the exact path's attention (``Attention.cpu_exact_attention``, which ``optimize()`` of a float model
 turns on; docs/PERFORMANCE.md).
 
-- **Built at run time** from ``cpu_attention.cpp``, ``cpu_group_norm.cpp`` and ``cpu_int8_geglu.cpp`` (next to this
-  file, with the header ``cpu_simd.h``) by the C++ compiler inductor uses, against the installed torch's headers,
-  once per machine:
-  ``<compile cache>/native/cpu_attention-<key>.so`` (key: the sources, torch, the compiler and the CPU flags), written
-  to a temporary file and renamed into place. Loaded with
+- **Built at run time** from ``cpu_attention.cpp``, ``cpu_group_norm.cpp``, ``cpu_int8_geglu.cpp`` and
+  ``cpu_linear.cpp`` (next to this file, with the header ``cpu_simd.h``) by the C++ compiler inductor uses, against
+  the installed torch's headers, once per machine: ``<compile cache>/native/cpu_attention-<key>.so`` (key: the
+  sources, torch, the compiler and the CPU flags), written to a temporary file and renamed into place. Loaded with
   ``torch.ops.load_library``; the op is registered from C++ (so AOTInductor packages can call it), its shape
   function (fake tensor) from Python (so ``torch.compile`` / ``torch.export`` can trace it).
 - **Where it cannot be used** (not Linux x86-64, a CPU without AVX-512 BF16 and VNNI, no compiler, a failed build):
@@ -41,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 #: the library's sources: the attention kernel, the GroupNorm and the int8 GEGLU (one build, one load)
 SOURCES = tuple(Path(__file__).with_name(name) for name in
-                ("cpu_attention.cpp", "cpu_group_norm.cpp", "cpu_int8_geglu.cpp"))
+                ("cpu_attention.cpp", "cpu_group_norm.cpp", "cpu_int8_geglu.cpp", "cpu_linear.cpp"))
 #: headers they include (part of the build key)
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),)
 #: CPU features the kernels are compiled for (``/proc/cpuinfo`` names; every CPU with AVX-512 BF16 has VNNI)
@@ -92,6 +91,10 @@ def _register_fake() -> None:
         from .cpu_group_norm import output_format
 
         return torch.empty_like(x, dtype=torch.uint8, memory_format=output_format(x))
+
+    @torch.library.register_fake("diffusekit::linear")
+    def _(x, w, bias=None):
+        return x.new_empty((*x.shape[:-1], w.shape[-2]))
 
     @torch.library.register_fake("diffusekit::int8_geglu")
     def _(x, w, colsum, w_scale, bias, x_scale, x_zero_point, out_scale, out_zero_point):

@@ -5,7 +5,8 @@ Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-o
 - **CPU**: inductor: fused C++ kernels (GroupNorm+SiLU and other pointwise chains), oneDNN / MKL convolutions and
   matmuls, compiled code cached on disk. The UNet's wider 3x3 convolutions run as Winograd F(2x2, 3x3), on its
   smallest images as one matrix product, and its upsamplers' before the upsampling (``diffusekit.models.winograd``);
-  its larger attention products on diffusekit's float32 kernel. Freezing
+  its larger attention products on diffusekit's float32 kernel. On CPUs where MKL runs its slower code path (AMD),
+  the float32 matrix products run on oneDNN instead (``diffusekit.cpu_matmul``). Freezing
   (weights pre-packed for oneDNN) is opt-in (``options={"freezing": True}``) and on by itself for int8 QDQ models
   (``QUANTIZED_OPTIONS``). Settings are a config patch around each compiled call (``CPU_OPTIONS``);
   docs/PERFORMANCE.md has the measurements.
@@ -509,6 +510,7 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
     elif device.type == "cpu":
         _default_exact_attention(module)
         _default_winograd(module)
+        merged.update(_exact_cpu_options(module))
     merged.update(options or {})
     merged = {k: v for k, v in merged.items() if v is not None}
     ours = _versioned(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
@@ -568,6 +570,18 @@ def _default_winograd(module: torch.nn.Module) -> None:
         for switch in ("winograd", "gemm", "fused_upsample"):
             if getattr(layer, switch, False) is None:
                 setattr(layer, switch, True)
+
+
+def _exact_cpu_options(module: torch.nn.Module) -> dict[str, Any]:
+    """The exact path's inductor settings beyond ``CPU_OPTIONS``: its float32 matrix products on oneDNN where MKL
+    runs its slower code path (``diffusekit.cpu_matmul``; one log line where they stay on MKL)."""
+    from . import cpu_matmul
+
+    reason = cpu_matmul.unavailable_reason()
+    if reason is not None:
+        logger.info("%s.optimize(): matrix products stay on MKL (%s)", type(module).__name__, reason)
+        return {}
+    return {"post_grad_custom_post_pass": cpu_matmul.graph_pass()}
 
 
 def _cpu_kernels_run(module: torch.nn.Module, otherwise: str) -> bool:

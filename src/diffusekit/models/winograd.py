@@ -43,10 +43,6 @@ MAX_PIXELS = 8192
 #: chunk's size): the VAE decoder's 512-channel layer at 256² would otherwise hold 2 x 512 MiB at once
 CHUNK_BYTES = 128 * 2**20
 
-# G (4x3) of F(2x2, 3x3), as the 16 x 9 matrix kron(G, G): U[4a+b] = sum over (i, j) of G[a, i] G[b, j] w[i, j]
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-_KRON_G = tuple(tuple(_G[a][i] * _G[b][j] for i in range(3) for j in range(3)) for a in range(4) for b in range(4))
-
 
 def serves(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether :func:`conv2d` computes ``conv(x)``: a float32 3x3 convolution with stride 1, padding 1, no dilation
@@ -80,9 +76,9 @@ def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     n, c, h, w = x.shape  # (N, C, H, W)
     out_c = weight.shape[0]
     padded = F.pad(x, (1, 1, 1, 1))  # (N, C, H + 2, W + 2)
-    taps = torch.stack([padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)], 0)  # (9, N, C, H, W)
-    cols = taps.permute(2, 0, 1, 3, 4).reshape(c * 9, n * h * w)  # (C * 9, N * H * W), rows as the weight's columns
-    y = torch.mm(weight.reshape(out_c, c * 9), cols).view(out_c, n, h, w).transpose(0, 1)  # (N, C_out, H, W)
+    taps = torch.stack([padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)  # (N, C, H, W, 9)
+    cols = taps.permute(0, 2, 3, 1, 4).reshape(n * h * w, c * 9)  # (N * H * W, C * 9): the weight's column order
+    y = torch.mm(weight.reshape(out_c, c * 9), cols.t()).view(out_c, n, h, w).transpose(0, 1)  # (N, C_out, H, W)
     return y if bias is None else y + bias[:, None, None]
 
 
@@ -111,12 +107,24 @@ def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     rows = torch.stack([torch.stack(taps, 2) for taps in phases(weight, 2)])  # (a, C_out, C, s, 3)
     kernels = torch.stack([torch.stack(taps, -1) for taps in phases(rows, -1)], 1)  # (a, b, C_out, C, s, t)
     padded = F.pad(x, (1, 1, 1, 1))  # (N, C, h + 2, w + 2)
-    cols = torch.stack([torch.stack([padded[:, :, a + s:a + s + h, b + t:b + t + w] for s in (0, 1) for t in (0, 1)], 0)
-                        for a in (0, 1) for b in (0, 1)], 0)  # (4 phases, 4 taps, N, C, h, w)
-    cols = cols.permute(0, 3, 1, 2, 4, 5).reshape(4, c * 4, n * h * w)  # rows (C, s, t) as the kernels' columns
-    y = torch.bmm(kernels.reshape(4, out_c, c * 4), cols).view(2, 2, out_c, n, h, w)  # (a, b, C_out, N, h, w)
+    cols = torch.stack([torch.stack([padded[:, :, a + s:a + s + h, b + t:b + t + w] for s in (0, 1) for t in (0, 1)],
+                                    -1) for a in (0, 1) for b in (0, 1)], 0)  # (4 phases, N, C, h, w, 4 taps)
+    cols = cols.permute(0, 1, 3, 4, 2, 5).reshape(4, n * h * w, c * 4)  # columns (C, s, t): the kernels' order
+    y = torch.bmm(kernels.reshape(4, out_c, c * 4), cols.transpose(1, 2))  # (4 phases, C_out, N h w)
+    y = y.view(2, 2, out_c, n, h, w)  # (a, b, C_out, N, h, w)
     y = y.permute(3, 2, 4, 0, 5, 1).reshape(n, out_c, 2 * h, 2 * w)  # (N, C_out, 2h, 2w): row 2i + a, column 2j + b
     return y if bias is None else y + bias[:, None, None]
+
+
+def _weight_tiles(weight: torch.Tensor) -> list[torch.Tensor]:
+    """``G w G^T`` for the 3x3 kernels of ``weight (C_out, C, 3, 3)``: the 16 transformed values (row-major), each
+    ``(C_out, C)``; an elementwise pass over the weights (a matrix product with K = 9 would run far below peak)."""
+
+    def g(k0, k1, k2):  # G applied to three rows (or columns)
+        return k0, (k0 + k1 + k2) * 0.5, (k0 - k1 + k2) * 0.5, k2
+
+    rows = g(*weight.unbind(2))  # 4 x (C_out, C, 3)
+    return [v for row in rows for v in g(*row.unbind(-1))]
 
 
 def _input_tiles(d: torch.Tensor) -> list[torch.Tensor]:
@@ -135,8 +143,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     n, c, h, w = x.shape  # (N, C, H, W)
     out_c = weight.shape[0]
     th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 output tiles
-    kron = torch.tensor(_KRON_G, dtype=weight.dtype, device=weight.device)  # (16, 9)
-    u = torch.mm(kron, weight.reshape(out_c * c, 9).t()).view(16, out_c, c)  # G w G^T: (16, C_out, C)
+    u = torch.stack(_weight_tiles(weight), 0)  # G w G^T: (16, C_out, C)
     padded = F.pad(x, (1, 1 + 2 * tw - w, 1, 1 + 2 * th - h))  # (N, C, 2*th + 2, 2*tw + 2)
     row_bytes = 16 * max(c, out_c) * n * tw * x.element_size()  # one tile row's transformed input or products
     step = max(1, min(th, CHUNK_BYTES // row_bytes))
@@ -153,12 +160,12 @@ def _tile_rows(padded: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     out_c = u.shape[1]
     tiles = padded.unfold(2, 4, 2).unfold(3, 4, 2)  # (N, C, rows, tw, 4, 4)
     rows, tw = tiles.shape[2:4]
-    v = torch.stack(_input_tiles(tiles), 0)  # B^T d B: (16, N, C, rows, tw)
-    v = v.transpose(1, 2).reshape(16, c, n * rows * tw)  # (16, C, N*rows*tw)
-    m = torch.bmm(u, v).view(4, 4, out_c, n, rows, tw)  # (4, 4, C_out, N, rows, tw)
-    r0, r1 = m[0] + m[1] + m[2], m[1] - m[2] - m[3]  # A^T over tile rows: (4, C_out, N, rows, tw) each
+    v = torch.stack(_input_tiles(tiles), -1)  # B^T d B: (N, C, rows, tw, 16)
+    v = v.permute(4, 0, 2, 3, 1).reshape(16, n * rows * tw, c)  # (16, N*rows*tw, C)
+    m = torch.bmm(v, u.transpose(1, 2)).view(4, 4, n, rows, tw, out_c)  # (4, 4, N, rows, tw, C_out)
+    r0, r1 = m[0] + m[1] + m[2], m[1] - m[2] - m[3]  # A^T over tile rows: (4, N, rows, tw, C_out) each
     y = torch.stack([torch.stack([r[0] + r[1] + r[2], r[1] - r[2] - r[3]], -1) for r in (r0, r1)], -2)
-    return y.permute(1, 0, 2, 4, 3, 5).reshape(n, out_c, 2 * rows, 2 * tw)  # ... m A over tile columns
+    return y.permute(0, 3, 1, 4, 2, 5).reshape(n, out_c, 2 * rows, 2 * tw)  # ... m A over tile columns
 
 
 class Conv2d(nn.Conv2d):
