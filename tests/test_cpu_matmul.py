@@ -47,6 +47,8 @@ def test_linear_refuses_what_it_cannot_compute():
         cpu_matmul.linear(x.double(), w.double())
     with pytest.raises(RuntimeError, match=r"x \[M, K\] with w \[N, K\]"):
         cpu_matmul.linear(x, torch.randn(5, 7))
+    with pytest.raises(RuntimeError, match=r"the bias must be float32 \[N\] with N = 5"):
+        cpu_matmul.linear(x, w, torch.randn(1))
     with pytest.raises(RuntimeError, match="one w per x and no bias"):
         cpu_matmul.linear(x[None], w[None], torch.randn(5))
     with pytest.raises(RuntimeError, match="one w per x"):
@@ -54,8 +56,8 @@ def test_linear_refuses_what_it_cannot_compute():
 
 
 def _products(a, b, bias, batch, c, d):
-    return (torch.mm(a, b), torch.addmm(bias, a, b), torch.addmm(bias, a, b, beta=2.0),
-            torch.addmm(c, a, b), torch.bmm(batch, batch.transpose(1, 2)), torch.mm(d, d.t()))
+    return (torch.mm(a, b), torch.addmm(bias, a, b), torch.addmm(bias, a, b, beta=2.0), torch.addmm(c, a, b),
+            torch.addmm(bias[:1], a, b), torch.bmm(batch, batch.transpose(1, 2)), torch.mm(d, d.t()))
 
 
 @needs_library
@@ -65,12 +67,18 @@ def test_rewrite_takes_float32_products_and_keeps_the_numbers():
             torch.randn(2, 5, 10, generator=g), torch.randn(6, 7, generator=g), torch.randn(4, 3).double())
     traced = make_fx(_products)(*args)
     before = traced(*args)
-    # mm, addmm with a 1-D bias, bmm; left alone: a scaled addmm, a 2-D addend, a float64 product
-    assert cpu_matmul.rewrite(traced.graph) == 3
+    # a product whose operands are passed by name is not the form inductor's graphs use: left alone
+    named = next(node for node in traced.graph.nodes if node.target is torch.ops.aten.mm.default)
+    named.args, named.kwargs = (), {"self": named.args[0], "mat2": named.args[1]}
+    assert cpu_matmul.rewrite(traced.graph) == 2 and named.target is torch.ops.aten.mm.default
+    named.args, named.kwargs = (named.kwargs["self"], named.kwargs["mat2"]), {}
+    assert cpu_matmul.rewrite(traced.graph) == 1
+    # taken: mm, addmm with a 1-D bias, bmm; left alone: a scaled addmm, a 2-D addend, a broadcast (1,) bias, a
+    # float64 product
     traced.recompile()
     targets = [node.target for node in traced.graph.nodes if node.op == "call_function"]
     assert targets.count(torch.ops.diffusekit.linear.default) == 3
-    assert targets.count(torch.ops.aten.addmm.default) == 2 and targets.count(torch.ops.aten.mm.default) == 1
+    assert targets.count(torch.ops.aten.addmm.default) == 3 and targets.count(torch.ops.aten.mm.default) == 1
     after = traced(*args)
     for new, old in zip(after, before):
         torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6)
@@ -92,3 +100,23 @@ def test_optimize_adds_the_pass_only_where_mkl_is_slow(monkeypatch, tmp_path):
     assert cpu_matmul.graph_pass().uuid() == cpu_matmul.graph_pass().uuid()  # a stable key for inductor's caches
     opt.optimize_module(model, cache_dir=tmp_path, options={"post_grad_custom_post_pass": None})  # MKL, by choice
     assert "post_grad_custom_post_pass" not in (opt.compiled_call(model).options or {})
+
+
+@needs_library
+def test_the_pass_runs_inside_inductor_whatever_the_vendor(tmp_path, monkeypatch):
+    # optimize() adds it on AMD CPUs only (test above); here inductor runs it on any CPU the library loads on
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    g = torch.Generator().manual_seed(2)
+    args = (torch.randn(6, 10, generator=g), torch.randn(10, 7, generator=g), torch.randn(7, generator=g),
+            torch.randn(2, 5, 10, generator=g), torch.randn(6, 7, generator=g), torch.randn(4, 3).double())
+    expected = _products(*args)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=cpu_matmul.graph_pass()):
+        compiled = torch.compile(_products, dynamic=False)
+        actual, (code, *_) = run_and_get_code(compiled, *args)
+    torch._dynamo.reset()
+    assert code.count("diffusekit.linear") >= 3, code
+    for new, old in zip(actual, expected):
+        torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6)

@@ -93,11 +93,11 @@ _SIMPLE = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
 @functools.cache
 def source_digest() -> str:
-    """sha256 of diffusekit's own Python sources (a development tree changes without a version bump); once per
-    process."""
+    """sha256 of diffusekit's own sources: Python, and the C++ of its kernel library, whose ops (and their schemas) a
+    package calls (a development tree changes without a version bump); once per process."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(p for pattern in ("*.py", "*.cpp", "*.h") for p in root.rglob(pattern)):
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 

@@ -41,13 +41,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   TORCH_CHECK(x.dim() == 2 || (!bias.has_value() && x.size(0) == w.size(0)),
               "diffusekit::linear: a batched product takes one w per x and no bias, got ", x.sizes(), " and ",
               w.sizes());
+  TORCH_CHECK(!bias.has_value() ||
+                  (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == w.size(0)),
+              "diffusekit::linear: the bias must be float32 [N] with N = ", w.size(0), ", got ", bias->sizes());
   if (x.numel() == 0 || w.numel() == 0) {  // oneDNN takes no empty matrix: an empty result, or K = 0 (zeros)
     std::vector<int64_t> size{x.sizes().begin(), x.sizes().end() - 1};  // x's [B,] M, then N
     size.push_back(w.size(-2));
     at::Tensor zeros = at::zeros(size, x.options());
     return bias.has_value() ? zeros.add_(*bias) : zeros;
   }
-  if (x.dim() == 2) return onednn_linear(x, w, bias);
+  if (x.dim() == 2) return onednn_linear(x, w, bias.has_value() ? std::optional(bias->contiguous()) : bias);
   at::Tensor out = at::empty({x.size(0), x.size(1), w.size(1)}, x.options());  // [B, M, N]
   for (int64_t b = 0; b < x.size(0); ++b) out.select(0, b).copy_(onednn_linear(x.select(0, b), w.select(0, b), {}));
   return out;

@@ -15,7 +15,7 @@ in both libraries; only their order differs. Against float64, oneDNN's relative 
 6e-7-1.4e-6 of the output's largest value, and MKL's is 3e-7-5e-7.
 
 Eager calls never change: the rewrite exists only inside compiled graphs. ``optimize(options={
-"post_grad_custom_post_pass": None})`` keeps MKL.
+"post_grad_custom_post_pass": None})`` keeps MKL, as does ``torch.backends.mkldnn.enabled = False`` set before it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ._native import cpu_vendor
 #: CPU vendors (``/proc/cpuinfo``'s ``vendor_id``) whose MKL runs its slower, non-AVX-512 code path. Measured on
 #: AMD EPYC (Zen 4 and Zen 5). Intel CPUs get MKL's own AVX-512 kernels and keep them (not measured here).
 SLOW_MKL_VENDORS = ("AuthenticAMD", "HygonGenuine")
+_OP_SOURCE = Path(__file__).with_name("cpu_linear.cpp")
 
 
 def unavailable_reason() -> str | None:
@@ -41,6 +42,8 @@ def unavailable_reason() -> str | None:
         return f"MKL runs its own kernels on this CPU ({vendor or 'unknown vendor'})"
     if not torch.backends.mkldnn.is_available():
         return "this torch is built without oneDNN"
+    if not torch.backends.mkldnn.enabled:
+        return "oneDNN is turned off (torch.backends.mkldnn.enabled)"
     from . import cpu_attention
 
     reason = cpu_attention.unavailable_reason()
@@ -64,15 +67,19 @@ def rewrite(graph: torch.fx.Graph) -> int:
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or value.device.type != "cpu":
             continue
+        operands = 3 if node.target is aten.addmm.default else 2
+        if len(node.args) != operands or any(k not in ("beta", "alpha") for k in node.kwargs):
+            continue  # operands passed by name: not the form inductor's graphs use, left alone
         if node.target is aten.addmm.default:
-            bias, a, b = node.args[:3]
+            bias, a, b = node.args
             if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
                 continue
             bias_value = getattr(bias, "meta", {}).get("val")
-            if not isinstance(bias_value, torch.Tensor) or bias_value.dim() != 1:
+            if not (isinstance(bias_value, torch.Tensor) and bias_value.dim() == 1
+                    and bias_value.shape[0] == value.shape[-1]):
                 continue  # a 2-D or broadcast addend is not a linear layer's bias
         else:
-            (a, b), bias = node.args[:2], None
+            (a, b), bias = node.args, None
         if not all(isinstance(getattr(arg, "meta", {}).get("val"), torch.Tensor) for arg in (a, b)):
             continue  # operands the graph does not describe: left to inductor
         with graph.inserting_before(node):
@@ -97,7 +104,7 @@ def graph_pass():
         def __call__(self, graph: torch.fx.Graph) -> None:
             rewrite(graph)
 
-        def uuid(self) -> str:
-            return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+        def uuid(self) -> str:  # the rewrite and the op it calls (its schema is in the C++ source)
+            return hashlib.sha256(Path(__file__).read_bytes() + _OP_SOURCE.read_bytes()).hexdigest()
 
     return OneDNNProducts()

@@ -9,7 +9,7 @@
 
 Each 4x4 tile ``d`` of the padded input (stride 2) gives a 2x2 output tile ``A^T [(G w G^T) * (B^T d B)] A``. The
 elementwise product over the 16 tile positions, summed over the input channels, is 16 matrix products
-``(C_out x C_in) @ (C_in x tiles)``. The transforms' coefficients are 0, ±1 and ±1/2, so float32 rounding stays at
+``(tiles x C_in) @ (C_in x C_out)``. The transforms' coefficients are 0, ±1 and ±1/2, so float32 rounding stays at
 the direct convolution's level (against float64, 3.9-4.3e-7 of the output's largest value where oneDNN's direct
 convolution gives 2.6-3.6e-7, on SD 1.5's layer shapes after SiLU). Larger Winograd tiles were measured and left
 out: F(4x4, 3x3) and F(3x3, 3x3) round to 6-8e-6 and 2-4e-6, too coarse for the exact path's 1e-5 bound.
@@ -20,7 +20,7 @@ UNet. The VAE decoder keeps the direct convolution: each of its large layers alo
 (0.72-0.93x), but the whole 512² decode did not (1.09x with all of them, 1.01x with its 64x64 ones). The weight
 transforms run on every call from the live weights: no second copy of them is kept (a cached one would be 16/9 of
 SD 1.5's 1280-channel weights, 1.4 GB), an edited weight is never stale, and the transient copy is at most one
-layer's.
+layer's (compiled, the transform is one fused pass; eagerly its steps hold a few layers' worth for a moment).
 """
 
 from __future__ import annotations
