@@ -95,7 +95,8 @@ def rewrite(graph: torch.fx.Graph) -> int:
 
 @functools.cache
 def graph_pass():
-    """The inductor pass (one per process; its ``uuid`` is this file's hash, for inductor's caches)."""
+    """The inductor pass (one per process; its ``uuid`` hashes this file and the op's C++ source, for inductor's
+    caches)."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class OneDNNProducts(CustomGraphPass):
