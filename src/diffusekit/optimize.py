@@ -513,7 +513,7 @@ def optimize_module(module: torch.nn.Module, *, cache_dir: str | os.PathLike | N
         merged.update(_exact_cpu_options(module))
     merged.update(options or {})
     merged = {k: v for k, v in merged.items() if v is not None}
-    ours = _versioned(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
+    ours = _versioned(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     folder = None  # inductor's caches while our compiled code runs: ours, unless the user chose inductor's own
     if use_cache and (cache_dir is not None or not _user_inductor_cache()):
         folder = ours

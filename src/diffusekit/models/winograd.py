@@ -52,11 +52,20 @@ def serves(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and x.dim() == 4 and x.dtype == torch.float32 and conv.weight.dtype == torch.float32)
 
 
+def _wide(conv: nn.Conv2d) -> bool:
+    """At least :data:`MIN_CHANNELS` input and output channels: every rule below asks for them."""
+    return min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+
+
+def _pixels(x: torch.Tensor) -> int:
+    """Pixels of a call's input: batch x height x width (a 3x3 convolution's output has as many)."""
+    return x.shape[0] * x.shape[-2] * x.shape[-1]
+
+
 def pays(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """The measured rule (:data:`MIN_CHANNELS`, :data:`MIN_PIXELS`, :data:`MAX_PIXELS`): Winograd is faster than the
     direct convolution for ``conv(x)``."""
-    return (min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-            and MIN_PIXELS <= x.shape[0] * x.shape[-2] * x.shape[-1] <= MAX_PIXELS)
+    return _wide(conv) and MIN_PIXELS <= _pixels(x) <= MAX_PIXELS
 
 
 def gemm_pays(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -65,8 +74,7 @@ def gemm_pays(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     unfolded input (:func:`gemm_conv2d`): 52-89 GMAC/s there on a 2-core AVX-512 CPU, where oneDNN's direct
     convolution reached 14-45 GMAC/s eagerly and 7-56 inside the compiled UNet (its channels-last input made it
     slowest: 143 ms for SD 1.5's 2560-channel layer at 4x4, against 16 ms for the product)."""
-    return (min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-            and x.shape[0] * x.shape[-2] * x.shape[-1] < MIN_PIXELS)
+    return _wide(conv) and _pixels(x) < MIN_PIXELS
 
 
 def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,8 +94,7 @@ def upsample_gemm_pays(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether :func:`upsample_conv2d` serves ``conv(upsample_nearest_2x(x))`` faster than the upsampling and a
     convolution: a 3x3 layer :func:`serves`, with :data:`MIN_CHANNELS`, on at most :data:`MAX_PIXELS` output pixels
     (SD 1.5's three UNet upsamplers at 256² and 512²)."""
-    return (serves(conv, x) and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-            and 4 * x.shape[0] * x.shape[-2] * x.shape[-1] <= MAX_PIXELS)
+    return serves(conv, x) and _wide(conv) and 4 * _pixels(x) <= MAX_PIXELS
 
 
 def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
