@@ -102,24 +102,25 @@ def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     computed on ``x`` itself: each of the four output phases ``(2i + a, 2j + b)`` sees the low-resolution input through
     a 2x2 window, whose weights are sums of the 3x3 ones (upsampled rows ``2i - 1, 2i, 2i + 1`` are input rows
     ``i - 1, i, i``; rows ``2i, 2i + 1, 2i + 2`` are ``i, i, i + 1``). That is 16 multiply-adds per input pixel and
-    channel pair where the upsampled convolution takes 36, as four matrix products ``(C_out, 4 C) @ (4 C, N h w)``,
-    with no upsampled tensor and no tile transforms."""
+    channel pair where the upsampled convolution takes 36, as four matrix products ``(N h w, 4 C) @ (4 C, C_out)``,
+    with no upsampled tensor and no tile transforms. Channels innermost throughout, like :func:`conv2d`; the output
+    is a channels-last view."""
     n, c, h, w = x.shape  # (N, C, h, w): the input before upsampling
     out_c = weight.shape[0]
 
-    def phases(t: torch.Tensor, dim: int) -> list[list[torch.Tensor]]:  # per phase, its two taps' summed weights
-        k0, k1, k2 = t.unbind(dim)
-        return [[k0, k1 + k2], [k0 + k1, k2]]  # phase 0: offsets (-1, 0); phase 1: offsets (0, +1)
+    def taps(k0, k1, k2):  # per phase, its two taps' summed weights: phase 0 offsets (-1, 0), phase 1 (0, +1)
+        return (k0, k1 + k2), (k0 + k1, k2)
 
-    rows = torch.stack([torch.stack(taps, 2) for taps in phases(weight, 2)])  # (a, C_out, C, s, 3)
-    kernels = torch.stack([torch.stack(taps, -1) for taps in phases(rows, -1)], 1)  # (a, b, C_out, C, s, t)
-    padded = F.pad(x, (1, 1, 1, 1))  # (N, C, h + 2, w + 2)
-    cols = torch.stack([torch.stack([padded[:, :, a + s:a + s + h, b + t:b + t + w] for s in (0, 1) for t in (0, 1)],
-                                    -1) for a in (0, 1) for b in (0, 1)], 0)  # (4 phases, N, C, h, w, 4 taps)
-    cols = cols.permute(0, 1, 3, 4, 2, 5).reshape(4, n * h * w, c * 4)  # columns (C, s, t): the kernels' order
-    y = torch.bmm(kernels.reshape(4, out_c, c * 4), cols.transpose(1, 2))  # (4 phases, C_out, N h w)
-    y = y.view(2, 2, out_c, n, h, w)  # (a, b, C_out, N, h, w)
-    y = y.permute(3, 2, 4, 0, 5, 1).reshape(n, out_c, 2 * h, 2 * w)  # (N, C_out, 2h, 2w): row 2i + a, column 2j + b
+    rows = taps(*weight.unbind(2))  # rows[a][s]: (C_out, C, 3)
+    planes = [taps(*rows[a][s].unbind(-1))[b][t] for a in (0, 1) for b in (0, 1) for s in (0, 1) for t in (0, 1)]
+    kernels = torch.stack(planes).view(4, 4, out_c, c)  # (a b, s t, C_out, C): one pass over the weights
+    kernels = kernels.transpose(1, 2).reshape(4, out_c, 4 * c)  # columns (s, t, C): the input's order
+    p = _dense(F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)))  # (N, h + 2, w + 2, C)
+    cols = torch.stack([torch.cat([p[:, a + s:a + s + h, b + t:b + t + w] for s in (0, 1) for t in (0, 1)], -1)
+                        for a in (0, 1) for b in (0, 1)])  # (4 phases, N, h, w, 4 C)
+    y = torch.bmm(cols.view(4, n * h * w, 4 * c), kernels.transpose(1, 2))  # (4 phases, N h w, C_out)
+    y = y.view(2, 2, n, h, w, out_c).permute(2, 3, 0, 4, 1, 5)  # (N, h, a, w, b, C_out): row 2i + a, column 2j + b
+    y = y.reshape(n, 2 * h, 2 * w, out_c).permute(0, 3, 1, 2)  # (N, C_out, 2h, 2w), channels last
     return y if bias is None else y + bias[:, None, None]
 
 
@@ -134,45 +135,59 @@ def _weight_tiles(weight: torch.Tensor) -> list[torch.Tensor]:
     return [v for row in rows for v in g(*row.unbind(-1))]
 
 
-def _input_tiles(d: torch.Tensor) -> list[torch.Tensor]:
-    """``B^T d B`` for tiles ``d (..., 4, 4)``: the 16 transformed values (row-major), each ``(...)``."""
+def _input_tiles(d: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """``B^T d B`` for tiles given by their 16 values ``d[i][j]`` (row ``i``, column ``j``), each ``(...)``: the 16
+    transformed values (row-major), each ``(...)``."""
 
     def bt(d0, d1, d2, d3):  # B^T applied to four rows (or columns)
         return d0 - d2, d1 + d2, d2 - d1, d1 - d3
 
-    rows = bt(*(d[..., i, :] for i in range(4)))  # 4 x (..., 4)
-    return [v for row in rows for v in bt(*(row[..., j] for j in range(4)))]
+    columns = [bt(*(d[i][j] for i in range(4))) for j in range(4)]  # B^T over rows: columns[j][r]
+    return [v for r in range(4) for v in bt(*(columns[j][r] for j in range(4)))]
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` stored densely in its own dimension order. Compiled for inference, this tells inductor the layout
+    (``inductor_force_stride_order``). Left to itself, inductor lays a padded channels-last view out like its
+    producer, channels first, and its transform then gathers each tile's channels a whole image apart: 784 ms for
+    SD 1.5's 960-channel layer at 64x64 in a profile of the 512² step. Eagerly, or with autograd (which that op has
+    none of), a copy where ``t`` is not dense."""
+    if not torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return t.contiguous()
+    from torch._inductor import inductor_prims  # registers the op
+    from torch._prims_common import make_contiguous_strides_for
+
+    return inductor_prims.force_stride_order(t, make_contiguous_strides_for(t.shape))
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` by Winograd F(2x2, 3x3). Any height and width
-    (odd sizes are padded to even and cropped back)."""
+    (odd sizes are padded to even and cropped back). It works on the channels-last input (channels innermost, so
+    the transforms and the products read and write whole rows of channels); the output is a channels-last view."""
     n, c, h, w = x.shape  # (N, C, H, W)
-    out_c = weight.shape[0]
     th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 output tiles
     u = torch.stack(_weight_tiles(weight), 0)  # G w G^T: (16, C_out, C)
-    padded = F.pad(x, (1, 1 + 2 * tw - w, 1, 1 + 2 * th - h))  # (N, C, 2*th + 2, 2*tw + 2)
-    row_bytes = 16 * max(c, out_c) * n * tw * x.element_size()  # one tile row's transformed input or products
+    padded = _dense(F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + 2 * tw - w, 1, 1 + 2 * th - h)))  # (N, 2th+2, 2tw+2, C)
+    row_bytes = 16 * max(c, weight.shape[0]) * n * tw * x.element_size()  # one tile row's transformed input or products
     step = max(1, min(th, CHUNK_BYTES // row_bytes))
-    chunks = [_tile_rows(padded[:, :, 2 * t0:2 * min(th, t0 + step) + 2], u) for t0 in range(0, th, step)]
-    y = chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)  # (N, C_out, 2*th, 2*tw)
-    y = y[:, :, :h, :w]  # (N, C_out, H, W)
+    chunks = [_tile_rows(padded[:, 2 * t0:2 * min(th, t0 + step) + 2], u) for t0 in range(0, th, step)]
+    y = chunks[0] if len(chunks) == 1 else torch.cat(chunks, 1)  # (N, 2*th, 2*tw, C_out)
+    y = y[:, :h, :w].permute(0, 3, 1, 2)  # (N, C_out, H, W), channels last
     return y if bias is None else y + bias[:, None, None]
 
 
 def _tile_rows(padded: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The output rows of ``padded (N, C, 2*rows + 2, 2*tw + 2)`` against the transformed weights ``u``:
-    ``(N, C_out, 2*rows, 2*tw)``."""
-    n, c = padded.shape[:2]
+    """The output rows of ``padded (N, 2*rows + 2, 2*tw + 2, C)`` against the transformed weights ``u``:
+    ``(N, 2*rows, 2*tw, C_out)``."""
+    n, c = padded.shape[0], padded.shape[3]
+    rows, tw = (padded.shape[1] - 2) // 2, (padded.shape[2] - 2) // 2
     out_c = u.shape[1]
-    tiles = padded.unfold(2, 4, 2).unfold(3, 4, 2)  # (N, C, rows, tw, 4, 4)
-    rows, tw = tiles.shape[2:4]
-    v = torch.stack(_input_tiles(tiles), -1)  # B^T d B: (N, C, rows, tw, 16)
-    v = v.permute(4, 0, 2, 3, 1).reshape(16, n * rows * tw, c)  # (16, N*rows*tw, C)
+    d = [[padded[:, i:i + 2 * rows:2, j:j + 2 * tw:2] for j in range(4)] for i in range(4)]  # (N, rows, tw, C) each
+    v = torch.stack(_input_tiles(d)).view(16, n * rows * tw, c)  # B^T d B: (16, N*rows*tw, C)
     m = torch.bmm(v, u.transpose(1, 2)).view(4, 4, n, rows, tw, out_c)  # (4, 4, N, rows, tw, C_out)
     r0, r1 = m[0] + m[1] + m[2], m[1] - m[2] - m[3]  # A^T over tile rows: (4, N, rows, tw, C_out) each
-    y = torch.stack([torch.stack([r[0] + r[1] + r[2], r[1] - r[2] - r[3]], -1) for r in (r0, r1)], -2)
-    return y.permute(0, 3, 1, 4, 2, 5).reshape(n, out_c, 2 * rows, 2 * tw)  # ... m A over tile columns
+    y = torch.stack([torch.stack([r[0] + r[1] + r[2], r[1] - r[2] - r[3]], 3) for r in (r0, r1)], 2)  # ... m A
+    return y.view(n, 2 * rows, 2 * tw, out_c)  # from (N, rows, 2, tw, 2, C_out)
 
 
 class Conv2d(nn.Conv2d):
