@@ -77,29 +77,50 @@ def test_large_calls_are_computed_in_chunks_of_tile_rows(monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-def test_compiled_transforms_work_on_channels_last_rows():
-    """Compiled for inference, the padded input reaches inductor laid out channels-last (``_dense``), so the tile
-    transforms read and write whole rows of channels (laid out like its channels-first producer, one SD 1.5 layer's
-    transform took 784 ms); the outputs are channels-last views with the eager numbers. With autograd (which the
-    layout op has none of), the same code differentiates eagerly."""
+@pytest.mark.parametrize("height, width, chunk, grad", [(6, 10, None, True), (7, 5, 16 * 16 * 2 * 3 * 4, False)])
+def test_compiled_transforms_work_on_channels_last_rows(monkeypatch, height, width, chunk, grad):
+    """Compiled for inference, the padded inputs and the weights' tap planes reach inductor with their layout told
+    (``_dense``), so the transforms read and write whole rows of channels (laid out like its channels-first
+    producer, one SD 1.5 layer's input transform took 784 ms); the outputs are channels-last views with the eager
+    numbers. Compiled with autograd (the layout op has no derivative) it falls back to copies, gradients intact."""
     from torch._inductor.utils import run_and_get_code
 
+    if chunk is not None:
+        monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk)  # two tile rows per chunk
     g = torch.Generator().manual_seed(3)
-    x, weight, b = torch.randn(2, 16, 6, 10, generator=g), torch.randn(8, 16, 3, 3, generator=g), torch.randn(8)
+    x, weight = torch.randn(2, 16, height, width, generator=g), torch.randn(8, 16, 3, 3, generator=g)
+    b = torch.randn(8, generator=g)
 
-    def layers(x):
+    def layers(x, weight):
         return winograd.conv2d(x, weight, b), winograd.upsample_conv2d(x, weight, b)
 
+    told = []
+
+    def recording(gm, example_inputs):  # the traced graph, run eagerly: which tensors get their layout told
+        told.extend(tuple(node.args[0].meta["example_value"].shape) for node in gm.graph.nodes
+                    if node.op == "call_function" and "force_stride_order" in str(node.target))
+        return gm.forward
+
     with torch.no_grad():
-        eager = layers(x)
-        compiled, code = run_and_get_code(torch.compile(layers, fullgraph=True), x)
+        eager = layers(x, weight)
+        torch.compile(layers, backend=recording, fullgraph=True)(x, weight)
+        compiled, code = run_and_get_code(torch.compile(layers, fullgraph=True), x, weight)
+    padded = [(2, 2 * ((height + 1) // 2) + 2, 2 * ((width + 1) // 2) + 2, 16), (2, height + 2, width + 2, 16)]
+    assert sorted(told) == sorted(padded + [(3, 3, 8, 16)] * 2), told  # both inputs, both weights' tap planes
     assert "inductor_force_stride_order" in "".join(code)
     for fast, expected in zip(compiled, eager):
         torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
-        assert fast.stride(1) == expected.stride(1) == 1  # channels innermost
-    x.requires_grad_(True)
-    sum(y.sum() for y in layers(x)).backward()
-    assert x.grad is not None and x.grad.shape == x.shape
+        assert fast.stride(1) == 1  # channels innermost
+    if not grad:  # (odd sizes, chunks: the layouts and numbers above are what they change)
+        return
+
+    x, weight = x.requires_grad_(True), weight.requires_grad_(True)
+    sum(y.square().sum() for y in torch.compile(layers, fullgraph=True)(x, weight)).backward()
+    x2, weight2 = x.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    conv, up = ALGORITHMS["conv2d"](x2, weight2, b), ALGORITHMS["upsample_conv2d"](x2, weight2, b)
+    (conv.square().sum() + up.square().sum()).backward()
+    for got, expected in ((x.grad, x2.grad), (weight.grad, weight2.grad)):  # float32 sums of large squares
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 def _counting(monkeypatch, name: str = "conv2d") -> list:

@@ -19,8 +19,13 @@ alone elsewhere: :func:`pays`, :func:`gemm_pays` and :func:`upsample_gemm_pays` 
 UNet. The VAE decoder keeps the direct convolution: each of its large layers alone ran faster through Winograd
 (0.72-0.93x), but the whole 512² decode did not (1.09x with all of them, 1.01x with its 64x64 ones). The weight
 transforms run on every call from the live weights: no second copy of them is kept (a cached one would be 16/9 of
-SD 1.5's 1280-channel weights, 1.4 GB), an edited weight is never stale, and the transient copy is at most one
-layer's (compiled, the transform is one fused pass; eagerly its steps hold a few layers' worth for a moment).
+SD 1.5's 1280-channel weights, 1.4 GB), an edited weight is never stale, and the transient copies are at most one
+layer's (compiled: the weights with their nine taps as planes, then their transform; eagerly its steps hold a few
+layers' worth for a moment).
+
+All three work with the channels innermost: the padded input is laid out ``(N, H + 2, W + 2, C)`` (told to
+inductor when compiled, :func:`_dense`), the transforms and products read and write whole rows of channels, and
+the output is ``(N, H, W, C_out)`` returned as a channels-last view of ``(N, C_out, H, W)``.
 """
 
 from __future__ import annotations
@@ -111,8 +116,8 @@ def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     def taps(k0, k1, k2):  # per phase, its two taps' summed weights: phase 0 offsets (-1, 0), phase 1 (0, +1)
         return (k0, k1 + k2), (k0 + k1, k2)
 
-    rows = taps(*weight.unbind(2))  # rows[a][s]: (C_out, C, 3)
-    planes = [taps(*rows[a][s].unbind(-1))[b][t] for a in (0, 1) for b in (0, 1) for s in (0, 1) for t in (0, 1)]
+    rows = taps(*_taps_first(weight).unbind(0))  # rows[a][s]: (3, C_out, C)
+    planes = [taps(*rows[a][s].unbind(0))[b][t] for a in (0, 1) for b in (0, 1) for s in (0, 1) for t in (0, 1)]
     kernels = torch.stack(planes).view(4, 4, out_c, c)  # (a b, s t, C_out, C): one pass over the weights
     kernels = kernels.transpose(1, 2).reshape(4, out_c, 4 * c)  # columns (s, t, C): the input's order
     p = _dense(F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)))  # (N, h + 2, w + 2, C)
@@ -124,15 +129,28 @@ def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y if bias is None else y + bias[:, None, None]
 
 
+#: ``torch.compiler.is_compiling`` (torch >= 2.3; before it, the eager form everywhere)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
+def _taps_first(weight: torch.Tensor) -> torch.Tensor:
+    """``weight (C_out, C, 3, 3)`` laid out as ``(3, 3, C_out, C)``: each of the nine taps a dense plane, so that the
+    weight transforms read whole rows of channels. As stored, a tap's values lie 9 apart and inductor's transform
+    ran one value at a time (116 ms for the 2560 -> 1280 layer's weights alone, compiled; 33 ms after this one
+    transposing copy)."""
+    return _dense(weight.permute(2, 3, 0, 1))
+
+
 def _weight_tiles(weight: torch.Tensor) -> list[torch.Tensor]:
     """``G w G^T`` for the 3x3 kernels of ``weight (C_out, C, 3, 3)``: the 16 transformed values (row-major), each
-    ``(C_out, C)``; an elementwise pass over the weights (a matrix product with K = 9 would run far below peak)."""
+    ``(C_out, C)``; elementwise arithmetic over the nine tap planes of :func:`_taps_first` (a matrix product with
+    K = 9 would run far below peak)."""
 
     def g(k0, k1, k2):  # G applied to three rows (or columns)
         return k0, (k0 + k1 + k2) * 0.5, (k0 - k1 + k2) * 0.5, k2
 
-    rows = g(*weight.unbind(2))  # 4 x (C_out, C, 3)
-    return [v for row in rows for v in g(*row.unbind(-1))]
+    rows = g(*_taps_first(weight).unbind(0))  # 4 x (3, C_out, C): kernel rows, then columns
+    return [v for row in rows for v in g(*row.unbind(0))]
 
 
 def _input_tiles(d: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -150,20 +168,23 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     """``t`` stored densely in its own dimension order. Compiled for inference, this tells inductor the layout
     (``inductor_force_stride_order``). Left to itself, inductor lays a padded channels-last view out like its
     producer, channels first, and its transform then gathers each tile's channels a whole image apart: 784 ms for
-    SD 1.5's 960-channel layer at 64x64 in a profile of the 512² step. Eagerly, or with autograd (which that op has
-    none of), a copy where ``t`` is not dense."""
-    if not torch.compiler.is_compiling() or torch.is_grad_enabled():
+    SD 1.5's 960-channel layer at 64x64 in a profile of the 512² step. Eagerly, or where autograd tracks ``t`` (that
+    op has no derivative), ``t.contiguous()``."""
+    if not _is_compiling() or t.requires_grad:
         return t.contiguous()
     from torch._inductor import inductor_prims  # registers the op
-    from torch._prims_common import make_contiguous_strides_for
 
-    return inductor_prims.force_stride_order(t, make_contiguous_strides_for(t.shape))
+    strides, step = [], 1
+    for size in reversed(t.shape):  # row-major strides of t's shape
+        strides.insert(0, step)
+        step *= max(size, 1)
+    return inductor_prims.force_stride_order(t, strides)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` by Winograd F(2x2, 3x3). Any height and width
-    (odd sizes are padded to even and cropped back). It works on the channels-last input (channels innermost, so
-    the transforms and the products read and write whole rows of channels); the output is a channels-last view."""
+    (odd sizes are padded to even and cropped back). Channels innermost throughout (module docstring); the output
+    is a channels-last view (of the cropped tiles where H or W is odd)."""
     n, c, h, w = x.shape  # (N, C, H, W)
     th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 output tiles
     u = torch.stack(_weight_tiles(weight), 0)  # G w G^T: (16, C_out, C)
