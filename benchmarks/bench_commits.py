@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import REPO, emit, quiet_environment, run_child, set_threads
+from .common import REPO, emit, interleaved_children, quiet_environment, set_threads
 
 
 def child(args) -> None:
@@ -85,15 +85,11 @@ def main() -> None:
         root = Path(tmp)
         trees = {name: _worktree(commit, root) for name, commit in (("base", args.base), ("head", args.head))}
         try:
-            results: dict[str, list[dict]] = {name: [] for name in trees}
-            for round_ in range(args.rounds):
-                for name in (list(trees) if round_ % 2 == 0 else list(trees)[::-1]):
-                    argv = ["-m", "benchmarks.bench_commits", args.base, "--child", "--tree", str(trees[name] / "src"),
+            cases = {name: ["-m", "benchmarks.bench_commits", args.base, "--child", "--tree", str(tree / "src"),
                             "--folder", folder, "--latents", str(args.latents), "--calls", str(args.calls),
                             "--threads", str(args.threads), "--out", str(root / f"{name}.pt")]
-                    results[name].append(run_child(argv, timeout=1800))
-                    print(f"round {round_ + 1} {name} ({trees[name].name}): "
-                          + " ".join(f"{t:.2f}" for t in results[name][-1]["calls"]), flush=True)
+                     for name, tree in trees.items()}
+            results = interleaved_children(cases, args.rounds, timeout=1800)  # base, head; then head, base; ...
             calls = {name: [t for run in runs for t in run["calls"]] for name, runs in results.items()}
             base, head = torch.load(root / "base.pt"), torch.load(root / "head.pt")
             apart = float((head - base).abs().max() / base.abs().max())
@@ -102,6 +98,7 @@ def main() -> None:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
     medians = {name: statistics.median(values) for name, values in calls.items()}
     for name in trees:
+        print(f"{name} {trees[name].name}: warm calls " + " ".join(f"{t:.2f}" for t in calls[name]))
         print(f"{name} {trees[name].name}: median {medians[name]:.3f} s, calls {min(calls[name]):.2f}-"
               f"{max(calls[name]):.2f} s (n={len(calls[name])})")
     print(f"ratio head / base: {medians['head'] / medians['base']:.3f}; outputs {apart:.1e} apart "
