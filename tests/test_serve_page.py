@@ -122,6 +122,7 @@ def test_page_inpaints_a_painted_mask(server, browser, tmp_path):
     page.set_input_files("#init-image", str(tmp_path / "init.png"))
     page.wait_for_selector("#mask-canvas", state="visible")
     assert page.locator("#width").input_value() == "32"
+    page.locator("#mask-canvas").scroll_into_view_if_needed()  # as a user scrolls to paint (the form is tall)
     box = page.locator("#mask-canvas").bounding_box()
     page.mouse.move(box["x"] + 5, box["y"] + 5)
     page.mouse.down()
@@ -164,7 +165,7 @@ def test_page_lora_picker_adds_the_prompt_tag(server, browser):
 
 
 def test_page_sends_the_step_savings(server, browser):
-    """The page's "Guidance interval" and "Deep cache" inputs reach the job and its infotext."""
+    """The page's "Guidance interval", "Deep cache" and "FreeU" inputs reach the job and its infotext."""
     url, app = server
     wait_idle(app)
     page = browser.new_page()
@@ -174,8 +175,10 @@ def test_page_sends_the_step_savings(server, browser):
     page.fill("#steps", "4")
     page.fill("#guidance_interval", "0.2-0.8")
     page.fill("#deep_cache", "3")
+    page.fill("#freeu", "0.9, 0.2 1.5,1.6")
     page.click("#generate")
     wait_images_loaded(page, 1)
     text = page.locator("#gallery .card pre").first.inner_text()
-    assert "Guidance interval: 0.2-0.8, Deep cache interval: 3, Deep cache branch: 0" in text
+    assert "Guidance interval: 0.2-0.8, Deep cache interval: 3, Deep cache branch: 0, " \
+           "FreeU: s1=0.9 s2=0.2 b1=1.5 b2=1.6" in text
     page.close()

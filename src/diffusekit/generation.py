@@ -79,19 +79,22 @@ def _sampler_name(params: GenerationParameters) -> str | None:
 
 # fields every request of one generate() call must share: they shape the one pipeline call that runs them all
 SHARED_FIELDS = ("steps", "sampler", "schedule_type", "cfg_scale", "width", "height", "denoising_strength",
-                 "clip_skip", "guidance_interval", "deep_cache_interval", "deep_cache_branch")
+                 "clip_skip", "guidance_interval", "deep_cache_interval", "deep_cache_branch", "freeu")
 
 
-def step_savings(guidance_interval: Any = None, deep_cache: Any = None) -> dict[str, Any]:
-    """A request's opt-in step savings, checked, as :class:`GenerationParameters` fields: ``guidance_interval``
-    ``(lo, hi)`` (guidance only on the steps ``lo <= i / n < hi``) and ``deep_cache`` (DeepCache feature reuse: an
-    int ``cache_interval``, or ``(cache_interval, cache_branch_id)``). The one reader of these for the command line,
-    the server and batch jobs; raises ``ValueError`` naming the field."""
+def step_savings(guidance_interval: Any = None, deep_cache: Any = None, freeu: Any = None) -> dict[str, Any]:
+    """A request's opt-in sampling changes, checked, as :class:`GenerationParameters` fields: the step savings
+    ``guidance_interval`` ``(lo, hi)`` (guidance only on the steps ``lo <= i / n < hi``) and ``deep_cache`` (DeepCache
+    feature reuse: an int ``cache_interval``, or ``(cache_interval, cache_branch_id)``), and ``freeu`` (FreeU's
+    ``[s1, s2, b1, b2]`` or a mapping of them). The one reader of these for the command line, the server and batch
+    jobs; raises ``ValueError`` naming the field."""
+    from .models.freeu import check_freeu
     from .pipelines.deep_cache import deep_cache_config
     from .pipelines.pieces import check_guidance_interval
 
     fields: dict[str, Any] = {"guidance_interval": check_guidance_interval(
-        tuple(guidance_interval) if isinstance(guidance_interval, list) else guidance_interval)}
+        tuple(guidance_interval) if isinstance(guidance_interval, list) else guidance_interval),
+        "freeu": check_freeu(freeu)}
     if deep_cache is not None and not isinstance(deep_cache, (bool, dict)):
         config = deep_cache_config(tuple(deep_cache) if isinstance(deep_cache, list) else deep_cache)
         fields.update(deep_cache_interval=config.cache_interval, deep_cache_branch=config.cache_branch_id)
@@ -154,6 +157,8 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
 
     ``params.guidance_interval`` / ``deep_cache_interval`` / ``deep_cache_branch`` are the opt-in step savings
     (:func:`step_savings`); without them a pipeline's own ``enable_deep_cache`` setting holds and is recorded.
+    ``params.freeu`` turns FreeU on for this call only (``pipe.unet``'s own setting is restored after it); without
+    it the UNet's own ``enable_freeu`` setting holds and is recorded.
 
     ``params`` may be a list of requests that share size, steps, sampler, CFG scale and strength
     (:data:`SHARED_FIELDS`) but not prompts or seeds: they run through the model in one batch, each giving
@@ -250,7 +255,10 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
         if on_step is not None:  # DDPM / DDIM take the step callback as an extension (pipelines/ddpm.py)
             kwargs["callback_on_step_end"] = _step_callback(on_step, params.steps)
     kwargs.update(pipeline_kwargs)
-    output = run(**kwargs)
+    from .models.freeu import freeu_for_call, freeu_setting
+
+    with freeu_for_call(getattr(run, "unet", run), params.freeu):
+        output = run(**kwargs)
     images = list(output.images)
     if overlays is not None:
         from .mask_blur import apply_overlays
@@ -266,8 +274,12 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     if not hasattr(run, "encode_prompt"):  # record only what shaped the image: no guidance, no clip skip
         per_image = [p.replace(cfg_scale=None, clip_skip=None, guidance_interval=None, deep_cache_interval=None,
                                deep_cache_branch=None) for p in per_image]
-    elif params.deep_cache_interval is None and getattr(run, "deep_cache", None) is not None:
-        per_image = [_with_pipeline_deep_cache(p, run.deep_cache) for p in per_image]
+    else:
+        if params.deep_cache_interval is None and getattr(run, "deep_cache", None) is not None:
+            per_image = [_with_pipeline_deep_cache(p, run.deep_cache) for p in per_image]
+        own = freeu_setting(getattr(run, "unet", None)) if params.freeu is None else None
+        if own is not None:  # pipe.enable_freeu() holds for requests without their own factors
+            per_image = [p.replace(freeu=own) for p in per_image]
     if (params.width is None or params.height is None) and images and hasattr(images[0], "size"):
         per_image = [p.replace(width=im.size[0], height=im.size[1]) for p, im in zip(per_image, images)]
     return GenerationResult(images, per_image, getattr(output, "nsfw_content_detected", None))

@@ -48,8 +48,23 @@ def _format_interval(value: tuple[float, float]) -> str:
     return "-".join(format_value(float(v)) for v in value)
 
 
+_FREEU_NAMES = ("s1", "s2", "b1", "b2")  # diffusers' enable_freeu order
+
+
+def _freeu(text: str) -> tuple[float, float, float, float]:
+    """``"s1=0.9 s2=0.2 b1=1.5 b2=1.6"`` -> ``(0.9, 0.2, 1.5, 1.6)`` (diffusekit's "FreeU" value)."""
+    pairs = dict(part.partition("=")[::2] for part in text.split())
+    if sorted(pairs) != sorted(_FREEU_NAMES) or len(text.split()) != len(_FREEU_NAMES):
+        raise ValueError(text)
+    return tuple(float(pairs[name]) for name in _FREEU_NAMES)  # type: ignore[return-value]
+
+
+def _format_freeu(value: tuple[float, float, float, float]) -> str:
+    return " ".join(f"{name}={format_value(float(v))}" for name, v in zip(_FREEU_NAMES, value))
+
+
 # typed fields: dataclass field -> (A1111 key, type or parser). The order is A1111's order on the parameter line;
-# the last three are diffusekit's step savings (docs/STEP_SAVINGS.md), written only when used.
+# the last four are diffusekit's own, written only when used: the step savings (docs/STEP_SAVINGS.md) and FreeU.
 _FIELDS: dict[str, tuple[str, Any]] = {
     "steps": ("Steps", int),
     "sampler": ("Sampler", str),
@@ -64,8 +79,10 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "guidance_interval": ("Guidance interval", _interval),
     "deep_cache_interval": ("Deep cache interval", int),
     "deep_cache_branch": ("Deep cache branch", int),
+    "freeu": ("FreeU", _freeu),
 }
-_FORMATTERS = {"guidance_interval": _format_interval}
+_FORMATTERS = {"guidance_interval": _format_interval, "freeu": _format_freeu}
+_SHAPES = {_interval: "lo-hi", _freeu: "s1=.. s2=.. b1=.. b2=.."}  # what a parser reads, for its error
 _BY_KEY = {key: (name, kind) for name, (key, kind) in _FIELDS.items()}
 
 
@@ -142,11 +159,14 @@ class GenerationParameters:
     guidance_interval: tuple[float, float] | None = None  # guidance only on the steps lo <= i / n < hi
     deep_cache_interval: int | None = None  # DeepCache: a full UNet step every N steps
     deep_cache_branch: int | None = None  # DeepCache: the skip branch of the cached steps
+    freeu: tuple[float, float, float, float] | None = None  # FreeU's (s1, s2, b1, b2), diffusers' enable_freeu
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # other "Key: value" pairs, in order
 
     def __post_init__(self):
         if isinstance(self.guidance_interval, list):  # from JSON
             self.guidance_interval = tuple(self.guidance_interval)
+        if isinstance(self.freeu, list):
+            self.freeu = tuple(self.freeu)
 
     def to_infotext(self) -> str:
         pairs: list[tuple[str, Any]] = []
@@ -180,7 +200,7 @@ class GenerationParameters:
             try:
                 setattr(params, name, kind(value))
             except ValueError:
-                what = "lo-hi" if kind is _interval else kind.__name__
+                what = _SHAPES.get(kind) or kind.__name__
                 raise ValueError(f"infotext: {key!r} should be {what}, got {value!r}") from None
         return params
 

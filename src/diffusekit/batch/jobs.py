@@ -6,8 +6,9 @@ One job per line::
 
 Keys (:data:`JOB_KEYS`): ``id``, ``prompt``, ``negative_prompt``, ``seed``, ``steps``, ``guidance_scale``,
 ``width``, ``height``, ``sampler``, ``image`` / ``mask`` (paths, relative to the jobs file's folder) and
-``strength`` for image-to-image / inpainting, and the opt-in step savings ``guidance_interval`` (``[lo, hi]``) and
-``deep_cache`` (an int interval or ``[interval, branch]``; docs/STEP_SAVINGS.md). A missing key takes the command-line default (:class:`JobDefaults`).
+``strength`` for image-to-image / inpainting, the opt-in step savings ``guidance_interval`` (``[lo, hi]``) and
+``deep_cache`` (an int interval or ``[interval, branch]``; docs/STEP_SAVINGS.md), and ``freeu`` (``[s1, s2, b1,
+b2]``, diffusers' ``enable_freeu``). A missing key takes the command-line default (:class:`JobDefaults`).
 A job without ``id`` is named by its line number (``line-000012``); a job without ``seed`` takes ``--seed`` when
 given, else a seed derived from its id, so every job has a fixed seed and a re-run remakes the same image. A bad
 line (not JSON, unknown key, wrong type, missing file, repeated id) becomes an :class:`InvalidLine` naming the line
@@ -36,7 +37,7 @@ from ..infotext import GenerationParameters
 __all__ = ["JOB_KEYS", "InvalidLine", "Job", "JobDefaults", "load_jobs", "plan_batches"]
 
 JOB_KEYS = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "sampler",
-            "image", "mask", "strength", "guidance_interval", "deep_cache")
+            "image", "mask", "strength", "guidance_interval", "deep_cache", "freeu")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")  # a file name: no separators, no leading dot
 SEED_LIMIT = 2**32
 
@@ -55,6 +56,7 @@ class JobDefaults:
     strength: float | None = 0.75
     guidance_interval: tuple[float, float] | None = None
     deep_cache: int | tuple[int, int] | None = None
+    freeu: tuple[float, float, float, float] | None = None
     model: str | None = None  # written into each image's parameters ("Model: ...")
 
 
@@ -79,9 +81,9 @@ class Job:
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can run through the model together."""
-        p = self.params
-        return (self.task, self.image_size, p.width, p.height, p.steps, p.sampler, p.schedule_type, p.cfg_scale,
-                p.denoising_strength, p.clip_skip, p.guidance_interval, p.deep_cache_interval, p.deep_cache_branch)
+        from ..generation import SHARED_FIELDS
+
+        return (self.task, self.image_size, *(getattr(self.params, name) for name in SHARED_FIELDS))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form, to ship a job to another process or machine."""
@@ -214,7 +216,7 @@ def _job(raw: Any, line: int, folder: Path, defaults: JobDefaults) -> Job:
         strength = defaults.strength
     try:
         savings = step_savings(raw.get("guidance_interval", defaults.guidance_interval),
-                               raw.get("deep_cache", defaults.deep_cache))
+                               raw.get("deep_cache", defaults.deep_cache), raw.get("freeu", defaults.freeu))
     except ValueError as error:
         raise _Bad(str(error)) from None
     params = GenerationParameters(

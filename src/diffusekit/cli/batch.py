@@ -10,7 +10,7 @@ def add_parser(commands) -> None:
     batch = commands.add_parser("batch", help="one PNG per job of a JSON-lines file, locally or on Ray (docs/BATCH.md)",
                                 description="Run every job of JOBS (JSON lines: id, prompt, negative_prompt, seed, "
                                 "steps, guidance_scale, width, height, sampler, image, mask, strength, "
-                                "guidance_interval, deep_cache) not done yet; flags give the defaults for keys a job "
+                                "guidance_interval, deep_cache, freeu) not done yet; flags give the defaults for keys a job "
                                 "leaves out. Writes DIR/<id>.png and DIR/manifest.jsonl; re-running the same command "
                                 "resumes.")
     batch.add_argument("jobs", help="JSON-lines file, one job per line")
@@ -41,6 +41,8 @@ def add_parser(commands) -> None:
     batch.add_argument("--deep-cache", type=int, nargs="+", default=None, metavar=("N", "BRANCH"),
                        help="default for jobs without 'deep_cache': DeepCache, a full UNet step every N steps, "
                             "skip branch BRANCH (default 0) on the others")
+    batch.add_argument("--freeu", type=float, nargs=4, default=None, metavar=("S1", "S2", "B1", "B2"),
+                       help="default for jobs without 'freeu': FreeU's factors (diffusers' enable_freeu)")
 
 
 def _deep_cache_flag(values: list[int] | None):
@@ -58,7 +60,8 @@ def run(args) -> int:
                            guidance_scale=args.guidance_scale, width=args.width, height=args.height,
                            sampler=args.sampler, strength=args.strength, model=Path(args.model).name,
                            guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
-                           deep_cache=_deep_cache_flag(args.deep_cache))
+                           deep_cache=_deep_cache_flag(args.deep_cache),
+                           freeu=tuple(args.freeu) if args.freeu else None)
     config = BatchConfig(args.jobs, args.model, args.out, batch_size=args.batch_size, workers=args.workers,
                          device=args.device, ray=args.ray is not None, ray_address=args.ray or None,
                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,

@@ -81,6 +81,9 @@ def add_parser(commands) -> None:
     gen.add_argument("--deep-cache", type=int, nargs="+", default=None, metavar=("N", "BRANCH"),
                      help="DeepCache feature reuse: a full UNet step every N steps, the others run only the layers "
                           "shallower than skip branch BRANCH (default 0, the fastest); N=1 is off")
+    gen.add_argument("--freeu", type=float, nargs=4, default=None, metavar=("S1", "S2", "B1", "B2"),
+                     help="FreeU (diffusers' enable_freeu): skip features' low frequencies times S1 / S2 and backbone "
+                          "features times B1 / B2 at the two deepest up stages (e.g. 0.9 0.2 1.5 1.6 for SD 1.5)")
     gen.add_argument("--from-png", default=None, metavar="PNG",
                      help="take prompt and settings from a PNG's A1111 parameters; flags given here override")
     gen.add_argument("--config", default=None, metavar="FOLDER",
@@ -168,7 +171,8 @@ def request_parameters(args):
 
 
 def _step_savings(args, params):
-    """--guidance-interval / --deep-cache over what the --from-png image recorded (checked by generation's reader)."""
+    """--guidance-interval / --deep-cache / --freeu over what the --from-png image recorded (checked by generation's
+    reader)."""
     from ..generation import step_savings
 
     try:
@@ -181,8 +185,10 @@ def _step_savings(args, params):
             fields = step_savings(deep_cache=args.deep_cache[0] if len(args.deep_cache) == 1 else args.deep_cache)
             params = params.replace(deep_cache_interval=fields["deep_cache_interval"],
                                     deep_cache_branch=fields["deep_cache_branch"])
+        if args.freeu is not None:
+            params = params.replace(freeu=step_savings(freeu=args.freeu)["freeu"])
     except ValueError as err:
-        raise fail(f"--guidance-interval / --deep-cache: {err}") from None
+        raise fail(f"--guidance-interval / --deep-cache / --freeu: {err}") from None
     return params
 
 

@@ -14,15 +14,69 @@ factors' truth value); here only ``None`` (``disable_freeu()``) turns it off, so
 
 Up blocks carry diffusers' attributes ``s1``, ``s2``, ``b1``, ``b2`` (``None``: off) and ``resolution_idx`` (their
 index among the UNet's up blocks); ``UNet2DConditionModel.enable_freeu`` sets the factors on every up block.
+:func:`check_freeu` reads a request's factors (command line, server, batch jobs), :func:`freeu_setting` gives a UNet's
+current ones, and :func:`freeu_for_call` turns them on for one pipeline call and restores the previous setting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
+from typing import Any, Iterator
 
 import torch
 
 FREEU_STAGES = 2  # up stages 0 and 1 (resolution_idx); the others join their skips unchanged
+FACTOR_NAMES = ("s1", "s2", "b1", "b2")  # the order of diffusers' enable_freeu(s1, s2, b1, b2)
+
+
+def check_freeu(value: Any) -> tuple[float, float, float, float] | None:
+    """A request's FreeU factors as ``(s1, s2, b1, b2)`` floats: from a list / tuple in that order or a mapping with
+    those keys; ``None`` is off. Raises ``ValueError`` naming what is wrong."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if set(value) != set(FACTOR_NAMES):
+            raise ValueError(f"freeu needs exactly the keys {', '.join(FACTOR_NAMES)}, got {sorted(value)}")
+        value = [value[name] for name in FACTOR_NAMES]
+    if not isinstance(value, (list, tuple)) or len(value) != len(FACTOR_NAMES):
+        raise ValueError(f"freeu must be the four factors [s1, s2, b1, b2] (the order of diffusers' enable_freeu; "
+                         f"e.g. [0.9, 0.2, 1.5, 1.6] for SD 1.5) or a mapping of them, got {value!r}")
+    for name, factor in zip(FACTOR_NAMES, value):
+        if not isinstance(factor, numbers.Real) or isinstance(factor, bool) or not math.isfinite(factor):
+            raise ValueError(f"freeu {name} must be a finite number, got {factor!r}")
+    return tuple(float(factor) for factor in value)  # type: ignore[return-value]
+
+
+def freeu_setting(unet) -> tuple[float, float, float, float] | None:
+    """``(s1, s2, b1, b2)`` as ``enable_freeu`` set them on ``unet``'s up blocks; None while FreeU is off."""
+    for block in getattr(unet, "up_blocks", ()):
+        factors = tuple(getattr(block, name, None) for name in FACTOR_NAMES)
+        if None not in factors:
+            return factors  # type: ignore[return-value]
+    return None
+
+
+@contextlib.contextmanager
+def freeu_for_call(unet, factors: tuple[float, float, float, float] | None) -> Iterator[None]:
+    """``unet`` with FreeU at ``factors`` inside the block and its own setting again after it (``None``: nothing
+    changes). The factors are module state: the caller runs one call on ``unet`` at a time (the server's worker
+    does)."""
+    if factors is None:
+        yield
+        return
+    if not hasattr(unet, "enable_freeu"):
+        raise ValueError(f"FreeU is not available for {type(unet).__name__}: it needs a UNet2DConditionModel (Stable "
+                         "Diffusion 1.x / 2.x / XL); leave freeu unset for this model")
+    before = [tuple(getattr(block, name) for name in FACTOR_NAMES) for block in unet.up_blocks]
+    unet.enable_freeu(*factors)
+    try:
+        yield
+    finally:
+        for block, values in zip(unet.up_blocks, before):
+            for name, value in zip(FACTOR_NAMES, values):
+                setattr(block, name, value)
 
 
 def _low_frequency_projection(size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +117,7 @@ class FreeUSkips:
         """(b, s) of this block's stage while FreeU is on, else None."""
         if self.resolution_idx is None or self.resolution_idx >= FREEU_STAGES:
             return None
-        if any(getattr(self, name) is None for name in ("s1", "s2", "b1", "b2")):
+        if any(getattr(self, name) is None for name in FACTOR_NAMES):
             return None
         return (self.b1, self.s1) if self.resolution_idx == 0 else (self.b2, self.s2)
 

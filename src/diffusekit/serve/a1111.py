@@ -54,10 +54,12 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] | None = None
     send_images: bool = True
     save_images: bool = False
-    # diffusekit's step savings (not A1111's; docs/SERVE.md): guidance only on the steps lo <= i / n < hi, and
-    # DeepCache feature reuse (an int cache_interval, or [cache_interval, cache_branch_id])
+    # diffusekit's own (not A1111's; docs/SERVE.md): the step savings, guidance only on the steps lo <= i / n < hi and
+    # DeepCache feature reuse (an int cache_interval, or [cache_interval, cache_branch_id]); FreeU's factors
+    # ([s1, s2, b1, b2] or {"s1": ..., ...}: diffusers' enable_freeu)
     guidance_interval: list[float] | None = None
     deep_cache: int | list[int] | None = None
+    freeu: list[float] | dict[str, float] | None = None
 
 
 MASK_BLUR_DEFAULT = 4  # A1111's, when a request leaves mask_blur out
@@ -130,7 +132,7 @@ def build_request(state, body: Txt2ImgRequest, *, img2img: bool, model: str | No
     if clip_skip is not None and (not isinstance(clip_skip, int) or clip_skip < 1):
         raise _unprocessable(f"override_settings.CLIP_stop_at_last_layers must be an int >= 1, got {clip_skip!r}")
     try:
-        savings = step_savings(body.guidance_interval, body.deep_cache)
+        savings = step_savings(body.guidance_interval, body.deep_cache, body.freeu)
     except ValueError as exc:
         raise _unprocessable(str(exc)) from None
     seed = random_seed() if body.seed is None or body.seed < 0 else body.seed

@@ -311,7 +311,7 @@ class Worker:
             # used (their sampling loop has no scale_model_input, which the Euler-type samplers need)
             params = params.replace(prompt="", negative_prompt="", cfg_scale=None, width=None, height=None,
                                     denoising_strength=None, sampler=None, schedule_type=None, guidance_interval=None,
-                                    deep_cache_interval=None, deep_cache_branch=None)
+                                    deep_cache_interval=None, deep_cache_branch=None, freeu=None)
             if request.image is not None:
                 job.error_kind = "input"
                 job._finish(FAILED, f"model {loaded.name} is unconditional ({type(pipe).__name__}): it has no "

@@ -201,6 +201,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--deep-cache", type=int, nargs="+", default=None, metavar=("N", "BRANCH"),
                            help="DeepCache feature reuse: a full UNet step every N steps, skip branch BRANCH "
                                 "(default 0) on the others (the pipelines' deep_cache)")
+            p.add_argument("--freeu", type=float, nargs=4, default=None, metavar=("S1", "S2", "B1", "B2"),
+                           help="FreeU's factors (the pipelines' enable_freeu)")
         p.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER,
                        help=f"classifier weights (trained and saved here if missing; default {DEFAULT_CLASSIFIER})")
         p.add_argument("--classifier-epochs", type=int, default=4)
@@ -287,6 +289,9 @@ def evaluate_text_to_image(args, classifier) -> dict:
 
     pipe = DiffusionPipeline.from_pretrained(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
+    freeu = tuple(args.freeu) if getattr(args, "freeu", None) else None
+    if freeu is not None:
+        pipe.enable_freeu(*freeu)
     pairs = [(label, color) for label in range(10) for color in COLORS]
     prompts = [prompt_for(label, color) for label, color in pairs for _ in range(args.per_prompt)]
     want_labels = np.array([label for label, _ in pairs for _ in range(args.per_prompt)])
@@ -326,6 +331,7 @@ def evaluate_text_to_image(args, classifier) -> dict:
         "guidance_scale": args.guidance_scale,
         "guidance_interval": list(interval) if interval else None,
         "deep_cache": list(args.deep_cache) if deep_cache is not None else None,
+        "freeu": list(freeu) if freeu else None,
         "sampling_seconds": round(seconds, 1),
         "class_match": float((labels == want_labels).mean()),
         "color_match": float(np.mean([g == w for g, w in zip(got_colors, want_colors)])),

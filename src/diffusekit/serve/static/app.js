@@ -128,6 +128,8 @@ function requestBody() {
   const interval = $("guidance_interval").value.trim();  // "lo-hi"; the server checks the numbers
   if (interval) body.guidance_interval = interval.split("-").map(Number);
   if (number("deep_cache") > 1) body.deep_cache = number("deep_cache");
+  const freeu = $("freeu").value.trim();  // "s1, s2, b1, b2"; the server checks the numbers
+  if (freeu) body.freeu = freeu.split(/[\s,]+/).map(Number);
   if (state.image) {
     body.init_images = [$("image-canvas").toDataURL("image/png")];
     body.denoising_strength = number("denoising_strength");
