@@ -65,11 +65,20 @@ def _unet_inputs(batch=2, size=8, seed=1):
 
 
 def test_unet_optimize_matches_eager_and_diffusers(tmp_path, monkeypatch):
-    # the tiny UNet's 3x3 layers go through Winograd (optimize()'s CPU default, here for every size): compiled into
-    # the package, within the exact path's bound of eager's direct convolutions and of diffusers
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    # the tiny UNet's 32-channel 3x3 layers go through Winograd (optimize()'s CPU default, its channel rule scaled
+    # down; every layer would double the build's 45 s): compiled into the package, within the exact path's bound of
+    # eager's direct convolutions and of diffusers
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 32)
     monkeypatch.setattr(winograd, "MIN_PIXELS", 1)
+    traced = []
+    real_conv2d = winograd.conv2d
+    monkeypatch.setattr(winograd, "conv2d", lambda x, weight, bias=None: traced.append(tuple(weight.shape[:2]))
+                        or real_conv2d(x, weight, bias))
     ours, ref = _unet_pair(tmp_path)
+    upsampler_conv = ours.up_blocks[0].upsamplers[0].conv
+    wide = [m for m in ours.modules() if isinstance(m, winograd.Conv2d) and m.kernel_size == (3, 3)
+            and min(m.in_channels, m.out_channels) >= 32 and m is not upsampler_conv]
+    assert len(wide) == 9
     sample, t, text = _unet_inputs()
     with torch.no_grad():
         eager = ours(sample, t, encoder_hidden_states=text).sample
@@ -82,6 +91,8 @@ def test_unet_optimize_matches_eager_and_diffusers(tmp_path, monkeypatch):
         again = ours(sample, t, encoder_hidden_states=text, return_dict=False)
         explicit = ours(sample, t, encoder_hidden_states=text, return_dict=True)
     assert call.stats["compiled"] == 3 and call.stats["eager_fallback"] == 0 and call.stats["compiles"] == 0
+    # traced into the package: every wide layer but the upsampler's (computed before its upsampling), no other
+    assert sorted(traced) == sorted((m.out_channels, m.in_channels) for m in wide), traced
     # one package (code only, bound to the live weights) serves every return_dict: the tuple is made outside
     assert call.stats["aoti_builds"] == 1 and len(call.packages.loaded) == 1, call.stats
     (package,) = call.packages.loaded.values()
