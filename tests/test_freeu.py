@@ -119,3 +119,30 @@ def test_freeu_switched_after_optimize_recompiles(tmp_path):
         torch.testing.assert_close(ours(*inputs).sample, eager_freeu, rtol=1e-5, atol=1e-5)
         ours.disable_freeu()
         torch.testing.assert_close(ours(*inputs).sample, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_off_is_one_package_key_however_it_was_reached():
+    """Compiled packages are keyed on module attributes: a UNet whose FreeU was switched on and off again (by
+    ``disable_freeu`` or by a per-call setting's restore, also after a failing call) keys like one that never had it,
+    so switching back to plain requests reuses the plain package."""
+    from diffusekit.aot_packages import structure
+    from diffusekit.models.freeu import freeu_for_call
+
+    ours, _ = _unets()
+    never = structure(ours)
+    ours.enable_freeu(**SD15_FREEU)
+    assert structure(ours) != never
+    ours.disable_freeu()
+    assert structure(ours) == never
+    with pytest.raises(RuntimeError, match="mid-call"):
+        with freeu_for_call(ours, [0.9, 0.2, 1.5, 1.6]):
+            assert ours.up_blocks[0].b1 == 1.5
+            raise RuntimeError("mid-call")
+    assert structure(ours) == never and ours.up_blocks[0].b1 is None
+    ours.enable_freeu(s1=1, s2=1, b1=1, b2=2)  # a pipeline's own setting comes back after a call's factors
+    with freeu_for_call(ours, (0.9, 0.2, 1.5, 1.6)):
+        assert ours.up_blocks[1].b2 == 1.6
+    assert (ours.up_blocks[1].b2, ours.up_blocks[0].s1) == (2.0, 1.0)
+    with pytest.raises(ValueError, match="freeu b1 must be a finite number"):
+        with freeu_for_call(ours, (0.9, 0.2, float("inf"), 1.6)):
+            pass

@@ -543,3 +543,5 @@ def test_sdxl_pipeline_optimize_matches_eager(tmp_path):
     assert opt.compiled_call(pipe.unet).stats["aoti_builds"] == 2  # the FreeU factors key their own package
     assert_matches(torch.from_numpy(fast_freeu), torch.from_numpy(eager_freeu))
     assert np.abs(fast_freeu - fast[0]).max() > 1e-3  # FreeU changed the image
+    again = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images  # FreeU off again: the first package
+    assert opt.compiled_call(pipe.unet).stats["aoti_builds"] == 2 and np.array_equal(again, fast)

@@ -175,10 +175,10 @@ def test_page_sends_the_step_savings(server, browser):
     page.fill("#steps", "4")
     page.fill("#guidance_interval", "0.2-0.8")
     page.fill("#deep_cache", "3")
-    page.fill("#freeu", "0.9, 0.2 1.5,1.6")
+    page.fill("#freeu", "0.9, 0.2 1.5,1.6,")  # spaces, commas, a trailing comma
     page.click("#generate")
     wait_images_loaded(page, 1)
     text = page.locator("#gallery .card pre").first.inner_text()
     assert "Guidance interval: 0.2-0.8, Deep cache interval: 3, Deep cache branch: 0, " \
-           "FreeU: s1=0.9 s2=0.2 b1=1.5 b2=1.6" in text
+           "FreeU: b1=1.5 b2=1.6 s1=0.9 s2=0.2" in text
     page.close()

@@ -63,15 +63,23 @@ def test_infotext_round_trip():
     params = GenerationParameters(prompt="a", steps=20, cfg_scale=4, seed=3, **SAVINGS, freeu=FREEU)
     text = params.to_infotext()
     assert "Guidance interval: 0.2-0.8, Deep cache interval: 2, Deep cache branch: 1, " \
-           "FreeU: s1=0.9 s2=0.2 b1=1.5 b2=1.6" in text
+           "FreeU: b1=1.5 b2=1.6 s1=0.9 s2=0.2" in text
     assert GenerationParameters.from_infotext(text) == params
     plain = GenerationParameters(prompt="a", steps=2, seed=1).to_infotext()
     assert "Guidance" not in plain and "FreeU" not in plain  # only when used
     with pytest.raises(ValueError, match="'Guidance interval' should be lo-hi"):
         GenerationParameters.from_infotext("a\nSteps: 2, Seed: 1, Guidance interval: most")
-    for bad in ("s1=0.9 s2=0.2 b1=1.5", "s1=0.9 s2=0.2 b1=1.5 b1=1.6", "s1=0.9 s2=0.2 b1=1.5 b2=big"):
-        with pytest.raises(ValueError, match=r"'FreeU' should be s1=\.\. s2=\.\. b1=\.\. b2=\.\."):
-            GenerationParameters.from_infotext(f"a\nSteps: 2, Seed: 1, FreeU: {bad}")
+    # SD.Next writes the same key and shape (b1 first); any order reads
+    assert GenerationParameters.from_infotext("a\nSteps: 2, Seed: 1, FreeU: s2=0.2 b2=1.6 s1=0.9 b1=1.5").freeu == FREEU
+    # other shapes under the key (the sd-webui-freeu extension's JSON, broken text) stay text, written back as read,
+    # and a typed value replaces them rather than being written beside them
+    extension = json.dumps(json.dumps({"backbone_factors": [1.2, 1.4], "skip_factors": [0.9, 0.2]}))
+    for bad in ("s1=0.9 s2=0.2 b1=1.5", "s1=0.9 s2=0.2 b1=1.5 b1=1.6", "s1=0.9 s2=0.2 b1=1.5 b2=big", extension):
+        text = f"a\nSteps: 2, Seed: 1, FreeU: {bad}"
+        params = GenerationParameters.from_infotext(text)
+        assert params.freeu is None and params.extra["FreeU"] == (json.loads(bad) if bad == extension else bad)
+        assert params.to_infotext() == text
+        assert params.replace(freeu=FREEU).to_infotext() == "a\nSteps: 2, Seed: 1, FreeU: b1=1.5 b2=1.6 s1=0.9 s2=0.2"
 
 
 def test_generate_runs_and_records_them(sd_pipe):
@@ -119,6 +127,25 @@ def test_generate_applies_freeu_for_the_call_only(sd_pipe):
     assert not np.array_equal(_pixels(plain.images[0]), _pixels(direct))
     # factors of 1 leave every feature as it is: FreeU at (1, 1, 1, 1) is the plain image to float32 rounding
     assert np.abs(_pixels(other.images[0]) - _pixels(plain.images[0])).max() <= 1
+
+
+def test_cli_from_png_of_another_tools_freeu_makes_the_image_without_it(tmp_path, capsys):
+    from diffusekit.infotext import save_png
+
+    out = tmp_path / "plain.png"
+    args = ["--steps", "2", "--width", "32", "--height", "32", "--seed", "3", "--num-images", "1"]
+    assert main(["generate", SD, "--prompt", PROMPT, *args, "--out", str(out)]) == 0
+    params = GenerationParameters.from_infotext(read_parameters(out))
+    extension = json.dumps({"backbone_factors": [1.2, 1.4], "skip_factors": [0.9, 0.2]})  # sd-webui-freeu's shape
+    with Image.open(out) as image:
+        save_png(image, tmp_path / "other.png", params.replace(extra={**params.extra, "FreeU": extension}))
+    again = tmp_path / "again.png"
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(tmp_path / "other.png"), "--out", str(again)]) == 0
+    assert "is not diffusers' four factors" in capsys.readouterr().err
+    assert "FreeU" not in read_parameters(again)
+    with Image.open(out) as a, Image.open(again) as b:
+        np.testing.assert_array_equal(_pixels(a), _pixels(b))
 
 
 def test_generate_refuses_freeu_without_a_conditional_unet():
@@ -189,7 +216,8 @@ def test_serve_request_fields(sd_pipe):
         assert json.loads(answer.json()["info"])["infotexts"] == [text]
         for bad, words in (({"deep_cache": 0}, "cache_interval"), ({"guidance_interval": [1, 0]}, "guidance_interval"),
                            ({"deep_cache": [2, 99]}, "cache_branch_id must be below 4"),
-                           ({"freeu": [1, 2]}, "four factors [s1, s2, b1, b2]")):
+                           ({"freeu": [1, 2]}, "four factors [s1, s2, b1, b2]"),
+                           ({"freeu": ["0.9", 0.2, 1.5, 1.6]}, "freeu s1 must be a finite number")):
             answer = requests.post(f"{url}/sdapi/v1/txt2img", json={**body, **bad}, timeout=120)
             assert answer.status_code == 422 and words in answer.text, answer.text
         job = requests.post(f"{url}/v1/jobs", json={**body, "deep_cache": 3}, timeout=60)  # the job API too

@@ -158,7 +158,9 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     ``params.guidance_interval`` / ``deep_cache_interval`` / ``deep_cache_branch`` are the opt-in step savings
     (:func:`step_savings`); without them a pipeline's own ``enable_deep_cache`` setting holds and is recorded.
     ``params.freeu`` turns FreeU on for this call only (``pipe.unet``'s own setting is restored after it); without
-    it the UNet's own ``enable_freeu`` setting holds and is recorded.
+    it the UNet's own ``enable_freeu`` setting holds and is recorded. FreeU is module state: calls with factors on
+    one UNet run one at a time, and other threads' calls on the same pipeline meanwhile would see them
+    (:func:`diffusekit.models.freeu.freeu_for_call`).
 
     ``params`` may be a list of requests that share size, steps, sampler, CFG scale and strength
     (:data:`SHARED_FIELDS`) but not prompts or seeds: they run through the model in one batch, each giving
@@ -257,6 +259,7 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     kwargs.update(pipeline_kwargs)
     from .models.freeu import freeu_for_call, freeu_setting
 
+    own_freeu = freeu_setting(getattr(run, "unet", None)) if params.freeu is None else None  # enable_freeu() holds
     with freeu_for_call(getattr(run, "unet", run), params.freeu):
         output = run(**kwargs)
     images = list(output.images)
@@ -277,9 +280,8 @@ def generate(pipe, params: GenerationParameters | list[GenerationParameters], *,
     else:
         if params.deep_cache_interval is None and getattr(run, "deep_cache", None) is not None:
             per_image = [_with_pipeline_deep_cache(p, run.deep_cache) for p in per_image]
-        own = freeu_setting(getattr(run, "unet", None)) if params.freeu is None else None
-        if own is not None:  # pipe.enable_freeu() holds for requests without their own factors
-            per_image = [p.replace(freeu=own) for p in per_image]
+        if own_freeu is not None:  # recorded for requests without their own factors
+            per_image = [p.replace(freeu=own_freeu) for p in per_image]
     if (params.width is None or params.height is None) and images and hasattr(images[0], "size"):
         per_image = [p.replace(width=im.size[0], height=im.size[1]) for p, im in zip(per_image, images)]
     return GenerationResult(images, per_image, getattr(output, "nsfw_content_detected", None))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -48,19 +49,25 @@ def _format_interval(value: tuple[float, float]) -> str:
     return "-".join(format_value(float(v)) for v in value)
 
 
-_FREEU_NAMES = ("s1", "s2", "b1", "b2")  # diffusers' enable_freeu order
+FREEU_KEY = "FreeU"  # the key of GenerationParameters.freeu; other tools write other shapes under it
+_FREEU_NAMES = ("s1", "s2", "b1", "b2")  # diffusers' enable_freeu order: the tuple's
+_FREEU_WRITTEN = ("b1", "b2", "s1", "s2")  # the order SD.Next writes its "FreeU" value in (diffusers' FreeU too)
 
 
 def _freeu(text: str) -> tuple[float, float, float, float]:
-    """``"s1=0.9 s2=0.2 b1=1.5 b2=1.6"`` -> ``(0.9, 0.2, 1.5, 1.6)`` (diffusekit's "FreeU" value)."""
+    """``"b1=1.5 b2=1.6 s1=0.9 s2=0.2"`` (any order) -> ``(s1, s2, b1, b2)`` = ``(0.9, 0.2, 1.5, 1.6)``."""
     pairs = dict(part.partition("=")[::2] for part in text.split())
     if sorted(pairs) != sorted(_FREEU_NAMES) or len(text.split()) != len(_FREEU_NAMES):
         raise ValueError(text)
-    return tuple(float(pairs[name]) for name in _FREEU_NAMES)  # type: ignore[return-value]
+    factors = tuple(float(pairs[name]) for name in _FREEU_NAMES)
+    if not all(math.isfinite(f) for f in factors):
+        raise ValueError(text)
+    return factors  # type: ignore[return-value]
 
 
 def _format_freeu(value: tuple[float, float, float, float]) -> str:
-    return " ".join(f"{name}={format_value(float(v))}" for name, v in zip(_FREEU_NAMES, value))
+    named = dict(zip(_FREEU_NAMES, value))
+    return " ".join(f"{name}={format_value(float(named[name]))}" for name in _FREEU_WRITTEN)
 
 
 # typed fields: dataclass field -> (A1111 key, type or parser). The order is A1111's order on the parameter line;
@@ -79,10 +86,13 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "guidance_interval": ("Guidance interval", _interval),
     "deep_cache_interval": ("Deep cache interval", int),
     "deep_cache_branch": ("Deep cache branch", int),
-    "freeu": ("FreeU", _freeu),
+    "freeu": (FREEU_KEY, _freeu),
 }
 _FORMATTERS = {"guidance_interval": _format_interval, "freeu": _format_freeu}
-_SHAPES = {_interval: "lo-hi", _freeu: "s1=.. s2=.. b1=.. b2=.."}  # what a parser reads, for its error
+_SHAPES = {_interval: "lo-hi"}  # what a parser reads, for its error
+# keys other tools write in other shapes: a value of another shape is kept as text in ``extra`` (the sd-webui-freeu
+# extension writes "FreeU" as JSON of its own settings), not refused
+_SHARED_KEYS = {"freeu"}
 _BY_KEY = {key: (name, kind) for name, (key, kind) in _FIELDS.items()}
 
 
@@ -175,7 +185,8 @@ class GenerationParameters:
                 if name == "size" else getattr(self, name)
             if value is not None:
                 pairs.append((key, _FORMATTERS[name](value) if name in _FORMATTERS else value))
-        pairs.extend(self.extra.items())
+        written = {key for key, _ in pairs}  # a typed value wins over text kept under its key (--from-png + a flag)
+        pairs.extend((key, value) for key, value in self.extra.items() if key not in written)
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"{_NEGATIVE} {self.negative_prompt}")
@@ -200,6 +211,9 @@ class GenerationParameters:
             try:
                 setattr(params, name, kind(value))
             except ValueError:
+                if name in _SHARED_KEYS:
+                    params.extra[key] = value
+                    continue
                 what = _SHAPES.get(kind) or kind.__name__
                 raise ValueError(f"infotext: {key!r} should be {what}, got {value!r}") from None
         return params

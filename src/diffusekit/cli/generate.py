@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 # flag (argparse dest) -> (GenerationParameters field, default). A flag left out takes the value recorded in the
@@ -160,6 +161,12 @@ def request_parameters(args):
     if args.mask is not None and blur not in (0, "0"):
         params.extra[MASK_BLUR_KEY] = int(blur) if isinstance(blur, float) and blur.is_integer() else blur
     params = _step_savings(args, params)
+    from ..infotext import FREEU_KEY
+
+    foreign = params.extra.pop(FREEU_KEY, None)  # another tool's FreeU settings (not diffusers' four factors)
+    if foreign is not None and params.freeu is None:
+        print(f"diffusekit generate: the PNG's {FREEU_KEY} entry {foreign!r} is not diffusers' four factors (another "
+              "tool's FreeU); this image is made without it (--freeu S1 S2 B1 B2 sets FreeU)", file=sys.stderr)
     for key in RECOMPUTED_KEYS:  # describe this run's files, written again from the files given now
         params.extra.pop(key, None)
     syntax = args.prompt_syntax or params.extra.pop(PROMPT_SYNTAX_KEY, "a1111")

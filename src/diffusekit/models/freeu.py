@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import threading
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -58,25 +60,45 @@ def freeu_setting(unet) -> tuple[float, float, float, float] | None:
     return None
 
 
+def set_factors(block, factors: tuple[float | None, ...]) -> None:
+    """Set an up block's ``(s1, s2, b1, b2)``; ``None`` removes the instance attribute (the class default, off), so
+    a UNet with FreeU switched off has the same attributes as one that never had it (compiled packages are keyed on
+    module attributes: off must be one key)."""
+    for name, value in zip(FACTOR_NAMES, factors):
+        if value is None:
+            vars(block).pop(name, None)
+        else:
+            setattr(block, name, float(value))
+
+
+_CALL_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
-def freeu_for_call(unet, factors: tuple[float, float, float, float] | None) -> Iterator[None]:
-    """``unet`` with FreeU at ``factors`` inside the block and its own setting again after it (``None``: nothing
-    changes). The factors are module state: the caller runs one call on ``unet`` at a time (the server's worker
-    does)."""
+def freeu_for_call(unet, factors: Any) -> Iterator[None]:
+    """``unet`` with FreeU at ``factors`` (checked by :func:`check_freeu`) inside the block and its own setting again
+    after it, also when the call fails (``None``: nothing changes). The factors are module state: calls with factors
+    on one UNet run one at a time (a lock per UNet), and a call without factors on another thread meanwhile would see
+    them, so threads sharing a pipeline keep FreeU per pipeline (``enable_freeu``) or run one call at a time (the
+    server's worker does)."""
+    factors = check_freeu(factors)
     if factors is None:
         yield
         return
     if not hasattr(unet, "enable_freeu"):
         raise ValueError(f"FreeU is not available for {type(unet).__name__}: it needs a UNet2DConditionModel (Stable "
                          "Diffusion 1.x / 2.x / XL); leave freeu unset for this model")
-    before = [tuple(getattr(block, name) for name in FACTOR_NAMES) for block in unet.up_blocks]
-    unet.enable_freeu(*factors)
-    try:
-        yield
-    finally:
-        for block, values in zip(unet.up_blocks, before):
-            for name, value in zip(FACTOR_NAMES, values):
-                setattr(block, name, value)
+    with _LOCKS_GUARD:
+        lock = _CALL_LOCKS.setdefault(unet, threading.Lock())
+    with lock:
+        before = [tuple(getattr(block, name) for name in FACTOR_NAMES) for block in unet.up_blocks]
+        unet.enable_freeu(*factors)
+        try:
+            yield
+        finally:
+            for block, values in zip(unet.up_blocks, before):
+                set_factors(block, values)
 
 
 def _low_frequency_projection(size: int) -> tuple[torch.Tensor, torch.Tensor]:

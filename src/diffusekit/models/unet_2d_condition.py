@@ -39,6 +39,7 @@ from . import unet_2d_condition_blocks, unet_blocks  # noqa: F401  (register the
 from .attention import fuse_qkv_projections, set_attention_slice
 from .deep_cache import DeepCacheStep
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from .freeu import set_factors
 from .registry import get_block
 from .resnet import get_activation
 from .transformer_2d import mask_to_bias
@@ -353,12 +354,12 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
                 raise ValueError(f"UNet2DConditionModel.enable_freeu: {name} must be a number, got {value!r} (use "
                                  "disable_freeu() to turn FreeU off)")
         for block in self.up_blocks:
-            block.s1, block.s2, block.b1, block.b2 = float(s1), float(s2), float(b1), float(b2)
+            set_factors(block, (s1, s2, b1, b2))
 
     def disable_freeu(self) -> None:
         """Turn FreeU off (every up block's ``s1``, ``s2``, ``b1``, ``b2`` back to ``None``)."""
         for block in self.up_blocks:
-            block.s1 = block.s2 = block.b1 = block.b2 = None
+            set_factors(block, (None,) * 4)
 
     def fuse_qkv_projections(self) -> None:
         """diffusers' API: every attention layer computes q, k, v (k, v for cross-attention) in one matrix product;

@@ -59,7 +59,7 @@ class Txt2ImgRequest(BaseModel):
     # ([s1, s2, b1, b2] or {"s1": ..., ...}: diffusers' enable_freeu)
     guidance_interval: list[float] | None = None
     deep_cache: int | list[int] | None = None
-    freeu: list[float] | dict[str, float] | None = None
+    freeu: list[Any] | dict[str, Any] | None = None  # checked by step_savings (no lax conversion of "0.9" / true)
 
 
 MASK_BLUR_DEFAULT = 4  # A1111's, when a request leaves mask_blur out

@@ -289,7 +289,9 @@ def evaluate_text_to_image(args, classifier) -> dict:
 
     pipe = DiffusionPipeline.from_pretrained(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    freeu = tuple(args.freeu) if getattr(args, "freeu", None) else None
+    from ..generation import step_savings
+
+    freeu = step_savings(freeu=args.freeu)["freeu"] if getattr(args, "freeu", None) else None
     if freeu is not None:
         pipe.enable_freeu(*freeu)
     pairs = [(label, color) for label in range(10) for color in COLORS]

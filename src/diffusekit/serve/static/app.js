@@ -129,7 +129,7 @@ function requestBody() {
   if (interval) body.guidance_interval = interval.split("-").map(Number);
   if (number("deep_cache") > 1) body.deep_cache = number("deep_cache");
   const freeu = $("freeu").value.trim();  // "s1, s2, b1, b2"; the server checks the numbers
-  if (freeu) body.freeu = freeu.split(/[\s,]+/).map(Number);
+  if (freeu) body.freeu = freeu.split(/[\s,]+/).filter(Boolean).map(Number);
   if (state.image) {
     body.init_images = [$("image-canvas").toDataURL("image/png")];
     body.denoising_strength = number("denoising_strength");
