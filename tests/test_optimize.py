@@ -529,7 +529,8 @@ def test_sdxl_pipeline_optimize_matches_eager(tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(tmp_path / "sdxl"))
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt="a red dress", num_inference_steps=2, height=64, width=64, output_type="np")
-    params = GenerationParameters(prompt="a red dress", steps=2, seed=0, width=64, height=64, freeu=(0.9, 0.2, 1.5, 1.6))
+    params = GenerationParameters(prompt="a red dress", steps=2, seed=0, width=64, height=64,
+                                  freeu=(0.9, 0.2, 1.5, 1.6))
     eager = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
     eager_freeu = generate(pipe, params, output_type="np").images[0]
     assert pipe.optimize(cache_dir=tmp_path / "cache") is pipe

@@ -43,8 +43,8 @@ def _pixels(image) -> np.ndarray:
 def test_reader_checks_and_normalises():
     assert step_savings() == {"guidance_interval": None, "deep_cache_interval": None, "deep_cache_branch": None,
                               "freeu": None}
-    assert step_savings([0.2, 0.8], [3, 1], [1, 0, 2, 1]) == {
-        "guidance_interval": (0.2, 0.8), "deep_cache_interval": 3, "deep_cache_branch": 1, "freeu": (1.0, 0.0, 2.0, 1.0)}
+    assert step_savings([0.2, 0.8], [3, 1], [1, 0, 2, 1]) == {"guidance_interval": (0.2, 0.8), "deep_cache_interval": 3,
+                                                              "deep_cache_branch": 1, "freeu": (1.0, 0.0, 2.0, 1.0)}
     assert step_savings(deep_cache=2)["deep_cache_branch"] == 0
     assert step_savings(freeu={"b2": 1.6, "b1": 1.5, "s2": 0.2, "s1": 0.9})["freeu"] == FREEU
     for bad in ({"guidance_interval": [0.8, 0.2]}, {"guidance_interval": [0.5]}, {"deep_cache": 0},

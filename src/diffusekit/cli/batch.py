@@ -10,9 +10,9 @@ def add_parser(commands) -> None:
     batch = commands.add_parser("batch", help="one PNG per job of a JSON-lines file, locally or on Ray (docs/BATCH.md)",
                                 description="Run every job of JOBS (JSON lines: id, prompt, negative_prompt, seed, "
                                 "steps, guidance_scale, width, height, sampler, image, mask, strength, "
-                                "guidance_interval, deep_cache, freeu) not done yet; flags give the defaults for keys a job "
-                                "leaves out. Writes DIR/<id>.png and DIR/manifest.jsonl; re-running the same command "
-                                "resumes.")
+                                "guidance_interval, deep_cache, freeu) not done yet; flags give the defaults for keys "
+                                "a job leaves out. Writes DIR/<id>.png and DIR/manifest.jsonl; re-running the same "
+                                "command resumes.")
     batch.add_argument("jobs", help="JSON-lines file, one job per line")
     batch.add_argument("--model", required=True, help="diffusers-format pipeline folder, hub repo id or bundled name")
     batch.add_argument("--out", required=True, help="output folder (PNGs named by job id, manifest.jsonl)")
