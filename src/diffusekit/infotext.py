@@ -89,7 +89,6 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "freeu": (FREEU_KEY, _freeu),
 }
 _FORMATTERS = {"guidance_interval": _format_interval, "freeu": _format_freeu}
-_SHAPES = {_interval: "lo-hi"}  # what a parser reads, for its error
 # keys other tools write in other shapes: a value of another shape is kept as text in ``extra`` (the sd-webui-freeu
 # extension writes "FreeU" as JSON of its own settings), not refused
 _SHARED_KEYS = {"freeu"}
@@ -214,7 +213,7 @@ class GenerationParameters:
                 if name in _SHARED_KEYS:
                     params.extra[key] = value
                     continue
-                what = _SHAPES.get(kind) or kind.__name__
+                what = "lo-hi" if kind is _interval else kind.__name__
                 raise ValueError(f"infotext: {key!r} should be {what}, got {value!r}") from None
         return params
 

@@ -291,7 +291,7 @@ def evaluate_text_to_image(args, classifier) -> dict:
     pipe.set_progress_bar_config(disable=True)
     from ..generation import step_savings
 
-    freeu = step_savings(freeu=args.freeu)["freeu"] if getattr(args, "freeu", None) else None
+    freeu = step_savings(freeu=getattr(args, "freeu", None))["freeu"]
     if freeu is not None:
         pipe.enable_freeu(*freeu)
     pairs = [(label, color) for label in range(10) for color in COLORS]
