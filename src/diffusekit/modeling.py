@@ -317,7 +317,8 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
                  dynamic: bool | None = False, mode: str | None = None,
                  options: dict[str, Any] | None = None, release_weights: bool = True,
                  packages: bool | None = None, reuse_memory: bool = True) -> "ModelMixin":
-        """Compile this model for faster inference, outputs within 1e-5 relative of eager fp32; returns ``self``.
+        """Compile this model for faster inference, outputs within 1e-5 relative of eager fp32 (an int8 model:
+        within float rounding of its simulated int8); returns ``self``.
 
         CPU: inductor (fused C++ kernels; freezing opt-in via ``options={"freezing": True}``, automatic for int8
         QDQ models) under ``torch.no_grad()`` / ``inference_mode``;
@@ -325,8 +326,8 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         cached on disk (``cache_dir``, default ``diffusekit.optimize.default_cache_dir()``). By default (CPU,
         static shapes) each input shape is built once per machine into an AOTInductor package that later processes
         load in seconds (``diffusekit.aot_packages``; the exact path's hold code only and run on the model's own
-        weights); a call a package cannot serve (forward hooks such as unfused LoRA, numeric or object arguments)
-        uses ``torch.compile``. ``packages=False``: always ``torch.compile`` (its FX-graph cache spares the C++ build
+        weights); a call a package cannot serve (forward hooks such as unfused LoRA, numeric arguments, objects other
+        than DeepCache's step) uses ``torch.compile``. ``packages=False``: always ``torch.compile`` (its FX-graph cache spares the C++ build
         only). Grad mode runs eager; no compiler -> one warning, eager.
         ``release_weights``: give the memory-mapped checkpoint pages back to the OS once the compiled code has its
         pre-packed copies (about one copy of the weights in memory instead of two). ``reuse_memory`` (CPU): malloc

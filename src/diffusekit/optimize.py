@@ -25,13 +25,16 @@ Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-o
   interval), and the persistent cache makes each shape a one-time cost per machine.
 - **Persistent cache**: ``default_cache_dir()`` (env ``DIFFUSEKIT_CACHE_DIR``, else
   ``$XDG_CACHE_HOME/diffusekit/compile``, else ``~/.cache/diffusekit/compile``), one folder per torch + diffusekit
-  version: the packages (``aoti/``) and, for the ``torch.compile`` path, inductor's own FX-graph cache. Entries hold generated code only, never weights (the compiled code takes
-  the parameters as inputs), keyed by inductor on the graph's structure, shapes, dtypes and settings: a fine-tune of
-  the same architecture shares the entry and a changed weight can never
-  be served stale. The cache is only set while our compiled models run (the ``TORCHINDUCTOR_CACHE_DIR`` of the rest
-  of the process is untouched); a user's own ``TORCHINDUCTOR_CACHE_DIR`` wins. Nothing is written at import.
-- **Fallbacks** (never a crash, one warning): no C++ compiler (CPU) or no inductor -> eager; a compile that fails
-  (e.g. a corrupt cache entry, an op inductor cannot lower) -> retried once without the cache, then eager. Grad mode
+  version: the packages (``aoti/``) and, for the ``torch.compile`` path, inductor's own FX-graph cache. Exact
+  packages and unfrozen FX-graph entries hold generated code only (the compiled code takes the parameters as
+  inputs), keyed on the graph's structure, shapes, dtypes and settings: a fine-tune of the same architecture shares
+  the entry and a changed weight can never be served stale. Frozen packages (int8, ``freezing``) hold their
+  pre-packed weights and their key hashes them. The cache is only set while our compiled models run (the
+  ``TORCHINDUCTOR_CACHE_DIR`` of the rest of the process is untouched); a user's own ``TORCHINDUCTOR_CACHE_DIR``
+  wins over the default folder, an explicit ``cache_dir`` over both. Nothing is written at import.
+- **Fallbacks** (never a crash; a warning for each step down): no C++ compiler (CPU) or no inductor -> eager, one
+  warning; a package build that fails -> ``torch.compile`` in the process; a compile that fails (e.g. a corrupt
+  cache entry, an op inductor cannot lower) -> retried once without diffusekit's cache folder, then eager. Grad mode
   -> eager (autograd unchanged). Weights changed in place or replaced after optimize() (``load_state_dict``,
   ``fuse_lora``): an exact package or an unfrozen ``torch.compile`` graph takes the live parameters as inputs, so it
   just uses them; a frozen one is recompiled on the next call (it gets a new package, since its weights are part of

@@ -23,9 +23,10 @@ SD 1.5's 1280-channel weights, 1.4 GB), an edited weight is never stale, and the
 layer's (compiled: the weights with their nine taps as planes, then their transform; eagerly its steps hold a few
 layers' worth for a moment).
 
-All three work with the channels innermost: the padded input is laid out ``(N, H + 2, W + 2, C)`` (told to
-inductor when compiled, :func:`_dense`), the transforms and products read and write whole rows of channels, and
-the output is ``(N, H, W, C_out)`` returned as a channels-last view of ``(N, C_out, H, W)``.
+Winograd and the fused upsampler work with the channels innermost: the padded input is laid out
+``(N, H + 2, W + 2, C)`` (told to inductor when compiled, :func:`_dense`), the transforms and products read and
+write whole rows of channels, and the output is ``(N, H, W, C_out)`` returned as a channels-last view of
+``(N, C_out, H, W)``. :func:`gemm_conv2d` unfolds a channels-first input and returns a plain ``(N, C_out, H, W)``.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and checkpoint keys) with two faster algorithms for the calls :func:`serves`:
     :func:`conv2d` (Winograd) where its ``winograd`` is True and Winograd :func:`pays`, and :func:`gemm_conv2d` (one
     matrix product) where its ``gemm`` is True and the product :func:`gemm_pays` (fewer pixels than Winograd needs).
-    Both switches are ``None`` (direct) until ``optimize()`` of a float UNet on the CPU sets them; set one to
+    Both switches are ``None`` (direct) until ``optimize()`` of a float ``UNet2DConditionModel`` on the CPU sets them; set one to
     ``False`` to keep a layer off that algorithm there."""
 
     def __init__(self, *args, **kwargs) -> None:

@@ -90,7 +90,8 @@ def quantize_model(
     or a single tensor; or a callable that runs the model itself (``pipe.quantize`` passes one that runs the whole
     pipeline). Every ``nn.Conv2d`` / ``nn.Linear`` that the calibration reaches and that ``modules_to_not_convert``
     (module-path patterns; default ``DEFAULT_MODULES_TO_NOT_CONVERT``) does not name becomes an int8 layer; the layers
-    calibration never reached stay float32. ``observer``: ``"minmax"`` (default) or ``"percentile"``.
+    calibration never reached stay float32. ``observer``: ``"minmax"`` (default), ``"percentile"`` or
+    ``"average"`` (the mean of each call's range).
 
     The result runs eagerly as simulated int8 (correct, not fast); ``model.optimize()`` (or ``torch.compile`` with
     inductor freezing) turns it into oneDNN int8 kernels. A ``ModelMixin`` records ``quantization_config`` in its
