@@ -9,6 +9,8 @@
   serve [--models DIR] [--port 7860]   HTTP server: A1111-compatible API, job API, web page (diffusekit[serve])
   batch JOBS.jsonl --model M --out DIR one PNG per JSON-lines job + manifest.jsonl, resumable; --ray for a cluster
   convert SRC DST                      single-file checkpoint (.safetensors/.ckpt) <-> diffusers folder
+  quantize MODEL OUT                   int8 copy of a pipeline, calibrated on its own runs (CPU); run it with
+                                       --optimize (generate, serve, batch), as any model gets the compiled fast path
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 # command -> module of diffusekit.cli with add_parser(commands) and run(args) -> int. One line per command.
 COMMANDS: dict[str, str] = {
     "generate": "generate",
+    "quantize": "quantize",
     "demo": "demo",
     "serve": "serve",
     "batch": "batch",

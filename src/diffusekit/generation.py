@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 from .infotext import GenerationParameters
 
-__all__ = ["SHARED_FIELDS", "GenerationResult", "generate", "random_seed", "request_pipeline", "step_savings",
-           "task_of"]
+__all__ = ["SHARED_FIELDS", "GenerationResult", "fast_path", "generate", "random_seed", "request_pipeline",
+           "step_savings", "task_of"]
 
 SEED_RANGE = 2**32  # A1111 draws random seeds below 2**32
 
@@ -60,6 +60,26 @@ def request_pipeline(pipe, task: str, sampler: str | None = None):
     if getattr(pipe, "deep_cache", None) is not None:  # enable_deep_cache() on pipe holds for its requests
         run._deep_cache_default = pipe.deep_cache
     return run
+
+
+def fast_path(pipe, optimize: bool) -> str | None:
+    """The surfaces' ``--optimize`` (``generate``, ``serve``, ``batch``) on a loaded pipeline: ``pipe.optimize()``
+    when ``optimize`` (the compiled exact path; the int8 kernels for a model written by ``diffusekit quantize``).
+    Without it, returns a note for the user when ``pipe`` holds int8 layers, which then only simulate int8 (slower
+    than float32); otherwise ``None``."""
+    from torch import nn
+
+    from .optimize import _is_quantized
+
+    if optimize:
+        pipe.optimize()
+        return None
+    quantized = [name for name, component in sorted(pipe.components.items())
+                 if isinstance(component, nn.Module) and _is_quantized(component)]
+    if quantized:
+        return (f"the {' and '.join(quantized)} of this model are int8: without --optimize they simulate int8 in "
+                "float32, slower than the float model; add --optimize for the int8 kernels")
+    return None
 
 
 @dataclasses.dataclass

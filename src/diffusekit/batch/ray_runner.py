@@ -58,7 +58,6 @@ def ray_results(batches: list[list[Job]], config, worker_cls) -> Iterator[list[d
         options["num_gpus"] = config.gpus_per_worker
     dataset = dataset.map_batches(
         _RayBatchActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.workers), zero_copy_batch=True,
-        fn_constructor_kwargs={"worker_cls": worker_cls, "model": config.model, "device": config.device,
-                               "threads": config.threads}, **options)
+        fn_constructor_kwargs={"worker_cls": worker_cls, **config.worker_kwargs()}, **options)
     for row in dataset.iter_rows():
         yield [{field: row[field] for field in RESULT_FIELDS}]

@@ -51,9 +51,14 @@ class BatchConfig:
     # torch threads per worker, the same in every mode: CPU kernels give last-bit different results with 1 thread
     # and with several, so a fixed count keeps files identical whatever the number of workers. More cores: workers.
     threads: int = 1
+    optimize: bool = False  # each worker runs pipe.optimize() on its pipeline (--optimize)
     strict: bool = False
     progress: bool = True
     defaults: JobDefaults = dataclasses.field(default_factory=JobDefaults)
+
+    def worker_kwargs(self) -> dict[str, Any]:
+        """What every worker is built with (``BatchWorker(**kwargs)``), locally, in processes and on Ray."""
+        return {"model": self.model, "device": self.device, "threads": self.threads, "optimize": self.optimize}
 
 
 @dataclasses.dataclass
@@ -88,7 +93,7 @@ def _start_worker(worker_cls, kwargs: dict[str, Any]):
 
 
 def _local_results(batches: list[list[Job]], config: BatchConfig, worker_cls) -> Iterator[list[dict[str, Any]]]:
-    worker = _start_worker(worker_cls, {"model": config.model, "device": config.device, "threads": config.threads})
+    worker = _start_worker(worker_cls, config.worker_kwargs())
     for batch in batches:
         yield worker.run(batch)
 
@@ -134,7 +139,7 @@ def _process_results(batches: list[list[Job]], config: BatchConfig, worker_cls) 
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    kwargs = {"model": config.model, "device": config.device, "threads": config.threads}
+    kwargs = config.worker_kwargs()
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     queue = collections.deque(enumerate(batches))
     suspects: set[int] = set()  # batches in flight when a worker died: each runs alone until it completes

@@ -7,6 +7,7 @@ half way and is retried cannot leave a file or a manifest line behind.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -16,19 +17,24 @@ from .jobs import Job
 
 __all__ = ["BatchWorker", "RESULT_FIELDS"]
 
+logger = logging.getLogger(__name__)
+
 # one result row per job (the columns of Ray Data's output blocks)
 RESULT_FIELDS = ("id", "png", "seed", "status", "error", "batch_s", "batch_images", "worker")
 
 
 class BatchWorker:
-    """``BatchWorker(model, device=, threads=)(jobs) -> rows``: one result row per job (see :data:`RESULT_FIELDS`).
+    """``BatchWorker(model, device=, threads=, optimize=)(jobs) -> rows``: one result row per job (see
+    :data:`RESULT_FIELDS`).
 
-    ``threads`` sets torch's intra-op threads for this process (``None``: leave torch's default).
+    ``threads`` sets torch's intra-op threads for this process (``None``: leave torch's default); ``optimize`` runs
+    the pipeline on the compiled fast path (:func:`~diffusekit.generation.fast_path`).
     """
 
-    def __init__(self, model: str, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model: str, device: str = "cpu", threads: int | None = None, optimize: bool = False):
         import torch
 
+        from ..generation import fast_path
         from ..pipelines.base import DiffusionPipeline
 
         if threads:
@@ -36,6 +42,9 @@ class BatchWorker:
         started = time.perf_counter()
         self.pipe = DiffusionPipeline.from_pretrained(model).to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        note = fast_path(self.pipe, optimize)
+        if note:
+            logger.warning("%s: %s", model, note)
         self.load_s = time.perf_counter() - started
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 

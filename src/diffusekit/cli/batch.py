@@ -27,6 +27,9 @@ def add_parser(commands) -> None:
     batch.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1; results differ "
                        "in the last bits between thread counts, so keep it fixed across runs you compare)")
     batch.add_argument("--device", default="cpu")
+    batch.add_argument("--optimize", action="store_true", help="each worker runs the compiled fast path "
+                       "(pipe.optimize(); int8 kernels for a model written by diffusekit quantize); code is built "
+                       "once per machine and size, so a cold cache costs the first batches minutes")
     batch.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray: CPUs each actor reserves")
     batch.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray: GPUs each actor reserves (1: one "
                        "actor per GPU)")
@@ -65,7 +68,7 @@ def run(args) -> int:
     config = BatchConfig(args.jobs, args.model, args.out, batch_size=args.batch_size, workers=args.workers,
                          device=args.device, ray=args.ray is not None, ray_address=args.ray or None,
                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                         threads=args.threads, strict=args.strict, progress=not args.no_progress, defaults=defaults)
+                         threads=args.threads, optimize=args.optimize, strict=args.strict, progress=not args.no_progress, defaults=defaults)
     try:
         summary = run_batch(config)
     except (BatchInputError, BatchWorkerError, FileNotFoundError, ImportError, ValueError) as error:

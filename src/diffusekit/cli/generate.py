@@ -90,6 +90,11 @@ def add_parser(commands) -> None:
     gen.add_argument("--config", default=None, metavar="FOLDER",
                      help="single-file MODEL: a diffusers folder (or bundled name) of the same architecture to take "
                           "configs, tokenizer and scheduler from (default: inferred from the file)")
+    gen.add_argument("--optimize", action="store_true",
+                     help="run the compiled fast path (pipe.optimize(): within 1e-5 of eager on the CPU; the int8 "
+                          "kernels for a model written by diffusekit quantize). The first run of a size builds its "
+                          "code once per machine (minutes on a CPU); later runs load it in seconds. LoRAs are fused "
+                          "into the weights first (docs/PERFORMANCE.md)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--out", default="out/grid.png", help="output PNG (the grid when there are several images)")
 
@@ -320,7 +325,7 @@ def write_images(images, parameters, out: Path) -> list[Path]:
 
 
 def run(args) -> int:
-    from ..generation import generate, random_seed
+    from ..generation import fast_path, generate, random_seed
 
     params, syntax = request_parameters(args)
     model = args.model or params.model
@@ -346,6 +351,12 @@ def run(args) -> int:
     if ti_hashes:
         params.extra["TI hashes"] = ", ".join(f"{token}: {digest}" for token, digest in ti_hashes.items())
     params = params.replace(model=name, model_hash=digest)  # A1111 hashes single files only
+    if args.optimize and lora_hashes:  # fused, the LoRAs leave no hooks: the compiled code serves them too
+        pipe.fuse_lora(components=("unet", "text_encoder", "text_encoder_2"))
+        pipe.unload_lora_weights()
+    note = fast_path(pipe, args.optimize)
+    if note:
+        print(f"diffusekit generate: {note}", file=sys.stderr)
     if params.seed is None or params.seed == -1:
         params = params.replace(seed=random_seed())
     images, per_image = [], []

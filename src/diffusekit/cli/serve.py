@@ -22,6 +22,10 @@ def add_parser(commands) -> None:
     serve.add_argument("--model", default=None, help="model loaded at start (default: first in --models, else "
                                                       "diffusekit-fashion-sd)")
     serve.add_argument("--device", default="cpu")
+    serve.add_argument("--optimize", action="store_true",
+                       help="run every model on the compiled fast path (pipe.optimize(); int8 kernels for models "
+                            "written by diffusekit quantize): the first request of each size builds its code once per "
+                            "machine (minutes on a CPU), later ones and later servers load it in seconds")
     serve.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest width*height per image")
     serve.add_argument("--max-steps", type=int, default=150)
     serve.add_argument("--max-images", type=int, default=16, help="largest batch_size*n_iter per request")
@@ -42,7 +46,7 @@ def run(args) -> int:
     try:
         config = ServeConfig(
             models_dir=args.models, host=args.host, port=args.port, api_key=args.api_key, insecure=args.insecure,
-            cors_origins=tuple(args.cors_origin), device=args.device, default_model=args.model,
+            cors_origins=tuple(args.cors_origin), device=args.device, optimize=args.optimize, default_model=args.model,
             max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
             max_body_bytes=args.max_body_mb * 1024 * 1024, queue_size=args.queue_size)
         config.check_exposure()

@@ -30,7 +30,7 @@ class ServerState:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.registry = ModelRegistry(config.models_dir)
-        self.holder = ModelHolder(self.registry, config.device)
+        self.holder = ModelHolder(self.registry, config.device, config.optimize)
         self.queue = JobQueue(config.queue_size, config.keep_jobs)
         self.worker = Worker(self.queue, self.holder)
         self.model_name = self._default_model()

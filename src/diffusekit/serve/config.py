@@ -37,6 +37,7 @@ class ServeConfig:
     insecure: bool = False
     cors_origins: tuple[str, ...] = ()
     device: str = "cpu"
+    optimize: bool = False  # pipe.optimize() on every model loaded (--optimize)
     default_model: str | None = None
     max_pixels: int = 2048 * 2048
     max_steps: int = 150

@@ -243,13 +243,15 @@ class ModelHolder:
     Only the worker thread calls ``get``, between jobs, so a model is never swapped under a running job.
     """
 
-    def __init__(self, registry: ModelRegistry, device: str = "cpu"):
+    def __init__(self, registry: ModelRegistry, device: str = "cpu", optimize: bool = False):
         self.registry = registry
         self.device = device
+        self.optimize = optimize
         self.current: LoadedModel | None = None
         self._lock = threading.Lock()
 
     def get(self, name: str) -> LoadedModel:
+        from ..generation import fast_path
         from .previews import preview_for
 
         entry = self.registry.resolve(name)
@@ -261,6 +263,9 @@ class ModelHolder:
             logger.info("loading model %s", entry.name)
             pipe = _load(entry).to(self.device)
             pipe.set_progress_bar_config(disable=True)
+            note = fast_path(pipe, self.optimize)
+            if note:
+                logger.warning("model %s: %s", entry.name, note)
             loaded = LoadedModel(entry, pipe, self.registry.short_hash(entry), preview_for(pipe, entry))
             loaded.load_embeddings(self.registry.embedding_files())
             self.current = loaded

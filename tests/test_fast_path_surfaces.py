@@ -1,0 +1,163 @@
+"""The CPU fast paths where users meet them: ``diffusekit quantize`` (an int8 folder the same as ``pipe.quantize``
++ ``save_pretrained`` writes), and ``--optimize`` on ``diffusekit generate`` (LoRAs fused first, so no hook keeps
+the compiled code from serving), ``diffusekit serve`` and ``diffusekit batch`` (every worker). The default tests
+record the ``optimize()`` call; the slow one compiles for real and compares pixels with eager."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusekit import DiffusionPipeline
+from diffusekit.__main__ import main
+from diffusekit.aot_packages import has_hooks
+from diffusekit.infotext import GenerationParameters, read_parameters
+
+SD = "diffusekit-fashion-sd"
+FAST = ["--steps", "2", "--width", "32", "--height", "32"]
+CALIBRATION = ["--prompt", "a red dress", "--prompt", "a blue coat", *FAST]
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture
+def optimize_calls(monkeypatch):
+    """Record ``pipe.optimize()`` (pipeline type, whether the UNet had hooks) instead of compiling."""
+    calls = []
+
+    def record(self, **kwargs):
+        calls.append((type(self).__name__, has_hooks(self.unet)))
+        return self
+
+    monkeypatch.setattr(DiffusionPipeline, "optimize", record)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def int8_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "fashion-int8"
+    assert main(["quantize", SD, str(out), *CALIBRATION, "--vae"]) == 0
+    return out
+
+
+def test_quantize_writes_what_the_library_writes(int8_folder):
+    pipe = DiffusionPipeline.from_pretrained(SD)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.quantize(["a red dress", "a blue coat"], num_inference_steps=2, height=32, width=32,
+                  components=("unet", "vae"))
+    loaded = DiffusionPipeline.from_pretrained(int8_folder)
+    for name in ("unet", "vae"):
+        config = json.loads((int8_folder / name / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == "diffusekit_int8"
+        ours, theirs = loaded.components[name].state_dict(), pipe.components[name].state_dict()
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), f"{name}.{key}"
+    assert "quantization_config" not in json.loads((int8_folder / "text_encoder" / "config.json").read_text())
+
+
+def test_quantize_refusals(tmp_path, int8_folder):
+    with pytest.raises(SystemExit, match="exists; choose another folder or pass --overwrite"):
+        main(["quantize", SD, str(int8_folder), *CALIBRATION])
+    with pytest.raises(SystemExit, match="is MODEL itself"):
+        main(["quantize", str(int8_folder), str(int8_folder), "--overwrite", *CALIBRATION])
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(SystemExit, match=r"--prompts-file .*prompts.txt: no prompts in it"):
+        main(["quantize", SD, str(tmp_path / "out"), "--prompts-file", str(empty)])
+    with pytest.raises(SystemExit, match="--steps must be at least 1"):
+        main(["quantize", SD, str(tmp_path / "out"), "--steps", "0"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_prompts_file_adds_to_prompt(tmp_path):
+    from diffusekit.cli.quantize import calibration_prompts
+
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("a green hat\n\n a black boot \n")
+
+    class Args:
+        prompt = ["a red dress"]
+        prompts_file = str(listed)
+
+    assert calibration_prompts(Args) == ["a red dress", "a green hat", "a black boot"]
+    Args.prompt, Args.prompts_file = None, None
+    assert calibration_prompts(Args) is None  # the built-in set
+
+
+def test_generate_optimize_and_the_int8_note(tmp_path, capsys, int8_folder, optimize_calls):
+    args = ["generate", "--prompt", "a photo of a red dress", "--num-images", "1", *FAST]
+    assert main([*args[:1], SD, *args[1:], "--optimize", "--out", str(tmp_path / "a.png")]) == 0
+    assert optimize_calls == [("StableDiffusionPipeline", False)]
+    assert "--optimize" not in capsys.readouterr().err
+    assert main([*args[:1], str(int8_folder), *args[1:], "--out", str(tmp_path / "b.png")]) == 0
+    assert "the unet and vae of this model are int8: without --optimize" in capsys.readouterr().err
+    assert main([*args[:1], SD, *args[1:], "--out", str(tmp_path / "c.png")]) == 0
+    assert capsys.readouterr().err == "" and len(optimize_calls) == 1
+
+
+def test_generate_optimize_fuses_loras_first(tmp_path, optimize_calls):
+    from serve_helpers import random_lora
+
+    lora = tmp_path / "redder.safetensors"
+    random_lora(lora)
+    args = ["generate", SD, "--prompt", "a photo of a red dress", "--num-images", "1", *FAST,
+            "--lora", f"{lora}:0.8"]
+    assert main([*args, "--optimize", "--out", str(tmp_path / "fused.png")]) == 0
+    assert optimize_calls == [("StableDiffusionPipeline", False)]  # no hook left: a package can serve the UNet
+    assert main([*args, "--out", str(tmp_path / "hooks.png")]) == 0
+    assert main([*args[:-2], "--out", str(tmp_path / "plain.png")]) == 0
+    fused, hooks = pixels(tmp_path / "fused.png"), pixels(tmp_path / "hooks.png")
+    assert np.abs(fused - hooks).max() <= 1  # fused weights: the same LoRA at float rounding
+    assert np.abs(fused - pixels(tmp_path / "plain.png")).max() > 10  # ... and it is applied
+    recorded = GenerationParameters.from_infotext(read_parameters(tmp_path / "fused.png"))
+    assert recorded.prompt.endswith("<lora:redder:0.8>") and "Lora hashes" in recorded.extra
+
+
+def test_serve_optimizes_each_model_it_loads(monkeypatch, optimize_calls):
+    pytest.importorskip("fastapi")
+    from diffusekit.serve import app as serve_app
+    from diffusekit.serve.models import ModelHolder, ModelRegistry
+
+    holder = ModelHolder(ModelRegistry(None), optimize=True)
+    first = holder.get(SD)
+    assert holder.get(SD) is first and optimize_calls == [("StableDiffusionPipeline", False)]
+    assert ModelHolder(ModelRegistry(None)).get(SD) and len(optimize_calls) == 1  # off by default
+    configs = []
+    monkeypatch.setattr(serve_app, "serve", configs.append)
+    assert main(["serve", "--optimize"]) == 0 and main(["serve"]) == 0
+    assert [config.optimize for config in configs] == [True, False]
+
+
+def test_batch_optimize_reaches_every_worker(tmp_path, optimize_calls):
+    from diffusekit.batch import BatchConfig
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"id": f"j{i}", "prompt": "a red dress", "seed": i}) + "\n" for i in range(2)))
+    out = tmp_path / "out"
+    assert main(["batch", str(jobs), "--model", SD, "--out", str(out), "--steps", "2", "--width", "32",
+                 "--height", "32", "--optimize", "--no-progress"]) == 0
+    assert optimize_calls == [("StableDiffusionPipeline", False)] and len(list(out.glob("*.png"))) == 2
+    config = BatchConfig(jobs, SD, out, threads=2, optimize=True)
+    assert config.worker_kwargs() == {"model": SD, "device": "cpu", "threads": 2, "optimize": True}
+
+
+@pytest.mark.slow
+def test_generate_optimize_compiles_float_and_int8(tmp_path, monkeypatch, int8_folder):
+    """Real packages (a fresh cache folder): the float model's pixels match eager's; the int8 model's match its
+    simulated (eager) int8 within a few levels; the int8 note is gone with --optimize."""
+    monkeypatch.setenv("DIFFUSEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["--prompt", "a photo of a red dress", "--num-images", "1", *FAST]
+    for model, tolerance in ((SD, 1), (str(int8_folder), 8)):
+        eager, fast = tmp_path / "eager.png", tmp_path / "fast.png"
+        assert main(["generate", model, *args, "--out", str(eager)]) == 0
+        assert main(["generate", model, *args, "--optimize", "--out", str(fast)]) == 0
+        assert np.abs(pixels(fast) - pixels(eager)).max() <= tolerance, model
+    assert any((tmp_path / "cache").rglob("*.so"))
