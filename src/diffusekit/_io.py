@@ -66,6 +66,32 @@ _read_locked: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("d
                                                                                 default=frozenset())
 
 
+def replace_folder(save: Callable[[Path], None], destination: str | os.PathLike) -> Path:
+    """Write a whole folder with ``save(staging)`` into a staging folder beside ``destination``, then put it in
+    place: a new ``destination`` by one rename, an existing one swapped out whole (nothing of the old folder stays,
+    unlike ``save_pretrained``'s checkpoint commit, which leaves files outside the checkpoint alone) and deleted. A
+    failure leaves ``destination`` as it was. ``destination`` must not be a file."""
+    destination = Path(destination)
+    if destination.exists() and not destination.is_dir():
+        raise NotADirectoryError(f"{destination} is a file; a folder is written to a folder path")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; a model folder is an ordinary readable folder
+    try:
+        save(staging)
+        if destination.exists():  # swap, then drop the old folder
+            old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
+            os.replace(destination, old / "previous")
+            os.replace(staging, destination)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return destination
+
+
 class InterruptedSaveError(OSError):
     """A killed save left a commit journal that cannot be finished (e.g. the folder is read-only)."""
 

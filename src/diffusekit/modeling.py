@@ -317,8 +317,9 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
                  dynamic: bool | None = False, mode: str | None = None,
                  options: dict[str, Any] | None = None, release_weights: bool = True,
                  packages: bool | None = None, reuse_memory: bool = True) -> "ModelMixin":
-        """Compile this model for faster inference, outputs within 1e-5 relative of eager fp32 (an int8 model:
-        within float rounding of its simulated int8); returns ``self``.
+        """Compile this model for faster inference, outputs within 1e-5 relative of eager fp32 (an int8 model runs
+        its int8 kernels instead, close to but not within 1e-5 of its simulated int8; docs/QUANTIZATION.md); returns
+        ``self``.
 
         CPU: inductor (fused C++ kernels; freezing opt-in via ``options={"freezing": True}``, automatic for int8
         QDQ models) under ``torch.no_grad()`` / ``inference_mode``;

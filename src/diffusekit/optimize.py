@@ -34,7 +34,7 @@ Outputs stay within 1e-5 relative of eager fp32 (same maths, fused and re-laid-o
   wins over the default folder, an explicit ``cache_dir`` over both. Nothing is written at import.
 - **Fallbacks** (never a crash; a warning for each step down): no C++ compiler (CPU) or no inductor -> eager, one
   warning; a package build that fails -> ``torch.compile`` in the process; a compile that fails (e.g. a corrupt
-  cache entry, an op inductor cannot lower) -> retried once without diffusekit's cache folder, then eager. Grad mode
+  cache entry, an op inductor cannot lower) -> retried once without inductor's FX-graph cache, then eager. Grad mode
   -> eager (autograd unchanged). Weights changed in place or replaced after optimize() (``load_state_dict``,
   ``fuse_lora``): an exact package or an unfrozen ``torch.compile`` graph takes the live parameters as inputs, so it
   just uses them; a frozen one is recompiled on the next call (it gets a new package, since its weights are part of

@@ -182,6 +182,7 @@ class LoadedModel:
         self.embeddings: dict[str, dict[str, Any]] = {}  # A1111's /embeddings "loaded"
         self.embedding_hashes: dict[str, str] = {}  # name -> A1111's short hash ("TI hashes")
         self.skipped_embeddings: dict[str, dict[str, Any]] = {}
+        self.optimized = False  # pipe.optimize() ran (serve --optimize)
 
     def load_embeddings(self, files: list[Path]) -> None:
         """Load every textual-inversion file of the models folder, as A1111 does at start; one that does not fit
@@ -212,13 +213,18 @@ class LoadedModel:
 
     def apply_loras(self, prompt: str, registry: "ModelRegistry") -> tuple[str, dict[str, str]]:
         """Activate the LoRAs ``<lora:name:weight>`` tags in ``prompt`` name (loading them on first use) and
-        deactivate the rest; returns the prompt without the tags and ``{name: short file hash}``."""
+        deactivate the rest; returns the prompt without the tags and ``{name: short file hash}``. On an optimized
+        model a request without tags unloads them instead: their hooks would keep every later request off the
+        compiled packages (a later tag loads its file again)."""
         from ..cli.generate import LORA_TAG
         from ..infotext import lora_hash
 
         tags = parse_lora_tags(prompt)
         if not tags:
-            if self.loras:
+            if self.loras and self.optimized:  # no hook left: the compiled packages serve the request again
+                self.pipe.unload_lora_weights()
+                self.loras.clear()
+            elif self.loras:
                 self.pipe.disable_lora()
             return prompt, {}
         if not hasattr(self.pipe, "load_lora_weights"):
@@ -263,11 +269,13 @@ class ModelHolder:
             logger.info("loading model %s", entry.name)
             pipe = _load(entry).to(self.device)
             pipe.set_progress_bar_config(disable=True)
-            note = fast_path(pipe, self.optimize)
-            if note:
-                logger.warning("model %s: %s", entry.name, note)
             loaded = LoadedModel(entry, pipe, self.registry.short_hash(entry), preview_for(pipe, entry))
             loaded.load_embeddings(self.registry.embedding_files())
+            # after the preview fit (its VAE calls at a size no request uses) and the embeddings, as generate does
+            note = fast_path(pipe, self.optimize)
+            loaded.optimized = self.optimize
+            if note:
+                logger.warning("model %s: %s", entry.name, note)
             self.current = loaded
             return loaded
 

@@ -10,12 +10,11 @@ written atomically: a folder is built beside its destination and renamed into pl
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .._io import replace_folder
 from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SingleFile
 from . import infer
 
@@ -68,25 +67,4 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, config
         if destination.is_dir():
             raise IsADirectoryError(f"{destination} is a folder, not a file to write")
         return pipe.save_single_file(destination, torch_dtype=dtype)
-    return _save_folder_atomically(pipe, destination)
-
-
-def _save_folder_atomically(pipe, destination: Path) -> Path:
-    if destination.exists() and not destination.is_dir():
-        raise NotADirectoryError(f"{destination} is a file; a diffusers folder is written to a folder path")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; a model folder is an ordinary readable folder
-    try:
-        pipe.save_pretrained(staging)
-        if destination.exists():  # --overwrite: swap, then drop the old folder
-            old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
-            os.replace(destination, old / "previous")
-            os.replace(staging, destination)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return destination
+    return replace_folder(pipe.save_pretrained, destination)
