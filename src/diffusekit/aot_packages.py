@@ -16,8 +16,8 @@ import) and runs. Two kinds:
 * **frozen** (int8 QDQ models, float models with ``options={"freezing": True}``): inductor bakes the weights into
   the library as pre-packed oneDNN constants (they cannot be supplied at load time: the packing is folded at
   compile time), and its FX-graph cache refuses frozen graphs. The key therefore covers the weights: a sha256 over
-  every parameter and buffer (its bytes, about 1.7 GB/s on an idle core, or where it lies in its never-written checkpoint file:
-  :func:`weights_digest`); weights edited after ``optimize()`` give a new package.
+  every parameter and buffer (its bytes, about 1.7 GB/s on an idle core, or where it lies in its never-written
+  checkpoint file: :func:`weights_digest`); weights edited after ``optimize()`` give a new package.
 
 **Key**: the structure of the module tree (types, configs, plain attributes, the training flag), the input
 signature (tree structure, shapes, dtypes, ``bool`` / ``str`` values), the weights' layout (bound) or digest
@@ -30,9 +30,9 @@ attribute value, submodule, parameter and hook of the tree) says nothing changed
 **Where**: ``<compile cache>/aoti/<key>/`` (``model.so`` + ``manifest.json``), written into a temporary folder,
 the library fsynced (:func:`_flush`), and renamed into place (a crash leaves no half entry; two processes building
 the same key: the first rename wins).
-**Disk**: bound packages are code only (7.5 MB for the SD 1.5 UNet at one shape); frozen ones hold the weights (SD 1.5 UNet:
-~3.3 GB float32, ~0.9 GB int8) per input shape; the least recently used packages are removed once the folder holds
-more than ``DIFFUSEKIT_AOTI_CACHE_GB`` (default 20) GB.
+**Disk**: bound packages are code only (7.5 MB for the SD 1.5 UNet at one shape); frozen ones hold the weights
+(SD 1.5 UNet: ~3.3 GB float32, ~0.9 GB int8) per input shape; the least recently used packages are removed once the
+folder holds more than ``DIFFUSEKIT_AOTI_CACHE_GB`` (default 20) GB.
 
 **Trust boundary**: a package is native code that runs when loaded. diffusekit loads packages only from its own
 cache folder (created ``0700``), only ones it built itself under the key computed from the live model, and checks
@@ -45,10 +45,10 @@ per-step :class:`~diffusekit.models.deep_cache.DeepCacheStep`) is served too: th
 its static part goes into the key, the graph rebuilds the object, and the tensors the call writes into it are
 package outputs, written back into the caller's object.
 
-A package that is missing is built (a log line); one that is corrupt or fails to load is rebuilt (one warning); a call this path cannot serve (hooks on
-the model, non-tensor inputs other than ``bool`` / ``str`` / ``None`` and the object inputs above, inputs or weights
-off the CPU, an export or AOT compile that fails) goes to ``torch.compile`` (per process), which falls back to eager
-as before.
+A package that is missing is built (a log line); one that is corrupt or fails to load is rebuilt (one warning); a
+call this path cannot serve (hooks on the model, non-tensor inputs other than ``bool`` / ``str`` / ``None`` and the
+object inputs above, inputs or weights off the CPU, an export or AOT compile that fails) goes to ``torch.compile``
+(per process), which falls back to eager as before.
 """
 
 from __future__ import annotations

@@ -328,8 +328,8 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         static shapes) each input shape is built once per machine into an AOTInductor package that later processes
         load in seconds (``diffusekit.aot_packages``; the exact path's hold code only and run on the model's own
         weights); a call a package cannot serve (forward hooks such as unfused LoRA, numeric arguments, objects other
-        than DeepCache's step) uses ``torch.compile``. ``packages=False``: always ``torch.compile`` (its FX-graph cache spares the C++ build
-        only). Grad mode runs eager; no compiler -> one warning, eager.
+        than DeepCache's step) uses ``torch.compile``. ``packages=False``: always ``torch.compile`` (its FX-graph
+        cache spares the C++ build only). Grad mode runs eager; no compiler -> one warning, eager.
         ``release_weights``: give the memory-mapped checkpoint pages back to the OS once the compiled code has its
         pre-packed copies (about one copy of the weights in memory instead of two). ``reuse_memory`` (CPU): malloc
         keeps the memory a call frees for the next call (no page faults for the activations of every step;

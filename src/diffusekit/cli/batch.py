@@ -68,7 +68,8 @@ def run(args) -> int:
     config = BatchConfig(args.jobs, args.model, args.out, batch_size=args.batch_size, workers=args.workers,
                          device=args.device, ray=args.ray is not None, ray_address=args.ray or None,
                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                         threads=args.threads, optimize=args.optimize, strict=args.strict, progress=not args.no_progress, defaults=defaults)
+                         threads=args.threads, optimize=args.optimize, strict=args.strict,
+                         progress=not args.no_progress, defaults=defaults)
     try:
         summary = run_batch(config)
     except (BatchInputError, BatchWorkerError, FileNotFoundError, ImportError, ValueError) as error:

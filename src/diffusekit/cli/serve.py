@@ -46,7 +46,8 @@ def run(args) -> int:
     try:
         config = ServeConfig(
             models_dir=args.models, host=args.host, port=args.port, api_key=args.api_key, insecure=args.insecure,
-            cors_origins=tuple(args.cors_origin), device=args.device, optimize=args.optimize, default_model=args.model,
+            cors_origins=tuple(args.cors_origin), device=args.device, optimize=args.optimize,
+            default_model=args.model,
             max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
             max_body_bytes=args.max_body_mb * 1024 * 1024, queue_size=args.queue_size)
         config.check_exposure()

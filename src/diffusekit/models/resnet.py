@@ -70,9 +70,9 @@ class Upsample2D(nn.Module):
     ``forward(x, output_size)`` interpolates to ``output_size`` instead of 2x (used when a UNet input is not a
     multiple of its total downsampling factor).
 
-    ``fused_upsample``: ``None`` until ``optimize()`` of a float ``UNet2DConditionModel`` on the CPU sets it; where True, a 2x call whose
-    convolution :func:`winograd.upsample_gemm_pays` runs as :func:`winograd.upsample_conv2d` (the convolution of the
-    upsampled image computed on the input itself, 2.25x fewer multiply-adds).
+    ``fused_upsample``: ``None`` until ``optimize()`` of a float ``UNet2DConditionModel`` on the CPU sets it; where
+    True, a 2x call whose convolution :func:`winograd.upsample_gemm_pays` runs as :func:`winograd.upsample_conv2d` (the
+    convolution of the upsampled image computed on the input itself, 2.25x fewer multiply-adds).
     """
 
     def __init__(

@@ -216,8 +216,8 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and checkpoint keys) with two faster algorithms for the calls :func:`serves`:
     :func:`conv2d` (Winograd) where its ``winograd`` is True and Winograd :func:`pays`, and :func:`gemm_conv2d` (one
     matrix product) where its ``gemm`` is True and the product :func:`gemm_pays` (fewer pixels than Winograd needs).
-    Both switches are ``None`` (direct) until ``optimize()`` of a float ``UNet2DConditionModel`` on the CPU sets them; set one to
-    ``False`` to keep a layer off that algorithm there."""
+    Both switches are ``None`` (direct) until ``optimize()`` of a float ``UNet2DConditionModel`` on the CPU sets them;
+    set one to ``False`` to keep a layer off that algorithm there."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
