@@ -65,9 +65,9 @@ def calibration_prompts(args) -> list[str] | None:
 
 def check_out(out: Path, model: str, overwrite: bool) -> None:
     """Refuse, before any calibration, an OUT that cannot take the int8 folder."""
-    from .generate import SINGLE_FILE_SUFFIXES
+    from ..single_file.convert import is_single_file
 
-    if out.suffix.lower() in SINGLE_FILE_SUFFIXES:
+    if is_single_file(out):
         raise fail(f"{out}: int8 models are saved as diffusers folders (there is no single-file int8 format); "
                    "name a folder")
     if out.exists() and not out.is_dir():
